@@ -1,0 +1,76 @@
+"""Communicators: the objects behind ``TPGroup.all_reduce`` / ``TPGroup.all_gather``.
+
+Contract (docs/architecture.md): after ``all_reduce`` every rank holds bitwise-identical
+values; world size 1 short-circuits. Subclasses (quantized, simulated, fused) override
+``all_reduce``; everything else in the engine only ever calls these two methods.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class Communicator:
+    """Abstract TP communicator for one rank of a group of ``world_size`` ranks."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+
+    # -- the two calls the model makes ------------------------------------------------
+    def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- primitives the two-step quantized all-reduce is written against -------------
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def all_gather_into_tensor(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+
+class DistCommunicator(Communicator):
+    """Plain torch.distributed (NCCL on GPU, gloo on CPU): the uncompressed baseline."""
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None):
+        if process_group is None and not dist.is_initialized():
+            super().__init__(0, 1)
+        else:
+            super().__init__(dist.get_rank(process_group), dist.get_world_size(process_group))
+        self.process_group = process_group
+
+    def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=self.process_group)
+        return out
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        # all_gather_into_tensor concatenates along dim 0; move `dim` there and back.
+        xt = x.movedim(dim, 0).contiguous()
+        out = torch.empty((self.world_size * xt.shape[0],) + tuple(xt.shape[1:]),
+                          dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, xt, group=self.process_group)
+        return out.movedim(0, dim).contiguous()
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        dist.all_to_all_single(output, input, group=self.process_group)
+
+    def all_gather_into_tensor(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        dist.all_gather_into_tensor(output, input, group=self.process_group)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.process_group)

@@ -1,0 +1,60 @@
+"""Run a test body on N real gloo ranks (one process each) and collect the results.
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes that join a
+gloo group through a file store, call ``fn(rank, world_size, *args)`` and send back its
+(picklable) return value. Any rank's exception fails the caller with that rank's
+traceback. ``fn`` must be a module-level function (it is pickled by reference).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank, world_size, init_file, fn, args, queue):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    os.environ["LOCAL_RANK"] = str(rank)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}",
+                                rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, "err", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        results, errors = {}, []
+        for _ in range(world_size):
+            rank, status, payload = queue.get()
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+        if errors:
+            raise RuntimeError("distributed test failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
