@@ -1,0 +1,17 @@
+"""Error types for bad input: every CLI prints ``error: <message>`` (one line) and exits 1.
+
+Raise these for problems the user can fix (a missing file, an unsupported config, a corrupt
+or mismatched checkpoint). Anything else is a bug and keeps its traceback.
+"""
+
+
+class MegatronLiteError(Exception):
+    """Base class: a one-line, user-facing message about bad input."""
+
+
+class ConfigError(MegatronLiteError, ValueError):
+    """The model config cannot be served: unknown model_type, TP not dividing heads, ..."""
+
+
+class CheckpointError(MegatronLiteError):
+    """A checkpoint directory is missing, incomplete, corrupt or made for another TP size."""
