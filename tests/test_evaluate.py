@@ -1,0 +1,259 @@
+"""Evaluation: data loading, metric definitions, writers, and evaluate on tiny models.
+
+Never touches /work/shared/data: inputs are written into tmp_path, and the tokenizer is a
+byte-level BPE trained in memory on a few sentences.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_lite.eval import data as D
+from megatron_lite.eval import metrics as M
+from megatron_lite.eval import report as R
+from megatron_lite.eval.evaluator import run_study, summarize
+
+CORPUS = ["the quick brown fox jumps over the lazy dog. " * 3,
+          "a b c d e the fox and the dog sat on a mat while the cat ran away."]
+
+
+def make_tokenizer(bos: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["bos", "nobos"])
+def tok(request):
+    return make_tokenizer(request.param)
+
+
+def write_jsonl(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------- data
+def test_text_windows_are_whole_nonoverlapping_and_prefixed(tok, tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("\n\n".join(CORPUS * 20))
+    full = tok(p.read_text(), add_special_tokens=False)["input_ids"]
+    bos = D.bos_prefix(tok)
+    tw = D.load_text_windows(tok, str(p), window=16, max_tokens=60)
+    assert len(tw.windows) == 60 // 15 == 4
+    assert tw.num_tokens == 4 * 15
+    chunk = 16 - len(bos)
+    for i, w in enumerate(tw.windows):
+        assert len(w.ids) == 16 and (w.start, w.end) == (1, 16)
+        assert w.ids == bos + full[i * chunk:(i + 1) * chunk]
+    # No cap: every whole window of the file, and only whole ones.
+    tw_all = D.load_text_windows(tok, str(p), window=16, max_tokens=None)
+    assert len(tw_all.windows) == len(full) // chunk
+
+
+def test_encode_pair_splits_continuation_like_lm_eval(tok):
+    s = D.encode_pair(tok, "the quick brown", " fox")
+    assert tok.decode(s.ids[s.start:]) == " fox"
+    assert s.ids[:s.start] == tok("the quick brown")["input_ids"]
+    # A trailing space of the context moves into the continuation.
+    s2 = D.encode_pair(tok, "the quick brown ", "fox")
+    assert s2.ids == s.ids and s2.start == s.start
+
+
+def test_load_tasks_tell_cloze_from_mc(tok, tmp_path):
+    cl = write_jsonl(tmp_path / "cl.jsonl", [{"context": "the lazy", "target": " dog"}] * 3)
+    mc = write_jsonl(tmp_path / "mc.jsonl", [
+        {"id": 0, "contexts": ["the quick", "the quick"], "continuations": [" fox", " cat"],
+         "label": 1}] * 5)
+    t1 = D.load_task(tok, cl)
+    t2 = D.load_task(tok, mc, limit=2)
+    assert (t1.name, t1.kind, len(t1.items)) == ("cl", "cloze", 3)
+    assert (t2.name, t2.kind, len(t2.items)) == ("mc", "mc", 2)
+    assert t2.items[0].num_chars == [4, 4] and t2.items[0].label == 1
+    assert len(t2.sequences()) == 4
+
+
+@pytest.mark.parametrize("lines,msg", [
+    (['{"question": 1}'], "expected keys"),
+    (['{"context": "a", "target": " b"}', '{"contexts": ["a","a"], "continuations": '
+      '[" b"," c"], "label": 0}'], "mc item in a cloze file"),
+    (['{"contexts": ["a","a"], "continuations": [" b"," c"], "label": 2}'], "out of range"),
+    (['{"contexts": ["a"], "continuations": [" b", " c"], "label": 0}'], "equal length"),
+    (['not json'], "invalid JSON"),
+    ([], "empty task file"),
+])
+def test_bad_task_files(tok, tmp_path, lines, msg):
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(lines))
+    with pytest.raises(D.EvalDataError, match=msg):
+        D.load_task(tok, str(p))
+
+
+def test_missing_files_and_bad_sizes(tok, tmp_path):
+    with pytest.raises(D.EvalDataError, match="file not found"):
+        D.load_task(tok, str(tmp_path / "nope.jsonl"))
+    with pytest.raises(D.EvalDataError, match="file not found"):
+        D.load_text_windows(tok, str(tmp_path / "nope.txt"), 16, 100)
+    p = tmp_path / "short.txt"
+    p.write_text("the fox")
+    with pytest.raises(D.EvalDataError, match="fewer than one window"):
+        D.load_text_windows(tok, str(p), 64, 100)
+
+
+def test_batches_by_length_respects_budget_and_covers_all():
+    seqs = [D.Sequence_([0] * n, 1, n) for n in (5, 9, 3, 9, 7, 2, 8)]
+    batches = D.batches_by_length(seqs, max_batch_tokens=18)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    for b in batches:
+        assert max(len(seqs[i].ids) for i in b) * len(b) <= 18
+    assert batches[0] == [1, 3]              # the two longest first, input order on ties
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_score_span_and_compare_against_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 11)
+    ids = [3, 1, 4, 1, 5, 9]
+    sc = M.score_span(logits, ids, 2, 6)
+    lp = torch.log_softmax(logits, -1)
+    want = -sum(lp[t - 1, ids[t]].item() for t in range(2, 6))
+    assert sc.n == 4 and sc.nll == pytest.approx(want, rel=1e-6)
+    assert sc.greedy_ok == all(logits[t - 1].argmax().item() == ids[t] for t in range(2, 6))
+    # Greedy success when the targets are the arg-max.
+    ids_greedy = [0] + [logits[t].argmax().item() for t in range(5)]
+    assert M.score_span(logits, ids_greedy, 1, 6).greedy_ok
+    # KL against itself is 0 with full agreement; against a perturbation matches the formula.
+    ref = M.ref_log_probs(logits, 1, 6)
+    kl, agree = M.compare_span(logits, ref, 1, 6)
+    assert kl == pytest.approx(0.0, abs=1e-6) and agree == 5
+    other = logits + 0.3 * torch.randn(6, 11)
+    kl2, agree2 = M.compare_span(other, ref, 1, 6)
+    lq = torch.log_softmax(other[:5], -1)
+    want_kl = (ref.exp() * (ref - lq)).sum().item()
+    assert kl2 == pytest.approx(want_kl, rel=1e-5) and kl2 > 0
+    assert agree2 == int((other[:5].argmax(-1) == logits[:5].argmax(-1)).sum())
+
+
+def test_kl_ignores_minus_inf_padding_logits():
+    logits = torch.tensor([[0.0, 1.0, float("-inf")], [2.0, 0.0, float("-inf")]])
+    ref = M.ref_log_probs(logits, 1, 3)
+    kl, _ = M.compare_span(logits, ref, 1, 3)
+    assert kl == 0.0
+
+
+def test_mc_predictions_per_char_normalisation_and_ties():
+    # raw prefers the short choice; per char prefers the long one.
+    assert M.mc_predictions([-2.0, -3.0], [2, 10]) == (0, 1)
+    assert M.mc_predictions([-1.0, -1.0], [3, 3]) == (0, 0)
+
+
+def test_paired_delta_and_ppl_se():
+    pdlt = M.paired_delta([1, 0, 1, 1], [1, 1, 0, 1])
+    assert pdlt.delta == 0.0 and pdlt.n == 4
+    assert pdlt.se == pytest.approx(math.sqrt((2 / 3) / 4))
+    pct, se = M.delta_ppl_pct_with_se([10.0, 20.0], [10.0, 20.0], [5, 5])
+    assert pct == 0.0 and se == 0.0
+    pct, se = M.delta_ppl_pct_with_se([10.0, 20.0], [11.0, 21.0], [5, 5])
+    assert pct == pytest.approx(100 * math.expm1(0.2)) and se == 0.0
+
+
+# ------------------------------------------------------------------ study loop on a toy
+def _toy_forward(vocab):
+    """A fixed 'model': logits depend on the current token only; codec c adds a fixed
+    perturbation whose size grows with c (codec 0 = reference, exact). Batch-independent,
+    so batched and unbatched runs must agree."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(vocab, vocab, generator=g) * 3
+    noise = torch.randn(8, vocab, vocab, generator=g)
+
+    def forward(c, ids):
+        return table[ids] + 0.5 * c * noise[c][ids]
+    return forward
+
+
+def test_run_study_reference_row_is_exact_and_noise_hurts(tok, tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("\n\n".join(CORPUS * 20))
+    text = D.load_text_windows(tok, str(p), window=12, max_tokens=110)
+    cl = D.load_task(tok, write_jsonl(tmp_path / "cl.jsonl",
+                                      [{"context": "the lazy", "target": " dog"},
+                                       {"context": "a b c", "target": " d e"}]))
+    mc = D.load_task(tok, write_jsonl(tmp_path / "mc.jsonl", [
+        {"contexts": ["the quick", "the quick", "the"], "continuations": [" fox", " cat", " mat"],
+         "label": 0}, {"contexts": ["the", "a"], "continuations": [" dog", " b c"], "label": 1}]))
+    names = ["bf16", "noisy1", "noisy4"]
+    fwd = _toy_forward(len(tok))
+    stats = run_study(fwd, names, text, [cl, mc], max_batch_tokens=40, progress=False)
+    rows = summarize(names, [16.0, 8.0, 4.0], stats, text, [cl, mc])
+    ref, r1, r4 = rows
+    assert ref["delta_ppl_pct"] == 0.0 and ref["kl"] == 0.0 and ref["top1_agreement"] == 1.0
+    assert ref["tasks"]["cl"]["delta"] == 0.0 and ref["tasks"]["mc"]["delta"] == 0.0
+    assert 0 < r1["kl"] < r4["kl"] and r4["top1_agreement"] < 1.0
+    assert ref["text_tokens"] == 110 // 11 * 11
+    # The study's numbers equal a direct, unbatched computation.
+    nll = 0.0
+    for w in text.windows:
+        lg = fwd(0, torch.tensor([w.ids]))[0]
+        nll += M.score_span(lg, w.ids, w.start, w.end).nll
+    assert ref["ppl"] == pytest.approx(math.exp(nll / text.num_tokens), rel=1e-6)
+    klsum = 0.0
+    for w in text.windows:
+        ids = torch.tensor([w.ids])
+        klsum += M.compare_span(fwd(2, ids)[0], M.ref_log_probs(fwd(0, ids)[0], 1, len(w.ids)),
+                                1, len(w.ids))[0]
+    assert r4["kl"] == pytest.approx(klsum / text.num_tokens, rel=1e-5)
+    mc_ll = []
+    for it in mc.items:
+        ll = [-M.score_span(fwd(0, torch.tensor([s.ids]))[0], s.ids, s.start, s.end).nll
+              for s in it.choices]
+        mc_ll.append(M.mc_predictions(ll, it.num_chars))
+    want = sum(float(norm == it.label) for (_, norm), it in zip(mc_ll, mc.items)) / 2
+    assert ref["tasks"]["mc"]["accuracy"] == want
+
+
+# ---------------------------------------------------------------------------- writers
+def _rows():
+    return [{"codec": "bf16", "bits_per_value": 16.0, "ppl": 10.0, "delta_ppl_pct": 0.0,
+             "delta_ppl_pct_se": 0.0, "kl": 0.0, "top1_agreement": 1.0,
+             "tasks": {"lam": {"accuracy": 0.5, "delta": 0.0, "delta_se": 0.0, "n": 10}}},
+            {"codec": "int4:128", "bits_per_value": 4.25, "ppl": 10.2, "delta_ppl_pct": 2.0,
+             "delta_ppl_pct_se": 0.1, "kl": 0.01, "top1_agreement": 0.97,
+             "tasks": {"lam": {"accuracy": 0.4, "delta": -0.1, "delta_se": 0.05, "n": 10}}}]
+
+
+def test_json_has_exactly_the_issue_schema(tmp_path):
+    doc = R.json_doc("tiny", 2, True, _rows())
+    out = tmp_path / "r.json"
+    R.write_json(str(out), doc)
+    got = json.loads(out.read_text())
+    assert list(got) == ["model", "tp", "simulated", "rows"]
+    assert got["rows"][1] == {"codec": "int4:128", "bits_per_value": 4.25, "ppl": 10.2,
+                              "delta_ppl_pct": 2.0, "kl": 0.01, "top1_agreement": 0.97,
+                              "tasks": {"lam": 0.4}}
+    bad = dict(doc, rows=doc["rows"][1:])
+    with pytest.raises(ValueError, match="bf16"):
+        R.validate_json_doc(bad)
+    with pytest.raises(ValueError, match="row keys"):
+        R.validate_json_doc(dict(doc, rows=[dict(doc["rows"][0], extra=1)]))
+
+
+def test_markdown_and_plot(tmp_path):
+    md = R.markdown_table(_rows(), {"lam": {"kind": "cloze", "n": 10}})
+    lines = md.strip().splitlines()
+    assert len(lines) == 4 and "`int4:128`" in lines[3] and "+2.000 ± 0.100" in lines[3]
+    assert "-10.00 ± 5.00" in lines[3] and "80.00" in lines[3]
+    png = tmp_path / "p.png"
+    R.plot(_rows(), str(png), "tiny")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
