@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Split a Hugging Face checkpoint into tensor-parallel shards, or rebuild it (--to-hf).
+
+    python tools/convert_hf_checkpoint.py --hf-dir DIR --tp N --out DIR [--dtype bf16|fp16|fp32] [--force]
+    python tools/convert_hf_checkpoint.py --bundled smollm2-135m --tp 3 --out DIR
+    python tools/convert_hf_checkpoint.py --to-hf --shards DIR --out DIR [--force]
+
+The logic lives in megatron_lite/checkpoint/convert.py; see ``--help``.
+"""
+import sys
+
+from megatron_lite.checkpoint.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())
