@@ -1,0 +1,378 @@
+"""Engine: load a TP-sharded model, prefill, decode, sample, stop, stream.
+
+Every rank of the TP group runs the same ``generate`` call with the same prompts; ranks hold
+bitwise-identical logits and identically seeded generators, so they produce the same tokens
+and stop at the same step without any broadcast. Printing is the caller's job (the CLI
+streams on rank 0 only).
+
+Batches: prompts are right-padded to the longest one and prefilled together; each sequence
+then decodes at its own position (a [B] device tensor). ``decode_step`` has static shapes
+and no host syncs, so it can be captured in a CUDA graph. The host looks at the generated
+tokens once per step only when it must (streaming or stop strings), otherwise every
+``sync_every`` steps, to detect EOS.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from megatron_lite.comm.communicator import Communicator
+from megatron_lite.inference.kv_cache import KVCache
+from megatron_lite.inference.sampling import sample, validate_sampling
+from megatron_lite.models.config import ModelConfig
+from megatron_lite.models.decoder import Transformer
+from megatron_lite.parallel_state import TPGroup, get_tp_group
+
+Prompt = Union[str, Sequence[int]]
+StreamFn = Callable[[int, str], None]
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's completion.
+
+    ``token_ids`` are the generated ids (a final EOS id included; none of the prompt);
+    ``text`` their decoding without special tokens, cut before a stop string.
+    ``finish_reason``: "eos", "stop" (a stop string), "length" (max_new_tokens) or
+    "nonfinite" (NaN/Inf logits; the bad step's token is dropped).
+    Timings are of the batch the prompt ran in: ``ttft_s`` from prefill start to the first
+    token on the host; ``tokens_per_s`` decode steps per second after the first token (the
+    speed one stream sees); ``batch_tokens_per_s`` the same times the batch size.
+    """
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None
+    ttft_s: float = 0.0
+    tokens_per_s: Optional[float] = None
+    batch_tokens_per_s: Optional[float] = None
+
+
+class _Stream:
+    """Host-side bookkeeping of one sequence: EOS, stop strings, incremental text."""
+
+    def __init__(self, result: GenerationResult, tokenizer, eos: frozenset, stop: list[str],
+                 max_new: int, emit: Optional[Callable[[str], None]]):
+        self.r, self.tok, self.eos, self.stop, self.max_new = result, tokenizer, eos, stop, max_new
+        self.emit, self.emitted, self.scanned = emit, 0, 0
+        self.need_text = tokenizer is not None and (bool(stop) or emit is not None)
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.r.finish_reason is not None
+
+    def push(self, token: int, nonfinite: bool) -> None:
+        r = self.r
+        if nonfinite:
+            return self._finish("nonfinite")
+        r.token_ids.append(token)
+        if token in self.eos:
+            return self._finish("eos")
+        if self.need_text:
+            r.text = self._decode()
+            cut = self._find_stop(r.text)
+            if cut is not None:
+                r.text = r.text[:cut]
+                return self._finish("stop")
+            safe = len(r.text) - self.holdback
+            while safe > self.emitted and r.text[safe - 1] == "\ufffd":   # partial UTF-8
+                safe -= 1
+            self._emit_to(safe)
+        if len(r.token_ids) >= self.max_new:
+            self._finish("length")
+
+    def _decode(self) -> str:
+        ids = [t for t in self.r.token_ids if t not in self.eos]
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _find_stop(self, text: str) -> Optional[int]:
+        start = max(0, self.scanned - self.holdback)
+        self.scanned = len(text)
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _emit_to(self, end: int) -> None:
+        if self.emit is not None and end > self.emitted:
+            self.emit(self.r.text[self.emitted:end])
+            self.emitted = end
+
+    def _finish(self, reason: str) -> None:
+        r = self.r
+        r.finish_reason = reason
+        if self.tok is not None and reason != "stop":
+            r.text = self._decode()
+        self._emit_to(len(r.text))
+
+
+class Engine:
+    """A TP-sharded decoder plus tokenizer, static KV cache and sampler (docs/architecture.md)."""
+
+    def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8,
+                 max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = ()):
+        self.model, self.cfg, self.group = model, model.cfg, model.group
+        self.tokenizer = tokenizer
+        w = model.embed_tokens.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
+        self.eos_token_ids = tuple(sorted(set(int(e) for e in eos_token_ids)))
+        self.cache: Optional[KVCache] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], group: Optional[TPGroup] = None,
+                        dtype=None, comm: Optional[Communicator] = None, max_batch_size: int = 8,
+                        max_seq_len: Optional[int] = None, device=None) -> "Engine":
+        """Load a shard directory (its TP must equal the world size) or an HF directory
+        (sharded in memory). All checks run before any weights are read."""
+        from megatron_lite.checkpoint.loader import load_rank_state
+        group = _resolve_group(group, comm)
+        device, dtype = _resolve_device_dtype(device, dtype)
+        hf_config, state, tok_dir = load_rank_state(path, group.rank, group.world_size,
+                                                    dtype=dtype)
+        return cls.from_rank_state_dict(hf_config, state, tokenizer=tok_dir, group=group,
+                                        dtype=dtype, device=device, max_batch_size=max_batch_size,
+                                        max_seq_len=max_seq_len)
+
+    @classmethod
+    def from_hf_state_dict(cls, hf_config: dict, hf_sd, tokenizer=None,
+                           group: Optional[TPGroup] = None, dtype=None, comm=None,
+                           **kwargs) -> "Engine":
+        """From an in-memory HF state dict (e.g. ``model.state_dict()`` of transformers)."""
+        from megatron_lite.checkpoint.layout import shard_hf_state_dict
+        group = _resolve_group(group, comm)
+        cfg = ModelConfig.from_hf(hf_config)
+        state = shard_hf_state_dict(hf_sd, cfg, group.world_size, group.rank)
+        return cls.from_rank_state_dict(hf_config, state, tokenizer, group=group, dtype=dtype,
+                                        **kwargs)
+
+    @classmethod
+    def from_rank_state_dict(cls, hf_config: dict, state: dict, tokenizer=None,
+                             group: Optional[TPGroup] = None, dtype=None, device=None,
+                             **kwargs) -> "Engine":
+        """From this rank's shard (our parameter names). ``tokenizer``: a tokenizer object,
+        a directory to load one from, or None (then prompts must be token ids)."""
+        group = group or get_tp_group()
+        device, dtype = _resolve_device_dtype(device, dtype)
+        cfg = ModelConfig.from_hf(hf_config)
+        cfg.validate_tp(group.world_size)
+        model = Transformer.from_rank_state_dict(cfg, group, state, device=device, dtype=dtype)
+        tok_dir = Path(tokenizer) if isinstance(tokenizer, (str, Path)) else None
+        if tok_dir is not None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        eos = set(cfg.eos_token_ids) | _generation_config_eos(tok_dir)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        return cls(model, tokenizer, eos_token_ids=sorted(eos), **kwargs)
+
+    # ------------------------------------------------------------------ model calls
+    def _ensure_cache(self, batch_size: int, max_seq: int) -> KVCache:
+        if self.cache is None or not self.cache.fits(batch_size, max_seq):
+            self.cache = None   # free the old buffers before allocating
+            self.cache = KVCache(self.cfg, self.group.world_size, batch_size, max_seq,
+                                 self.dtype, self.device)
+        return self.cache
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, max_seq: int,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run right-padded prompts [B, T] (true lengths [B]) into a fresh cache of
+        ``max_seq`` slots. Returns each prompt's last-token logits [B, V] (or [B, T, V])."""
+        B, T = tokens.shape
+        cache = self._ensure_cache(B, max_seq)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        index = None if all_logits else lengths.to(self.device) - 1
+        return self.model(tokens.to(self.device), positions, cache.k, cache.v, kv_len=T,
+                          logits_index=index)
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: tokens [B] at positions [B] -> logits [B, V].
+
+        Static shapes (attention reads all ``max_seq`` slots under a mask), no host syncs,
+        no data-dependent Python branches: safe to capture in a CUDA graph.
+        """
+        cache = self.cache
+        return self.model(tokens.unsqueeze(1), positions.unsqueeze(1), cache.k, cache.v,
+                          kv_len=cache.max_seq)[:, 0]
+
+    @torch.inference_mode()
+    def logits(self, input_ids) -> torch.Tensor:
+        """Full-vocab fp32 logits [B, T, V] of equal-length sequences (no cache kept)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        B, T = ids.shape
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.max_seq_len}")
+        tmp = KVCache(self.cfg, self.group.world_size, B, T, self.dtype, self.device)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        return self.model(ids, positions, tmp.k, tmp.v, kv_len=T).float()
+
+    # ------------------------------------------------------------------ generation
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+        else:
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass prompts as token ids")
+            if chat:
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise ValueError("the tokenizer has no chat template; run without chat")
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                    tokenize=False)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise ValueError("empty prompt: nothing to condition on")
+        if max(ids) >= self.cfg.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt token id out of range [0, {self.cfg.vocab_size})")
+        return ids
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, seed: int = 0,
+                 stop: Optional[Union[str, Sequence[str]]] = None, chat: bool = False,
+                 stream: Optional[StreamFn] = None,
+                 sync_every: int = 8) -> list[GenerationResult]:
+        """Generate for each prompt (text, or a list of token ids); one result per prompt.
+
+        Prompts run in batches of ``max_batch_size``. ``stream(batch_index, piece)`` gets
+        text pieces as they become final (text that might begin a stop string is held back).
+        """
+        validate_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        ids = [self.encode(p, chat) for p in prompts]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        results = []
+        for lo in range(0, len(ids), self.max_batch_size):
+            results += self._generate_batch(prompts[lo:lo + self.max_batch_size],
+                                            ids[lo:lo + self.max_batch_size], lo, max_new_tokens,
+                                            temperature, top_k, top_p, gen, stops, stream,
+                                            sync_every)
+        return results
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts, ids, offset, max_new, temperature, top_k, top_p, gen,
+                        stops, stream, sync_every) -> list[GenerationResult]:
+        B, lengths = len(ids), [len(x) for x in ids]
+        T = max(lengths)
+        if T + max_new > self.max_seq_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new}) exceeds "
+                             f"max_seq_len {self.max_seq_len}")
+        max_seq = min(-(-(T + max_new) // 64) * 64, self.max_seq_len)
+        tokens = torch.full((B, T), self.cfg.pad_token_id or 0, dtype=torch.long)
+        for b, x in enumerate(ids):
+            tokens[b, :len(x)] = torch.tensor(x)
+        lengths_dev = torch.tensor(lengths, device=self.device)
+        eos = frozenset(self.eos_token_ids)
+        results = [GenerationResult(prompt=p, prompt_token_ids=list(x))
+                   for p, x in zip(prompts, ids)]
+        streams = [_Stream(r, self.tokenizer, eos, stops, max_new,
+                           (lambda piece, i=offset + b: stream(i, piece)) if stream else None)
+                   for b, r in enumerate(results)]
+        every = 1 if (stream is not None or stops) else max(1, sync_every)
+
+        out = torch.zeros((B, max_new), dtype=torch.long, device=self.device)
+        bad = torch.zeros((B, max_new), dtype=torch.bool, device=self.device)
+
+        def pick(logits, step):
+            bad[:, step] = ~torch.isfinite(logits).all(dim=-1)
+            tok = sample(logits, temperature, top_k, top_p, gen)
+            out[:, step] = tok
+            return tok
+
+        self._sync()
+        t0 = time.perf_counter()
+        tok = pick(self.prefill(tokens, lengths_dev, max_seq), 0)
+        synced = self._consume(streams, out, bad, 0, 1)
+        t_first = time.perf_counter()
+        positions = lengths_dev.clone()
+        step = 1
+        while step < max_new and not all(s.done for s in streams):
+            tok = pick(self.decode_step(tok, positions), step)
+            positions += 1
+            step += 1
+            if step - synced >= every or step == max_new:
+                synced = self._consume(streams, out, bad, synced, step)
+        t_end = time.perf_counter()
+        for s in streams:   # finished by the loop bound without a final consume
+            if not s.done:
+                s._finish("length")
+        decode_steps = step - 1
+        rate = decode_steps / (t_end - t_first) if decode_steps and t_end > t_first else None
+        for r in results:
+            r.ttft_s = t_first - t0
+            r.tokens_per_s = rate
+            r.batch_tokens_per_s = rate * B if rate else None
+        return results
+
+    @staticmethod
+    def _consume(streams, out, bad, lo: int, hi: int) -> int:
+        """Copy generated tokens [lo, hi) to the host (one sync) and advance each stream."""
+        toks, flags = out[:, lo:hi].tolist(), bad[:, lo:hi].tolist()
+        for s, row, frow in zip(streams, toks, flags):
+            for t, f in zip(row, frow):
+                if s.done:
+                    break
+                s.push(t, f)
+        return hi
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# ---------------------------------------------------------------------- helpers
+def _resolve_group(group: Optional[TPGroup], comm) -> TPGroup:
+    if comm is None:
+        return group or get_tp_group()
+    if group is not None:
+        raise ValueError("pass either group= or comm=, not both")
+    if isinstance(comm, TPGroup):
+        return comm
+    if isinstance(comm, Communicator):
+        return TPGroup.from_communicator(comm)
+    raise TypeError(f"comm must be a Communicator or TPGroup, got {type(comm).__name__}")
+
+
+def _resolve_device_dtype(device, dtype):
+    if device is None:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if torch.cuda.is_available() else torch.device("cpu"))
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype is None:   # bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def _generation_config_eos(directory: Optional[Path]) -> set[int]:
+    """EOS ids of generation_config.json (chat models list end-of-turn ids there)."""
+    if directory is None or not (directory / "generation_config.json").is_file():
+        return set()
+    eos = json.loads((directory / "generation_config.json").read_text()).get("eos_token_id")
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}

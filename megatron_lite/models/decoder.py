@@ -1,0 +1,306 @@
+"""One tensor-parallel decoder for llama, gemma, gemma2 and gemma3_text.
+
+Every difference between the families is a ModelConfig field; parameter names follow
+docs/architecture.md (HF names without ``model.``, fused ``qkv_proj`` and ``gate_up_proj``).
+Numerics follow transformers 5.x ``modeling_{llama,gemma,gemma2,gemma3}.py`` operation by
+operation, so fp32 logits match HF to ~1e-6 and bf16 runs round where HF rounds.
+
+Attention reads and writes a static KV cache: layer i gets ``k_cache``/``v_cache`` of shape
+[B, n_kv_local, max_seq, head_dim]. Token t of sequence b sits in cache slot
+``positions[b, t]`` (slot == RoPE position), so batches of prompts of different lengths need
+no per-sequence offsets: a query at position p sees slots j <= p (and j > p - window on
+sliding layers). Slots beyond a sequence's current position may hold stale values (right
+padding); the mask never lets a query read them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.models.config import SLIDING, ModelConfig, RopeConfig
+from megatron_lite.parallel_state import TPGroup
+from megatron_lite.tensor_parallel import (ColumnParallelLinear, ParallelLMHead,
+                                           RowParallelLinear, VocabParallelEmbedding)
+
+_ACTS = {
+    "silu": F.silu,
+    # Gemma's GeGLU uses the tanh approximation (transformers ACT2FN["gelu_pytorch_tanh"]).
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * (offset + w), statistics in fp32.
+
+    Llama (offset 0): normalise in fp32, cast back to the input dtype, *then* multiply by w
+    (LlamaRMSNorm). Gemma (offset 1, ``scale_in_fp32``): the checkpoint stores w - 1 and the
+    multiply by (1 + w) also happens in fp32 before the single cast (GemmaRMSNorm; the
+    Gemma reference implementation does the same to avoid a bf16 round trip).
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, scale_in_fp32: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.dim, self.eps, self.offset, self.scale_in_fp32 = dim, eps, offset, scale_in_fp32
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (self.dim,), eps=self.eps)
+        if self.scale_in_fp32:
+            return (y * (self.offset + self.weight.float())).to(x.dtype)
+        w = self.weight if self.offset == 0 else self.weight + self.offset
+        return w * y.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies (fp32, [head_dim/2]) as transformers' modeling_rope_utils computes them."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        # Linear position interpolation: positions / factor == inv_freq / factor.
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        # Llama 3.1 (transformers _compute_llama3_parameters): wavelengths longer than
+        # original_ctx / low_freq_factor are slowed down by `factor`, shorter than
+        # original_ctx / high_freq_factor are kept, and the band between is interpolated.
+        import math
+        ctx = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = ctx / rope.low_freq_factor, ctx / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (ctx / wavelen - rope.low_freq_factor) / (rope.high_freq_factor -
+                                                           rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [B, T, head_dim] for integer positions [B, T]; angles in fp32 (as HF)."""
+    freqs = positions.unsqueeze(-1).float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]: HF's rotate-half convention (pairs (i, i + D/2))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int,
+                   window: Optional[int]) -> torch.Tensor:
+    """Bool [B, 1, T, kv_len]: query at position p may read cache slot j.
+
+    Causal: j <= p. Sliding window W: also j > p - W, i.e. W tokens *including* the current
+    one (transformers masking_utils.sliding_window_overlay: ``kv_idx > q_idx - W``).
+    """
+    j = torch.arange(kv_len, device=positions.device)
+    p = positions.unsqueeze(-1)
+    allowed = j <= p
+    if window is not None:
+        allowed = allowed & (j > p - window)
+    return allowed.unsqueeze(1)
+
+
+def attention(q, k, v, mask, scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """softmax(scale * q k^T (+ softcap), masked) v for q [B, Hq, T, D], k/v [B, Hkv, S, D].
+
+    q head h reads KV head h // (Hq / Hkv) (HF repeat_kv). Without soft-capping this is
+    SDPA; Gemma 2's ``cap * tanh(scores / cap)`` sits between the scaling and the softmax,
+    which SDPA cannot express, so that path is written out (softmax in fp32, as HF eager).
+    """
+    B, hq, T, D = q.shape
+    hkv, S = k.shape[1], k.shape[2]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=hq != hkv)
+    g = hq // hkv
+    scores = torch.matmul(q.reshape(B, hkv, g * T, D), k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(B, hkv, g, T, S).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs.view(B, hkv, g * T, S), v).view(B, hq, T, D)
+
+
+class ParallelAttention(nn.Module):
+    """Self-attention with heads split over TP ranks.
+
+    qkv_proj is column-parallel: rank r computes its q heads and its KV heads (an even
+    share, or one replicated KV head when tp > num_kv_heads). o_proj is row-parallel over
+    the same q heads and its all-reduce is the attention block's one TP sum.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, device=None,
+                 dtype=None):
+        super().__init__()
+        tp = group.world_size
+        self.hd, self.nq, self.nkv = cfg.head_dim, cfg.local_heads(tp), cfg.local_kv_heads(tp)
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_logit_softcap
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * self.hd, group=group,
+            output_size_per_partition=(self.nq + 2 * self.nkv) * self.hd, device=device,
+            dtype=dtype)
+        self.o_proj = RowParallelLinear(cfg.num_heads * self.hd, cfg.hidden_size, group=group,
+                                        site=f"layers.{layer_idx}.self_attn.o_proj",
+                                        device=device, dtype=dtype)
+        if cfg.qk_norm:
+            # Gemma 3 normalises q and k per head before RoPE (Gemma3Attention.forward).
+            norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
+                        scale_in_fp32=cfg.norm_scale_fp32, device=device, dtype=dtype)
+            self.q_norm, self.k_norm = RMSNorm(self.hd, **norm), RMSNorm(self.hd, **norm)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, kv_len: int):
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.nq * self.hd, self.nkv * self.hd,
+                                          self.nkv * self.hd], dim=-1)
+        q = q.view(B, T, self.nq, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Write this step's K/V at their positions: slot index == position, per sequence.
+        rows = torch.arange(B, device=x.device).unsqueeze(1)
+        k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[rows, :, positions] = v.view(B, T, self.nkv, self.hd).to(v_cache.dtype)
+        out = attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], mask, self.scale,
+                        self.softcap)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nq * self.hd))
+
+
+class ParallelMLP(nn.Module):
+    """down(act(gate(x)) * up(x)); gate/up fused and column-parallel, down row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, device=None,
+                 dtype=None):
+        super().__init__()
+        self.act = _ACTS[cfg.hidden_act]
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size,
+                                                 group=group, device=device, dtype=dtype)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group=group,
+                                           site=f"layers.{layer_idx}.mlp.down_proj",
+                                           device=device, dtype=dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; with ``sandwich_norms`` (Gemma 2/3) attention and MLP outputs are
+    normalised again before the residual add, and ``post_attention_layernorm`` is that
+    post-attention norm (in Llama/Gemma it is the pre-MLP norm)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, device=None,
+                 dtype=None):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset,  # noqa: E731
+                               cfg.norm_scale_fp32, device=device, dtype=dtype)
+        self.layer_type = cfg.layer_types[layer_idx]
+        self.sandwich = cfg.sandwich_norms
+        self.input_layernorm = norm()
+        self.self_attn = ParallelAttention(cfg, layer_idx, group, device, dtype)
+        self.post_attention_layernorm = norm()
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = ParallelMLP(cfg, layer_idx, group, device, dtype)
+
+    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, kv_len: int):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, k_cache,
+                           v_cache, kv_len)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Embedding -> decoder layers -> final norm -> vocab-parallel LM head.
+
+    ``forward(tokens, positions, k_caches, v_caches, kv_len, logits_index)``:
+    tokens/positions [B, T] (device tensors), caches per layer, ``kv_len`` a Python int
+    (how many cache slots attention reads: the static shape). Returns logits
+    [B, T, vocab] or, with ``logits_index`` [B], only those positions' logits [B, vocab].
+    No host syncs, no data-dependent Python branches.
+    """
+
+    def __init__(self, cfg: ModelConfig, group: TPGroup, device=None, dtype=None):
+        super().__init__()
+        self.cfg, self.group = cfg, group
+        cfg.validate_tp(group.world_size)
+        vp = cfg.padded_vocab_size(group.world_size)
+        self.embed_tokens = VocabParallelEmbedding(vp, cfg.hidden_size, group=group,
+                                                   device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, group, device, dtype)
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset,
+                            cfg.norm_scale_fp32, device=device, dtype=dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, vp, cfg.hidden_size, group=group,
+                                      logit_softcap=cfg.final_logit_softcap, device=device,
+                                      dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Buffers are built on the CPU explicitly (even when the parameters are on "meta").
+        for layer_type, rope in cfg.rope.items():
+            self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(rope, cfg.head_dim),
+                                 persistent=False)
+        # Gemma: embeddings * sqrt(hidden), where the factor is first rounded to the model
+        # dtype (HF keeps it as a tensor and multiplies by embed_scale.to(weight.dtype); in
+        # bf16 sqrt(3072)=55.43 becomes 55.5).
+        self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size ** 0.5,
+                                                         dtype=torch.float32, device="cpu"),
+                             persistent=False)
+        self.windows = {t: (cfg.sliding_window if t == SLIDING else None)
+                        for t in set(cfg.layer_types)}
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor], kv_len: int,
+                logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.embed_tokens(tokens)
+        if self.cfg.scale_embeddings:
+            h = h * self.embed_scale.to(h.dtype)
+        rope = {t: rope_cos_sin(getattr(self, f"inv_freq_{t}"), positions, h.dtype)
+                for t in self.windows}
+        masks = {t: attention_mask(positions, kv_len, w) for t, w in self.windows.items()}
+        for layer, kc, vc in zip(self.layers, k_caches, v_caches):
+            t = layer.layer_type
+            h = layer(h, *rope[t], positions, masks[t], kc, vc, kv_len)
+        if logits_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_index]
+        return self.lm_head(self.norm(h))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_rank_state_dict(cls, cfg: ModelConfig, group: TPGroup,
+                             state: dict[str, torch.Tensor], device=None,
+                             dtype: torch.dtype = torch.float32) -> "Transformer":
+        """Build on the meta device and adopt ``state`` (this rank's shard) without copies
+        beyond the dtype/device cast. Shapes are checked against the layout first."""
+        from megatron_lite.checkpoint.layout import LayoutError, rank_shapes
+        expected = rank_shapes(cfg, group.world_size)
+        problems = [f"{k} missing" for k in expected if k not in state]
+        problems += [f"{k} unexpected" for k in state if k not in expected]
+        problems += [f"{k} has shape {tuple(state[k].shape)}, expected {s}"
+                     for k, s in expected.items() if k in state and tuple(state[k].shape) != s]
+        if problems:
+            raise LayoutError(f"rank {group.rank} shard does not fit the model: "
+                              + "; ".join(problems[:6]))
+        device = torch.device(device or "cpu")
+        model = cls(cfg, group, device="meta", dtype=dtype)
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        if cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.to(device).eval()

@@ -1,0 +1,128 @@
+"""Tensor-parallel state: the TP group every layer is handed explicitly.
+
+``initialize_model_parallel()`` reads the torchrun environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), joins a process group (NCCL with CUDA, gloo
+otherwise; ``backend=`` or ``MEGATRON_LITE_BACKEND`` override) and makes every rank one TP
+group. Without a torchrun environment it is a single rank with no process group at all.
+If the caller already initialised torch.distributed (e.g. the test harness), that default
+group is used as is.
+
+``TPGroup`` forwards the two collectives the model uses to a Communicator (plain
+torch.distributed, a quantized one, or ``ThreadCommunicator`` simulating N ranks in one
+process). Contract (docs/architecture.md): after ``all_reduce`` all ranks hold
+bitwise-identical tensors.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.comm.communicator import Communicator, DistCommunicator
+
+BACKEND_ENV = "MEGATRON_LITE_BACKEND"
+
+
+class TPGroup:
+    """One rank's handle on its tensor-parallel group.
+
+    ``all_reduce(x, site)`` is the only TP sum in the model (called through
+    ``reduce_from_tensor_model_parallel_region``); ``site`` names the layer whose partial
+    sums are reduced, so the communicator can apply per-layer comm settings.
+    """
+
+    def __init__(self, communicator: Communicator, process_group=None):
+        self.communicator = communicator
+        self.process_group = process_group
+
+    @classmethod
+    def from_communicator(cls, comm: Communicator) -> "TPGroup":
+        return cls(comm, getattr(comm, "process_group", None))
+
+    @property
+    def rank(self) -> int:
+        return self.communicator.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.communicator.world_size
+
+    def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
+        """Sum of ``x`` over the group (a new tensor; ``x`` itself at world size 1)."""
+        if self.world_size == 1:
+            return x
+        return self.communicator.all_reduce(x, site)
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenation of every rank's ``x`` along ``dim``, in rank order."""
+        if self.world_size == 1:
+            return x
+        return self.communicator.all_gather(x, dim)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.communicator.barrier()
+
+    def __repr__(self) -> str:
+        return (f"TPGroup(rank={self.rank}, world_size={self.world_size}, "
+                f"communicator={type(self.communicator).__name__})")
+
+
+_TP_GROUP: Optional[TPGroup] = None
+_WE_INITIALIZED_DIST = False
+
+
+def default_backend() -> str:
+    return os.environ.get(BACKEND_ENV) or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def initialize_model_parallel(backend: Optional[str] = None,
+                              timeout_s: float = 600.0) -> TPGroup:
+    """Build the global TP group (all ranks of the job) and return it.
+
+    Sets the CUDA device from LOCAL_RANK when the backend is NCCL. Idempotent: a second
+    call returns the existing group.
+    """
+    global _TP_GROUP, _WE_INITIALIZED_DIST
+    if _TP_GROUP is not None:
+        return _TP_GROUP
+    backend = backend or default_backend()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if backend == "nccl" and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized() and world_size > 1:
+        for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise RuntimeError(f"WORLD_SIZE={world_size} but {key} is not set; "
+                                   "launch with torchrun")
+        kwargs = {}
+        if backend == "nccl" and torch.cuda.is_available():
+            kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        _WE_INITIALIZED_DIST = True
+    # DistCommunicator over the default group; rank 0 of 1 when there is no process group.
+    _TP_GROUP = TPGroup(DistCommunicator(None), None)
+    return _TP_GROUP
+
+
+def set_tp_group(group: TPGroup) -> None:
+    """Install a group built elsewhere (e.g. around a quantized or simulated communicator)."""
+    global _TP_GROUP
+    _TP_GROUP = group
+
+
+def get_tp_group() -> TPGroup:
+    """The global TP group; initialises it from the environment on first use."""
+    return _TP_GROUP if _TP_GROUP is not None else initialize_model_parallel()
+
+
+def destroy_model_parallel() -> None:
+    """Forget the TP group; tear down the process group only if we created it."""
+    global _TP_GROUP, _WE_INITIALIZED_DIST
+    _TP_GROUP = None
+    if _WE_INITIALIZED_DIST and dist.is_initialized():
+        dist.destroy_process_group()
+    _WE_INITIALIZED_DIST = False
