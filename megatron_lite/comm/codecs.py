@@ -206,9 +206,10 @@ class BF16Codec(Codec):
         return buf.contiguous().view(torch.bfloat16).to(out_dtype)
 
     def error_bound(self, x):
-        # RNE to bf16: half an ulp, at most 2^-9 |x| for normals, 2^-134 in the denormals.
+        # RNE to bf16 (8 significant bits): half an ulp is at most 2^-8 |x| for normals,
+        # 2^-134 among the denormals.
         xf = x.float()
-        eb = xf.abs() * 2.0 ** -9 + 2.0 ** -134
+        eb = xf.abs() * 2.0 ** -8 + 2.0 ** -134
         return torch.where(xf.abs() <= BF16_MAX, eb, torch.full_like(eb, math.inf))
 
 
@@ -389,7 +390,7 @@ _PLAIN = {
     "int2": ("asym", 2),
     "fp8": ("fp8", 8),
 }
-_ALIASES = {"int6": "int4-int8", "fp8-e4m3": "fp8", "none": "bf16"}
+_ALIASES = {"int6": "int4-int8", "fp8-e4m3": "fp8"}
 CODEC_NAMES = ("bf16",) + tuple(_PLAIN) + ("int4-int8", "outlier-int4")
 
 

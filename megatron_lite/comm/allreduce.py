@@ -1,0 +1,350 @@
+"""Two-step quantized all-reduce, the backend chain, and the comm config.
+
+Two-step all-reduce (Flash Communication, arXiv 2412.04964), written once against the
+Communicator primitives so that gloo, NCCL and the thread simulation run the same code::
+
+    chunks  = scheme.chunk(x, W)              # [W, c]: zero-padded (or channel-permuted)
+    send[j] = rs.encode(chunks[j])            # rank r quantizes all W chunks
+    all_to_all_single(recv, send)             # = reduce-scatter: rank j gets every chunk j
+    acc     = sum_r rs.decode(recv[r])        # fp32, r = 0, 1, ..., W-1 in this order
+    mine    = ag.encode(acc)                  # requantize the reduced chunk
+    all_gather_into_tensor(all, mine)
+    y       = ag.decode(all)                  # every rank decodes the SAME bytes (its own
+                                              # chunk included), so ranks are bit-identical
+
+Backends form a flat chain (vLLM style): each says whether it can take a message and, if
+not, why. ``QuantizedCommunicator`` resolves the codec for the call site from a
+:class:`CommConfig`, then asks its backends in order. Helper backends (fused GPU kernels,
+``auto`` thresholds) are inserted in front with :meth:`QuantizedCommunicator.add_backend`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from megatron_lite.comm.codecs import (Codec, CodecError, get_codec,
+                                       parse_codec_spec)
+from megatron_lite.comm.communicator import Communicator
+
+NATIVE = "native"   # the base communicator's own all-reduce (NCCL / gloo), uncompressed
+EMBED_SITE = "embed_tokens"
+
+
+# ----------------------------------------------------------------------------- schemes
+class GroupScheme:
+    """Flat chunking for group codecs: flatten, zero-pad to ``W * c`` with ``c`` a multiple
+    of the group size, chunk j = values ``[j*c, (j+1)*c)``."""
+
+    def __init__(self, codec: Codec):
+        self.codec, self.rs, self.ag = codec, codec.rs, codec.ag
+        self.group_size = max(self.rs.group_size, self.ag.group_size)
+        self.bits_per_value = codec.bits_per_value
+
+    def chunk(self, x: torch.Tensor, world_size: int):
+        n, g = x.numel(), self.group_size
+        c = -(-n // (world_size * g)) * g
+        flat = x.reshape(-1)
+        if c * world_size != n:
+            flat = torch.cat([flat, flat.new_zeros(c * world_size - n)])
+        shape = x.shape
+
+        def restore(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(-1)[:n].reshape(shape)
+        return flat.view(world_size, c), restore
+
+    def rs_encode(self, chunks, src):
+        return self.rs.encode(chunks)
+
+    def rs_decode(self, recv, chunk_id, c):
+        return self.rs.decode(recv, c, torch.float32)
+
+    def ag_encode(self, acc, chunk_id):
+        return self.ag.encode(acc)
+
+    def ag_decode(self, gathered, c, out_dtype):
+        return self.ag.decode(gathered, c, out_dtype)
+
+    def rs_error_bound(self, chunks, src):
+        return self.rs.error_bound(chunks)
+
+    def ag_error_bound(self, acc, chunk_id):
+        return self.ag.error_bound(acc)
+
+
+def scheme_for(codec) -> "GroupScheme":
+    """The two-step scheme of a codec (outlier codecs are their own scheme)."""
+    return codec if hasattr(codec, "rs_encode") else GroupScheme(codec)
+
+
+def two_step_all_reduce(comm: Communicator, x: torch.Tensor, scheme) -> torch.Tensor:
+    """Quantized sum of ``x`` over ``comm``'s ranks; output in ``x.dtype`` and shape."""
+    if not x.is_floating_point():
+        raise CodecError(f"quantized all-reduce needs a float tensor, got {x.dtype}")
+    w, rank = comm.world_size, comm.rank
+    chunks, restore = scheme.chunk(x, w)
+    c = chunks.shape[-1]
+    send = scheme.rs_encode(chunks, rank).contiguous()
+    recv = torch.empty_like(send)
+    comm.all_to_all_single(recv, send)
+    parts = scheme.rs_decode(recv, rank, c)
+    acc = parts[0].clone()
+    for r in range(1, w):  # fixed rank order: the fp32 sum is the same on every backend
+        acc += parts[r]
+    mine = scheme.ag_encode(acc, rank).contiguous()
+    gathered = torch.empty((w * mine.numel(),), dtype=torch.uint8, device=mine.device)
+    comm.all_gather_into_tensor(gathered, mine)
+    return restore(scheme.ag_decode(gathered.view(w, -1), c, x.dtype))
+
+
+# ----------------------------------------------------------------------------- backends
+class Backend:
+    """One way to run an all-reduce. ``unsupported`` returns None if the backend can take
+    ``x`` with ``codec``, else a short reason (shown by ``QuantizedCommunicator.explain``)."""
+
+    name = "backend"
+
+    def unsupported(self, x: torch.Tensor, codec, comm: "QuantizedCommunicator") -> Optional[str]:
+        raise NotImplementedError
+
+    def all_reduce(self, x: torch.Tensor, codec, comm: "QuantizedCommunicator") -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TwoStepBackend(Backend):
+    """The portable two-step path over torch.distributed primitives (any device, any
+    codec, any length and float dtype)."""
+
+    name = "two-step"
+
+    def unsupported(self, x, codec, comm):
+        if codec is None:
+            return "no codec for this call"
+        if not x.is_floating_point():
+            return f"dtype {x.dtype} is not floating point"
+        return None
+
+    def all_reduce(self, x, codec, comm):
+        return two_step_all_reduce(comm.base, x, scheme_for(codec))
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class CommConfig:
+    """Which codec each all-reduce site uses.
+
+    * ``codec``: default for the row-parallel sites (None = native uncompressed).
+    * ``overrides``: ``[(glob, codec-or-"native"), ...]``; the first glob matching the site
+      wins. ``layers.-1.*`` style negative layer indices count from the last layer
+      (needs ``num_layers``). Globs are :mod:`fnmatch` patterns on the site name.
+    * The embedding reduce (site ``embed_tokens``) stays native unless an override names it.
+    * ``min_bytes``: messages smaller than this (in their own dtype) go native.
+    * ``calibration``: file for ``outlier-int4`` (see comm/outlier.py).
+    """
+
+    codec: Optional[str] = None
+    overrides: List[Tuple[str, str]] = field(default_factory=list)
+    min_bytes: int = 0
+    calibration: Optional[str] = None
+    num_layers: Optional[int] = None
+
+    def __post_init__(self):
+        # Validate everything now: a typo must fail before any compute.
+        if self.codec is not None:
+            self.codec = _canonical(self.codec)
+        self.overrides = [(str(p), _canonical(c) or NATIVE) for p, c in self.overrides]
+        if int(self.min_bytes) < 0:
+            raise CodecError(f"min_bytes must be >= 0, got {self.min_bytes}")
+        self.min_bytes = int(self.min_bytes)
+        specs = [self.codec] + [c for _, c in self.overrides]
+        if any(s and s.startswith("outlier-int4") for s in specs) and not self.calibration:
+            raise CodecError("outlier-int4 needs a calibration file (--calibration FILE)")
+        self._codecs = {}
+        self._calib = None
+
+    @classmethod
+    def from_spec(cls, spec: Optional[str], calibration: Optional[str] = None,
+                  num_layers: Optional[int] = None) -> "CommConfig":
+        """Parse the ``--comm`` syntax (see :func:`parse_comm_arg`)."""
+        return parse_comm_arg(spec, calibration=calibration, num_layers=num_layers)
+
+    def spec_for(self, site: Optional[str]) -> Optional[str]:
+        """Canonical codec spec for a site, or None for the native all-reduce."""
+        if site is None:
+            return None
+        names = [site]
+        m = re.match(r"^layers\.(\d+)\.(.*)$", site)
+        if m and self.num_layers:
+            names.append(f"layers.{int(m.group(1)) - self.num_layers}.{m.group(2)}")
+        for pattern, spec in self.overrides:
+            if any(fnmatch.fnmatchcase(nm, pattern) for nm in names):
+                return None if spec == NATIVE else spec
+        if site == EMBED_SITE:
+            return None
+        return self.codec
+
+    def codec_for(self, site: Optional[str]):
+        """Codec object for a site (cached), or None for native."""
+        spec = self.spec_for(site)
+        if spec is None:
+            return None
+        key = (spec, site) if spec.startswith("outlier-int4") else (spec, None)
+        if key not in self._codecs:
+            if spec.startswith("outlier-int4"):
+                from megatron_lite.comm.outlier import load_calibration
+                if self._calib is None:
+                    self._calib = load_calibration(self.calibration)
+                self._codecs[key] = get_codec(spec, self._calib, site)
+            else:
+                self._codecs[key] = get_codec(spec)
+        return self._codecs[key]
+
+    def calibration_data(self):
+        """The loaded calibration (None if the config needs none)."""
+        if self.calibration and self._calib is None:
+            from megatron_lite.comm.outlier import load_calibration
+            self._calib = load_calibration(self.calibration)
+        return self._calib
+
+    def __str__(self) -> str:
+        items = [self.codec or NATIVE]
+        items += [f"{p}={c}" for p, c in self.overrides]
+        if self.min_bytes:
+            items.append(f"min_bytes={self.min_bytes}")
+        return ",".join(items)
+
+
+def _canonical(spec: Optional[str]) -> Optional[str]:
+    if spec is None or str(spec).strip().lower() in (NATIVE, "none"):
+        return None
+    return str(parse_codec_spec(spec))
+
+
+_SIZE_RE = re.compile(r"^(\d+)\s*(|b|k|kb|kib|m|mb|mib)$", re.IGNORECASE)
+_SIZE_MULT = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 2 ** 20, "mb": 2 ** 20,
+              "mib": 2 ** 20}
+
+
+def _parse_size(text: str) -> int:
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise CodecError(f"bad size {text!r}: expected e.g. 65536, 64KiB or 1MiB")
+    return int(m.group(1)) * _SIZE_MULT[m.group(2).lower()]
+
+
+def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
+                   num_layers: Optional[int] = None) -> CommConfig:
+    """Parse a ``--comm`` value into a :class:`CommConfig`.
+
+    Syntax: comma-separated items; the first is the default codec ``CODEC[:GROUP]`` (or
+    ``native``); later items are ``GLOB=CODEC`` overrides (first match wins) or
+    ``min_bytes=SIZE``. Examples::
+
+        int4:128
+        int4:128,layers.0.*=int8,layers.-1.*=int8      # first and last layer at int8
+        int4,*.o_proj=int8:64,min_bytes=256KiB
+        native,embed_tokens=int8                       # only the embedding reduce
+        outlier-int4    (with calibration=FILE)
+    """
+    if spec is None or isinstance(spec, CommConfig):
+        return spec if spec is not None else CommConfig(calibration=calibration,
+                                                        num_layers=num_layers)
+    items = [s.strip() for s in str(spec).split(",")]
+    if not items[0] or "=" in items[0]:
+        raise CodecError(f"bad --comm {spec!r}: it must start with a codec, e.g. int4:128")
+    overrides, min_bytes = [], 0
+    for item in items[1:]:
+        if "=" not in item:
+            raise CodecError(f"bad --comm item {item!r}: expected GLOB=CODEC or min_bytes=SIZE")
+        key, val = (t.strip() for t in item.split("=", 1))
+        if key == "min_bytes":
+            min_bytes = _parse_size(val)
+        elif not key:
+            raise CodecError(f"bad --comm item {item!r}: empty site pattern")
+        else:
+            overrides.append((key, val))
+    return CommConfig(codec=items[0], overrides=overrides, min_bytes=min_bytes,
+                      calibration=calibration, num_layers=num_layers)
+
+
+# ----------------------------------------------------------------------------- communicator
+class QuantizedCommunicator(Communicator):
+    """``all_reduce(x, site)`` through the codec that ``config`` assigns to ``site``.
+
+    Native (uncompressed) calls, all_gather and the primitives go to ``base``. Every rank
+    must hold the same config, so they all pick the same codec and backend.
+    """
+
+    def __init__(self, base: Communicator, config: CommConfig,
+                 backends: Optional[List[Backend]] = None):
+        super().__init__(base.rank, base.world_size)
+        self.base, self.config = base, config
+        self.process_group = getattr(base, "process_group", None)
+        self.backends: List[Backend] = list(backends) if backends else [TwoStepBackend()]
+        calib = config.calibration_data()
+        if calib is not None:
+            calib.check(tp=base.world_size)
+
+    def add_backend(self, backend: Backend, first: bool = True) -> None:
+        self.backends.insert(0 if first else len(self.backends), backend)
+
+    def _choose(self, x: torch.Tensor, site: Optional[str]):
+        codec = self.config.codec_for(site)
+        if codec is None:
+            return None, None, "native: no codec for this site"
+        nbytes = x.numel() * x.element_size()
+        if nbytes < self.config.min_bytes:
+            return None, None, f"native: {nbytes} B < min_bytes {self.config.min_bytes}"
+        reasons = []
+        for b in self.backends:
+            why = b.unsupported(x, codec, self)
+            if why is None:
+                return b, codec, b.name
+            reasons.append(f"{b.name}: {why}")
+        raise CodecError(f"no backend can all-reduce {tuple(x.shape)} {x.dtype} at site "
+                         f"{site!r} with {codec.spec}: " + "; ".join(reasons))
+
+    def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
+        """Which backend/codec a call would use, and why (for logs and debugging)."""
+        _, codec, why = self._choose(x, site)
+        return why if codec is None else f"{why} with {codec.spec}"
+
+    def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        backend, codec, _ = self._choose(x, site)
+        if backend is None:
+            return self.base.all_reduce(x, site)
+        return backend.all_reduce(x, codec, self)
+
+    def all_gather(self, x, dim=-1):
+        return self.base.all_gather(x, dim)
+
+    def all_to_all_single(self, output, input):
+        self.base.all_to_all_single(output, input)
+
+    def all_gather_into_tensor(self, output, input):
+        self.base.all_gather_into_tensor(output, input)
+
+    def barrier(self):
+        self.base.barrier()
+
+
+def build_communicator(base: Communicator, comm=None, calibration: Optional[str] = None,
+                       num_layers: Optional[int] = None) -> Communicator:
+    """Wrap ``base`` for a comm setting: None / "native" -> ``base`` unchanged; a spec
+    string (``--comm`` syntax) or a CommConfig -> a QuantizedCommunicator."""
+    if isinstance(comm, CommConfig):
+        cfg = comm
+        if num_layers is not None and cfg.num_layers is None:
+            cfg.num_layers = num_layers
+    else:
+        cfg = parse_comm_arg(comm, calibration=calibration, num_layers=num_layers)
+    if cfg.codec is None and not cfg.overrides:
+        return base
+    return QuantizedCommunicator(base, cfg)
+
+
