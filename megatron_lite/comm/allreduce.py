@@ -279,14 +279,14 @@ class QuantizedCommunicator(Communicator):
     """
 
     def __init__(self, base: Communicator, config: CommConfig,
-                 backends: Optional[List[Backend]] = None):
+                 backends: Optional[List[Backend]] = None, hf_config: Optional[dict] = None):
         super().__init__(base.rank, base.world_size)
         self.base, self.config = base, config
         self.process_group = getattr(base, "process_group", None)
         self.backends: List[Backend] = list(backends) if backends else [TwoStepBackend()]
         calib = config.calibration_data()
         if calib is not None:
-            calib.check(tp=base.world_size)
+            calib.check(tp=base.world_size, hf_config=hf_config)
 
     def add_backend(self, backend: Backend, first: bool = True) -> None:
         self.backends.insert(0 if first else len(self.backends), backend)
@@ -334,9 +334,14 @@ class QuantizedCommunicator(Communicator):
 
 
 def build_communicator(base: Communicator, comm=None, calibration: Optional[str] = None,
-                       num_layers: Optional[int] = None) -> Communicator:
+                       num_layers: Optional[int] = None, hf_config: Optional[dict] = None
+                       ) -> Communicator:
     """Wrap ``base`` for a comm setting: None / "native" -> ``base`` unchanged; a spec
-    string (``--comm`` syntax) or a CommConfig -> a QuantizedCommunicator."""
+    string (``--comm`` syntax) or a CommConfig -> a QuantizedCommunicator.
+
+    ``num_layers`` enables ``layers.-1.*`` patterns; ``hf_config`` (the model's config
+    dict) lets an outlier calibration file be checked against the model.
+    """
     if isinstance(comm, CommConfig):
         cfg = comm
         if num_layers is not None and cfg.num_layers is None:
@@ -345,6 +350,6 @@ def build_communicator(base: Communicator, comm=None, calibration: Optional[str]
         cfg = parse_comm_arg(comm, calibration=calibration, num_layers=num_layers)
     if cfg.codec is None and not cfg.overrides:
         return base
-    return QuantizedCommunicator(base, cfg)
+    return QuantizedCommunicator(base, cfg, hf_config=hf_config)
 
 
