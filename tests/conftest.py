@@ -15,19 +15,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Printable ASCII, one token per character: small enough for the tiny configs' 250-entry
-# vocab, and a real `tokenizers` tokenizer that round-trips text exactly.
+# Printable ASCII, one token per character, padded with <extra_i> tokens to the tiny
+# configs' 250-entry vocab (so every id a random model emits decodes): a real `tokenizers`
+# tokenizer that round-trips text exactly.
 _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+TINY_VOCAB = 250
 
 
-def make_char_tokenizer():
-    """A PreTrainedTokenizerFast with ids 0..3 = pad, bos, eos, unk and 4.. = ASCII 32..126."""
+def make_char_tokenizer(vocab_size: int = TINY_VOCAB):
+    """A PreTrainedTokenizerFast: ids 0..3 = pad, bos, eos, unk; 4..98 = ASCII 32..126;
+    then <extra_i> up to ``vocab_size``. Encoding prepends <s>."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(_SPECIALS)}
     for c in range(32, 127):
         vocab[chr(c)] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()

@@ -344,9 +344,22 @@ def verify_shard_dir(path: Path, world_size: Optional[int] = None, check_hashes:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        if check_hashes and sha256_file(f) != files[name]:
+        if check_hashes and _file_sha256(f) != files[name]:
             raise CheckpointError(f"{path}: {name} is corrupt (sha256 does not match the manifest)")
     return config
+
+
+# (path, size, mtime_ns) -> sha256: a CLI verifies before joining the process group and the
+# engine verifies again when it loads; the second pass must not hash a GB again.
+_HASHED: Dict[tuple, str] = {}
+
+
+def _file_sha256(f: Path) -> str:
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(f)
+    return _HASHED[key]
 
 
 def load_rank_shard(path: Path, rank: int, tp: int,
