@@ -114,14 +114,18 @@ def unpack_bits(buf: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return q.reshape(*buf.shape[:-1], buf.shape[-1] * per)[..., :n]
 
 
-def saturate(y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def saturate(y: torch.Tensor, out_dtype: torch.dtype, keep_inf: bool = False) -> torch.Tensor:
     """Clamp fp32 ``y`` to the finite range of the output (NaN passes), then round to it.
 
     The decoded grid may overshoot the input's max by up to half a step; the input itself
-    was finite in its dtype, so clamping only moves ``y`` closer to it.
+    was finite in its dtype, so clamping only moves ``y`` closer to it. ``keep_inf``: a
+    value that is already +-Inf (carried verbatim, e.g. bf16 on the wire) stays Inf.
     """
     lim = FP16_MAX if out_dtype == torch.float16 else BF16_MAX
-    return y.clamp(-lim, lim).to(out_dtype)
+    c = y.clamp(-lim, lim)
+    if keep_inf:
+        c = torch.where(torch.isinf(y), y, c)
+    return c.to(out_dtype)
 
 
 def _bf16_bytes(v: torch.Tensor) -> torch.Tensor:
@@ -189,7 +193,8 @@ class Codec:
 
 
 class BF16Codec(Codec):
-    """No compression: bf16 on the wire (round-to-nearest-even; NaN/Inf pass through)."""
+    """No compression: bf16 on the wire (round-to-nearest-even; NaN/Inf pass through
+    element by element; finite values saturate to an fp16 output's range)."""
 
     name = "bf16"
     bits_per_value = 16.0
@@ -203,7 +208,8 @@ class BF16Codec(Codec):
 
     def decode(self, buf, n, out_dtype=torch.float32):
         self._check_buf(buf, n)
-        return buf.contiguous().view(torch.bfloat16).to(out_dtype)
+        # fp16's 65504 rounds up to bf16 65536: saturate finite values, keep Inf/NaN.
+        return saturate(buf.contiguous().view(torch.bfloat16).float(), out_dtype, keep_inf=True)
 
     def error_bound(self, x):
         # RNE to bf16 (8 significant bits): half an ulp is at most 2^-8 |x| for normals,

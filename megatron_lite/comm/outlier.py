@@ -140,7 +140,7 @@ def load_calibration(path) -> Calibration:
         with safe_open(path, framework="pt") as f:
             meta = json.loads((f.metadata() or {})[_META_KEY])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise CalibrationError(f"{path} is not a megatron_lite calibration file "
                                f"({type(exc).__name__}: {exc})") from None
     if meta.get("format") != CALIB_FORMAT or int(meta.get("version", -1)) != CALIB_VERSION:
@@ -306,7 +306,8 @@ class OutlierCodec:
             normal = torch.where(codes == 0, torch.full_like(normal, math.nan), normal)
         outl = buf[nbody:].contiguous().view(torch.bfloat16).float()
         y = torch.cat([normal.reshape(t, self.nn), outl.view(t, self.kw)], 1)
-        return saturate(y.reshape(-1), out_dtype)
+        # Only bf16 outlier values can be Inf here (int4 codes decode to finite or NaN).
+        return saturate(y.reshape(-1), out_dtype, keep_inf=True)
 
     def chunk_error_bound(self, xc: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Per-element bound on |decode(encode(xc)) - xc| (fp32 output)."""
