@@ -335,7 +335,9 @@ class GroupCodec(Codec):
         else:
             (a,) = metas
             e = self._tiny_rescale(a)
-            step = (a * e) / self.qmax
+            # tensor / tensor: CUDA turns ``tensor / python_scalar`` into a multiply by the
+            # scalar's reciprocal (BinaryDivTrueKernel.cu), CPU divides; this is IEEE on both.
+            step = (a * e) / torch.full_like(a, float(self.qmax))
             y = (q * step.unsqueeze(-1)) * (1.0 / e).unsqueeze(-1)
             top = q.abs() == self.qmax
             y = torch.where(top, torch.sign(q) * a.unsqueeze(-1), y)
