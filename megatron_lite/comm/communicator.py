@@ -11,6 +11,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns);
+# torch 2.11 (the GPU image) only has the old one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class Communicator:
     """Abstract TP communicator for one rank of a group of ``world_size`` ranks."""
@@ -62,14 +66,14 @@ class DistCommunicator(Communicator):
         xt = x.movedim(dim, 0).contiguous()
         out = torch.empty((self.world_size * xt.shape[0],) + tuple(xt.shape[1:]),
                           dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, xt, group=self.process_group)
+        _all_gather_single(out, xt, group=self.process_group)
         return out.movedim(0, dim).contiguous()
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor) -> None:
         dist.all_to_all_single(output, input, group=self.process_group)
 
     def all_gather_into_tensor(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        dist.all_gather_into_tensor(output, input, group=self.process_group)
+        _all_gather_single(output, input, group=self.process_group)
 
     def barrier(self) -> None:
         if self.world_size > 1:
