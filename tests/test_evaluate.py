@@ -119,37 +119,40 @@ def test_batches_by_length_respects_budget_and_covers_all():
     for b in batches:
         assert max(len(seqs[i].ids) for i in b) * len(b) <= 18
     assert batches[0] == [1, 3]              # the two longest first, input order on ties
+    # The rows budget: spans of 8, 8, 7, 6, ... rows; at most 14 rows per batch.
+    batches = D.batches_by_length(seqs, max_batch_tokens=100, max_batch_rows=14)
+    for b in batches:
+        assert max(seqs[i].end - seqs[i].start for i in b) * len(b) <= 14 or len(b) == 1
+    assert sorted(i for b in batches for i in b) == list(range(7))
 
 
 # ---------------------------------------------------------------------------- metrics
-def test_score_span_and_compare_against_hand_computation():
+def test_score_targets_and_compare_rows_against_hand_computation():
     torch.manual_seed(0)
-    logits = torch.randn(6, 11)
-    ids = [3, 1, 4, 1, 5, 9]
-    sc = M.score_span(logits, ids, 2, 6)
-    lp = torch.log_softmax(logits, -1)
-    want = -sum(lp[t - 1, ids[t]].item() for t in range(2, 6))
-    assert sc.n == 4 and sc.nll == pytest.approx(want, rel=1e-6)
-    assert sc.greedy_ok == all(logits[t - 1].argmax().item() == ids[t] for t in range(2, 6))
-    # Greedy success when the targets are the arg-max.
-    ids_greedy = [0] + [logits[t].argmax().item() for t in range(5)]
-    assert M.score_span(logits, ids_greedy, 1, 6).greedy_ok
+    pred = torch.randn(5, 11)
+    tgt = [1, 4, 1, 5, 9]
+    sc = M.score_targets(pred, tgt)
+    lp = torch.log_softmax(pred, -1)
+    want = -sum(lp[i, t].item() for i, t in enumerate(tgt))
+    assert sc.n == 5 and sc.nll == pytest.approx(want, rel=1e-6)
+    assert sc.greedy_ok == all(pred[i].argmax().item() == t for i, t in enumerate(tgt))
+    assert M.score_targets(pred, pred.argmax(-1).tolist()).greedy_ok
+    assert not M.score_targets(pred, (pred.argmax(-1) + 1).tolist()).greedy_ok
     # KL against itself is 0 with full agreement; against a perturbation matches the formula.
-    ref = M.ref_log_probs(logits, 1, 6)
-    kl, agree = M.compare_span(logits, ref, 1, 6)
+    ref = M.ref_log_probs(pred)
+    kl, agree = M.compare_rows(pred, ref)
     assert kl == pytest.approx(0.0, abs=1e-6) and agree == 5
-    other = logits + 0.3 * torch.randn(6, 11)
-    kl2, agree2 = M.compare_span(other, ref, 1, 6)
-    lq = torch.log_softmax(other[:5], -1)
+    other = pred + 0.3 * torch.randn(5, 11)
+    kl2, agree2 = M.compare_rows(other, ref)
+    lq = torch.log_softmax(other, -1)
     want_kl = (ref.exp() * (ref - lq)).sum().item()
     assert kl2 == pytest.approx(want_kl, rel=1e-5) and kl2 > 0
-    assert agree2 == int((other[:5].argmax(-1) == logits[:5].argmax(-1)).sum())
+    assert agree2 == int((other.argmax(-1) == pred.argmax(-1)).sum())
 
 
 def test_kl_ignores_minus_inf_padding_logits():
     logits = torch.tensor([[0.0, 1.0, float("-inf")], [2.0, 0.0, float("-inf")]])
-    ref = M.ref_log_probs(logits, 1, 3)
-    kl, _ = M.compare_span(logits, ref, 1, 3)
+    kl, _ = M.compare_rows(logits, M.ref_log_probs(logits))
     assert kl == 0.0
 
 
@@ -178,8 +181,11 @@ def _toy_forward(vocab):
     table = torch.randn(vocab, vocab, generator=g) * 3
     noise = torch.randn(8, vocab, vocab, generator=g)
 
-    def forward(c, ids):
-        return table[ids] + 0.5 * c * noise[c][ids]
+    def forward(c, ids, rows=None):
+        out = table[ids] + 0.5 * c * noise[c][ids]
+        if rows is not None:
+            out = out[torch.arange(out.shape[0])[:, None], rows]
+        return out
     return forward
 
 
@@ -203,22 +209,21 @@ def test_run_study_reference_row_is_exact_and_noise_hurts(tok, tmp_path):
     assert 0 < r1["kl"] < r4["kl"] and r4["top1_agreement"] < 1.0
     assert ref["text_tokens"] == 110 // 11 * 11
     # The study's numbers equal a direct, unbatched computation.
-    nll = 0.0
-    for w in text.windows:
-        lg = fwd(0, torch.tensor([w.ids]))[0]
-        nll += M.score_span(lg, w.ids, w.start, w.end).nll
+    def pred(c, s):
+        return fwd(c, torch.tensor([s.ids]))[0, s.start - 1:s.end - 1]
+
+    nll = sum(M.score_targets(pred(0, w), w.ids[w.start:]).nll for w in text.windows)
     assert ref["ppl"] == pytest.approx(math.exp(nll / text.num_tokens), rel=1e-6)
-    klsum = 0.0
-    for w in text.windows:
-        ids = torch.tensor([w.ids])
-        klsum += M.compare_span(fwd(2, ids)[0], M.ref_log_probs(fwd(0, ids)[0], 1, len(w.ids)),
-                                1, len(w.ids))[0]
+    klsum = sum(M.compare_rows(pred(2, w), M.ref_log_probs(pred(0, w)))[0]
+                for w in text.windows)
     assert r4["kl"] == pytest.approx(klsum / text.num_tokens, rel=1e-5)
     mc_ll = []
     for it in mc.items:
-        ll = [-M.score_span(fwd(0, torch.tensor([s.ids]))[0], s.ids, s.start, s.end).nll
-              for s in it.choices]
+        ll = [-M.score_targets(pred(0, s), s.ids[s.start:s.end]).nll for s in it.choices]
         mc_ll.append(M.mc_predictions(ll, it.num_chars))
+    cl_ok = [M.score_targets(pred(1, it.seq), it.seq.ids[it.seq.start:]).greedy_ok
+             for it in cl.items]
+    assert r1["tasks"]["cl"]["accuracy"] == sum(cl_ok) / 2
     want = sum(float(norm == it.label) for (_, norm), it in zip(mc_ll, mc.items)) / 2
     assert ref["tasks"]["mc"]["accuracy"] == want
 

@@ -232,19 +232,29 @@ def _mc_item(tokenizer, obj: dict) -> MCItem:
                   [len(k) for k in conts], label)
 
 
-def batches_by_length(seqs: Sequence[Sequence_], max_batch_tokens: int) -> List[List[int]]:
-    """Group sequence indices into batches of similar length (sorted, longest first) so
-    that ``batch_size * max_len <= max_batch_tokens``; padding is then at most one
-    length bucket. Deterministic: ties keep input order."""
+def batches_by_length(seqs: Sequence[Sequence_], max_batch_tokens: int,
+                      max_batch_rows: Optional[int] = None) -> List[List[int]]:
+    """Group sequence indices into batches of similar length (sorted, longest first).
+
+    A batch of B sequences is padded to its longest, L, and to its longest scored span, K;
+    it obeys ``B * L <= max_batch_tokens`` and, if given, ``B * K <= max_batch_rows`` (the
+    logits rows kept, which bound memory at a 262k vocabulary). A single sequence always
+    forms a batch. Deterministic: ties keep input order.
+    """
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
     out: List[List[int]] = []
     cur: List[int] = []
+    longest = rows = 0
     for i in order:
-        longest = len(seqs[cur[0]].ids) if cur else len(seqs[i].ids)
-        if cur and longest * (len(cur) + 1) > max_batch_tokens:
+        n, k = len(seqs[i].ids), seqs[i].end - seqs[i].start
+        new_len, new_rows = max(longest, n), max(rows, k)
+        too_big = new_len * (len(cur) + 1) > max_batch_tokens or (
+            max_batch_rows is not None and new_rows * (len(cur) + 1) > max_batch_rows)
+        if cur and too_big:
             out.append(cur)
-            cur = []
+            cur, new_len, new_rows = [], n, k
         cur.append(i)
+        longest, rows = new_len, new_rows
     if cur:
         out.append(cur)
     return out

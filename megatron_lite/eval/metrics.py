@@ -33,6 +33,8 @@ import torch
 
 
 # -------------------------------------------------------------- per-sequence scoring
+# ``pred`` below is always the [n, V] block of logits that predicts the n scored targets
+# (rows ``start-1 .. end-2`` of a sequence's logits; see data.py for the convention).
 @dataclass
 class SeqScore:
     """Per-sequence sufficient statistics of one scored span."""
@@ -41,34 +43,32 @@ class SeqScore:
     greedy_ok: bool               # every target token is the arg-max prediction
 
 
-def score_span(logits: torch.Tensor, ids: Sequence[int], start: int, end: int) -> SeqScore:
-    """Score targets ``ids[start:end]`` with ``logits[start-1:end-1]`` ([T, V], fp32)."""
-    pred = logits[start - 1:end - 1].float()
-    tgt = torch.as_tensor(ids[start:end], dtype=torch.long, device=pred.device)
+def score_targets(pred: torch.Tensor, targets: Sequence[int]) -> SeqScore:
+    """NLL sum and greedy success of ``targets`` under ``pred`` ([n, V])."""
+    pred = pred.float()
+    tgt = torch.as_tensor(list(targets), dtype=torch.long, device=pred.device)
     logp = torch.log_softmax(pred, dim=-1)
     nll = -logp.gather(-1, tgt[:, None]).sum().item()
     greedy_ok = bool((pred.argmax(-1) == tgt).all().item())
-    return SeqScore(nll, end - start, greedy_ok)
+    return SeqScore(nll, len(tgt), greedy_ok)
 
 
-def compare_span(logits: torch.Tensor, ref_logp: torch.Tensor, start: int, end: int):
-    """KL(p_ref || p) summed over the span and the number of arg-max agreements.
+def ref_log_probs(pred: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` of the reference's logits; computed once per batch, reused by every
+    codec of the study."""
+    return torch.log_softmax(pred.float(), dim=-1)
 
-    ``ref_logp`` is the reference's ``log_softmax`` over the same span ([n, V]); computed
-    once per batch by the caller so every codec reuses it.
-    """
-    logp = torch.log_softmax(logits[start - 1:end - 1].float(), dim=-1)
-    # sum_v p_ref (log p_ref - log p); xlogy-style guard: p_ref == 0 contributes 0
-    # (exp(-inf) = 0 times -inf would be NaN), which only happens at -inf logits (padding).
+
+def compare_rows(pred: torch.Tensor, ref_logp: torch.Tensor):
+    """(sum over rows of KL(p_ref || p), number of rows whose arg-max agrees)."""
+    logp = torch.log_softmax(pred.float(), dim=-1)
+    # sum_v p_ref (log p_ref - log p); p_ref == 0 contributes 0 (exp(-inf) * -inf would be
+    # NaN), which only happens at -inf logits (vocab padding).
     p_ref = ref_logp.exp()
     diff = torch.where(p_ref > 0, ref_logp - logp, torch.zeros_like(logp))
     kl = (p_ref * diff).sum().item()
     agree = int((logp.argmax(-1) == ref_logp.argmax(-1)).sum().item())
     return kl, agree
-
-
-def ref_log_probs(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    return torch.log_softmax(logits[start - 1:end - 1].float(), dim=-1)
 
 
 # ---------------------------------------------------------------------- aggregation

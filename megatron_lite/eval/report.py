@@ -21,7 +21,7 @@ ROW_KEYS = ("codec", "bits_per_value", "ppl", "delta_ppl_pct", "kl", "top1_agree
 TOP_KEYS = ("model", "tp", "simulated", "rows")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
@@ -67,7 +67,7 @@ def validate_json_doc(doc: dict) -> None:
 
 def write_json(path: str, doc: dict) -> None:
     validate_json_doc(doc)
-    _atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- markdown
