@@ -58,7 +58,8 @@ def _input(case_id, rank, world, spec, dtype, shape, special):
 def _calibration(world, path):
     amp = torch.ones(H)
     amp[HOT] = 20.0
-    st = {"rs_min": -3.5 * amp.expand(world, H).clone(), "rs_max": 3.5 * amp.expand(world, H).clone(),
+    rs = 3.5 * amp.expand(world, H).clone()
+    st = {"rs_min": -rs, "rs_max": rs,
           "ag_min": -3.5 * math.sqrt(world) * amp, "ag_max": 3.5 * math.sqrt(world) * amp}
     cal = build_calibration({SITE: st}, k=3, tp=world, model="toy", fingerprint="toy")
     cal.save(path)

@@ -282,16 +282,18 @@ class GroupCodec(Codec):
         xz, finite, meta = self._params(xg)
         if self.kind == "asym":
             s, m = meta
-            r2 = torch.where(s > 0, 2.0 / torch.where(s > 0, s, torch.ones_like(s)),
-                             torch.zeros_like(s))
+            # tensor / tensor everywhere: ``scalar / tensor`` is reciprocal-then-multiply in
+            # torch (Tensor.__rtruediv__), which is not the correctly rounded quotient.
+            safe_s = torch.where(s > 0, s, torch.ones_like(s))
+            r2 = torch.where(s > 0, torch.full_like(s, 2.0) / safe_s, torch.zeros_like(s))
             u = (0.5 * xz - (0.5 * m).unsqueeze(-1)) * r2.unsqueeze(-1)
             q = torch.round(u).clamp(0, self.qmax)
         else:
             (a,) = meta
             e = self._tiny_rescale(a)
             ae = a * e
-            r = torch.where(a > 0, self.qmax / torch.where(a > 0, ae, torch.ones_like(ae)),
-                            torch.zeros_like(ae))
+            r = torch.where(a > 0, torch.full_like(ae, float(self.qmax))
+                            / torch.where(a > 0, ae, torch.ones_like(ae)), torch.zeros_like(ae))
             v = (xz * e.unsqueeze(-1)) * r.unsqueeze(-1)
             if self.kind == "sym":
                 q = torch.round(v).clamp(-self.qmax, self.qmax)

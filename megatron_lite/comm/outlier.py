@@ -235,8 +235,9 @@ class OutlierCodec:
                                for j in range(self.tp)])
         # Static steps per chunk in the chunk's channel order (normal channels only).
         pc = self.perm.view(self.tp, self.hw)[:, : self.nn]
-        self.rs_step = torch.stack([sc.rs_scale[r][pc] for r in range(self.tp)])  # [W(src), W(chunk), nn]
-        self.ag_step = sc.ag_scale[pc]                                             # [W(chunk), nn]
+        # rs_step[src, chunk, i], ag_step[chunk, i]
+        self.rs_step = torch.stack([sc.rs_scale[r][pc] for r in range(self.tp)])
+        self.ag_step = sc.ag_scale[pc]
         self.dyn = None if cs.group_size is None else GroupCodec("int4-sym", 4, "sym",
                                                                  cs.group_size)
         self.pad_to = 32 if self.dyn is None else cs.group_size
@@ -283,7 +284,8 @@ class OutlierCodec:
             body = self.dyn.encode(flat)
         else:
             step = step.to(x.device)
-            rinv = torch.where(step > 0, 1.0 / torch.where(step > 0, step, torch.ones_like(step)),
+            rinv = torch.where(step > 0, torch.ones_like(step)
+                               / torch.where(step > 0, step, torch.ones_like(step)),
                                torch.zeros_like(step))
             q = torch.round(normal * rinv).clamp(-7, 7) + 8
             q = torch.where(normal.abs() <= BF16_MAX, q, torch.zeros_like(q))  # 0 = NaN mark
