@@ -1,0 +1,258 @@
+"""Fused intra-node all-reduce kernels over a symmetric workspace (``workspace.py``).
+
+one-shot (small messages, bf16/fp16/fp32 as given)
+    One launch, one barrier. Block b stores its tile of the input into slot [parity][me] of
+    every rank, release-signals flag [parity][me][b] on every rank, acquires the W flags
+    [parity][*][b] of its own rank, and sums the W slots in fp32 in rank order 0..W-1.
+    The parity (epoch & 1) double-buffers the slots: a fast rank can start call k+1 while
+    a slow one still reads call k, but it cannot start call k+2 before the slow rank has
+    written its call-k+1 data, which it does only after finishing call k.
+
+two-shot quantized (every group codec, and bf16 pass-through) -- see ``two_shot``.
+
+Both kernels read only on-device epochs, take no host syncs, and can be captured in a
+CUDA graph; every rank decodes the same bytes in the same order, so ranks agree bitwise.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from . import quant, sync
+    from .workspace import MAX_BLOCKS, SymmWorkspace
+except ImportError:  # pragma: no cover - loaded as a top-level module
+    import quant  # type: ignore
+    import sync  # type: ignore
+    from workspace import MAX_BLOCKS, SymmWorkspace  # type: ignore
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# ~minutes of polling on a GPU; far fewer polls under the (slow) interpreter.
+SPIN_LIMIT = (1 << 16) if INTERPRET else (1 << 28)
+
+_TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+@triton.jit
+def _one_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
+                     d0, d1, d2, d3, d4, d5, d6, d7,
+                     N, rank, flag_off, data_off, slot_bytes,
+                     W: tl.constexpr, MAXB: tl.constexpr, BLOCK: tl.constexpr,
+                     SPIN: tl.constexpr):
+    b = tl.program_id(0)
+    epoch = tl.load(cnt_ptr + b) + 1
+    par = epoch & 1
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)   # moved as raw bits: no rounding
+    elt = x_ptr.dtype.element_ty
+    my_slot = data_off + (par * W + rank) * slot_bytes
+    for j in tl.static_range(W):
+        dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7) + my_slot)
+        tl.store(dst.to(tl.pointer_type(elt), bitcast=True) + offs, x, mask=mask)
+    tl.debug_barrier()
+    my_flag = flag_off + ((par * W + rank) * MAXB + b) * 4
+    for j in tl.static_range(W):
+        sync.signal(sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7) + my_flag, epoch)
+    for src in tl.static_range(W):
+        sync.wait(ws_ptr + flag_off + ((par * W + src) * MAXB + b) * 4, epoch, status_ptr, SPIN)
+    tl.debug_barrier()
+    # Fixed summation order 0..W-1 in fp32: every rank computes the same bits.
+    base = ws_ptr + data_off + (par * W) * slot_bytes
+    acc = quant.load_f32(base.to(tl.pointer_type(elt), bitcast=True), offs, mask)
+    for src in tl.static_range(1, W):
+        p = (base + src * slot_bytes).to(tl.pointer_type(elt), bitcast=True)
+        acc += quant.load_f32(p, offs, mask)
+    tl.store(out_ptr + offs, quant.cast_out(acc, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(cnt_ptr + b, epoch)
+
+
+def one_shot_block(n: int, device: torch.device) -> int:
+    """Elements per block: enough blocks to spread the copy over the SMs, at most
+    MAX_BLOCKS and at least 512 elements (1 KB bf16) per block."""
+    sms = _num_sms(device)
+    block = 512
+    while block < 8192 and triton.cdiv(n, block) > sms:
+        block *= 2
+    return block
+
+
+def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
+    """Sum ``x`` over the workspace's ranks with the one-shot kernel (one launch)."""
+    x = x.contiguous()
+    n = x.numel()
+    nbytes = n * x.element_size()
+    if nbytes > ws.layout.oneshot_max_bytes:
+        raise ValueError(f"one-shot all-reduce takes at most {ws.layout.oneshot_max_bytes} bytes, "
+                         f"got {nbytes}")
+    if out is None:
+        out = torch.empty_like(x)
+    block = one_shot_block(n, x.device)
+    grid = triton.cdiv(n, block)
+    if grid > MAX_BLOCKS:
+        raise ValueError(f"one-shot grid {grid} exceeds {MAX_BLOCKS} blocks")
+    lay = ws.layout
+    _one_shot_kernel[(grid,)](
+        x, out, ws.buffer, ws.counters[0], ws.status, *ws.deltas,
+        n, ws.rank, lay.flag_off, lay.oneshot_off, lay.oneshot_slot,
+        W=ws.world, MAXB=MAX_BLOCKS, BLOCK=block, SPIN=SPIN_LIMIT, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------- two-shot
+@triton.jit
+def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
+                     d0, d1, d2, d3, d4, d5, d6, d7,
+                     N, rank, chunk, tiles, flag_off, recv_off, gather_off, slot,
+                     W: tl.constexpr, MAXB: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+                     RKIND: tl.constexpr, RBITS: tl.constexpr, RQMAX: tl.constexpr,
+                     RC2: tl.constexpr, AKIND: tl.constexpr, ABITS: tl.constexpr,
+                     AQMAX: tl.constexpr, AC2: tl.constexpr, R_PAY: tl.constexpr,
+                     R_TB: tl.constexpr, A_PAY: tl.constexpr, A_TB: tl.constexpr,
+                     OUT_LIM: tl.constexpr, SPIN: tl.constexpr):
+    """Quantized two-shot all-reduce in one launch (see ``two_shot_all_reduce``)."""
+    # Per-tile layout of each stage's codec (byte counts from the host):
+    # [payload R_PAY B][meta0 NG x bf16][meta1 NG x bf16], R_TB bytes in all.
+    TILE: tl.constexpr = NG * G
+    R_P1: tl.constexpr = TILE // 4     # int3: the bit-2 plane follows the low-2-bit plane
+    A_P1: tl.constexpr = TILE // 4
+
+    b = tl.program_id(0)
+    nb = tl.num_programs(0)
+    epoch = tl.load(cnt_ptr + b) + 1
+    gi = tl.arange(0, NG)
+    gall = gi < NG
+    lane = gi[:, None] * G + tl.arange(0, G)[None, :]
+    my_slot = rank * slot
+
+    # 1. quantize chunk j's tiles of this block and store them in rank j's recv[me]
+    for t in range(b, tiles, nb):
+        for j in tl.static_range(W):
+            offs = j * chunk + t * TILE + lane
+            x = quant.load_f32(x_ptr, offs, offs < N)
+            dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
+                   + recv_off + my_slot + t * R_TB)
+            m0 = (dst + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
+            quant.encode_tile(x, dst, R_P1, m0, m0 + NG, gall, NG, G,
+                              RKIND, RBITS, RQMAX, RC2)
+    tl.debug_barrier()
+    for j in tl.static_range(W):
+        sync.signal(sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
+                    + flag_off + ((2 * W + rank) * MAXB + b) * 4, epoch)
+    for src in tl.static_range(W):
+        sync.wait(ws_ptr + flag_off + ((2 * W + src) * MAXB + b) * 4, epoch, status_ptr, SPIN)
+    tl.debug_barrier()
+
+    # 2. reduce my chunk: decode every rank's copy, sum in rank order, requantize, and
+    #    store the result in every rank's gather[me] (mine included: all decode it)
+    for t in range(b, tiles, nb):
+        src0 = ws_ptr + recv_off + t * R_TB
+        m0 = (src0 + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
+        acc = quant.decode_tile(src0, R_P1, m0, m0 + NG, gall, 3.3895313892515355e38,
+                                NG, G, RKIND, RBITS, RQMAX)
+        for s in tl.static_range(1, W):
+            p = src0 + s * slot
+            m0 = (p + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
+            acc += quant.decode_tile(p, R_P1, m0, m0 + NG, gall, 3.3895313892515355e38,
+                                     NG, G, RKIND, RBITS, RQMAX)
+        for j in tl.static_range(W):
+            dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
+                   + gather_off + my_slot + t * A_TB)
+            m0 = (dst + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
+            quant.encode_tile(acc, dst, A_P1, m0, m0 + NG, gall, NG, G,
+                              AKIND, ABITS, AQMAX, AC2)
+    tl.debug_barrier()
+    for j in tl.static_range(W):
+        sync.signal(sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
+                    + flag_off + ((3 * W + rank) * MAXB + b) * 4, epoch)
+    for src in tl.static_range(W):
+        sync.wait(ws_ptr + flag_off + ((3 * W + src) * MAXB + b) * 4, epoch, status_ptr, SPIN)
+    tl.debug_barrier()
+
+    # 3. decode every owner's reduced tiles into the output
+    for t in range(b, tiles, nb):
+        for o in tl.static_range(W):
+            p = ws_ptr + gather_off + o * slot + t * A_TB
+            m0 = (p + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
+            y = quant.decode_tile(p, A_P1, m0, m0 + NG, gall, OUT_LIM, NG, G,
+                                  AKIND, ABITS, AQMAX)
+            offs = o * chunk + t * TILE + lane
+            tl.store(out_ptr + offs, quant.cast_out(y, out_ptr.dtype.element_ty), mask=offs < N)
+    tl.store(cnt_ptr + b, epoch)
+
+
+TWO_SHOT_TILES = (4096, 2048, 1024, 512)
+
+
+def two_shot_plan(n: int, world: int, group: int, device: torch.device):
+    """(tile, chunk, tiles, grid): the largest tile that still gives every SM a tile."""
+    sms = min(_num_sms(device), MAX_BLOCKS)
+    per_rank = -(-n // world)
+    tile = TWO_SHOT_TILES[-1]
+    for cand in TWO_SHOT_TILES:
+        if cand >= group and -(-per_rank // cand) >= sms:
+            tile = cand
+            break
+    tile = max(tile, group)
+    chunk = -(-per_rank // tile) * tile
+    tiles = chunk // tile
+    return tile, chunk, tiles, min(tiles, sms)
+
+
+def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Tensor = None
+                        ) -> torch.Tensor:
+    """Quantized sum over the workspace's ranks in ONE kernel launch.
+
+    Block b of every rank owns tiles b, b+grid, ... of every chunk (chunk j = values
+    ``[j*chunk, (j+1)*chunk)``, reduced by rank j):
+
+    1. quantize the tiles of each chunk j with ``codec.rs`` and store them into rank j's
+       ``recv[me]``; barrier, release flag (2, me, b) on every rank; acquire the W flags
+       (2, *, b) of its own rank;
+    2. decode ``recv[0..W-1]`` of its tiles, sum in fp32 in rank order, requantize with
+       ``codec.ag`` and store into every rank's ``gather[me]``; flags (3, *, b) likewise;
+    3. decode ``gather[0..W-1]`` into the output.
+
+    Flags are per block, so no grid-wide barrier is needed: block b only ever waits for
+    the blocks b of the other ranks. Group boundaries fall on the same global indices as
+    in ``comm.allreduce.two_step_all_reduce`` (chunks are padded to whole tiles instead of
+    whole groups, with zeros), so the result equals it bit for bit.
+    """
+    rs, ag = quant.kcodec(codec.rs), quant.kcodec(codec.ag)
+    groups = {k.group for k in (rs, ag) if k.kind != quant.KIND_BF16}
+    if len(groups) > 1:
+        raise ValueError(f"{codec.spec}: the two stages use different group sizes {groups}")
+    group = groups.pop() if groups else 128
+    x = x.contiguous()
+    n = x.numel()
+    if out is None:
+        out = torch.empty_like(x)
+    if n == 0:
+        return out
+    tile, chunk, tiles, grid = two_shot_plan(n, ws.world, group, x.device)
+    need = tiles * max(rs.nbytes(tile), ag.nbytes(tile))
+    if need > ws.layout.slot:
+        raise ValueError(f"message of {n} values needs {need} B per rank slot, workspace has "
+                         f"{ws.layout.slot} B")
+    lay = ws.layout
+    lim = quant.FP16_MAX if x.dtype == torch.float16 else quant.BF16_MAX
+    opts = {} if INTERPRET else {"enable_fp_fusion": False}
+    _two_shot_kernel[(grid,)](
+        x, out, ws.buffer, ws.counters[1], ws.status, *ws.deltas,
+        n, ws.rank, chunk, tiles, lay.flag_off, lay.recv_off, lay.gather_off, lay.slot,
+        W=ws.world, MAXB=MAX_BLOCKS, NG=tile // group, G=group,
+        **rs.constexprs("R"), **ag.constexprs("A"),
+        R_PAY=rs.nbytes(tile) - 2 * rs.n_meta * (tile // group), R_TB=rs.nbytes(tile),
+        A_PAY=ag.nbytes(tile) - 2 * ag.n_meta * (tile // group), A_TB=ag.nbytes(tile),
+        OUT_LIM=lim, SPIN=SPIN_LIMIT,
+        num_warps=8 if tile >= 4096 else 4, **opts)
+    return out

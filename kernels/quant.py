@@ -1,0 +1,421 @@
+"""Triton quantize / dequantize(+sum) kernels for the codecs of ``megatron_lite.comm.codecs``.
+
+The arithmetic is a line-by-line copy of the reference (see that module's docstring), so
+integer codes and bf16 metadata match it bit for bit and decoded values match exactly:
+
+* every division is ``div_rn`` (Triton's plain ``/`` on fp32 is the approximate
+  ``div.full.f32``), and kernels launch with ``enable_fp_fusion=False`` so that no
+  ``a*b + c`` is contracted into an FMA with a single rounding;
+* ``rint`` is the 1.5 * 2^23 trick (exact round-half-to-even for |v| < 2^22; every value
+  rounded here is bounded by qmax), which also runs under ``TRITON_INTERPRET=1``
+  (libdevice does not);
+* bf16 and e4m3 conversions are done with integer ops, because the interpreter's float
+  downcasts truncate; on the GPU they give the same bits as the hardware conversions.
+
+The helpers work on a tile ``[NG, G]`` of NG whole groups. A tile of a chunk in the
+reference layout is itself a chunk in that layout, so the fused all-reduce stores every
+tile as ``[payload][meta0][meta1]`` and reuses them unchanged.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+KIND_BF16, KIND_ASYM, KIND_SYM, KIND_FP8 = 0, 1, 2, 3
+BF16_MAX = 3.3895313892515355e38
+FP16_MAX = 65504.0
+_RND = 12582912.0  # 1.5 * 2^23
+
+
+@dataclass(frozen=True)
+class KCodec:
+    """Compile-time description of one wire codec (``codecs.BF16Codec`` or ``GroupCodec``)."""
+
+    kind: int
+    bits: int
+    group: int
+    qmax: int
+    c2: float      # fl32(2 / qmax), the asymmetric step factor
+    n_meta: int
+
+    def nbytes(self, n: int) -> int:
+        """Encoded bytes of a chunk of ``n`` values (same as the reference's)."""
+        if self.kind == KIND_BF16:
+            return 2 * n
+        return n * self.bits // 8 + 2 * self.n_meta * (n // self.group)
+
+    def constexprs(self, prefix: str = "") -> dict:
+        return {prefix + "KIND": self.kind, prefix + "BITS": self.bits,
+                prefix + "QMAX": self.qmax, prefix + "C2": self.c2}
+
+
+def kcodec(codec) -> KCodec:
+    """KCodec for a reference codec object; raises ValueError for codecs without kernels."""
+    from megatron_lite.comm.codecs import BF16Codec, GroupCodec
+    if isinstance(codec, BF16Codec):
+        return KCodec(KIND_BF16, 16, 1, 0, 0.0, 0)
+    if isinstance(codec, GroupCodec):
+        kind = {"asym": KIND_ASYM, "sym": KIND_SYM, "fp8": KIND_FP8}[codec.kind]
+        c2 = float(torch.tensor(2.0 / codec.qmax, dtype=torch.float32)) if kind == KIND_ASYM else 0.0
+        return KCodec(kind, codec.bits, codec.group_size, codec.qmax, c2, codec.n_meta)
+    raise ValueError(f"no Triton kernel for codec {getattr(codec, 'spec', codec)!r}")
+
+
+# ----------------------------------------------------------------------------- bit helpers
+@triton.jit
+def rint(v):
+    """Round half to even, exact for |v| < 2^22 (needs fp fusion off: no FMA with v)."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def bf16_bits(v):
+    """fp32 -> bf16 bit pattern (uint32 in [0, 65535]), RNE; NaN -> 0x7FC0 as in c10."""
+    u = v.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return tl.where(v != v, 0x7FC0, r)
+
+
+@triton.jit
+def bits_to_f32(b):
+    """bf16 bit pattern (any int type holding 16 bits) -> fp32 (exact)."""
+    return (b.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def load_f32(ptr, offs, mask):
+    """Load as fp32. bf16 goes through its bits (exact, and the interpreter's own bf16
+    upcast mishandles some values)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        b = tl.load(ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + offs, mask=mask, other=0,
+                    cache_modifier=".cg")
+        r = bits_to_f32(b)
+    else:
+        r = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return r
+
+
+@triton.jit
+def round_up_bf16(v):
+    """fp32 v >= 0 toward +inf onto the bf16 grid (as the reference's round_up_bf16)."""
+    b = v.to(tl.int32, bitcast=True)
+    return ((b + 0xFFFF) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_down_bf16(v):
+    b = v.to(tl.int32, bitcast=True)
+    r = tl.where(b < 0, (b + 0xFFFF) & -65536, b & -65536)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_encode(v):
+    """fp32 |v| <= 448 -> e4m3fn code (int32), round to nearest even, sign kept."""
+    u = v.to(tl.uint32, bitcast=True)
+    s = (u >> 31).to(tl.int32)
+    a = tl.abs(v)
+    # subnormal range (a < 2^-6): units of 2^-9; m == 8 is exactly the smallest normal
+    sub = rint(a * 512.0).to(tl.int32)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127           # floor(log2 a)
+    e = tl.maximum(e, -6)
+    scale = ((130 - e) << 23).to(tl.float32, bitcast=True)            # 2^(3 - e)
+    mant = rint(a * scale).to(tl.int32)                                # in [8, 16]
+    nrm = ((e + 7) << 3) + mant - 8
+    code = tl.where(a < 0.015625, sub, nrm)
+    return code | (s << 7)
+
+
+@triton.jit
+def e4m3_decode(c):
+    """e4m3fn code (int32, no NaN codes: the encoder never makes one) -> fp32."""
+    s = tl.where((c & 0x80) != 0, -1.0, 1.0)
+    ex = (c >> 3) & 0xF
+    m = (c & 7).to(tl.float32)
+    p2 = ((ex + 117) << 23).to(tl.float32, bitcast=True)              # 2^(ex - 10)
+    val = tl.where(ex == 0, m * 0.001953125, (m + 8.0) * p2)
+    return s * val
+
+
+@triton.jit
+def pack(c, NG: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
+    """codes [NG, G] (int32 in [0, 2^BITS)) -> bytes [NG, G*BITS//8], LSB first."""
+    if BITS == 8:
+        r = c.to(tl.uint8)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        c3 = tl.reshape(c, (NG, G // PER, PER))
+        sh = (tl.arange(0, PER) * BITS)[None, None, :]
+        r = tl.sum(c3 << sh, axis=2).to(tl.uint8)
+    return r
+
+
+@triton.jit
+def unpack(b, NG: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
+    """bytes [NG, G*BITS//8] -> codes [NG, G] int32."""
+    if BITS == 8:
+        r = b.to(tl.int32)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        sh = (tl.arange(0, PER) * BITS)[None, None, :]
+        c3 = (b.to(tl.int32)[:, :, None] >> sh) & ((1 << BITS) - 1)
+        r = tl.reshape(c3, (NG, G))
+    return r
+
+
+# ----------------------------------------------------------------------------- tiles
+@triton.jit
+def encode_tile(x, pay_ptr, p1_off, m0_ptr, m1_ptr, gmask, NG: tl.constexpr, G: tl.constexpr,
+                KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, C2: tl.constexpr):
+    """Quantize x [NG, G] (fp32) and store it in the codec's chunk layout.
+
+    pay_ptr: uint8 payload of this tile (int3: its low-2-bit plane; the bit-2 plane of the
+    tile starts ``p1_off`` bytes further); m0_ptr/m1_ptr: uint16 meta arrays at this
+    tile's first group; gmask [NG]: the groups that exist."""
+    gi = tl.arange(0, NG)
+    if KIND == 0:
+        off = gi[:, None] * G + tl.arange(0, G)[None, :]
+        tl.store(pay_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + off,
+                 bf16_bits(x).to(tl.uint16), mask=gmask[:, None])
+    else:
+        ok = tl.abs(x) <= 3.3895313892515355e38                       # False for NaN/Inf
+        finite = tl.min(ok.to(tl.int32), axis=1) == 1
+        xz = tl.where(finite[:, None], x, 0.0)
+        if KIND == 1:
+            hi = tl.max(xz, axis=1)
+            m = round_down_bf16(tl.min(xz, axis=1))
+            d = (0.5 * hi - 0.5 * m) * C2
+            s = round_up_bf16(tl.maximum(d, 1.1754943508222875e-38))
+            s = tl.where(hi > m, s, 0.0)
+            r2 = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 2.0, tl.float32),
+                                                tl.where(s > 0, s, 1.0)), 0.0)
+            u = (0.5 * xz - (0.5 * m)[:, None]) * r2[:, None]
+            q = tl.minimum(tl.maximum(rint(u), 0.0), QMAX)
+            codes = tl.where(finite[:, None], q, 0.0).to(tl.int32)
+            meta0 = s
+            meta1 = tl.where(finite, m, 0.0)
+        else:
+            a = round_up_bf16(tl.max(tl.abs(xz), axis=1))
+            tiny = a < 5.421010862427522e-20                               # 2^-64
+            e = tl.where(tiny, 1.8446744073709552e19, 1.0)
+            ae = a * e
+            # The reference writes ``qmax / ae``; torch evaluates a Python scalar divided by
+            # a tensor as ``ae.reciprocal() * qmax`` (two roundings), on CPU and CUDA alike.
+            r = tl.where(a > 0, tl.math.div_rn(tl.full(a.shape, 1.0, tl.float32),
+                                               tl.where(a > 0, ae, 1.0)) * QMAX, 0.0)
+            v = (xz * e[:, None]) * r[:, None]
+            if KIND == 2:
+                q = tl.minimum(tl.maximum(rint(v), -QMAX), QMAX)
+                q = tl.where(finite[:, None], q, 0.0).to(tl.int32)
+                if BITS == 8:
+                    codes = q & 0xFF
+                else:
+                    codes = q + (1 << (BITS - 1))
+            else:
+                v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+                codes = tl.where(finite[:, None], e4m3_encode(v), 0)
+            meta0 = a
+            meta1 = a
+        meta0 = tl.where(finite, meta0, float("nan"))
+        if BITS == 3:
+            # two bit planes over the tile: [low 2 bits as int2 | bit 2 as 1-bit]
+            off2 = gi[:, None] * (G // 4) + tl.arange(0, G // 4)[None, :]
+            tl.store(pay_ptr + off2, pack(codes & 3, NG, G, 2), mask=gmask[:, None])
+            off1 = p1_off + gi[:, None] * (G // 8) + tl.arange(0, G // 8)[None, :]
+            tl.store(pay_ptr + off1, pack((codes >> 2) & 1, NG, G, 1), mask=gmask[:, None])
+        else:
+            PB: tl.constexpr = G * BITS // 8
+            offp = gi[:, None] * PB + tl.arange(0, PB)[None, :]
+            tl.store(pay_ptr + offp, pack(codes, NG, G, BITS), mask=gmask[:, None])
+        tl.store(m0_ptr + gi, bf16_bits(meta0).to(tl.uint16), mask=gmask)
+        if KIND == 1:
+            tl.store(m1_ptr + gi, bf16_bits(meta1).to(tl.uint16), mask=gmask)
+
+
+@triton.jit
+def decode_tile(pay_ptr, p1_off, m0_ptr, m1_ptr, gmask, LIM: tl.constexpr, NG: tl.constexpr,
+                G: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr):
+    """Load and decode a tile stored by ``encode_tile``: fp32 [NG, G], clamped to +-LIM
+    (NaN passes) like the reference's ``saturate``; the bf16 codec is not clamped."""
+    gi = tl.arange(0, NG)
+    if KIND == 0:
+        off = gi[:, None] * G + tl.arange(0, G)[None, :]
+        b = tl.load(pay_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + off,
+                    mask=gmask[:, None], other=0, cache_modifier=".cg")
+        y = bits_to_f32(b)
+    else:
+        if BITS == 3:
+            off2 = gi[:, None] * (G // 4) + tl.arange(0, G // 4)[None, :]
+            off1 = p1_off + gi[:, None] * (G // 8) + tl.arange(0, G // 8)[None, :]
+            lo = tl.load(pay_ptr + off2, mask=gmask[:, None], other=0, cache_modifier=".cg")
+            hb = tl.load(pay_ptr + off1, mask=gmask[:, None], other=0, cache_modifier=".cg")
+            codes = unpack(lo, NG, G, 2) | (unpack(hb, NG, G, 1) << 2)
+        else:
+            PB: tl.constexpr = G * BITS // 8
+            offp = gi[:, None] * PB + tl.arange(0, PB)[None, :]
+            pb = tl.load(pay_ptr + offp, mask=gmask[:, None], other=0, cache_modifier=".cg")
+            codes = unpack(pb, NG, G, BITS)
+        meta0 = bits_to_f32(tl.load(m0_ptr + gi, mask=gmask, other=0, cache_modifier=".cg"))
+        if KIND == 1:
+            meta1 = bits_to_f32(tl.load(m1_ptr + gi, mask=gmask, other=0, cache_modifier=".cg"))
+            q = codes.to(tl.float32)
+            y = 2.0 * (q * (0.5 * meta0)[:, None] + (0.5 * meta1)[:, None])
+        else:
+            a = meta0
+            tiny = a < 5.421010862427522e-20
+            e = tl.where(tiny, 1.8446744073709552e19, 1.0)
+            inv_e = tl.where(tiny, 5.421010862427522e-20, 1.0)
+            if KIND == 2:
+                if BITS == 8:
+                    qi = codes.to(tl.int8).to(tl.int32)
+                else:
+                    qi = codes - (1 << (BITS - 1))
+                q = qi.to(tl.float32)
+                top = (qi == QMAX) | (qi == -QMAX)
+            else:
+                q = e4m3_decode(codes)
+                top = tl.abs(q) == 448.0
+            step = tl.math.div_rn(a * e, tl.full(a.shape, QMAX, tl.float32))
+            y = (q * step[:, None]) * inv_e[:, None]
+            y = tl.where(top, tl.where(q > 0, a[:, None], -a[:, None]), y)
+        y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -LIM), LIM))
+    return y
+
+
+@triton.jit
+def cast_out(y, dtype: tl.constexpr):
+    """fp32 -> output dtype, round to nearest even (integer path for bf16, see above)."""
+    if dtype == tl.bfloat16:
+        r = bf16_bits(y).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        r = y.to(dtype)
+    return r
+
+
+# ----------------------------------------------------------------------------- chunk kernels
+@triton.jit
+def _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND: tl.constexpr, BITS: tl.constexpr,
+               G: tl.constexpr):
+    """Pointers of the tile starting at value t0 of row ``row`` in the reference layout
+    (and, for int3, the distance from its plane-0 bytes to its plane-1 bytes)."""
+    base = buf_ptr + row.to(tl.int64) * nbytes_row
+    ngr = n // G
+    p1_off = 0
+    if KIND == 0:
+        pay = base + t0 * 2
+        m0 = base
+        m1 = base
+    else:
+        if BITS == 3:
+            pay = base + t0 // 4
+            p1_off = n // 4 - t0 // 8       # plane 1 of the chunk starts at n/4
+        else:
+            pay = base + (t0 * BITS) // 8
+        meta = base + (n * BITS) // 8
+        m0 = meta.to(tl.pointer_type(tl.uint16), bitcast=True) + t0 // G
+        m1 = meta.to(tl.pointer_type(tl.uint16), bitcast=True) + ngr + t0 // G
+    return pay, p1_off, m0, m1
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, buf_ptr, n, nbytes_row, NG: tl.constexpr, G: tl.constexpr,
+                     KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
+                     C2: tl.constexpr):
+    row = tl.program_id(0)
+    t0 = tl.program_id(1) * (NG * G)
+    gi = tl.arange(0, NG)
+    gmask = (t0 + gi * G) < n
+    offs = row.to(tl.int64) * n + t0 + gi[:, None] * G + tl.arange(0, G)[None, :]
+    x = load_f32(x_ptr, offs, gmask[:, None])
+    pay, p1, m0, m1 = _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND, BITS, G)
+    encode_tile(x, pay, p1, m0, m1, gmask, NG, G, KIND, BITS, QMAX, C2)
+
+
+@triton.jit
+def _dequantize_kernel(buf_ptr, out_ptr, n, nbytes_row, rows_per_out, LIM: tl.constexpr,
+                       NG: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr,
+                       BITS: tl.constexpr, QMAX: tl.constexpr, SUM: tl.constexpr):
+    """SUM=False: out[r] = decode(buf[r]). SUM=True: out[o] = sum over the
+    ``rows_per_out`` rows of group o, fp32, in row order (the all-reduce's fixed order)."""
+    o = tl.program_id(0)
+    t0 = tl.program_id(1) * (NG * G)
+    gi = tl.arange(0, NG)
+    gmask = (t0 + gi * G) < n
+    if SUM:
+        pay, p1, m0, m1 = _tile_ptrs(buf_ptr, o * rows_per_out, t0, n, nbytes_row, KIND, BITS, G)
+        acc = decode_tile(pay, p1, m0, m1, gmask, LIM, NG, G, KIND, BITS, QMAX)
+        for r in range(1, rows_per_out):
+            pay, p1, m0, m1 = _tile_ptrs(buf_ptr, o * rows_per_out + r, t0, n, nbytes_row,
+                                         KIND, BITS, G)
+            acc += decode_tile(pay, p1, m0, m1, gmask, LIM, NG, G, KIND, BITS, QMAX)
+    else:
+        pay, p1, m0, m1 = _tile_ptrs(buf_ptr, o, t0, n, nbytes_row, KIND, BITS, G)
+        acc = decode_tile(pay, p1, m0, m1, gmask, LIM, NG, G, KIND, BITS, QMAX)
+    offs = o.to(tl.int64) * n + t0 + gi[:, None] * G + tl.arange(0, G)[None, :]
+    tl.store(out_ptr + offs, cast_out(acc, out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+def _launch_opts() -> dict:
+    # No FMA contraction: the reference rounds every product and sum separately.
+    return {} if INTERPRET else {"enable_fp_fusion": False}
+
+
+def _tile_groups(kc: KCodec, n: int) -> int:
+    """Groups per program: 2048 values per tile, fewer for short rows."""
+    if kc.kind == KIND_BF16:
+        return min(2048, triton.next_power_of_2(max(n, 1)))
+    return max(1, min(2048 // kc.group, triton.next_power_of_2(max(n // kc.group, 1))))
+
+
+def quantize(codec, x: torch.Tensor) -> torch.Tensor:
+    """``codec.encode(x)`` on the GPU (or the interpreter): ``[..., n] -> [..., nbytes]``."""
+    kc = kcodec(codec)
+    n = x.shape[-1]
+    if kc.kind and n % kc.group:
+        raise ValueError(f"chunk length {n} is not a multiple of the group size {kc.group}")
+    x = x.contiguous()
+    rows = x.numel() // max(n, 1)
+    nb = kc.nbytes(n)
+    out = torch.empty(*x.shape[:-1], nb, dtype=torch.uint8, device=x.device)
+    if out.numel() == 0:
+        return out
+    g = kc.group if kc.kind else 1
+    ng = _tile_groups(kc, n)
+    grid = (rows, triton.cdiv(n, ng * g))
+    _quantize_kernel[grid](x, out, n, nb, NG=ng, G=g, **kc.constexprs(), **_launch_opts())
+    return out
+
+
+def dequantize(codec, buf: torch.Tensor, n: int, out_dtype=torch.float32,
+               sum_rows: bool = False) -> torch.Tensor:
+    """``codec.decode(buf, n, out_dtype)``; with ``sum_rows`` the leading dim is summed in
+    fp32 in order (rows 0, 1, ...): the all-reduce's reduction, one output row."""
+    kc = kcodec(codec)
+    nb = kc.nbytes(n)
+    if buf.dtype != torch.uint8 or buf.shape[-1] != nb:
+        raise ValueError(f"expected {nb} uint8 bytes per row for {n} values, got "
+                         f"{tuple(buf.shape)} {buf.dtype}")
+    buf = buf.contiguous()
+    if sum_rows:
+        if buf.dim() != 2 or buf.shape[0] < 1:
+            raise ValueError("sum_rows takes a [rows, nbytes] buffer with rows >= 1")
+        out = torch.empty(n, dtype=out_dtype, device=buf.device)
+        outs, per = 1, buf.shape[0]
+    else:
+        out = torch.empty(*buf.shape[:-1], n, dtype=out_dtype, device=buf.device)
+        outs, per = buf.numel() // nb, 1
+    if out.numel() == 0:
+        return out
+    lim = FP16_MAX if out_dtype == torch.float16 else BF16_MAX
+    g = kc.group if kc.kind else 1
+    ng = _tile_groups(kc, n)
+    grid = (outs, triton.cdiv(n, ng * g))
+    _dequantize_kernel[grid](buf, out, n, nb, per, LIM=lim, NG=ng, G=g, KIND=kc.kind,
+                             BITS=kc.bits, QMAX=kc.qmax, SUM=sum_rows, **_launch_opts())
+    return out

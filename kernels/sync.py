@@ -1,0 +1,63 @@
+"""Flag primitives shared by the fused all-reduce kernels.
+
+Memory-model recipe (PTX ISA, "Memory Consistency Model"): a block's ordinary stores to a
+peer become visible to that peer's loads when
+
+1. every thread of the block has issued its stores and the block meets at a barrier
+   (``tl.debug_barrier`` = ``bar.sync``), which makes them observed by the flag thread;
+2. one thread then writes the flag with a *release* atomic at *system* scope (cumulative:
+   it orders the stores that thread observed, i.e. the whole block's);
+3. the reader polls the flag with an *acquire* atomic at system scope, and the block meets
+   at a barrier before any thread loads the data.
+
+Triton executes an atomic on a scalar pointer once per program and broadcasts the result,
+so ``signal``/``wait`` below run on one thread and the barriers fan the order out.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def peer_base(ws_ptr, j: tl.constexpr, d0, d1, d2, d3, d4, d5, d6, d7):
+    """``ws_ptr`` shifted to rank j's buffer (j is static, so this is one add)."""
+    if j == 0:
+        p = ws_ptr + d0
+    elif j == 1:
+        p = ws_ptr + d1
+    elif j == 2:
+        p = ws_ptr + d2
+    elif j == 3:
+        p = ws_ptr + d3
+    elif j == 4:
+        p = ws_ptr + d4
+    elif j == 5:
+        p = ws_ptr + d5
+    elif j == 6:
+        p = ws_ptr + d6
+    else:
+        p = ws_ptr + d7
+    return p
+
+
+@triton.jit
+def signal(flag_byte_ptr, epoch):
+    """Release-store ``epoch`` into a (possibly remote) int32 flag, system scope."""
+    tl.atomic_xchg(flag_byte_ptr.to(tl.pointer_type(tl.int32), bitcast=True), epoch,
+                   sem="release", scope="sys")
+
+
+@triton.jit
+def wait(flag_byte_ptr, epoch, status_ptr, SPIN: tl.constexpr):
+    """Acquire-poll a local int32 flag until it equals ``epoch``.
+
+    Gives up after SPIN polls and raises the workspace's error word instead of hanging
+    (a peer that died or a call sequence that differs between ranks)."""
+    p = flag_byte_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    v = tl.atomic_add(p, 0, sem="acquire", scope="sys")
+    n = 0
+    while (v != epoch) & (n < SPIN):
+        v = tl.atomic_add(p, 0, sem="acquire", scope="sys")
+        n += 1
+    if v != epoch:
+        tl.atomic_xchg(status_ptr, 1)
+
