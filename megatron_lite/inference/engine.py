@@ -9,7 +9,9 @@ Batches: prompts are right-padded to the longest one and prefilled together; eac
 then decodes at its own position (a [B] device tensor). ``decode_step`` has static shapes
 and no host syncs, so it can be captured in a CUDA graph. The host looks at the generated
 tokens once per step only when it must (streaming or stop strings), otherwise every
-``sync_every`` steps, to detect EOS.
+``sync_every`` steps, to detect EOS. On CUDA, decode steps replay CUDA graphs, one per
+batch-size bucket (megatron_lite/inference/cuda_graphs.py); the KV cache then has the
+bucket's rows and a batch is padded to them.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from megatron_lite.comm.communicator import Communicator
+from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder, bucket_for
 from megatron_lite.inference.kv_cache import KVCache
 from megatron_lite.inference.sampling import sample, validate_sampling
 from megatron_lite.models.config import ModelConfig
@@ -117,7 +120,8 @@ class Engine:
     """A TP-sharded decoder plus tokenizer, static KV cache and sampler (docs/architecture.md)."""
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8,
-                 max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = ()):
+                 max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = (),
+                 cuda_graphs: Optional[bool] = None):
         self.model, self.cfg, self.group = model, model.cfg, model.group
         self.tokenizer = tokenizer
         w = model.embed_tokens.weight
@@ -126,6 +130,11 @@ class Engine:
         self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
         self.eos_token_ids = tuple(sorted(set(int(e) for e in eos_token_ids)))
         self.cache: Optional[KVCache] = None
+        # None: on for CUDA devices. Set False to decode eagerly (e.g. to profile).
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self._graphs: Optional[CUDAGraphDecoder] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -179,6 +188,8 @@ class Engine:
     def _ensure_cache(self, batch_size: int, max_seq: int) -> KVCache:
         if self.cache is None or not self.cache.fits(batch_size, max_seq):
             self.cache = None   # free the old buffers before allocating
+            if self._graphs is not None:   # graphs bake in the old buffers' addresses
+                self._graphs.reset()
             self.cache = KVCache(self.cfg, self.group.world_size, batch_size, max_seq,
                                  self.dtype, self.device)
         return self.cache
@@ -189,11 +200,14 @@ class Engine:
         """Run right-padded prompts [B, T] (true lengths [B]) into a fresh cache of
         ``max_seq`` slots. Returns each prompt's last-token logits [B, V] (or [B, T, V])."""
         B, T = tokens.shape
-        cache = self._ensure_cache(B, max_seq)
+        cache = self._ensure_cache(self._cache_rows(B), max_seq)
+        k, v = cache.k, cache.v
+        if cache.batch_size != B:   # rows for a CUDA-graph bucket: prefill the first B
+            k, v = [t[:B] for t in k], [t[:B] for t in v]
         positions = torch.arange(T, device=self.device).expand(B, T)
         index = None if all_logits else lengths.to(self.device) - 1
-        return self.model(tokens.to(self.device), positions, cache.k, cache.v, kv_len=T,
-                          logits_index=index)
+        return self.model(tokens.to(self.device), positions, k, v, kv_len=T,
+                          logits_index=index, causal_prefill=True)
 
     @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -205,6 +219,34 @@ class Engine:
         cache = self.cache
         return self.model(tokens.unsqueeze(1), positions.unsqueeze(1), cache.k, cache.v,
                           kv_len=cache.max_seq)[:, 0]
+
+    def _cache_rows(self, batch: int) -> int:
+        """KV-cache rows for a batch: its CUDA-graph bucket when graphs are on."""
+        if self.cuda_graphs:
+            return bucket_for(batch, self._graph_decoder().buckets) or batch
+        return batch
+
+    def _graph_decoder(self) -> CUDAGraphDecoder:
+        if self._graphs is None:
+            self._graphs = CUDAGraphDecoder(self.decode_step, self.device)
+        return self._graphs
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``decode_step`` for the generation loop: padded to the cache's rows, and replayed
+        from a CUDA graph when graphs are on (falls back to eager if capture fails)."""
+        B, rows = tokens.shape[0], self.cache.batch_size
+        if rows != B:
+            tokens = torch.cat([tokens, tokens.new_zeros(rows - B)])
+            positions = torch.cat([positions, positions.new_zeros(rows - B)])
+        if self.cuda_graphs and self._graph_decoder().bucket(rows) == rows:
+            try:
+                return self._graph_decoder()(tokens, positions)[:B]
+            except RuntimeError as e:   # e.g. an op that cannot be captured
+                import warnings
+                warnings.warn(f"CUDA-graph decode failed ({e}); decoding eagerly")
+                self.cuda_graphs = False
+                self._graphs = None
+        return self.decode_step(tokens, positions)[:B]
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -308,7 +350,7 @@ class Engine:
         positions = lengths_dev.clone()
         step = 1
         while step < max_new and not all(s.done for s in streams):
-            tok = pick(self.decode_step(tok, positions), step)
+            tok = pick(self._decode(tok, positions), step)
             positions += 1
             step += 1
             if step - synced >= every or step == max_new:

@@ -1,0 +1,141 @@
+"""CUDA-graph decode: capture ``Engine.decode_step`` once per batch-size bucket, then replay.
+
+A decode step of a TP model is hundreds of small kernels (norms, RoPE, cache writes, one
+GEMV per projection, two all-reduces per layer). Launched one by one from Python, the host
+needs tens of microseconds per layer and the GPU idles between kernels; a replayed graph
+launches them all at once. ``decode_step`` was written for this: static shapes, fixed
+KV-cache addresses and no host syncs (megatron_lite/inference/engine.py).
+
+Recipe (the one in the PyTorch CUDA-graphs notes, also used by gpt-fast and vLLM):
+
+1. static input buffers ``tokens[Bb]`` / ``positions[Bb]`` for a bucket ``Bb >= B``; a
+   batch of B is copied into the first B rows, the padding rows decode token 0 at
+   position 0 of their own (unused) cache rows and their logits are dropped;
+2. warm-up calls on a side stream (lazy inits, NCCL communicator set-up, Triton
+   autotuning and allocator growth must not happen during capture);
+3. capture with ``capture_error_mode="thread_local"``, so that a CUDA call from another
+   thread (ProcessGroupNCCL's watchdog polls its events) cannot invalidate the capture;
+4. replay: copy the inputs in, ``graph.replay()``, read the static logits.
+
+All buckets share one memory pool. A graph bakes in the addresses of the KV cache, so the
+runner is bound to one cache (``bind``) and drops its graphs when the cache changes.
+Collectives inside the graph (NCCL, or the fused symmetric-memory kernels, whose per-call
+epochs live on the device) replay in the same order on every rank, like eager calls.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS: Tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def bucket_for(batch: int, buckets: Sequence[int]) -> Optional[int]:
+    """Smallest bucket that holds ``batch`` rows (None when the batch is larger than all)."""
+    if batch < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch}")
+    fits = [b for b in buckets if b >= batch]
+    return min(fits) if fits else None
+
+
+def cache_key(cache) -> Tuple:
+    """What a captured graph depends on: the address and shape of every cache buffer."""
+    bufs = list(cache.k) + list(cache.v)
+    return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in bufs)
+
+
+class _Graph:
+    """One captured decode step at a fixed batch size."""
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", tokens: torch.Tensor,
+                 positions: torch.Tensor, logits: torch.Tensor):
+        self.graph, self.tokens, self.positions, self.logits = graph, tokens, positions, logits
+
+
+class CUDAGraphDecoder:
+    """Replays ``step_fn(tokens[Bb], positions[Bb]) -> logits[Bb, V]`` from CUDA graphs.
+
+    ``step_fn`` must run on ``device`` with static shapes and no host syncs. Call
+    ``bind(key)`` before the first step of a generation (``key``: anything that changes
+    when the state the step reads, the KV cache, is reallocated; see :func:`cache_key`).
+    ``__call__(tokens[B], positions[B])`` returns logits [B, V]: a view into the graph's
+    static output, valid until the next replay of any bucket.
+    """
+
+    def __init__(self, step_fn: StepFn, device, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 warmup: int = 2):
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        if warmup < 1:
+            raise ValueError("at least one warm-up call must precede the capture")
+        self.step_fn, self.device = step_fn, device
+        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.warmup = warmup
+        self.graphs: Dict[int, _Graph] = {}
+        self.pool = None
+        self.key = None
+        self.captures = 0   # total captures so far (tests and logs look at it)
+
+    def bind(self, key) -> None:
+        """Use graphs captured for ``key``; drop them all if the key changed."""
+        if key != self.key:
+            self.reset()
+            self.key = key
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+        self.key = None
+
+    def bucket(self, batch: int) -> Optional[int]:
+        return bucket_for(batch, self.buckets)
+
+    def capture(self, batch: int, tokens: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> _Graph:
+        """Capture the bucket of ``batch`` (inputs for the warm-up calls are optional:
+        the warm-up runs the real step, so pass the step's real inputs when the step writes
+        state, e.g. the KV cache, that must hold the right values afterwards)."""
+        bb = self.bucket(batch)
+        if bb is None:
+            raise ValueError(f"batch {batch} exceeds the largest CUDA-graph bucket "
+                             f"{self.buckets[-1]}")
+        static_tok = torch.zeros(bb, dtype=torch.long, device=self.device)
+        static_pos = torch.zeros(bb, dtype=torch.long, device=self.device)
+        if tokens is not None:
+            static_tok[:tokens.shape[0]].copy_(tokens)
+            static_pos[:positions.shape[0]].copy_(positions)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.step_fn(static_tok, static_pos)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            logits = self.step_fn(static_tok, static_pos)
+        entry = _Graph(graph, static_tok, static_pos, logits)
+        self.graphs[bb] = entry
+        self.captures += 1
+        log.debug("captured decode graph for bucket %d", bb)
+        return entry
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        bb = self.bucket(b)
+        entry = self.graphs.get(bb)
+        if entry is None:
+            entry = self.capture(b, tokens, positions)
+        entry.tokens[:b].copy_(tokens)
+        entry.positions[:b].copy_(positions)
+        entry.graph.replay()
+        return entry.logits[:b]
