@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Calibrate ``outlier-int4``: per-channel statistics of every row-parallel partial sum.
+
+    python tools/calibrate.py --ckpt DIR --text FILE --tp N --out calib.safetensors
+    torchrun --nproc_per_node=N tools/calibrate.py --ckpt DIR --text FILE --tp N --out F
+
+Runs ``--num-seqs`` (128) windows of ``--seq-len`` (512) tokens of ``--text`` through the
+model at TP N (simulated in one process unless launched by torchrun; communication
+uncompressed), records for every all-reduce site the EMA (``--decay``) of each rank's
+per-channel min / max of its partial sum and of the reduced sum
+(``megatron_lite/comm/calibrate.py``), then picks the ``--k`` (default hidden/64) widest
+channels per site as bf16 outliers and writes static int4 steps for the rest
+(``megatron_lite/comm/outlier.py``: safetensors + a JSON header naming the model, its
+fingerprint, TP and k). ``--skip-seqs`` skips leading windows, e.g. to keep calibration
+text disjoint from the windows that tools/evaluate.py scores.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Outlier channels + static scales of the "
+                                            "row-parallel partial sums.")
+    p.add_argument("--ckpt", required=True, help="HF directory or shard directory (TP == --tp)")
+    p.add_argument("--text", required=True, help="calibration text file")
+    p.add_argument("--tp", type=int, help="TP size (default: torchrun's WORLD_SIZE)")
+    p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
+    p.add_argument("--num-seqs", type=int, default=128, help="sequences (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--skip-seqs", type=int, default=0, help="leading windows to skip")
+    p.add_argument("--k", type=int, help="outlier channels per site (default hidden/64; "
+                                         "rounded up to a multiple of TP)")
+    p.add_argument("--decay", type=float, default=0.9, help="EMA decay per sequence (0.9)")
+    p.add_argument("--batch-size", type=int, default=2, help="sequences per forward (2)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _fail(message) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from megatron_lite.checkpoint.loader import inspect_checkpoint
+    from megatron_lite.comm.calibrate import ChannelStats, RecordingCommunicator
+    from megatron_lite.comm.outlier import balanced_k, build_calibration, model_fingerprint
+    from megatron_lite.errors import MegatronLiteError
+    from megatron_lite.eval.data import EvalDataError, load_text_windows
+    from megatron_lite.eval.runner import (launch, load_rank_engine, rank_logits,
+                                           torchrun_world_size)
+    from megatron_lite.eval.study import model_name
+    from megatron_lite.models.config import ModelConfig
+
+    world = torchrun_world_size()
+    tp = args.tp if args.tp is not None else world
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if tp is None:
+            raise EvalDataError("--tp is required (outliers are per TP size)")
+        if world is not None and tp != world:
+            raise EvalDataError(f"--tp {tp} but torchrun started {world} ranks")
+        if tp < 2:
+            raise EvalDataError(f"--tp {tp}: TP 1 has no all-reduce to calibrate")
+        for name in ("num_seqs", "seq_len", "batch_size"):
+            if getattr(args, name) < 1:
+                raise EvalDataError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.skip_seqs < 0:
+            raise EvalDataError("--skip-seqs must be >= 0")
+        if not 0.0 <= args.decay < 1.0:
+            raise EvalDataError(f"--decay must be in [0, 1), got {args.decay}")
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise EvalDataError(f"output directory does not exist: {out_dir}")
+        hf_config, _ = inspect_checkpoint(args.ckpt, tp)
+        cfg = ModelConfig.from_hf(hf_config)
+        k = args.k if args.k is not None else cfg.hidden_size // 64
+        if k < 1:
+            raise EvalDataError(f"--k must be >= 1, got {k}")
+        balanced_k(k, cfg.hidden_size, tp)                 # k must leave int4 channels
+        if args.seq_len > cfg.max_position_embeddings:
+            raise EvalDataError(f"--seq-len {args.seq_len} exceeds the model's "
+                                f"{cfg.max_position_embeddings} positions")
+        tok = AutoTokenizer.from_pretrained(args.ckpt)
+        want = args.skip_seqs + args.num_seqs
+        tw = load_text_windows(tok, args.text, args.seq_len, want * (args.seq_len - 1))
+        if len(tw.windows) < want:
+            raise EvalDataError(f"{args.text} has {len(tw.windows)} windows of {args.seq_len} "
+                                f"tokens; --skip-seqs + --num-seqs needs {want}")
+        windows = tw.windows[args.skip_seqs:want]
+    except (MegatronLiteError, ValueError, OSError) as e:
+        return _fail(e)
+
+    stats = ChannelStats(tp, args.decay)   # shared by simulated ranks; per process otherwise
+
+    def rank_main(comm):
+        rec = RecordingCommunicator(comm, stats)
+        engine = load_rank_engine(args.ckpt, rec)
+        bs = args.batch_size
+        bar = tqdm(total=len(windows), unit="seq", desc="calibrate", dynamic_ncols=True,
+                   disable=args.no_progress or comm.rank != 0)
+        for lo in range(0, len(windows), bs):
+            ids = torch.tensor([w.ids for w in windows[lo:lo + bs]])
+            # Only the decoder's reduces matter: the LM head runs on one row per sequence.
+            rank_logits(engine, ids, torch.full((ids.shape[0], 1), ids.shape[1] - 1))
+            bar.update(ids.shape[0])
+        bar.close()
+        if world is not None:
+            stats.merge_ranks(comm)
+        return None
+
+    launch(rank_main, tp, simulated=world is None)
+    if rank != 0:
+        return 0
+    calib = build_calibration(
+        stats.as_dict(), k=k, tp=tp, model=model_name(args.ckpt, hf_config),
+        fingerprint=model_fingerprint(hf_config),
+        extra={"num_seqs": len(windows), "seq_len": args.seq_len, "skip_seqs": args.skip_seqs,
+               "decay": args.decay, "text": os.path.basename(args.text),
+               "date": datetime.date.today().isoformat()})
+    calib.save(args.out)
+    print(f"wrote {args.out}: {len(calib.sites)} sites, k = {calib.k_per_rank * tp} "
+          f"({calib.k_per_rank} per rank) of hidden {calib.hidden}, TP {tp}, "
+          f"{len(windows)} x {args.seq_len} tokens", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
