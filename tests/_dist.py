@@ -8,6 +8,7 @@ traceback. ``fn`` must be a module-level function (it is pickled by reference).
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import traceback
 
@@ -26,7 +27,10 @@ def _worker(rank, world_size, init_file, fn, args, queue):
         dist.init_process_group("gloo", init_method=f"file://{init_file}",
                                 rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensor bytes. The queue's own (torch) pickler would pass shared
+        # memory by file descriptor, served by this process: if it exits before the parent
+        # unpickles, the parent fails with FileNotFoundError (rebuild_storage_fd race).
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "err", traceback.format_exc()))
     finally:
@@ -47,7 +51,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
         for _ in range(world_size):
             rank, status, payload = queue.get()
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break

@@ -1,0 +1,259 @@
+"""Tensor-parallel layers, region functions, TP group and ModelConfig parsing/validation.
+
+Multi-rank tests run on real gloo ranks (tests/_dist.py) and compare against the plain
+single-device computation with the same full weights.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from megatron_lite.comm.communicator import DistCommunicator
+from megatron_lite.models.config import ModelConfig, TPSizeError, UnsupportedModelError
+from megatron_lite.parallel_state import TPGroup
+from tests._dist import run_distributed
+from tests.tiny_configs import TINY_CONFIGS, hf_config_dict
+
+
+def _group():
+    from megatron_lite.parallel_state import initialize_model_parallel
+    return initialize_model_parallel()
+
+
+def _full(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------- layers on gloo
+def _linear_worker(rank, ws):
+    from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    g = _group()
+    x, w = _full(0, 3, 5, 16), _full(1, 24, 16)           # y = x w^T, w [out, in]
+    col = ColumnParallelLinear(16, 24, group=g, gather_output=True)
+    col.weight.data.copy_(w.chunk(ws, 0)[rank])
+    col_local = ColumnParallelLinear(16, 24, group=g, gather_output=False)
+    col_local.weight.data.copy_(w.chunk(ws, 0)[rank])
+    row = RowParallelLinear(16, 24, group=g, input_is_parallel=False, site="test.row")
+    row.weight.data.copy_(w.chunk(ws, 1)[rank])
+    row_par = RowParallelLinear(16, 24, group=g, input_is_parallel=True)
+    row_par.weight.data.copy_(w.chunk(ws, 1)[rank])
+    return (col(x), col_local(x), row(x), row_par(x.chunk(ws, -1)[rank].contiguous()))
+
+
+@pytest.mark.parametrize("ws", [2, 4])
+def test_column_and_row_parallel_linear_equal_the_full_linear(ws):
+    x, w = _full(0, 3, 5, 16), _full(1, 24, 16)
+    ref = x @ w.T
+    outs = run_distributed(_linear_worker, ws)
+    for rank, (col, col_local, row, row_par) in enumerate(outs):
+        torch.testing.assert_close(col, ref)                       # gather_output=True
+        torch.testing.assert_close(col_local, ref.chunk(ws, -1)[rank])
+        torch.testing.assert_close(row, ref, rtol=1e-5, atol=1e-5)  # scatter + reduce
+        assert torch.equal(row, outs[0][2])                         # ranks bitwise equal
+        torch.testing.assert_close(row_par, ref, rtol=1e-5, atol=1e-5)
+
+
+def _vocab_worker(rank, ws, ids, table, vocab):
+    from megatron_lite.tensor_parallel import ParallelLMHead, VocabParallelEmbedding
+    from megatron_lite.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+    g = _group()
+    vp = table.shape[0]
+    emb = VocabParallelEmbedding(vp, table.shape[1], group=g)
+    emb.weight.data.copy_(table.chunk(ws, 0)[rank])
+    head = ParallelLMHead(vocab, vp, table.shape[1], group=g)
+    head.weight.data.copy_(table.chunk(ws, 0)[rank])
+    h = emb(ids)
+    return dict(emb=h, start=emb.vocab_start, end=emb.vocab_end,
+                local_logits=head(h, gather=False), logits=head(h),
+                reduced_twice=reduce_from_tensor_model_parallel_region(h, g, "x"))
+
+
+def test_vocab_parallel_embedding_and_lm_head_mask_padding():
+    ws, vocab, hidden = 4, 250, 8
+    vp = 512                                    # ceil(250 / (128*4)) * 128*4
+    table = torch.zeros(vp, hidden)
+    table[:vocab] = _full(3, vocab, hidden)      # padded rows are zero, as the layout writes
+    ids = torch.tensor([[0, 127, 128, 249], [200, 5, 249, 130]])
+    outs = run_distributed(_vocab_worker, ws, ids, table, vocab)
+    ref_emb = table[ids]
+    ref_logits = ref_emb @ table[:vocab].T
+    for rank, o in enumerate(outs):
+        assert (o["start"], o["end"]) == (rank * 128, (rank + 1) * 128)
+        assert torch.equal(o["emb"], ref_emb)        # exact: one non-zero addend per token
+        assert o["logits"].shape == (2, 4, vocab)    # padding stripped
+        torch.testing.assert_close(o["logits"], ref_logits)
+        assert torch.equal(o["logits"], outs[0]["logits"])
+        local = o["local_logits"]
+        assert local.shape == (2, 4, 128)
+        real = max(0, min(128, vocab - rank * 128))  # rank 1 holds 122 real rows, 2 and 3 none
+        assert torch.isneginf(local[..., real:]).all()
+        assert torch.isfinite(local[..., :real]).all()
+        torch.testing.assert_close(o["reduced_twice"], ref_emb * ws)
+
+
+def test_out_of_range_ids_contribute_zero_rows():
+    # single rank holding rows [128, 256) of a 256-row table: ids outside give zero rows
+    from megatron_lite.tensor_parallel import VocabParallelEmbedding
+
+    class OneOfTwo(DistCommunicator):
+        """rank 1 of 2, where the 'sum' is the identity: exposes one rank's contribution."""
+        def __init__(self):
+            super().__init__(None)
+            self.rank, self.world_size, self.sites = 1, 2, []
+
+        def all_reduce(self, x, site=None):
+            self.sites.append(site)
+            return x.clone()
+
+    comm = OneOfTwo()
+    emb = VocabParallelEmbedding(256, 4, group=TPGroup.from_communicator(comm))
+    emb.weight.data.copy_(torch.arange(128 * 4, dtype=torch.float32).view(128, 4) + 1)
+    out = emb(torch.tensor([0, 127, 128, 255, 130]))
+    assert torch.equal(out[:2], torch.zeros(2, 4))
+    assert torch.equal(out[2], emb.weight[0]) and torch.equal(out[3], emb.weight[127])
+    assert torch.equal(out[4], emb.weight[2])
+    assert comm.sites == ["embed_tokens"]
+
+
+def test_world_size_one_short_circuits():
+    from megatron_lite.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region,
+        reduce_from_tensor_model_parallel_region, scatter_to_tensor_model_parallel_region)
+    g = TPGroup(DistCommunicator(None))
+    assert g.world_size == 1 and g.rank == 0
+    x = torch.randn(2, 6)
+    for f in (copy_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region,
+              scatter_to_tensor_model_parallel_region):
+        assert f(x, g) is x
+    assert reduce_from_tensor_model_parallel_region(x, g, "s") is x
+
+
+def test_scatter_needs_divisible_last_dim():
+    from megatron_lite.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
+
+    class Two(DistCommunicator):
+        def __init__(self):
+            super().__init__(None)
+            self.rank, self.world_size = 0, 2
+    g = TPGroup.from_communicator(Two())
+    assert scatter_to_tensor_model_parallel_region(torch.arange(6.0), g).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="not divisible"):
+        scatter_to_tensor_model_parallel_region(torch.arange(5.0), g)
+
+
+# --------------------------------------------------------------------- reduce sites
+class RecordingCommunicator(DistCommunicator):
+    """Real gloo all-reduce that also records which layer asked for it."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.sites = []
+
+    def all_reduce(self, x, site=None):
+        self.sites.append(site)
+        return super().all_reduce(x, site)
+
+
+def _sites_worker(rank, ws, hf_cfg, sd):
+    from megatron_lite.inference.engine import Engine
+    comm = RecordingCommunicator()
+    eng = Engine.from_hf_state_dict(hf_cfg, sd, comm=comm, device="cpu")
+    eng.logits(torch.tensor([[5, 6, 7]]))
+    return comm.sites
+
+
+def test_every_tp_sum_goes_through_the_group_with_its_site():
+    from tests.tiny_configs import make_hf_model
+    sd = make_hf_model("gemma3_text").state_dict()
+    sites = run_distributed(_sites_worker, 2, hf_config_dict("gemma3_text"), sd)
+    n_layers = TINY_CONFIGS["gemma3_text"]["num_hidden_layers"]
+    expected = ["embed_tokens"] + [s for i in range(n_layers) for s in
+                                   (f"layers.{i}.self_attn.o_proj", f"layers.{i}.mlp.down_proj")]
+    assert sites[0] == expected and sites[1] == expected
+
+
+# --------------------------------------------------------------------- ModelConfig
+def _legacy_gemma3():
+    """A gemma3_text config.json as transformers 4.x wrote it."""
+    return dict(model_type="gemma3_text", vocab_size=250, hidden_size=64,
+                intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=32, rope_theta=1e6, rope_local_base_freq=1e4,
+                rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=16,
+                sliding_window_pattern=6, query_pre_attn_scalar=32)
+
+
+def test_legacy_and_transformers5_configs_agree():
+    from transformers import AutoConfig
+    legacy = _legacy_gemma3()
+    d = copy.deepcopy(legacy)
+    normalised = AutoConfig.for_model(d.pop("model_type"), **d).to_dict()
+    assert set(normalised["rope_parameters"]) == {"full_attention", "sliding_attention"}
+    a, b = ModelConfig.from_hf(legacy), ModelConfig.from_hf(normalised)
+    assert a.rope == b.rope and a.layer_types == b.layer_types
+    assert a.layer_types[5] == "full_attention" and a.layer_types.count("full_attention") == 1
+    assert a.rope["full_attention"].rope_type == "linear"
+    assert a.rope["full_attention"].theta == 1e6 and a.rope["sliding_attention"].theta == 1e4
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_tiny_configs_parse_with_expected_features(name):
+    cfg = ModelConfig.from_hf(hf_config_dict(name))
+    assert cfg.valid_tp_sizes(8) == [1, 2, 4]
+    assert cfg.padded_vocab_size(4) == 512 and cfg.padded_vocab_size(1) == 256
+    features = {
+        "llama": cfg.rope["full_attention"].rope_type == "llama3" and cfg.num_kv_heads == 2,
+        "llama_tied": cfg.tie_word_embeddings and cfg.norm_offset == 0,
+        "gemma": cfg.num_kv_heads == 1 and cfg.head_dim * cfg.num_heads != cfg.hidden_size
+        and cfg.norm_offset == 1 and cfg.scale_embeddings,
+        "gemma2": cfg.attn_logit_softcap == 2.0 and cfg.final_logit_softcap == 3.0
+        and cfg.sandwich_norms and cfg.sliding_window == 8 and cfg.attn_scale == 24 ** -0.5,
+        "gemma3_text": cfg.qk_norm and len(set(cfg.layer_types)) == 2
+        and cfg.rope["sliding_attention"].theta == 10000.0
+        and cfg.rope["full_attention"].rope_type == "linear",
+    }
+    assert features[name]
+
+
+def test_unknown_model_type_is_one_line():
+    with pytest.raises(UnsupportedModelError) as e:
+        ModelConfig.from_hf({"model_type": "mistral"})
+    msg = str(e.value)
+    assert "\n" not in msg and "mistral" in msg and "gemma3_text" in msg
+
+
+@pytest.mark.parametrize("change,tp,match", [
+    (dict(num_attention_heads=4), 3, "does not divide num_attention_heads 4"),
+    (dict(num_attention_heads=12, num_key_value_heads=4, head_dim=8), 6,
+     "not a multiple of num_key_value_heads 4"),
+    (dict(num_attention_heads=12, num_key_value_heads=6, head_dim=8), 4,
+     "does not divide num_key_value_heads 6"),
+    (dict(intermediate_size=98), 4, "does not divide intermediate_size 98"),
+    (dict(), 0, "positive integer"),
+])
+def test_tp_size_errors(change, tp, match):
+    hf = dict(hf_config_dict("llama"), **change)
+    cfg = ModelConfig.from_hf(hf)
+    with pytest.raises(TPSizeError, match=match) as e:
+        cfg.validate_tp(tp)
+    assert "\n" not in str(e.value) and "valid TP sizes" in str(e.value)
+
+
+def test_kv_heads_of_rank_replicates_consecutively():
+    cfg = ModelConfig.from_hf(dict(hf_config_dict("llama"), num_attention_heads=8,
+                                   num_key_value_heads=2, head_dim=8))
+    assert [cfg.kv_heads_of_rank(8, r) for r in range(8)] == [[0]] * 4 + [[1]] * 4
+    assert [cfg.kv_heads_of_rank(2, r) for r in range(2)] == [[0], [1]]
+    assert cfg.local_kv_heads(8) == 1 and cfg.local_kv_heads(1) == 2
+
+
+def test_engine_refuses_a_tp_size_that_does_not_fit():
+    from megatron_lite.inference.engine import Engine
+
+    class Three(DistCommunicator):
+        def __init__(self):
+            super().__init__(None)
+            self.rank, self.world_size = 0, 3
+    with pytest.raises(TPSizeError):
+        Engine.from_hf_state_dict(hf_config_dict("gemma"), {}, comm=Three())
