@@ -174,6 +174,8 @@ def test_parse_comm_arg_and_site_resolution():
     assert str(cfg) == ("int4:128,layers.0.*=int8:128,layers.-1.*=native,*.o_proj=int8:64,"
                         "min_bytes=65536")
     assert parse_comm_arg(str(cfg), num_layers=4).overrides == cfg.overrides
+    with pytest.raises(CodecError, match="needs num_layers"):
+        parse_comm_arg("int4,layers.-1.*=int8").spec_for(SITE)
     emb = parse_comm_arg("native,embed_tokens=int8")
     assert emb.spec_for("embed_tokens") == "int8:128" and emb.spec_for(SITE) is None
     assert CommConfig.from_spec("int6").spec_for(SITE) == "int4-int8:128"

@@ -175,6 +175,10 @@ class CommConfig:
         """Canonical codec spec for a site, or None for the native all-reduce."""
         if site is None:
             return None
+        if self.num_layers is None and any(re.search(r"layers\.-\d", p) for p, _ in
+                                           self.overrides):
+            raise CodecError("comm override with a negative layer index needs num_layers "
+                             "(build_communicator(..., num_layers=N))")
         names = [site]
         m = re.match(r"^layers\.(\d+)\.(.*)$", site)
         if m and self.num_layers:
