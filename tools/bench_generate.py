@@ -1,0 +1,580 @@
+#!/usr/bin/env python
+"""End-to-end speed of the TP engine: TTFT and TPOT per all-reduce mode (issue 5).
+
+    torchrun --nproc_per_node=4 tools/bench_generate.py --random-weights llama3-8b \\
+        --json docs/benchmarks/generate_llama3-8b_tp4.json
+    torchrun --nproc_per_node=2 tools/bench_generate.py --ckpt SHARD_DIR ...
+    python tools/bench_generate.py --plot out.png --from-json a.json [hf.json ...]
+
+TP is the torchrun world size. Weights are a checkpoint (``--ckpt``) or random bf16 weights
+of a serving shape made on the device (``--random-weights``, models/random_init.py).
+
+* **TTFT** (phase "prefill"): prompt -> first token (prefill + greedy pick), CUDA-event
+  median of ``--repeats`` runs after a warm-up, ranks aligned by a barrier before each run;
+  the reported value is the largest of the ranks' medians.
+* **TPOT** (phase "decode"): one decode step at a ``--context``-token context, replayed
+  from a CUDA graph (inference/cuda_graphs.py) with the greedy pick fed back as the next
+  input; median over ``--decode-steps`` steps, each between two CUDA events. The position
+  stays at ``--context`` (every step reads the same number of cache slots; the cache holds
+  random values, so nothing is timed on zeros). Without CUDA it runs eagerly (CPU smoke).
+* **Comm modes**: ``nccl-bf16`` (torch.distributed all-reduce), ``auto-bf16`` (the size
+  chooser of comm/allreduce.py: fused one-shot for small messages, NCCL for large),
+  ``int8`` / ``int4`` (group 128, two-step quantized, fused where the kernels exist) and
+  ``none``: every TP sum returns its input unsummed (wrong output; the lower bound on time).
+  The LM head's logits all-gather runs in every mode.
+
+Before timing, each mode generates a few greedy tokens and checks that every rank holds
+the same tokens and logits (hash all-gather), that the logits are finite, and compares
+with nccl-bf16 (tokens and logits; auto-bf16 should agree token for token). Failed checks
+are printed and recorded in the JSON; the timing still runs, so one bad mode does not
+lose the others' numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+MODES = ("nccl-bf16", "auto-bf16", "int8", "int4", "none")
+# Modes whose all-reduce is not the plain bf16 sum: their tokens may legitimately differ.
+_LOSSY = ("int8", "int4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="TTFT/TPOT of the TP engine per all-reduce mode "
+                                            "(run under torchrun; TP = world size).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", type=Path, help="shard directory (TP == world size) or HF dir")
+    src.add_argument("--random-weights", metavar="SHAPE",
+                     help="random bf16 weights of a serving shape (llama3-8b, llama3-70b, "
+                          "llama2-13b, gemma2-27b; tiny for CPU runs) or a config.json")
+    p.add_argument("--comm", default=",".join(MODES),
+                   help=f"comma list of modes among {', '.join(MODES)} (default: all)")
+    p.add_argument("--prefill", default="512x1,2048x1,8192x1,1024x8",
+                   help="comma list of TOKENSxBATCH prompts for TTFT")
+    p.add_argument("--decode-batches", default="1,16,64")
+    p.add_argument("--context", type=int, default=1024, help="context length for TPOT")
+    p.add_argument("--decode-steps", type=int, default=100, help="timed decode steps")
+    p.add_argument("--repeats", type=int, default=5, help="timed prefill runs per case")
+    p.add_argument("--check-tokens", type=int, default=8,
+                   help="greedy tokens generated per mode for the checks (0: skip checks)")
+    p.add_argument("--eager-decode", action="store_true",
+                   help="also time eager (no CUDA graph) decode at batch 1, nccl-bf16")
+    p.add_argument("--hbm-gib", type=float, default=2.0,
+                   help="size of the device-to-device copy that measures HBM bandwidth")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the results here (rewritten after "
+                                             "each mode, so a cut-off run keeps its rows)")
+    p.add_argument("--plot", type=Path, help="write a bar chart (PNG) of the results")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
+                   help="only plot these result files (ours and tools/bench_hf_generate.py's)")
+    return p
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_cases(text: str) -> list[tuple[int, int]]:
+    cases = []
+    for item in text.split(","):
+        try:
+            tokens, batch = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            _fail(f"bad prefill case {item!r}: expected TOKENSxBATCH, e.g. 8192x1")
+        if tokens < 1 or batch < 1:
+            _fail(f"bad prefill case {item!r}: sizes must be positive")
+        cases.append((tokens, batch))
+    return cases
+
+
+def _parse_ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        _fail(f"bad {what} {text!r}: expected a comma list of integers")
+    if any(v < 1 for v in vals):
+        _fail(f"bad {what} {text!r}: values must be positive")
+    return vals
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- comm modes
+def _skip_reduce_communicator(base):
+    from megatron_lite.comm.communicator import Communicator
+
+    class SkipReduceCommunicator(Communicator):
+        """``none`` mode: ``all_reduce`` returns its input, unsummed. The model's output is
+        wrong; its time is the lower bound of any all-reduce. Gathers go to ``base``."""
+
+        def __init__(self, base):
+            super().__init__(base.rank, base.world_size)
+            self.base, self.process_group = base, getattr(base, "process_group", None)
+
+        def all_reduce(self, x, site=None):
+            return x
+
+        def all_gather(self, x, dim=-1):
+            return self.base.all_gather(x, dim)
+
+        def all_to_all_single(self, output, input):
+            self.base.all_to_all_single(output, input)
+
+        def all_gather_into_tensor(self, output, input):
+            self.base.all_gather_into_tensor(output, input)
+
+        def barrier(self):
+            self.base.barrier()
+
+    return SkipReduceCommunicator(base)
+
+
+def make_communicator(mode: str, base, num_layers: int):
+    """Communicator for a mode, or raise ValueError saying why the mode is unavailable."""
+    from megatron_lite.comm import allreduce
+    if mode == "nccl-bf16":
+        return base
+    if mode == "none":
+        return _skip_reduce_communicator(base)
+    if mode in ("int8", "int4"):
+        return allreduce.build_communicator(base, f"{mode}:128", num_layers=num_layers)
+    if mode == "auto-bf16":
+        # helper D's chooser: fused one-shot bf16 for small messages, NCCL for large
+        try:
+            return allreduce.build_communicator(base, "auto", num_layers=num_layers)
+        except Exception as e:   # noqa: BLE001 - report why and skip the mode
+            raise ValueError(f"auto-bf16 unavailable: {e}") from e
+    raise ValueError(f"unknown comm mode {mode!r}; choose among {', '.join(MODES)}")
+
+
+def explain(comm, examples, hidden: int, dtype, device) -> dict:
+    """Which backend serves a row-parallel all-reduce of [rows, hidden] (for the record)."""
+    import torch
+    out = {}
+    for label, rows in examples:
+        if not hasattr(comm, "explain"):
+            out[label] = type(comm).__name__
+            continue
+        x = torch.empty((rows, hidden), dtype=dtype, device=device)
+        try:
+            out[label] = comm.explain(x, "layers.0.mlp.down_proj")
+        except Exception as e:   # noqa: BLE001
+            out[label] = f"explain failed: {e}"
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+class Clock:
+    """CUDA events on a GPU, perf_counter (after a sync) on the CPU."""
+
+    def __init__(self, device):
+        import torch
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def stamp(self):
+        if self.cuda:
+            e = self.torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
+def measure_hbm_GBps(device, gib: float, clock: Clock) -> float:
+    """Device-to-device copy bandwidth, bytes read + written (median of 10 copies)."""
+    import torch
+    n = int(gib * 2 ** 30) if device.type == "cuda" else 64 * 2 ** 20
+    src = torch.randn(n // 4, device=device)   # random data: zeros can run faster
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        a = clock.stamp()
+        dst.copy_(src)
+        b = clock.stamp()
+        clock.sync()
+        times.append(clock.ms(a, b))
+    del src, dst
+    return 2 * n / (statistics.median(times) * 1e-3) / 1e9
+
+
+def _max_over_ranks(value: float, device) -> float:
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def time_prefill(engine, tokens, repeats: int, clock: Clock) -> float:
+    import torch
+    B, T = tokens.shape
+    lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)
+    engine.prefill(tokens, lengths, T).argmax(-1)   # warm-up: cache, cuBLAS heuristics
+    times = []
+    for _ in range(repeats):
+        engine.group.barrier()
+        clock.sync()
+        a = clock.stamp()
+        engine.prefill(tokens, lengths, T).argmax(-1)
+        b = clock.stamp()
+        clock.sync()
+        times.append(clock.ms(a, b))
+    return _max_over_ranks(statistics.median(times), engine.device)
+
+
+def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
+                graph: bool) -> float:
+    """Median ms of one decode step (+ greedy pick) at ``context`` cached tokens."""
+    import torch
+    from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder
+    max_seq = -(-(context + 1) // 64) * 64
+    cache = engine._ensure_cache(batch, max_seq)
+    gen = torch.Generator(device=engine.device).manual_seed(1234 + engine.group.rank)
+    for t in cache.k + cache.v:
+        t.normal_(0.0, 1.0, generator=gen)
+    vocab = engine.cfg.vocab_size
+    tok = torch.randint(0, vocab, (batch,), device=engine.device,
+                        generator=torch.Generator(device=engine.device).manual_seed(7))
+    pos = torch.full((batch,), context, dtype=torch.long, device=engine.device)
+    step = engine.decode_step
+    if graph:
+        runner = CUDAGraphDecoder(engine.decode_step, engine.device, buckets=(batch,))
+        runner.capture(batch, tok, pos)
+        step = runner
+    for _ in range(3):
+        tok = step(tok, pos).argmax(-1)
+    engine.group.barrier()
+    clock.sync()
+    stamps = [clock.stamp()]
+    for _ in range(steps):
+        tok = step(tok, pos).argmax(-1)
+        stamps.append(clock.stamp())
+    clock.sync()
+    ms = statistics.median(clock.ms(a, b) for a, b in zip(stamps, stamps[1:]))
+    del step
+    return _max_over_ranks(ms, engine.device)
+
+
+# ----------------------------------------------------------------------------- checks
+def _digest(*tensors) -> bytes:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().view(-1).view(dtype=_u8()).numpy().tobytes())
+    return h.digest()
+
+
+def _u8():
+    import torch
+    return torch.uint8
+
+
+def check_mode(engine, prompts, n_new: int, reference) -> tuple[dict, dict]:
+    """Greedy tokens + prefill logits of ``prompts``; rank agreement and agreement with
+    ``reference`` (nccl-bf16's output). Returns (report, this mode's output)."""
+    import torch
+    B, T = prompts.shape
+    lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)
+    logits = engine.prefill(prompts, lengths, T + n_new).float()
+    results = engine.generate([row.tolist() for row in prompts.cpu()], max_new_tokens=n_new)
+    tokens = torch.tensor([r.token_ids for r in results], dtype=torch.long)
+    digest = torch.frombuffer(bytearray(_digest(tokens, logits)), dtype=torch.uint8)
+    gathered = engine.group.all_gather(digest.to(engine.device), dim=0).view(
+        engine.group.world_size, -1).cpu()
+    report = dict(ranks_identical=bool((gathered == gathered[0]).all()),
+                  logits_finite=bool(torch.isfinite(logits).all()),
+                  finish=[r.finish_reason for r in results])
+    mine = dict(tokens=tokens, logits=logits.cpu())
+    if reference is not None:
+        same = (tokens == reference["tokens"])
+        report["tokens_equal_to_nccl"] = bool(same.all())
+        report["token_agreement_with_nccl"] = float(same.float().mean())
+        report["logits_bitwise_equal_to_nccl"] = bool(torch.equal(mine["logits"],
+                                                                  reference["logits"]))
+        report["logits_max_abs_diff_vs_nccl"] = float(
+            (mine["logits"] - reference["logits"]).abs().max())
+        report["logits_scale"] = float(reference["logits"].abs().max())
+    return report, mine
+
+
+def graph_matches_eager(engine, batch: int = 2) -> dict:
+    """One decode step replayed from a graph vs the same step run eagerly."""
+    import torch
+    from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder
+    engine._ensure_cache(batch, 128)
+    tok = torch.arange(batch, device=engine.device) + 3
+    pos = torch.full((batch,), 5, dtype=torch.long, device=engine.device)
+    eager = engine.decode_step(tok, pos).clone()
+    runner = CUDAGraphDecoder(engine.decode_step, engine.device, buckets=(batch,))
+    replay = runner(tok, pos).clone()
+    return dict(graph_bitwise_equal_to_eager=bool(torch.equal(eager, replay)),
+                graph_max_abs_diff=float((eager.float() - replay.float()).abs().max()))
+
+
+# ----------------------------------------------------------------------------- report
+def _case_label(tokens: int, batch: int) -> str:
+    t = f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+    return t if batch == 1 else f"{batch}x{t}"
+
+
+def summarize(result: dict) -> str:
+    rows = [r for r in result["rows"] if not r.get("extra")]
+    comms = list(dict.fromkeys(r["comm"] for r in rows))
+    lines = [f"{result['shape']} TP{result['tp']} on {result['device']}  (ms; prefill = TTFT,"
+             f" decode = TPOT at {result.get('context', '?')} context)"]
+    head = f"{'phase':8s} {'case':>7s} " + " ".join(f"{c:>10s}" for c in comms)
+    lines.append(head)
+    keys = list(dict.fromkeys((r["phase"], r["batch"], r["tokens"]) for r in rows))
+    table = {(r["phase"], r["batch"], r["tokens"], r["comm"]): r["ms"] for r in rows}
+    for ph, b, t in keys:
+        label = _case_label(t, b) if ph == "prefill" else f"b{b}"
+        cells = [table.get((ph, b, t, c)) for c in comms]
+        lines.append(f"{ph:8s} {label:>7s} " + " ".join(
+            f"{v:10.3f}" if v is not None else f"{'-':>10s}" for v in cells))
+    for r in result.get("ttft_comm_removed", []):
+        lines.append(f"TTFT {_case_label(r['tokens'], r['batch'])}: comm time removed by "
+                     f"{r['comm']}: {100 * r['ratio']:.0f}%  ((T_nccl - T_{r['comm']}) / "
+                     f"(T_nccl - T_none))")
+    if result.get("tpot_floor_ms"):
+        lines.append(f"weight-streaming floor (batch 1): {result['tpot_floor_ms']:.3f} ms = "
+                     f"{result['streamed_weight_bytes_per_gpu'] / 1e9:.2f} GB / "
+                     f"{result['hbm_GBps']:.0f} GB/s")
+        for c in comms:
+            v = table.get(("decode", 1, result.get("context"), c))
+            if v is not None:
+                lines.append(f"  TPOT b1 {c}: {v / result['tpot_floor_ms']:.2f}x floor")
+    return "\n".join(lines)
+
+
+def comm_removed(rows: list[dict]) -> list[dict]:
+    """(T_nccl - T_x) / (T_nccl - T_none) for every prefill case and quantized mode."""
+    t = {(r["batch"], r["tokens"], r["comm"]): r["ms"] for r in rows
+         if r["phase"] == "prefill"}
+    out = []
+    for (b, L, c), v in t.items():
+        if c in ("nccl-bf16", "none"):
+            continue
+        nccl, none = t.get((b, L, "nccl-bf16")), t.get((b, L, "none"))
+        if nccl is None or none is None or nccl - none <= 0:
+            continue
+        out.append(dict(batch=b, tokens=L, comm=c, ratio=(nccl - v) / (nccl - none),
+                        comm_ms_nccl=nccl - none))
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for res in results for r in res["rows"] if not r.get("extra")]
+    if not rows:
+        raise ValueError("nothing to plot: no rows")
+    title = ", ".join(sorted({f"{res['shape']} TP{res['tp']}" for res in results}))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        sel = [r for r in rows if r["phase"] == phase]
+        cases = list(dict.fromkeys((r["batch"], r["tokens"]) for r in sel))
+        comms = list(dict.fromkeys(r["comm"] for r in sel))
+        val = {(r["batch"], r["tokens"], r["comm"]): r["ms"] for r in sel}
+        width = 0.8 / max(1, len(comms))
+        for i, c in enumerate(comms):
+            xs = [k + i * width for k, case in enumerate(cases) if (*case, c) in val]
+            ys = [val[(*case, c)] for case in cases if (*case, c) in val]
+            ax.bar(xs, ys, width, label=c)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(cases))])
+        ax.set_xticklabels([_case_label(t, b) if phase == "prefill" else f"batch {b}"
+                            for b, t in cases])
+        ax.set_yscale("log")
+        ax.set_ylabel("TTFT (ms)" if phase == "prefill" else "TPOT (ms/token)")
+        ax.set_title(f"{phase}: {title}")
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".tmp-{os.getpid()}" + path.suffix)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main
+def _build_engine(args, group, device, dtype):
+    from megatron_lite import Engine
+    from megatron_lite.models.random_init import random_model, resolve_shape
+    if args.ckpt is not None:
+        engine = Engine.from_pretrained(args.ckpt, group=group, dtype=dtype, device=device)
+        engine.eos_token_ids = ()   # timing runs never stop early
+        return engine, args.ckpt.name, engine.model
+    model = random_model(resolve_shape(args.random_weights), group, device=device, dtype=dtype,
+                         seed=args.seed)
+    return Engine(model, None, max_batch_size=64), args.random_weights, model
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            _fail("--from-json needs --plot FILE")
+        try:
+            results = [json.loads(p.read_text()) for p in args.from_json]
+            plot(results, args.plot)
+        except (OSError, ValueError, KeyError) as e:
+            _fail(f"cannot plot: {e}")
+        for res in results:
+            print(summarize(res))
+        return 0
+    if args.ckpt is None and args.random_weights is None:
+        _fail("give --ckpt DIR or --random-weights SHAPE (or --from-json to plot)")
+    modes = [m.strip() for m in args.comm.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        _fail(f"unknown comm mode(s) {bad}; choose among {', '.join(MODES)}")
+    cases = _parse_cases(args.prefill)
+    batches = _parse_ints(args.decode_batches, "--decode-batches")
+    if args.random_weights is not None:
+        from megatron_lite.models.random_init import resolve_shape, shape_names
+        try:
+            resolve_shape(args.random_weights)
+        except ValueError:
+            _fail(f"unknown shape {args.random_weights!r}; choose one of "
+                  f"{', '.join(shape_names())} or give a config.json")
+    if args.ckpt is not None and not args.ckpt.is_dir():
+        _fail(f"checkpoint directory {args.ckpt} does not exist")
+
+    # NVLink multicast can take the host's GPUs out of service (device notes): keep it off.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    import torch
+    from megatron_lite.errors import MegatronLiteError
+    from megatron_lite.inference.engine import _resolve_device_dtype
+    from megatron_lite.models.random_init import streamed_weight_bytes, total_weight_bytes
+    from megatron_lite.parallel_state import initialize_model_parallel
+
+    group = initialize_model_parallel()
+    rank, tp = group.rank, group.world_size
+    device, dtype = _resolve_device_dtype(None, args.dtype)
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    try:
+        engine, shape_name, model = _build_engine(args, group, device, dtype)
+    except (MegatronLiteError, ValueError) as e:
+        _fail(str(e))
+    cfg = engine.cfg
+    longest = max([t for t, _ in cases] + [args.context + 1])
+    if longest > cfg.max_position_embeddings:
+        _fail(f"{longest} tokens exceed max_position_embeddings {cfg.max_position_embeddings}")
+    clock = Clock(device)
+    graphs = device.type == "cuda"
+    base = group.communicator
+
+    hbm = measure_hbm_GBps(device, args.hbm_gib, clock)
+    streamed = streamed_weight_bytes(model)
+    result = dict(
+        device=torch.cuda.get_device_name(device) if graphs else "cpu", tp=tp, shape=shape_name,
+        date=datetime.date.today().isoformat(), torch=torch.__version__,
+        nccl=".".join(map(str, torch.cuda.nccl.version())) if graphs else None,
+        dtype=str(dtype).replace("torch.", ""), context=args.context,
+        decode_steps=args.decode_steps, prefill_repeats=args.repeats, cuda_graphs=graphs,
+        hbm_GBps=hbm, weight_bytes_per_gpu=total_weight_bytes(model),
+        streamed_weight_bytes_per_gpu=streamed, tpot_floor_ms=streamed / (hbm * 1e9) * 1e3,
+        checks={}, backends={}, skipped={}, rows=[])
+    say(f"{shape_name} TP{tp} on {result['device']}: {streamed / 1e9:.2f} GB streamed weights "
+        f"per GPU, HBM copy {hbm:.0f} GB/s -> TPOT floor {result['tpot_floor_ms']:.3f} ms")
+
+    def save():
+        if rank == 0 and args.json:
+            result["ttft_comm_removed"] = comm_removed(result["rows"])
+            write_json(args.json, result)
+
+    with torch.inference_mode():
+        _run_modes(args, engine, group, modes, cases, batches, result, clock, say, save)
+    save()
+    say(summarize(dict(result, ttft_comm_removed=comm_removed(result["rows"]))))
+    if rank == 0 and args.plot:
+        plot([result], args.plot)
+    group.barrier()
+    return 0
+
+
+def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, save):
+    import torch
+    from tqdm import tqdm
+    cfg, device, dtype, rank = engine.cfg, engine.device, engine.dtype, group.rank
+    graphs, base = result["cuda_graphs"], group.communicator
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    check_prompts = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen).to(device)
+    reference = None
+    if graphs and args.check_tokens:
+        result["checks"]["graph_vs_eager"] = graph_matches_eager(engine)
+        say(f"check graph vs eager: {result['checks']['graph_vs_eager']}")
+    sizes = [("decode_b1", 1), ("decode_b64", 64), ("prefill_8k", 8192)]
+    for mode in tqdm(modes, desc="comm modes", disable=rank != 0):
+        try:
+            comm = make_communicator(mode, base, cfg.num_layers)
+        except ValueError as e:
+            result["skipped"][mode] = str(e)
+            say(f"[{mode}] skipped: {e}")
+            continue
+        group.communicator = comm
+        engine._graphs = None   # graphs captured with another communicator must not replay
+        result["backends"][mode] = explain(comm, sizes, cfg.hidden_size, dtype, device)
+        say(f"[{mode}] backends: {result['backends'][mode]}")
+        if args.check_tokens and mode != "none":
+            report, out = check_mode(engine, check_prompts, args.check_tokens, reference)
+            if mode == "nccl-bf16":
+                reference = out
+            result["checks"][mode] = report
+            ok = report["ranks_identical"] and report["logits_finite"]
+            if mode == "auto-bf16" and "tokens_equal_to_nccl" in report:
+                ok = ok and report["tokens_equal_to_nccl"]
+            say(f"[{mode}] check {'ok' if ok else 'FAILED'}: {report}")
+        for tokens, batch in cases:
+            ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen).to(device)
+            ms = time_prefill(engine, ids, args.repeats, clock)
+            result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens, comm=mode,
+                                       ms=ms))
+            say(f"[{mode}] prefill {_case_label(tokens, batch):>6s}: {ms:9.3f} ms")
+        engine.cache = None
+        for batch in batches:
+            ms = time_decode(engine, batch, args.context, args.decode_steps, clock, graphs)
+            result["rows"].append(dict(phase="decode", batch=batch, tokens=args.context,
+                                       comm=mode, ms=ms, graph=graphs))
+            say(f"[{mode}] decode  b{batch:<4d}: {ms:9.3f} ms/token")
+            if args.eager_decode and graphs and batch == 1 and mode == "nccl-bf16":
+                ms = time_decode(engine, 1, args.context, 20, clock, graph=False)
+                result["rows"].append(dict(phase="decode", batch=1, tokens=args.context,
+                                           comm=mode, ms=ms, graph=False, extra=True))
+                say(f"[{mode}] decode  b1 eager: {ms:9.3f} ms/token")
+            engine.cache = None
+            if graphs:
+                torch.cuda.empty_cache()
+        group.communicator = base
+        save()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
