@@ -138,6 +138,40 @@ def test_fuzz_error_within_bound(name, dtype):
                 assert (err_out <= eb + _out_round(y32, dtype)).all(), (c.spec, dtype)
 
 
+def _random_bit_patterns(gen, n, dtype, denormal_only=False):
+    """Every finite value of the dtype is equally likely per bit pattern; optionally only
+    the denormal/zero patterns (exponent field 0)."""
+    if dtype == torch.float32:
+        bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (n,), generator=gen, dtype=torch.int64)
+        bits = bits.to(torch.int32)
+        if denormal_only:
+            bits = bits & (-2 ** 31 | 0x007FFFFF)
+    else:
+        bits = torch.randint(-2 ** 15, 2 ** 15 - 1, (n,), generator=gen, dtype=torch.int32)
+        bits = bits.to(torch.int16)
+        if denormal_only:
+            bits = bits & (-2 ** 15 | (0x007F if dtype == torch.bfloat16 else 0x03FF))
+    x = bits.view(dtype)
+    ok = torch.isfinite(x) & (x.float().abs() <= BF16_MAX)
+    return torch.where(ok, x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_fuzz_random_bit_patterns(dtype):
+    """Groups mixing every exponent (1e-45 next to 1e38), and all-denormal groups."""
+    gen = torch.Generator().manual_seed(17)
+    for denormal_only in (False, True):
+        x = _random_bit_patterns(gen, 1 << 13, dtype, denormal_only)
+        for name in PLAIN + ["bf16"]:
+            for g in (32, 256):
+                c = get_codec(name if name == "bf16" else f"{name}:{g}")
+                buf = c.encode(x)
+                y32 = c.decode(buf, x.numel())
+                assert ((y32 - x.float()).abs() <= c.error_bound(x)).all(), (c.spec, dtype)
+                y = c.decode(buf, x.numel(), dtype)
+                assert torch.isfinite(y).all(), (c.spec, dtype)
+
+
 @pytest.mark.parametrize("name", PLAIN)
 def test_error_bound_is_tight(name):
     """The bound is the analytic half step, not a loose envelope: errors reach > 40% of it."""
