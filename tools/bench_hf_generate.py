@@ -10,23 +10,26 @@ saves it to a local directory. Every rank then loads it with ``tp_plan="auto"`` 
 measures, through ``model.generate`` (greedy):
   TTFT  = time of generate(max_new_tokens=1) on a prompt of L tokens;
   TPOT  = (time of generate(max_new_tokens=1+n) - TTFT) / n at a 1k context.
-Times are CUDA-event medians over --repeats runs after one warm-up. Output rows follow the
-same schema as tools/bench_generate.py with comm="hf-tp".
+Times are CUDA-event medians over --repeats runs after one warm-up (perf_counter on a CPU
+smoke run under gloo), the largest of the ranks' medians. Output rows follow the schema of
+tools/bench_generate.py with comm="hf-tp". The loaded model is checked to be really split
+(rank-local q_proj rows == heads * head_dim / world) before anything is timed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_lite.models.shapes import SHAPES, get_shape  # noqa: E402
+from bench_generate import Clock, _max_over_ranks, write_json  # noqa: E402  (tools/ is on sys.path)
+from megatron_lite.models.random_init import resolve_shape, shape_names  # noqa: E402
 
 
 def _log(rank: int, *a) -> None:
@@ -34,33 +37,49 @@ def _log(rank: int, *a) -> None:
         print(*a, flush=True)
 
 
-def _load_tp(path: str):
+def _load_tp(path: str, dtype):
+    """``from_pretrained`` with transformers' own TP plan. transformers 5.17 (the GPU image)
+    takes ``tp_plan="auto"``; 5.18+ deprecates it for ``distributed_config``."""
+    import transformers
     from transformers import AutoModelForCausalLM
-    try:  # transformers >= 5.18 spells it DistributedConfig; 5.17 takes tp_plan directly
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    if (major, minor) >= (5, 18):
         from transformers.distributed import DistributedConfig
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16, distributed_config=DistributedConfig(tp_plan="auto"))
-    except (ImportError, TypeError):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, tp_plan="auto")
+            path, dtype=dtype, distributed_config=DistributedConfig(tp_plan="auto"))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, tp_plan="auto")
 
 
-def _timed(fn, repeats: int) -> float:
+def _check_split(model, world: int, device) -> None:
+    """Refuse to time a model that TP did not split (or left on the wrong device)."""
+    cfg = model.config
+    w = model.model.layers[0].self_attn.q_proj.weight
+    local = w.to_local() if hasattr(w, "to_local") else w
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    want = cfg.num_attention_heads * head_dim // world
+    if local.shape[0] != want or local.device.type != device.type:
+        raise RuntimeError(f"transformers did not split the model: q_proj is "
+                           f"{tuple(local.shape)} on {local.device}, expected {want} rows "
+                           f"on {device.type}")
+
+
+def _timed(fn, repeats: int, clock: Clock, device) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         dist.barrier()
-        start.record()
+        clock.sync()
+        start = clock.stamp()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        end = clock.stamp()
+        clock.sync()
+        times.append(clock.ms(start, end))
+    return _max_over_ranks(statistics.median(times), device)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="llama3-8b", choices=shape_names())
     p.add_argument("--prefill", default="512x1,2048x1,8192x1,1024x8",
                    help="comma list of TOKENSxBATCH prefill cases")
     p.add_argument("--decode-batches", default="1,16")
@@ -71,29 +90,38 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")   # multicast stays off (device notes)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    if torch.cuda.is_available():
+        device, dtype = torch.device("cuda", local_rank), torch.bfloat16
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:   # CPU smoke run (gloo); fp32 because CPU bf16 matmuls are slow
+        device, dtype = torch.device("cpu"), torch.float32
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    clock = Clock(device)
 
     workdir = args.workdir or os.path.join(tempfile.gettempdir(), f"hf_random_{args.shape}")
     if rank == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
         from transformers import AutoConfig, AutoModelForCausalLM
-        shape = get_shape(args.shape)
+        shape = resolve_shape(args.shape)
+        shape.pop("torch_dtype", None)
         cfg = AutoConfig.for_model(shape.pop("model_type"), **shape)
         torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         _log(rank, f"saving random {args.shape} to {workdir}")
         model.save_pretrained(workdir + ".tmp", safe_serialization=True)
         os.replace(workdir + ".tmp", workdir)
         del model
         torch.cuda.empty_cache()
     dist.barrier()
-    model = _load_tp(workdir)
+    model = _load_tp(workdir, dtype)
     model.eval()
+    _check_split(model, world, device)
     vocab = model.config.vocab_size
-    gen = torch.Generator(device="cuda").manual_seed(1234)
+    gen = torch.Generator(device=device).manual_seed(1234)
     rows = []
 
     def generate(ids, n):
@@ -103,26 +131,27 @@ def main() -> int:
 
     for case in args.prefill.split(","):
         tokens, batch = (int(v) for v in case.split("x"))
-        ids = torch.randint(0, vocab, (batch, tokens), device="cuda", generator=gen)
-        ms = _timed(lambda: generate(ids, 1), args.repeats)
+        ids = torch.randint(0, vocab, (batch, tokens), device=device, generator=gen)
+        ms = _timed(lambda: generate(ids, 1), args.repeats, clock, device)
         rows.append(dict(phase="prefill", batch=batch, tokens=tokens, comm="hf-tp", ms=ms))
         _log(rank, f"prefill  batch {batch:3d} tokens {tokens:5d}: {ms:9.2f} ms")
     for batch in (int(b) for b in args.decode_batches.split(",")):
-        ids = torch.randint(0, vocab, (batch, args.context), device="cuda", generator=gen)
-        t1 = _timed(lambda: generate(ids, 1), args.repeats)
-        tn = _timed(lambda: generate(ids, 1 + args.decode_tokens), args.repeats)
+        ids = torch.randint(0, vocab, (batch, args.context), device=device, generator=gen)
+        t1 = _timed(lambda: generate(ids, 1), args.repeats, clock, device)
+        tn = _timed(lambda: generate(ids, 1 + args.decode_tokens), args.repeats, clock, device)
         ms = (tn - t1) / args.decode_tokens
         rows.append(dict(phase="decode", batch=batch, tokens=args.context, comm="hf-tp", ms=ms))
         _log(rank, f"decode   batch {batch:3d} context {args.context:5d}: {ms:9.2f} ms/token")
 
     if rank == 0 and args.json:
+        import datetime
         import transformers
-        out = dict(device=torch.cuda.get_device_name(), tp=world, shape=args.shape,
-                   transformers=transformers.__version__, torch=torch.__version__, rows=rows)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        out = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   tp=world, shape=args.shape, date=datetime.date.today().isoformat(),
+                   transformers=transformers.__version__, torch=torch.__version__,
+                   context=args.context, decode_tokens=args.decode_tokens,
+                   repeats=args.repeats, rows=rows)
+        write_json(Path(args.json), out)
     dist.barrier()
     dist.destroy_process_group()
     return 0
