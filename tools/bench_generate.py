@@ -146,22 +146,49 @@ def _skip_reduce_communicator(base):
     return SkipReduceCommunicator(base)
 
 
+def _fused_auto(comm):
+    """The ``auto`` backend (kernels/backends.py) in ``comm``'s chain, installed here if the
+    chain does not have it yet (collective). None when the kernels are not importable."""
+    for b in getattr(comm, "backends", []):
+        if getattr(b, "name", None) == "auto":
+            return b
+    try:
+        import megatron_lite.kernels  # noqa: F401
+    except ImportError:   # a source checkout: kernels/ installs as megatron_lite.kernels
+        import megatron_lite
+        megatron_lite.__path__.append(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   ".."))
+    try:
+        from megatron_lite.kernels.backends import install_fused
+    except ImportError:
+        return None
+    return install_fused(comm)
+
+
 def make_communicator(mode: str, base, num_layers: int):
-    """Communicator for a mode, or raise ValueError saying why the mode is unavailable."""
+    """Communicator for a mode, or raise ValueError saying why the mode is unavailable.
+
+    The quantized modes are what a user would run: the site's codec with helper D's
+    ``auto`` chooser in front (fused one-shot bf16 for latency-bound messages, the fused
+    two-shot quantized kernel where it pays, NCCL between), falling back to the portable
+    two-step path where there are no kernels (CPU). ``explain`` records which backend
+    serves each message size."""
     from megatron_lite.comm import allreduce
     if mode == "nccl-bf16":
         return base
     if mode == "none":
         return _skip_reduce_communicator(base)
-    if mode in ("int8", "int4"):
-        return allreduce.build_communicator(base, f"{mode}:128", num_layers=num_layers)
+    specs = {"auto-bf16": "bf16", "int8": "int8:128", "int4": "int4:128"}
+    if mode not in specs:
+        raise ValueError(f"unknown comm mode {mode!r}; choose among {', '.join(MODES)}")
+    comm = allreduce.build_communicator(base, specs[mode], num_layers=num_layers)
+    auto = _fused_auto(comm)
     if mode == "auto-bf16":
-        # helper D's chooser: fused one-shot bf16 for small messages, NCCL for large
-        try:
-            return allreduce.build_communicator(base, "auto", num_layers=num_layers)
-        except Exception as e:   # noqa: BLE001 - report why and skip the mode
-            raise ValueError(f"auto-bf16 unavailable: {e}") from e
-    raise ValueError(f"unknown comm mode {mode!r}; choose among {', '.join(MODES)}")
+        state = getattr(auto, "state", None)
+        if auto is None or (state is not None and getattr(state, "ws", None) is None):
+            why = "fused kernels not importable" if auto is None else state.why
+            raise ValueError(f"auto-bf16 unavailable: {why}")
+    return comm
 
 
 def explain(comm, examples, hidden: int, dtype, device) -> dict:

@@ -1,0 +1,236 @@
+"""CPU-runnable parts of issue 5: graph buckets, the Engine hook's CPU behaviour, the causal
+prefill fast path, random-weight models, and tools/bench_generate.py end to end on gloo.
+
+The CUDA-graph capture/replay itself is tested in tests/gpu/test_generate_gpu.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from megatron_lite.comm.communicator import Communicator, DistCommunicator
+from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder, bucket_for
+from megatron_lite.models import decoder as decoder_mod
+from megatron_lite.models.random_init import (INIT_STD, TEST_SHAPES, random_model,
+                                              resolve_shape, streamed_weight_bytes,
+                                              total_weight_bytes)
+from megatron_lite.parallel_state import TPGroup
+from tests._dist import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import bench_generate as bench  # noqa: E402
+
+
+def _group(rank=0, world=1) -> TPGroup:
+    """A TP group handle of the given rank/size: model construction makes no collective
+    calls, so a bare Communicator suffices to build one rank's shard."""
+    return TPGroup(DistCommunicator(None) if world == 1 else Communicator(rank, world))
+
+
+# ----------------------------------------------------------------------------- buckets
+def test_bucket_is_the_smallest_that_fits():
+    buckets = (1, 2, 4, 8, 16)
+    assert [bucket_for(b, buckets) for b in (1, 2, 3, 4, 5, 9, 16)] == [1, 2, 4, 4, 8, 16, 16]
+    assert bucket_for(17, buckets) is None
+    with pytest.raises(ValueError):
+        bucket_for(0, buckets)
+
+
+def test_graph_decoder_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        CUDAGraphDecoder(lambda t, p: t, "cpu")
+
+
+def test_engine_on_cpu_decodes_eagerly_and_refuses_forced_graphs():
+    from megatron_lite import Engine
+    model = random_model(resolve_shape("tiny"), _group(), device="cpu", dtype=torch.float32)
+    engine = Engine(model)
+    assert engine.cuda_graphs is False
+    assert engine._cache_rows(3) == 3   # no bucket padding without graphs
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(model, cuda_graphs=True)
+
+
+# ----------------------------------------------------------------------------- random init
+@pytest.mark.parametrize("shape,norm_value", [("tiny", 1.0), ("tiny-gemma2", 0.0)])
+def test_random_weights_follow_the_hf_scheme(shape, norm_value):
+    model = random_model(resolve_shape(shape), _group(), device="cpu", dtype=torch.float32)
+    cfg = model.cfg
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            assert torch.all(p == norm_value), name
+        else:
+            real = p[:cfg.vocab_size] if "embed" in name or "lm_head" in name else p
+            assert abs(real.std().item() - INIT_STD) < 0.05 * INIT_STD, name
+            assert abs(real.mean().item()) < 0.05 * INIT_STD, name
+    pad = model.embed_tokens.weight[cfg.vocab_size:]
+    assert pad.shape[0] > 0 and torch.all(pad == 0)   # padded vocab rows are zero
+
+
+def test_random_weights_are_reproducible_and_seeded():
+    hf = resolve_shape("tiny")
+    a = random_model(hf, _group(), device="cpu", dtype=torch.float32, seed=1)
+    b = random_model(hf, _group(), device="cpu", dtype=torch.float32, seed=1)
+    c = random_model(hf, _group(), device="cpu", dtype=torch.float32, seed=2)
+    name = "layers.1.mlp.down_proj.weight"
+    pa, pb, pc = (dict(m.named_parameters())[name] for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_replicated_kv_heads_match_across_ranks():
+    hf = dict(resolve_shape("tiny"), num_key_value_heads=2)   # tp 4 > 2 KV heads
+    ranks = [random_model(hf, _group(r, 4), device="cpu", dtype=torch.float32)
+             for r in range(4)]
+    cfg = ranks[0].cfg
+    nq, hd = cfg.local_heads(4) * cfg.head_dim, cfg.head_dim
+    qkv = [dict(m.named_parameters())["layers.0.self_attn.qkv_proj.weight"] for m in ranks]
+    assert [cfg.kv_heads_of_rank(4, r) for r in range(4)] == [[0], [0], [1], [1]]
+    assert torch.equal(qkv[0][nq:], qkv[1][nq:])          # same KV head 0, k and v rows
+    assert torch.equal(qkv[2][nq:], qkv[3][nq:])
+    assert not torch.equal(qkv[0][nq:nq + hd], qkv[2][nq:nq + hd])
+    assert not torch.equal(qkv[0][:nq], qkv[1][:nq])       # q heads are each rank's own
+
+
+def test_streamed_bytes_skip_the_untied_input_embedding():
+    untied = random_model(resolve_shape("tiny"), _group(), device="cpu", dtype=torch.bfloat16)
+    emb = untied.embed_tokens.weight
+    assert streamed_weight_bytes(untied) == total_weight_bytes(untied) - emb.numel() * 2
+    tied = random_model(resolve_shape("tiny-gemma2"), _group(), device="cpu",
+                        dtype=torch.bfloat16)
+    assert streamed_weight_bytes(tied) == total_weight_bytes(tied)
+
+
+def test_unknown_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown shape 'llama9'"):
+        resolve_shape("llama9")
+
+
+# ----------------------------------------------------------------------------- causal prefill
+def _prefill(model, T, causal, B=2):
+    from megatron_lite.inference.kv_cache import KVCache
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=g)
+    pos = torch.arange(T).expand(B, T)
+    cache = KVCache(model.cfg, 1, B, T, torch.float32, "cpu")
+    return model(ids, pos, cache.k, cache.v, kv_len=T, causal_prefill=causal)
+
+
+@pytest.mark.parametrize("shape,T,fast", [
+    ("tiny", 48, True),              # no window, no softcap: is_causal path
+    ("tiny-gemma2", 48, False),      # attention soft-cap: must keep the explicit mask
+])
+def test_causal_prefill_fast_path(monkeypatch, shape, T, fast):
+    model = random_model(resolve_shape(shape), _group(), device="cpu", dtype=torch.float32)
+    for p in model.parameters():     # O(1) activations so a wrong mask shows in the logits
+        if p.dim() > 1:
+            p.mul_(25.0)
+    masked = _prefill(model, T, causal=False)
+    calls = []
+    real = decoder_mod.attention_mask
+    monkeypatch.setattr(decoder_mod, "attention_mask",
+                        lambda *a: calls.append(a) or real(*a))
+    fast_out = _prefill(model, T, causal=True)
+    assert (len(calls) == 0) == fast
+    torch.testing.assert_close(fast_out, masked, rtol=1e-5, atol=1e-5)
+    if not fast:
+        assert torch.equal(fast_out, masked)
+
+
+def test_sliding_window_shorter_than_prompt_keeps_the_mask(monkeypatch):
+    hf = dict(resolve_shape("tiny-gemma2"), attn_logit_softcapping=None)   # window 64
+    model = random_model(hf, _group(), device="cpu", dtype=torch.float32)
+    kinds = []
+    real = decoder_mod.attention_mask
+    monkeypatch.setattr(decoder_mod, "attention_mask",
+                        lambda pos, kv, w: kinds.append(w) or real(pos, kv, w))
+    _prefill(model, 32, causal=True, B=1)
+    assert kinds == []                       # window 64 >= 32 tokens: plain causal
+    _prefill(model, 96, causal=True, B=1)
+    assert kinds == [64]                     # sliding layers need the window mask
+
+
+# ----------------------------------------------------------------------------- bench tool
+def test_skip_reduce_returns_its_input_and_gathers_for_real():
+    comm = bench._skip_reduce_communicator(DistCommunicator(None))
+    x = torch.randn(3, 4)
+    assert comm.all_reduce(x, "layers.0.mlp.down_proj") is x
+    assert torch.equal(comm.all_gather(x), x)
+
+
+def test_comm_removed_ratio():
+    rows = [dict(phase="prefill", batch=1, tokens=8192, comm=c, ms=ms)
+            for c, ms in (("nccl-bf16", 100.0), ("int4", 70.0), ("none", 60.0),
+                          ("int8", 110.0))]
+    rows.append(dict(phase="decode", batch=1, tokens=1024, comm="int4", ms=1.0))
+    got = {r["comm"]: r["ratio"] for r in bench.comm_removed(rows)}
+    assert got == pytest.approx({"int4": 0.75, "int8": -0.25})
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--random-weights", "tiny", "--comm", "int5"], "unknown comm mode"),
+    (["--random-weights", "tiny", "--prefill", "8k"], "bad prefill case"),
+    (["--random-weights", "nope"], "unknown shape 'nope'"),
+    (["--decode-batches", "1"], "give --ckpt DIR or --random-weights"),
+    (["--from-json", "x.json"], "--from-json needs --plot"),
+])
+def test_bad_arguments_fail_with_one_line(capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and msg in err and "\n" not in err
+
+
+def _bench_rank(rank, world, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from megatron_lite import parallel_state
+    path = os.path.join(out_dir, "r.json")
+    try:
+        bench.main(["--random-weights", "tiny", "--prefill", "32x1,16x2",
+                    "--decode-batches", "1,3", "--context", "40", "--decode-steps", "3",
+                    "--repeats", "2", "--check-tokens", "4", "--json", path])
+    finally:
+        parallel_state.destroy_model_parallel()
+    return json.load(open(path)) if rank == 0 else None
+
+
+def test_bench_end_to_end_on_gloo(tmp_path):
+    res = run_distributed(_bench_rank, 2, str(tmp_path))[0]
+    assert res["tp"] == 2 and res["shape"] == "tiny" and res["device"] == "cpu"
+    assert "auto-bf16" in res["skipped"]     # no fused kernels over gloo
+    modes = ["nccl-bf16", "int8", "int4", "none"]
+    want = {(ph, b, t, c) for c in modes for ph, b, t in
+            [("prefill", 1, 32), ("prefill", 2, 16), ("decode", 1, 40), ("decode", 3, 40)]}
+    got = {(r["phase"], r["batch"], r["tokens"], r["comm"]) for r in res["rows"]}
+    assert got == want
+    assert all(r["ms"] > 0 for r in res["rows"])
+    for mode in ("nccl-bf16", "int8", "int4"):
+        assert res["checks"][mode]["ranks_identical"] is True
+        assert res["checks"][mode]["logits_finite"] is True
+    # int8 is close to the bf16 sum; int4 further, but still far below the logits' scale
+    c8, c4 = res["checks"]["int8"], res["checks"]["int4"]
+    assert c8["logits_max_abs_diff_vs_nccl"] < c4["logits_max_abs_diff_vs_nccl"]
+    assert c4["logits_max_abs_diff_vs_nccl"] < 0.5 * c4["logits_scale"]
+    assert res["backends"]["int4"]["prefill_8k"].startswith("two-step")
+    assert {r["comm"] for r in res["ttft_comm_removed"]} <= {"int8", "int4"}
+    assert res["tpot_floor_ms"] > 0
+
+
+def test_plot_from_json(tmp_path):
+    rows = [dict(phase=ph, batch=b, tokens=t, comm=c, ms=ms)
+            for ph, b, t in (("prefill", 1, 512), ("decode", 1, 1024))
+            for c, ms in (("nccl-bf16", 2.0), ("int4", 1.5))]
+    ours = dict(device="x", tp=2, shape="tiny", context=1024, rows=rows)
+    hf = dict(device="x", tp=2, shape="tiny", rows=[dict(rows[0], comm="hf-tp", ms=9.0)])
+    paths = []
+    for name, obj in (("a.json", ours), ("b.json", hf)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(obj))
+    out = tmp_path / "p.png"
+    assert bench.main(["--plot", str(out), "--from-json", *map(str, paths)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
