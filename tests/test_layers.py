@@ -159,19 +159,25 @@ class RecordingCommunicator(DistCommunicator):
 def _sites_worker(rank, ws, hf_cfg, sd):
     from megatron_lite.inference.engine import Engine
     comm = RecordingCommunicator()
-    eng = Engine.from_hf_state_dict(hf_cfg, sd, comm=comm, device="cpu")
-    eng.logits(torch.tensor([[5, 6, 7]]))
-    return comm.sites
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    native = Engine.from_hf_state_dict(hf_cfg, sd, comm=comm, device="cpu").logits(ids)
+    # a --comm spec wraps the group's communicator (comm/allreduce.py); the model is unchanged
+    quant = Engine.from_hf_state_dict(hf_cfg, sd, comm="int8:32", device="cpu").logits(ids)
+    return comm.sites, native, quant
 
 
 def test_every_tp_sum_goes_through_the_group_with_its_site():
     from tests.tiny_configs import make_hf_model
     sd = make_hf_model("gemma3_text").state_dict()
-    sites = run_distributed(_sites_worker, 2, hf_config_dict("gemma3_text"), sd)
+    outs = run_distributed(_sites_worker, 2, hf_config_dict("gemma3_text"), sd)
     n_layers = TINY_CONFIGS["gemma3_text"]["num_hidden_layers"]
     expected = ["embed_tokens"] + [s for i in range(n_layers) for s in
                                    (f"layers.{i}.self_attn.o_proj", f"layers.{i}.mlp.down_proj")]
-    assert sites[0] == expected and sites[1] == expected
+    (sites0, native, quant), (sites1, native1, quant1) = outs
+    assert sites0 == expected and sites1 == expected
+    assert torch.equal(native, native1) and torch.equal(quant, quant1)
+    err = (quant - native).abs().max().item()
+    assert 0 < err < 0.05 * native.abs().max().item()     # quantized, yet close
 
 
 # --------------------------------------------------------------------- ModelConfig

@@ -139,17 +139,23 @@ class Engine:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], group: Optional[TPGroup] = None,
-                        dtype=None, comm: Optional[Communicator] = None, max_batch_size: int = 8,
+                        dtype=None, comm=None, max_batch_size: int = 8,
                         max_seq_len: Optional[int] = None, device=None) -> "Engine":
         """Load a shard directory (its TP must equal the world size) or an HF directory
-        (sharded in memory). All checks run before any weights are read."""
+        (sharded in memory). All checks run before any weights are read.
+
+        ``group``: the TP group (default: ``parallel_state.get_tp_group()``). ``comm``: how
+        it all-reduces: a Communicator or TPGroup to use as is, or a CommConfig / ``--comm``
+        spec string that wraps the group's communicator (comm/allreduce.py).
+        """
         from megatron_lite.checkpoint.loader import load_rank_state
-        group = _resolve_group(group, comm)
+        base = _base_group(group, comm)
         device, dtype = _resolve_device_dtype(device, dtype)
-        hf_config, state, tok_dir = load_rank_state(path, group.rank, group.world_size,
+        hf_config, state, tok_dir = load_rank_state(path, base.rank, base.world_size,
                                                     dtype=dtype)
-        return cls.from_rank_state_dict(hf_config, state, tokenizer=tok_dir, group=group,
-                                        dtype=dtype, device=device, max_batch_size=max_batch_size,
+        return cls.from_rank_state_dict(hf_config, state, tokenizer=tok_dir,
+                                        group=_apply_comm(base, comm, hf_config), dtype=dtype,
+                                        device=device, max_batch_size=max_batch_size,
                                         max_seq_len=max_seq_len)
 
     @classmethod
@@ -158,7 +164,7 @@ class Engine:
                            **kwargs) -> "Engine":
         """From an in-memory HF state dict (e.g. ``model.state_dict()`` of transformers)."""
         from megatron_lite.checkpoint.layout import shard_hf_state_dict
-        group = _resolve_group(group, comm)
+        group = _apply_comm(_base_group(group, comm), comm, hf_config)
         cfg = ModelConfig.from_hf(hf_config)
         state = shard_hf_state_dict(hf_sd, cfg, group.world_size, group.rank)
         return cls.from_rank_state_dict(hf_config, state, tokenizer, group=group, dtype=dtype,
@@ -384,16 +390,24 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
-def _resolve_group(group: Optional[TPGroup], comm) -> TPGroup:
-    if comm is None:
-        return group or get_tp_group()
-    if group is not None:
-        raise ValueError("pass either group= or comm=, not both")
-    if isinstance(comm, TPGroup):
-        return comm
-    if isinstance(comm, Communicator):
-        return TPGroup.from_communicator(comm)
-    raise TypeError(f"comm must be a Communicator or TPGroup, got {type(comm).__name__}")
+def _base_group(group: Optional[TPGroup], comm) -> TPGroup:
+    """The group whose rank / world size the checkpoint is loaded for."""
+    if isinstance(comm, (TPGroup, Communicator)):
+        if group is not None:
+            raise ValueError("pass a Communicator/TPGroup as group= or comm=, not both")
+        return comm if isinstance(comm, TPGroup) else TPGroup.from_communicator(comm)
+    return group or get_tp_group()
+
+
+def _apply_comm(group: TPGroup, comm, hf_config: dict) -> TPGroup:
+    """Wrap the group's communicator for a CommConfig / spec string (None: unchanged)."""
+    if comm is None or isinstance(comm, (TPGroup, Communicator)):
+        return group
+    from megatron_lite.comm.allreduce import build_communicator
+    wrapped = build_communicator(group.communicator, comm,
+                                 num_layers=hf_config.get("num_hidden_layers"),
+                                 hf_config=hf_config)
+    return group if wrapped is group.communicator else TPGroup.from_communicator(wrapped)
 
 
 def _resolve_device_dtype(device, dtype):
