@@ -263,7 +263,9 @@ class GroupCodec(Codec):
         xz = torch.where(finite.unsqueeze(-1), xg, torch.zeros_like(xg))
         if self.kind == "asym":
             lo, hi = xz.amin(-1), xz.amax(-1)
-            m = round_down_bf16(lo)
+            # + 0.0 turns -0.0 into +0.0: which signed zero amin returns from a group holding
+            # both is implementation-defined (CPU vs GPU vs kernels); the stored bits must not be.
+            m = round_down_bf16(lo) + 0.0
             c = torch.tensor(2.0 / self.qmax, dtype=torch.float32)
             d = (0.5 * hi - 0.5 * m) * c
             s = round_up_bf16(torch.clamp(d, min=_S_MIN))
