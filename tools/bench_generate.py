@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy tokens generated per mode for the checks (0: skip checks)")
     p.add_argument("--eager-decode", action="store_true",
                    help="also time eager (no CUDA graph) decode at batch 1, nccl-bf16")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the kernels of a batch-1 decode step (nccl-bf16, auto-bf16)")
     p.add_argument("--hbm-gib", type=float, default=2.0,
                    help="size of the device-to-device copy that measures HBM bandwidth")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
@@ -275,9 +277,46 @@ def time_prefill(engine, tokens, repeats: int, clock: Clock) -> float:
     return _max_over_ranks(statistics.median(times), engine.device)
 
 
+_KERNEL_KINDS = (   # (kind, regex on the kernel name), first match wins
+    ("allreduce", r"nccl|one_shot|two_shot|allreduce|all_reduce"),
+    ("attention", r"flash|fmha|attention|efficient_attention"),
+    ("gemm", r"gemm|gemv|cutlass|nvjet|xmma|cublas|splitk"),
+    ("copy", r"memcpy|memset"),
+)
+
+
+def profile_steps(step, tok, pos, steps: int = 5) -> dict:
+    """Kernels of ``steps`` decode steps under the CUDA profiler (graph replays included):
+    per-step kernel count, busy time by kind, and the span from first kernel start to last
+    kernel end (span - busy = gaps between kernels)."""
+    import re
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = step(tok, pos).argmax(-1)
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not evs:
+        return dict(error="the profiler saw no CUDA kernels")
+    by_kind: dict = {}
+    for e in evs:
+        kind = next((k for k, rx in _KERNEL_KINDS if re.search(rx, e.name, re.I)), "other")
+        n, us = by_kind.get(kind, (0, 0.0))
+        by_kind[kind] = (n + 1, us + e.time_range.elapsed_us())
+    span = max(e.time_range.end for e in evs) - min(e.time_range.start for e in evs)
+    return dict(kernels_per_step=len(evs) / steps,
+                busy_ms_per_step=sum(us for _, us in by_kind.values()) / steps / 1e3,
+                span_ms_per_step=span / steps / 1e3,
+                by_kind={k: dict(kernels=n / steps, ms=us / steps / 1e3)
+                         for k, (n, us) in sorted(by_kind.items())})
+
+
 def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
-                graph: bool) -> float:
-    """Median ms of one decode step (+ greedy pick) at ``context`` cached tokens."""
+                graph: bool, profile: bool = False):
+    """Median ms of one decode step (+ greedy pick) at ``context`` cached tokens, and the
+    step's kernel profile if asked (else None)."""
     import torch
     from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder
     max_seq = -(-(context + 1) // 64) * 64
@@ -304,8 +343,14 @@ def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
         stamps.append(clock.stamp())
     clock.sync()
     ms = statistics.median(clock.ms(a, b) for a, b in zip(stamps, stamps[1:]))
+    prof = None
+    if profile:
+        try:
+            prof = profile_steps(step, tok, pos)
+        except Exception as e:   # noqa: BLE001 - a profiler failure must not lose the timing
+            prof = dict(error=f"{type(e).__name__}: {e}")
     del step
-    return _max_over_ranks(ms, engine.device)
+    return _max_over_ranks(ms, engine.device), prof
 
 
 # ----------------------------------------------------------------------------- checks
@@ -587,12 +632,20 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
             say(f"[{mode}] prefill {_case_label(tokens, batch):>6s}: {ms:9.3f} ms")
         engine.cache = None
         for batch in batches:
-            ms = time_decode(engine, batch, args.context, args.decode_steps, clock, graphs)
+            prof_this = (args.profile and graphs and batch == 1
+                         and mode in ("nccl-bf16", "auto-bf16"))
+            if prof_this:
+                save()   # keep the rows so far if the profiler brings the process down
+            ms, prof = time_decode(engine, batch, args.context, args.decode_steps, clock,
+                                   graphs, profile=prof_this)
             result["rows"].append(dict(phase="decode", batch=batch, tokens=args.context,
                                        comm=mode, ms=ms, graph=graphs))
             say(f"[{mode}] decode  b{batch:<4d}: {ms:9.3f} ms/token")
+            if prof is not None:
+                result.setdefault("decode_profile_b1", {})[mode] = prof
+                say(f"[{mode}] decode b1 kernels: {prof}")
             if args.eager_decode and graphs and batch == 1 and mode == "nccl-bf16":
-                ms = time_decode(engine, 1, args.context, 20, clock, graph=False)
+                ms, _ = time_decode(engine, 1, args.context, 20, clock, graph=False)
                 result["rows"].append(dict(phase="decode", batch=1, tokens=args.context,
                                            comm=mode, ms=ms, graph=False, extra=True))
                 say(f"[{mode}] decode  b1 eager: {ms:9.3f} ms/token")
