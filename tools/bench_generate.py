@@ -148,12 +148,24 @@ def _skip_reduce_communicator(base):
     return SkipReduceCommunicator(base)
 
 
-def _fused_auto(comm):
+def _workspace_bytes(auto) -> int:
+    try:
+        return 2 * auto.state.ws.layout.max_elems
+    except AttributeError:
+        return 0
+
+
+def _fused_auto(comm, max_bytes: int):
     """The ``auto`` backend (kernels/backends.py) in ``comm``'s chain, installed here if the
-    chain does not have it yet (collective). None when the kernels are not importable."""
-    for b in getattr(comm, "backends", []):
+    chain does not have it yet or its workspace cannot take ``max_bytes`` messages (the
+    default 64 MiB is less than a 70B layer's 8k-token reduce). Collective. None when the
+    kernels are not importable."""
+    chain = getattr(comm, "backends", [])
+    for b in list(chain):
         if getattr(b, "name", None) == "auto":
-            return b
+            if getattr(b.state, "ws", None) is None or _workspace_bytes(b) >= max_bytes:
+                return b
+            chain.remove(b)   # too small: replace it by one with a larger workspace
     try:
         import megatron_lite.kernels  # noqa: F401
     except ImportError:   # a source checkout: kernels/ installs as megatron_lite.kernels
@@ -164,10 +176,10 @@ def _fused_auto(comm):
         from megatron_lite.kernels.backends import install_fused
     except ImportError:
         return None
-    return install_fused(comm)
+    return install_fused(comm, max_bytes=max(max_bytes, 64 << 20))
 
 
-def make_communicator(mode: str, base, num_layers: int):
+def make_communicator(mode: str, base, num_layers: int, max_bytes: int = 64 << 20):
     """Communicator for a mode, or raise ValueError saying why the mode is unavailable.
 
     The quantized modes are what a user would run: the site's codec with helper D's
@@ -184,7 +196,7 @@ def make_communicator(mode: str, base, num_layers: int):
     if mode not in specs:
         raise ValueError(f"unknown comm mode {mode!r}; choose among {', '.join(MODES)}")
     comm = allreduce.build_communicator(base, specs[mode], num_layers=num_layers)
-    auto = _fused_auto(comm)
+    auto = _fused_auto(comm, max_bytes)
     if mode == "auto-bf16":
         state = getattr(auto, "state", None)
         if auto is None or (state is not None and getattr(state, "ws", None) is None):
@@ -248,6 +260,12 @@ def measure_hbm_GBps(device, gib: float, clock: Clock) -> float:
         times.append(clock.ms(a, b))
     del src, dst
     return 2 * n / (statistics.median(times) * 1e-3) / 1e9
+
+
+def _nccl_version() -> str:
+    import torch
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 def _max_over_ranks(value: float, device) -> float:
@@ -568,7 +586,7 @@ def main(argv=None) -> int:
     result = dict(
         device=torch.cuda.get_device_name(device) if graphs else "cpu", tp=tp, shape=shape_name,
         date=datetime.date.today().isoformat(), torch=torch.__version__,
-        nccl=".".join(map(str, torch.cuda.nccl.version())) if graphs else None,
+        nccl=_nccl_version() if graphs else None,
         dtype=str(dtype).replace("torch.", ""), context=args.context,
         decode_steps=args.decode_steps, prefill_repeats=args.repeats, cuda_graphs=graphs,
         hbm_GBps=hbm, weight_bytes_per_gpu=total_weight_bytes(model),
@@ -604,9 +622,11 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
         result["checks"]["graph_vs_eager"] = graph_matches_eager(engine)
         say(f"check graph vs eager: {result['checks']['graph_vs_eager']}")
     sizes = [("decode_b1", 1), ("decode_b64", 64), ("prefill_8k", 8192)]
+    # largest TP-sum message (bf16 hidden states of the longest prefill), for the workspace
+    max_message = max(t * b for t, b in cases) * cfg.hidden_size * 2
     for mode in tqdm(modes, desc="comm modes", disable=rank != 0):
         try:
-            comm = make_communicator(mode, base, cfg.num_layers)
+            comm = make_communicator(mode, base, cfg.num_layers, max_message)
         except ValueError as e:
             result["skipped"][mode] = str(e)
             say(f"[{mode}] skipped: {e}")
