@@ -76,22 +76,22 @@ class _Stream:
     def push(self, token: int, nonfinite: bool) -> None:
         r = self.r
         if nonfinite:
-            return self._finish("nonfinite")
+            return self.finish("nonfinite")
         r.token_ids.append(token)
         if token in self.eos:
-            return self._finish("eos")
+            return self.finish("eos")
         if self.need_text:
             r.text = self._decode()
             cut = self._find_stop(r.text)
             if cut is not None:
                 r.text = r.text[:cut]
-                return self._finish("stop")
+                return self.finish("stop")
             safe = len(r.text) - self.holdback
             while safe > self.emitted and r.text[safe - 1] == "\ufffd":   # partial UTF-8
                 safe -= 1
             self._emit_to(safe)
         if len(r.token_ids) >= self.max_new:
-            self._finish("length")
+            self.finish("length")
 
     def _decode(self) -> str:
         ids = [t for t in self.r.token_ids if t not in self.eos]
@@ -108,7 +108,7 @@ class _Stream:
             self.emit(self.r.text[self.emitted:end])
             self.emitted = end
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
         r = self.r
         r.finish_reason = reason
         if self.tok is not None and reason != "stop":
@@ -185,9 +185,11 @@ class Engine:
         if tok_dir is not None:
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        eos = set(cfg.eos_token_ids) | _generation_config_eos(tok_dir)
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
+        # As transformers' generate: generation_config.json's EOS ids (chat models list their
+        # end-of-turn token there), else config.json's; the tokenizer's only as a fallback.
+        eos = _generation_config_eos(tok_dir) or set(cfg.eos_token_ids)
+        if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos = {int(tokenizer.eos_token_id)}
         return cls(model, tokenizer, eos_token_ids=sorted(eos), **kwargs)
 
     # ------------------------------------------------------------------ model calls
@@ -364,7 +366,7 @@ class Engine:
         t_end = time.perf_counter()
         for s in streams:   # finished by the loop bound without a final consume
             if not s.done:
-                s._finish("length")
+                s.finish("length")
         decode_steps = step - 1
         rate = decode_steps / (t_end - t_first) if decode_steps and t_end > t_first else None
         for r in results:

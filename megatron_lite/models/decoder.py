@@ -14,6 +14,7 @@ padding); the mask never lets a query read them.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -67,7 +68,6 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         # Llama 3.1 (transformers _compute_llama3_parameters): wavelengths longer than
         # original_ctx / low_freq_factor are slowed down by `factor`, shorter than
         # original_ctx / high_freq_factor are kept, and the band between is interpolated.
-        import math
         ctx = rope.original_max_position_embeddings
         low_wavelen, high_wavelen = ctx / rope.low_freq_factor, ctx / rope.high_freq_factor
         wavelen = 2 * math.pi / inv
