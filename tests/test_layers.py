@@ -263,3 +263,55 @@ def test_engine_refuses_a_tp_size_that_does_not_fit():
             self.rank, self.world_size = 0, 3
     with pytest.raises(TPSizeError):
         Engine.from_hf_state_dict(hf_config_dict("gemma"), {}, comm=Three())
+
+
+# --------------------------------------------------------------------- parallel_state
+_TORCHRUN_SCRIPT = '''
+import os, torch
+from megatron_lite.parallel_state import (destroy_model_parallel, get_tp_group,
+                                          initialize_model_parallel)
+g = initialize_model_parallel()
+assert get_tp_group() is g and initialize_model_parallel() is g
+import torch.distributed as dist
+x = g.all_reduce(torch.full((3,), float(g.rank + 1)), site="test")
+y = g.all_gather(torch.tensor([[g.rank]]), dim=1)
+print(f"RESULT rank={g.rank} ws={g.world_size} backend={dist.get_backend()} "
+      f"sum={x.tolist()} gather={y.tolist()}", flush=True)
+destroy_model_parallel()
+assert not dist.is_initialized()
+'''
+
+
+def test_initialize_from_torchrun_environment(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    script = tmp_path / "init.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_LITE_BACKEND="gloo",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={port}", str(script)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = sorted(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
+    assert lines == [f"RESULT rank={r} ws=2 backend=gloo sum=[3.0, 3.0, 3.0] "
+                     f"gather=[[0, 1]]" for r in range(2)]
+
+
+def test_without_torchrun_environment_is_one_rank(monkeypatch):
+    from megatron_lite import parallel_state as ps
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    ps.destroy_model_parallel()
+    g = ps.initialize_model_parallel()
+    try:
+        assert (g.rank, g.world_size) == (0, 1)
+        x = torch.ones(2)
+        assert g.all_reduce(x, "s") is x and g.all_gather(x) is x
+    finally:
+        ps.destroy_model_parallel()
