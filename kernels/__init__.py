@@ -1,5 +1,14 @@
 """GPU kernels for megatron_lite (Triton first), installed as ``megatron_lite.kernels``.
 
-The quantize / dequantize / fused all-reduce kernels live here; each is tested against the
-plain-torch reference codecs in ``megatron_lite.comm.codecs`` (the bit-exact contract).
+* ``quant``            quantize / dequantize(+sum) for every group codec of
+                       ``megatron_lite.comm.codecs``, bit-exact against that reference;
+* ``workspace``        symmetric buffers (torch symmetric memory on CUDA, /dev/shm in tests)
+                       with on-device epochs;
+* ``fused_allreduce``  one-shot bf16 and one-launch two-shot quantized all-reduce kernels;
+* ``backends``         their Backend classes for comm/allreduce.py's chain, and ``auto``;
+* ``thresholds``       the measured size table ``auto`` chooses by.
+
+Importing this package needs ``triton``; ``megatron_lite.comm`` works without it.
 """
+from . import quant, sync, workspace, fused_allreduce, thresholds, backends  # noqa: F401
+from .backends import AutoBackend, install_fused  # noqa: F401

@@ -30,8 +30,9 @@ except ImportError:  # pragma: no cover - loaded as a top-level module
     from workspace import MAX_BLOCKS, SymmWorkspace  # type: ignore
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# ~minutes of polling on a GPU; far fewer polls under the (slow) interpreter.
-SPIN_LIMIT = (1 << 16) if INTERPRET else (1 << 28)
+# ~tens of seconds of polling on a GPU (a peer still compiling its first call must not
+# trip it); far fewer polls under the (slow) interpreter.
+SPIN_LIMIT = (1 << 16) if INTERPRET else (1 << 26)
 
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -42,7 +43,9 @@ def _num_sms(device: torch.device) -> int:
     return 8
 
 
-@triton.jit
+# rank, N and the chunk geometry change between ranks/calls: compiling a variant per value
+# (Triton specialises ints equal to 1) would make ranks compile different kernels.
+@triton.jit(do_not_specialize=["N", "rank"])
 def _one_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      d0, d1, d2, d3, d4, d5, d6, d7,
                      N, rank, flag_off, data_off, slot_bytes,
@@ -102,14 +105,14 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
         raise ValueError(f"one-shot grid {grid} exceeds {MAX_BLOCKS} blocks")
     lay = ws.layout
     _one_shot_kernel[(grid,)](
-        x, out, ws.buffer, ws.counters[0], ws.status, *ws.deltas,
+        x, out, ws.buffer, ws.counters[0], ws.status, *ws.kernel_deltas,
         n, ws.rank, lay.flag_off, lay.oneshot_off, lay.oneshot_slot,
         W=ws.world, MAXB=MAX_BLOCKS, BLOCK=block, SPIN=SPIN_LIMIT, num_warps=4)
     return out
 
 
 # ----------------------------------------------------------------------------- two-shot
-@triton.jit
+@triton.jit(do_not_specialize=["N", "rank", "chunk", "tiles"])
 def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      d0, d1, d2, d3, d4, d5, d6, d7,
                      N, rank, chunk, tiles, flag_off, recv_off, gather_off, slot,
@@ -208,8 +211,8 @@ def two_shot_plan(n: int, world: int, group: int, device: torch.device):
     return tile, chunk, tiles, min(tiles, sms)
 
 
-def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Tensor = None
-                        ) -> torch.Tensor:
+def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Tensor = None,
+                        _warmup_only: bool = False) -> torch.Tensor:
     """Quantized sum over the workspace's ranks in ONE kernel launch.
 
     Block b of every rank owns tiles b, b+grid, ... of every chunk (chunk j = values
@@ -246,8 +249,11 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
     lay = ws.layout
     lim = quant.FP16_MAX if x.dtype == torch.float16 else quant.BF16_MAX
     opts = {} if INTERPRET else {"enable_fp_fusion": False}
-    _two_shot_kernel[(grid,)](
-        x, out, ws.buffer, ws.counters[1], ws.status, *ws.deltas,
+    launch = (_two_shot_kernel.warmup if _warmup_only else _two_shot_kernel[(grid,)])
+    if _warmup_only:
+        opts["grid"] = (grid,)
+    launch(
+        x, out, ws.buffer, ws.counters[1], ws.status, *ws.kernel_deltas,
         n, ws.rank, chunk, tiles, lay.flag_off, lay.recv_off, lay.gather_off, lay.slot,
         W=ws.world, MAXB=MAX_BLOCKS, NG=tile // group, G=group,
         **rs.constexprs("R"), **ag.constexprs("A"),
@@ -256,3 +262,41 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
         OUT_LIM=lim, SPIN=SPIN_LIMIT,
         num_warps=8 if tile >= 4096 else 4, **opts)
     return out
+
+
+def prewarm(ws: SymmWorkspace, codecs, numels, dtype=torch.bfloat16, oneshot: bool = True) -> int:
+    """Compile every kernel variant that ``numels`` x ``codecs`` will launch, splitting the
+    variants over the ranks (rank r compiles variants r, r+W, ...) so W processes do not
+    all compile the same kernels; a ``dist.barrier`` afterwards lets every rank load the
+    rest from Triton's on-disk cache. Returns how many variants this rank compiled."""
+    import torch.distributed as dist
+    x = torch.empty(max(numels), dtype=dtype, device=ws.device)
+    jobs = {}
+    for n in numels:
+        if oneshot and n * x.element_size() <= ws.layout.oneshot_max_bytes:
+            jobs[("oneshot", one_shot_block(n, x.device))] = ("oneshot", n, None)
+        for codec in codecs:
+            rs, ag = quant.kcodec(codec.rs), quant.kcodec(codec.ag)
+            group = max(rs.group, ag.group) if (rs.kind or ag.kind) else 128
+            tile = two_shot_plan(n, ws.world, group, x.device)[0]
+            jobs[(codec.spec, tile)] = ("two", n, codec)
+    done = 0
+    saved = ws.counters.clone()
+    for i, (_, (kind, n, codec)) in enumerate(sorted(jobs.items(), key=lambda kv: str(kv[0]))):
+        if i % ws.world != ws.rank:
+            continue
+        done += 1
+        xs = x[:n]
+        if kind == "oneshot":
+            block = one_shot_block(n, x.device)
+            _one_shot_kernel.warmup(
+                xs, xs, ws.buffer, ws.counters[0], ws.status, *ws.kernel_deltas,
+                n, ws.rank, ws.layout.flag_off, ws.layout.oneshot_off, ws.layout.oneshot_slot,
+                W=ws.world, MAXB=MAX_BLOCKS, BLOCK=block, SPIN=SPIN_LIMIT, num_warps=4,
+                grid=(1,))
+        else:
+            two_shot_all_reduce(ws, xs, codec, out=xs, _warmup_only=True)
+    ws.counters.copy_(saved)
+    if dist.is_initialized():
+        dist.barrier()
+    return done

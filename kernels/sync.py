@@ -19,24 +19,27 @@ import triton.language as tl
 
 @triton.jit
 def peer_base(ws_ptr, j: tl.constexpr, d0, d1, d2, d3, d4, d5, d6, d7):
-    """``ws_ptr`` shifted to rank j's buffer (j is static, so this is one add)."""
+    """``ws_ptr`` shifted to rank j's buffer (j is static, so this is one add).
+
+    The deltas arrive biased by DELTA_BIAS (workspace.py) so that they are always int64
+    arguments, whatever their value: every rank then compiles the same kernel."""
     if j == 0:
-        p = ws_ptr + d0
+        d = d0
     elif j == 1:
-        p = ws_ptr + d1
+        d = d1
     elif j == 2:
-        p = ws_ptr + d2
+        d = d2
     elif j == 3:
-        p = ws_ptr + d3
+        d = d3
     elif j == 4:
-        p = ws_ptr + d4
+        d = d4
     elif j == 5:
-        p = ws_ptr + d5
+        d = d5
     elif j == 6:
-        p = ws_ptr + d6
+        d = d6
     else:
-        p = ws_ptr + d7
-    return p
+        d = d7
+    return ws_ptr + (d - 1099511627776)
 
 
 @triton.jit

@@ -47,6 +47,10 @@ MAX_BLOCKS = 512          # flags per (stage, source rank); the grid never excee
 MAX_WORLD = 8             # kernels take up to 8 peer deltas as scalar arguments
 _ALIGN = 256
 TWO_SHOT_TILE_CAP = 4096  # largest two-shot tile (elements): chunks are padded to it
+# Added to every peer delta passed to a kernel (and subtracted inside, sync.peer_base):
+# Triton types an int argument i32 or i64 by its value, and a delta of 0 (the own rank)
+# must not change the compiled signature. A multiple of 16 keeps the alignment facts.
+DELTA_BIAS = 1 << 40
 
 
 def _round_up(x: int, m: int) -> int:
@@ -105,6 +109,7 @@ class SymmWorkspace:
         self.deltas = [p - base for p in peer_ptrs] + [0] * (MAX_WORLD - len(peer_ptrs))
         if any(d % 16 for d in self.deltas):
             raise WorkspaceUnavailable("peer buffers are not 16-byte aligned")
+        self.kernel_deltas = [d + DELTA_BIAS for d in self.deltas]
         self.counters = torch.zeros(2, MAX_BLOCKS, dtype=torch.int32, device=buffer.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=buffer.device)
         self._keepalive = keepalive

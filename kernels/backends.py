@@ -1,0 +1,172 @@
+"""Fused all-reduce backends for the chain of ``megatron_lite.comm.allreduce``, and ``auto``.
+
+``install_fused(comm)`` (collective: every rank calls it at the same point) allocates one
+symmetric workspace for a :class:`~megatron_lite.comm.allreduce.QuantizedCommunicator`
+and puts :class:`AutoBackend` in front of its chain. ``auto`` picks, by message size:
+
+* ``oneshot``  one-shot bf16 kernel (latency-bound decode messages; never quantized),
+* ``nccl``     the base communicator's own all-reduce (uncompressed),
+* ``fused``    the one-launch two-shot kernel with the site's codec,
+
+from a threshold table measured per GPU kind and world size (``thresholds.py``, written
+from ``tools/bench_allreduce.py --json``). Whatever auto cannot take (no P2P, a CPU
+tensor, a codec without kernels such as outlier-int4, a message above the workspace)
+falls through to the next backend, ultimately the portable two-step path.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.comm.allreduce import Backend
+
+from . import fused_allreduce as fa
+from . import quant
+from .thresholds import thresholds_for
+from .workspace import SymmWorkspace, WorkspaceUnavailable, cuda_workspace, shm_workspace
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def has_kernels(codec) -> Optional[str]:
+    """None if both stages of ``codec`` have Triton kernels, else the reason."""
+    try:
+        rs, ag = quant.kcodec(codec.rs), quant.kcodec(codec.ag)
+    except (ValueError, AttributeError) as e:
+        return str(e) if isinstance(e, ValueError) else f"no kernels for {codec!r}"
+    groups = {k.group for k in (rs, ag) if k.kind != quant.KIND_BF16}
+    return None if len(groups) <= 1 else "stages with different group sizes"
+
+
+class FusedState:
+    """The workspace of one communicator, or why there is none."""
+
+    def __init__(self, ws: Optional[SymmWorkspace], why: Optional[str] = None):
+        self.ws, self.why = ws, why
+
+    def unsupported(self, x: torch.Tensor) -> Optional[str]:
+        if self.ws is None:
+            return self.why or "no symmetric workspace"
+        if x.device != self.ws.device:
+            return f"tensor on {x.device}, workspace on {self.ws.device}"
+        if x.dtype not in _FLOATS:
+            return f"dtype {x.dtype} is not bf16/fp16/fp32"
+        return None
+
+
+class OneShotBackend(Backend):
+    """One-shot bf16/fp16/fp32 all-reduce (ignores the codec: full precision)."""
+
+    name = "oneshot"
+
+    def __init__(self, state: FusedState):
+        self.state = state
+
+    def unsupported(self, x, codec, comm):
+        why = self.state.unsupported(x)
+        if why is None and x.numel() * x.element_size() > self.state.ws.layout.oneshot_max_bytes:
+            why = f"{x.numel() * x.element_size()} B > one-shot buffer"
+        return why
+
+    def all_reduce(self, x, codec, comm):
+        return fa.one_shot_all_reduce(self.state.ws, x).view(x.shape)
+
+
+class FusedTwoShotBackend(Backend):
+    """The one-launch quantized two-shot kernel with the call's codec."""
+
+    name = "fused"
+
+    def __init__(self, state: FusedState):
+        self.state = state
+
+    def unsupported(self, x, codec, comm):
+        why = self.state.unsupported(x)
+        if why is None:
+            why = has_kernels(codec)
+        if why is None and x.numel() > self.state.ws.layout.max_elems:
+            why = f"{x.numel()} values > workspace ({self.state.ws.layout.max_elems})"
+        return why
+
+    def all_reduce(self, x, codec, comm):
+        return fa.two_shot_all_reduce(self.state.ws, x, codec).view(x.shape)
+
+
+class AutoBackend(Backend):
+    """Size-based choice among one-shot bf16, NCCL and the fused quantized kernel."""
+
+    name = "auto"
+
+    def __init__(self, state: FusedState, table: Optional[Dict] = None):
+        self.state = state
+        self.oneshot = OneShotBackend(state)
+        self.fused = FusedTwoShotBackend(state)
+        self.table = table
+
+    def _table(self) -> Dict:
+        if self.table is None:
+            ws = self.state.ws
+            name = torch.cuda.get_device_name(ws.device) if ws.device.type == "cuda" else "cpu"
+            self.table = thresholds_for(name, ws.world)
+        return self.table
+
+    def choose(self, x: torch.Tensor, codec) -> str:
+        nbytes = x.numel() * x.element_size()
+        tab = self._table()
+        if nbytes <= tab["oneshot_max"] and self.oneshot.unsupported(x, codec, None) is None:
+            return "oneshot"
+        cname = getattr(codec, "name", "")
+        fmin = tab["fused_min"].get(cname, tab["fused_min"].get("*"))
+        if fmin is not None and nbytes >= fmin and self.fused.unsupported(x, codec, None) is None:
+            return "fused"
+        return "nccl"
+
+    def unsupported(self, x, codec, comm):
+        why = self.state.unsupported(x)
+        if why is not None:
+            return why
+        if self.choose(x, codec) == "nccl" and has_kernels(codec) is not None:
+            # A codec without kernels (outlier-int4) keeps its quantized two-step path.
+            return has_kernels(codec)
+        return None
+
+    def all_reduce(self, x, codec, comm):
+        which = self.choose(x, codec)
+        if which == "oneshot":
+            return self.oneshot.all_reduce(x, codec, comm)
+        if which == "fused":
+            return self.fused.all_reduce(x, codec, comm)
+        return comm.base.all_reduce(x)
+
+
+def make_state(group=None, max_bytes: int = 64 << 20, oneshot_max_bytes: int = 1 << 20,
+               device: Optional[torch.device] = None, cpu_shm: bool = False) -> FusedState:
+    """Allocate the workspace over ``group`` (collective). ``cpu_shm`` builds the /dev/shm
+    stand-in for tests on CPU (kernels then need TRITON_INTERPRET=1)."""
+    try:
+        if cpu_shm:
+            return FusedState(shm_workspace(group, max_bytes, oneshot_max_bytes))
+        return FusedState(cuda_workspace(group, max_bytes, oneshot_max_bytes, device))
+    except WorkspaceUnavailable as e:
+        return FusedState(None, str(e))
+
+
+def install_fused(comm, max_bytes: int = 64 << 20, oneshot_max_bytes: int = 1 << 20,
+                  table: Optional[Dict] = None, cpu_shm: bool = False):
+    """Put :class:`AutoBackend` in front of ``comm``'s backend chain (collective).
+
+    ``comm`` is a QuantizedCommunicator whose base wraps a torch.distributed group. On a
+    machine without P2P the workspace is absent and ``auto`` steps aside (its reason
+    shows in ``comm.explain``). Returns the AutoBackend."""
+    group = getattr(comm, "process_group", None)
+    if not dist.is_initialized():
+        state = FusedState(None, "torch.distributed is not initialized")
+    elif not cpu_shm and dist.get_backend(group) != "nccl":
+        state = FusedState(None, f"process group backend is {dist.get_backend(group)}, not nccl")
+    else:
+        state = make_state(group, max_bytes, oneshot_max_bytes, cpu_shm=cpu_shm)
+    auto = AutoBackend(state, table)
+    comm.add_backend(auto, first=True)
+    return auto

@@ -1,0 +1,98 @@
+"""Helpers for the GPU tests: import the kernels from a checkout, spawn NCCL ranks, and
+compute the CPU reference of a quantized all-reduce from every rank's input."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def import_kernels():
+    """``megatron_lite.kernels`` (the repo's ``kernels/``), installed or not."""
+    try:
+        import megatron_lite.kernels  # noqa: F401
+    except ImportError:
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        import megatron_lite
+        megatron_lite.__path__.append(REPO)
+    import megatron_lite.kernels as k
+    return k
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _worker(rank, world, init_file, fn, args, queue):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    import torch.distributed as dist
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world, device_id=torch.device("cuda", rank))
+        queue.put((rank, "ok", fn(rank, world, *args)))
+    except BaseException:  # noqa: BLE001
+        queue.put((rank, "err", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_nccl(fn, world: int, *args, timeout: float = 900.0):
+    """Run ``fn(rank, world, *args)`` on ``world`` GPUs (one process each, NCCL group)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(r, world, init_file, fn, args, queue))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        results, errors = {}, []
+        for _ in range(world):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+        for p in procs:
+            p.join(timeout=10 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+        if errors:
+            raise RuntimeError("GPU ranks failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world)]
+
+
+def reference_all_reduce(xs, codec):
+    """The two-step all-reduce of comm/allreduce.py on CPU over simulated ranks: the exact
+    bits every backend must produce for the per-rank inputs ``xs``."""
+    from megatron_lite.comm.allreduce import scheme_for, two_step_all_reduce
+    from megatron_lite.comm.simulate import run_simulated
+    outs = run_simulated(lambda comm, xs: two_step_all_reduce(comm, xs[comm.rank], scheme_for(codec)),
+                         len(xs), [x.cpu() for x in xs])
+    return outs[0]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality, except that any NaN equals any NaN."""
+    a, b = a.cpu(), b.cpu()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    na, nb = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(na, nb):
+        return False
+    iv = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return torch.equal(a[~na].contiguous().view(iv), b[~nb].contiguous().view(iv))

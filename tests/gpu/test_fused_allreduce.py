@@ -1,0 +1,188 @@
+"""GPU: the fused all-reduce kernels over torch symmetric memory, at world sizes 2 and 4.
+
+One spawned NCCL job per world size runs every check and returns plain numbers; the
+tests below assert on them. The reference is comm/allreduce.py's two-step algorithm run
+on CPU over simulated ranks with the same per-rank inputs, so "equal" means bit for bit.
+"""
+import math
+
+import pytest
+import torch
+
+from tests.gpu._harness import (gpu_count, import_kernels, needs_cuda, reference_all_reduce,
+                                run_nccl, same_bits)
+
+pytestmark = [pytest.mark.gpu, needs_cuda]
+
+CODECS = ["bf16", "int8:128", "int4:128", "int4:32", "int4-int8:128", "int4-sym:64", "fp8:128",
+          "int3:64", "int2:128", "int8:256"]
+SIZES = [1, 3, 127, 1000, 3 * 4096 * 4 + 17, (1 << 20) + 3]
+
+
+def inputs(world, n, dtype, seed, specials=False):
+    xs = []
+    for r in range(world):
+        g = torch.Generator().manual_seed(seed * 100 + r)
+        x = torch.randn(n, generator=g) * (1 + r)
+        if specials and n > 5000:
+            if r == 1:
+                x[5] = math.nan
+            if r == 0:
+                x[4100] = math.inf
+            if r == world - 1:
+                x[4100 if world > 2 else 4200] = -math.inf
+        xs.append(x.to(dtype))
+    return xs
+
+
+def _checks(rank, world):
+    import torch.distributed as dist
+    k = import_kernels()
+    from megatron_lite.comm.allreduce import CommConfig, QuantizedCommunicator
+    from megatron_lite.comm.codecs import get_codec
+    from megatron_lite.comm.communicator import DistCommunicator
+    fa = k.fused_allreduce
+    dev = torch.device("cuda", rank)
+    state = k.backends.make_state(None, max_bytes=8 << 20, oneshot_max_bytes=1 << 20)
+    assert state.ws is not None, state.why
+    ws = state.ws
+    res = {"fused": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
+
+    # 1. fused two-shot == CPU reference, every codec, odd sizes, three dtypes
+    for ci, spec in enumerate(CODECS):
+        codec = get_codec(spec)
+        for si, n in enumerate(SIZES):
+            for dtype in ((torch.bfloat16, torch.float16, torch.float32) if spec == "int4:128"
+                          else (torch.bfloat16,)):
+                xs = inputs(world, n, dtype, seed=ci * 10 + si)
+                out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
+                ref = reference_all_reduce(xs, codec)
+                res["fused"].append((spec, n, str(dtype), same_bits(out, ref)))
+
+    # 2. one-shot == fp32 sum in rank order, rounded once
+    for n in SIZES[:5] + [1 << 19]:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            xs = inputs(world, n, dtype, seed=n % 997)
+            out = fa.one_shot_all_reduce(ws, xs[rank].to(dev))
+            acc = xs[0].float().clone()
+            for x in xs[1:]:
+                acc += x.float()
+            res["oneshot"].append((n, str(dtype), same_bits(out, acc.to(dtype))))
+
+    # 3. NaN / Inf on some ranks: same bits as the reference, no hang, ranks identical
+    for spec in ("int4:128", "int8:128", "bf16", "fp8:128"):
+        codec = get_codec(spec)
+        xs = inputs(world, 40000, torch.bfloat16, seed=7, specials=True)
+        out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
+        ref = reference_all_reduce(xs, codec)
+        gathered = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(gathered, out)
+        res["specials"].append((spec, same_bits(out, ref), int(torch.isnan(out).sum()),
+                                all(same_bits(gathered[0], g) for g in gathered)))
+    xs = inputs(world, 40000, torch.bfloat16, seed=8, specials=True)
+    out = fa.one_shot_all_reduce(ws, xs[rank].to(dev))
+    acc = xs[0].float().clone()
+    for x in xs[1:]:
+        acc += x.float()
+    res["specials"].append(("oneshot", same_bits(out, acc.to(torch.bfloat16)),
+                            int(torch.isnan(out).sum()), True))
+
+    # 4. CUDA graph capture and replay (epochs advance on device: replays stay correct)
+    int4, bf16 = get_codec("int4:128"), get_codec("bf16")
+    n = 300000
+    static_x = torch.zeros(n, dtype=torch.bfloat16, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fa.one_shot_all_reduce(ws, static_x)
+        fa.two_shot_all_reduce(ws, static_x, int4)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o1 = fa.one_shot_all_reduce(ws, static_x)
+        o2 = fa.two_shot_all_reduce(ws, static_x, int4)
+        o3 = fa.two_shot_all_reduce(ws, static_x, bf16)
+        o4 = fa.one_shot_all_reduce(ws, static_x)
+    for rep in range(3):
+        xs = inputs(world, n, torch.bfloat16, seed=50 + rep)
+        static_x.copy_(xs[rank].to(dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        acc = xs[0].float().clone()
+        for x in xs[1:]:
+            acc += x.float()
+        res["graph"].append((rep, same_bits(o1, acc.bfloat16()), same_bits(o4, acc.bfloat16()),
+                             same_bits(o2, reference_all_reduce(xs, int4)),
+                             same_bits(o3, reference_all_reduce(xs, bf16))))
+        # eager calls between replays must not disturb the epochs
+        fa.two_shot_all_reduce(ws, static_x, int4)
+
+    # 5. the backend chain: auto in front of QuantizedCommunicator
+    qc = QuantizedCommunicator(DistCommunicator(), CommConfig(codec="int4:128"))
+    table = {"oneshot_max": 64 << 10, "fused_min": {"int4": 1 << 20}}
+    k.backends.install_fused(qc, max_bytes=8 << 20, oneshot_max_bytes=1 << 20, table=table)
+    site = "layers.0.mlp.down_proj"
+    for n, want in ((1000, "oneshot"), (100000, "nccl"), (1 << 20, "fused"), (8 << 20, "nccl")):
+        xs = inputs(world, n, torch.bfloat16, seed=n % 101)
+        x = xs[rank].to(dev).view(-1, 8) if n % 8 == 0 else xs[rank].to(dev)
+        auto = qc.backends[0]
+        got_choice = auto.choose(x, qc.config.codec_for(site))
+        out = qc.all_reduce(x, site)
+        if want == "fused":
+            ok = same_bits(out.flatten(), reference_all_reduce(xs, int4))
+        else:
+            acc = xs[0].float().clone()
+            for xx in xs[1:]:
+                acc += xx.float()
+            err = ((out.flatten().float().cpu() - acc).norm() / acc.norm()).item()
+            ok = err < 1e-2 and out.shape == x.shape
+        res["chain"].append((n, want, got_choice, qc.explain(x, site), ok))
+    torch.cuda.synchronize()
+    res["status"] = int(ws.status[0].item()) + int(qc.backends[0].state.ws.status[0].item())
+    return res
+
+
+_CACHE = {}
+
+
+def results(world):
+    if gpu_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    if world not in _CACHE:
+        _CACHE[world] = run_nccl(_checks, world)
+    return _CACHE[world]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_two_shot_matches_reference(world):
+    for r in results(world):
+        bad = [c for c in r["fused"] if not c[3]]
+        assert not bad and len(r["fused"]) >= len(CODECS) * len(SIZES), bad
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_one_shot_exact(world):
+    for r in results(world):
+        bad = [c for c in r["oneshot"] if not c[2]]
+        assert not bad, bad
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nan_inf(world):
+    for r in results(world):
+        for spec, same, nans, identical in r["specials"]:
+            assert same and identical and nans > 0, (spec, same, nans, identical)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cuda_graph_replay(world):
+    for r in results(world):
+        assert len(r["graph"]) == 3 and all(all(c[1:]) for c in r["graph"]), r["graph"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_backend_chain_auto(world):
+    for r in results(world):
+        for n, want, got, why, ok in r["chain"]:
+            assert got == want and ok and why.startswith("auto"), (n, want, got, why, ok)
+        assert r["status"] == 0

@@ -1,0 +1,189 @@
+"""CPU tests of the Triton kernels under the interpreter (``TRITON_INTERPRET=1``).
+
+Triton reads that variable when a kernel is decorated, so the checks run in a child
+process started with it set (another test module may already have imported the kernels
+in compiled mode). The child prints JSON; the assertions are made here.
+
+* quantize / dequantize(+sum): every codec against the reference, bit for bit, on data
+  with NaN, Inf, fp32 beyond bf16, denormals, zero and constant groups;
+* the fused one-shot and two-shot all-reduce kernels, run by real gloo processes over a
+  /dev/shm stand-in for symmetric memory (peers' flags and data really cross processes):
+  bit for bit equal to ``two_step_all_reduce``, ranks identical, at world sizes 2 and 3;
+* the ``auto`` backend in front of a QuantizedCommunicator.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytest.importorskip("triton")
+
+
+def _run_child(check: str, timeout: float = 900):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), check], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- child side
+def _kernels():
+    try:
+        import megatron_lite.kernels  # noqa: F401
+    except ImportError:  # a source checkout: kernels/ installs as megatron_lite.kernels
+        import megatron_lite
+        megatron_lite.__path__.append(REPO)
+    import megatron_lite.kernels as k
+    return k
+
+
+def _same(a, b):
+    na, nb = torch.isnan(a), torch.isnan(b)
+    if a.shape != b.shape or not torch.equal(na, nb):
+        return False
+    iv = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    return torch.equal(a[~na].contiguous().view(iv), b[~nb].contiguous().view(iv))
+
+
+def _hostile(rows, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * torch.logspace(-20, 20, rows)[:, None]
+    x[0, :64] = 0.0
+    x[0, 64:192] = -1.25
+    x[1, 3] = math.nan
+    x[1, n // 2] = math.inf
+    x[2, :96] = torch.randn(96, generator=g) * 1e-41
+    x[2, 100] = 3.3e38
+    x[3, 9] = 3.4e38 if dtype == torch.float32 else -3.3e38
+    return x.to(dtype)
+
+
+def child_quant():
+    k = _kernels()
+    from megatron_lite.comm.codecs import get_codec
+    out = []
+    for spec in ["bf16", "int8:128", "int8:32", "int4:128", "int4:64", "int4-sym:32",
+                 "int3:128", "int3:32", "int2:256", "fp8:128", "fp8:32"]:
+        codec = get_codec(spec)
+        g = getattr(codec, "group_size", 1)
+        for dtype in (torch.float32, torch.bfloat16):
+            n = 2048 + 3 * max(g, 32)
+            x = _hostile(5, n, dtype, seed=len(out))
+            ref = codec.encode(x)
+            got = k.quant.quantize(codec, x)
+            if spec == "bf16":
+                enc = _same(ref.view(torch.bfloat16), got.view(torch.bfloat16))
+            else:
+                npay = n * codec.bits // 8
+                enc = (torch.equal(ref[:, :npay], got[:, :npay])
+                       and _same(ref[:, npay:].contiguous().view(torch.bfloat16),
+                                 got[:, npay:].contiguous().view(torch.bfloat16)))
+            dec = all(_same(codec.decode(ref, n, od), k.quant.dequantize(codec, ref, n, od))
+                      for od in (torch.float32, torch.bfloat16))
+            parts = codec.decode(ref, n, torch.float32)
+            acc = parts[0].clone()
+            for r in range(1, parts.shape[0]):
+                acc += parts[r]
+            summed = _same(acc, k.quant.dequantize(codec, ref, n, torch.float32, sum_rows=True))
+            out.append([spec, str(dtype), enc, dec, summed])
+    return out
+
+
+def _dist_body(rank, world, specs, sizes):
+    k = _kernels()
+    from megatron_lite.comm.allreduce import (CommConfig, QuantizedCommunicator, scheme_for,
+                                              two_step_all_reduce)
+    from megatron_lite.comm.codecs import get_codec
+    from megatron_lite.comm.communicator import DistCommunicator
+    fa = k.fused_allreduce
+    state = k.backends.make_state(None, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
+                                  cpu_shm=True)
+    ws, base, res = state.ws, DistCommunicator(), []
+    for i, spec in enumerate(specs):
+        codec = get_codec(spec)
+        for n in sizes:
+            g = torch.Generator().manual_seed(1000 * i + 17 * n + rank)
+            x = (torch.randn(n, generator=g) * (rank + 1)).to(torch.bfloat16)
+            if n > 600 and rank == world - 1:
+                x[300] = math.nan
+            got = fa.two_shot_all_reduce(ws, x, codec)
+            want = two_step_all_reduce(base, x, scheme_for(codec))
+            res.append(["two-shot", spec, n, _same(got, want), int(got.view(torch.int16).sum())])
+    for n in (1, 700, 5000):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n + rank)).to(torch.bfloat16)
+        xs = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(xs, x)
+        acc = xs[0].float()
+        for other in xs[1:]:                   # fp32, rank order, one rounding at the end
+            acc = acc + other.float()
+        got = fa.one_shot_all_reduce(ws, x)
+        res.append(["one-shot", "bf16", n, _same(got, acc.to(torch.bfloat16)),
+                    int(got.view(torch.int16).sum())])
+    # auto in front of the two-step chain (tables given: the CPU has none measured)
+    qc = QuantizedCommunicator(base, CommConfig(codec="int4:128"))
+    auto = k.backends.install_fused(qc, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
+                                    table={"oneshot_max": 4096, "fused_min": {"int4": 20000}},
+                                    cpu_shm=True)
+    for n, want in ((1000, "oneshot"), (5000, "nccl"), (30000, "fused")):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n * 3 + rank)).to(torch.bfloat16)
+        choice = auto.choose(x, qc.config.codec_for("layers.0.mlp.down_proj"))
+        got = qc.all_reduce(x, "layers.0.mlp.down_proj")
+        acc = x.float()
+        torch.distributed.all_reduce(acc)
+        err = ((got.float() - acc).norm() / acc.norm()).item()
+        if want == "fused":   # quantized: must be the two-step result, bit for bit
+            ok = _same(got, two_step_all_reduce(base, x, scheme_for(get_codec("int4:128"))))
+        else:                 # bf16 paths: one rounding of the exact sum
+            ok = err < 1e-2
+        res.append(["auto", want, n, choice == want and ok, round(err, 5)])
+    ws.check()
+    return res
+
+
+def child_fused(world: int, specs, sizes):
+    sys.path.insert(0, REPO)
+    from tests._dist import run_distributed
+    return run_distributed(_dist_body, world, specs, sizes)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    what = sys.argv[1]
+    if what == "quant":
+        result = child_quant()
+    elif what == "fused2":
+        result = child_fused(2, ["int4:128", "int8:32", "bf16", "int4-int8:128", "int3:64",
+                                 "fp8:128", "int2:128", "int4-sym:256"], [1, 777, 9000])
+    else:
+        result = child_fused(3, ["int4:128", "fp8:64"], [5, 20000])
+    print(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- tests
+def test_quant_kernels_match_reference_bitwise():
+    rows = _run_child("quant")
+    assert len(rows) == 22
+    bad = [r for r in rows if not all(r[2:])]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("check,world", [("fused2", 2), ("fused3", 3)])
+def test_fused_allreduce_over_shared_memory(check, world):
+    ranks = _run_child(check)
+    assert len(ranks) == world
+    for rows in ranks:
+        bad = [r for r in rows if not r[3]]
+        assert not bad, bad
+    # every rank holds the same bits (checksums of its outputs)
+    sums = [[r[4] for r in rows if r[0] != "auto"] for rows in ranks]
+    assert all(s == sums[0] for s in sums[1:]), sums
+    kinds = {r[0] for r in ranks[0]}
+    assert kinds == {"two-shot", "one-shot", "auto"}
