@@ -106,15 +106,20 @@ def main(argv=None) -> int:
                                         dtype=args.dtype, max_batch_size=len(args.prompt))
         single = len(args.prompt) == 1
         if rank == 0 and single:
-            print(args.prompt[0], end="", flush=True)
+            # a chat reply starts a new turn; a plain completion continues the prompt
+            print(args.prompt[0], end="\n" if args.chat else "", flush=True)
 
         def stream(i, piece):
-            print(piece, end="", flush=True)
+            if rank == 0:
+                print(piece, end="", flush=True)
 
+        # Every rank passes the same kind of callback (a no-op off rank 0): the engine's
+        # host-sync cadence, and so the step at which a finished batch stops, depends on
+        # whether it streams, and all ranks must stop at the same step.
         results = engine.generate(
             args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
-            chat=args.chat, stream=stream if (rank == 0 and single) else None)
+            chat=args.chat, stream=stream if single else None)
     except (MegatronLiteError, ValueError) as e:
         # Input problems the engine finds (prompt too long, no chat template, bad sampling
         # settings) are deterministic, so every rank raises the same one.

@@ -94,8 +94,8 @@ def check_output_dir(out: Path, force: bool) -> None:
     out = Path(out)
     if out.exists() and not force:
         raise CheckpointError(f"output directory {out} already exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise CheckpointError(f"parent directory of {out} does not exist")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {out} exists and is not a directory")
 
 
 @contextlib.contextmanager
@@ -108,6 +108,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)   # inputs are verified by now
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
