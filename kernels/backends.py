@@ -141,7 +141,7 @@ class AutoBackend(Backend):
         return comm.base.all_reduce(x)
 
 
-def make_state(group=None, max_bytes: int = 64 << 20, oneshot_max_bytes: int = 1 << 20,
+def make_state(group=None, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 1 << 20,
                device: Optional[torch.device] = None, cpu_shm: bool = False) -> FusedState:
     """Allocate the workspace over ``group`` (collective). ``cpu_shm`` builds the /dev/shm
     stand-in for tests on CPU (kernels then need TRITON_INTERPRET=1)."""
@@ -153,7 +153,7 @@ def make_state(group=None, max_bytes: int = 64 << 20, oneshot_max_bytes: int = 1
         return FusedState(None, str(e))
 
 
-def install_fused(comm, max_bytes: int = 64 << 20, oneshot_max_bytes: int = 1 << 20,
+def install_fused(comm, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 1 << 20,
                   table: Optional[Dict] = None, cpu_shm: bool = False):
     """Put :class:`AutoBackend` in front of ``comm``'s backend chain (collective).
 

@@ -346,6 +346,9 @@ def build_communicator(base: Communicator, comm=None, calibration: Optional[str]
     ``num_layers`` enables ``layers.-1.*`` patterns; ``hf_config`` (the model's config
     dict) lets an outlier calibration file be checked against the model.
     """
+    if isinstance(comm, str) and comm.split(",")[0].strip().lower() == "auto":
+        # "auto": no compression (the bf16 codec), served by the fused size chooser
+        comm = "bf16" + comm.strip()[4:]
     if isinstance(comm, CommConfig):
         cfg = comm
         if num_layers is not None and cfg.num_layers is None:
@@ -354,6 +357,26 @@ def build_communicator(base: Communicator, comm=None, calibration: Optional[str]
         cfg = parse_comm_arg(comm, calibration=calibration, num_layers=num_layers)
     if cfg.codec is None and not cfg.overrides:
         return base
-    return QuantizedCommunicator(base, cfg, hf_config=hf_config)
+    qc = QuantizedCommunicator(base, cfg, hf_config=hf_config)
+    _install_fused(qc)
+    return qc
+
+
+def _install_fused(qc: QuantizedCommunicator) -> None:
+    """Put megatron_lite.kernels' ``auto`` backend (one-shot bf16 / NCCL / fused two-shot
+    by measured size thresholds) in front of the chain when the base is an NCCL group.
+    Collective: every rank builds its communicator at the same point. Without triton,
+    symmetric memory or P2P the chain stays as it is (``explain`` says why)."""
+    import torch.distributed as dist
+    from megatron_lite.comm.communicator import DistCommunicator
+    if not isinstance(qc.base, DistCommunicator) or not dist.is_initialized():
+        return
+    if dist.get_backend(qc.base.process_group) != "nccl":
+        return
+    try:
+        from megatron_lite.kernels import install_fused
+    except ImportError:
+        return
+    install_fused(qc)
 
 
