@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - loaded as a top-level module
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ~tens of seconds of polling on a GPU (a peer still compiling its first call must not
 # trip it); far fewer polls under the (slow) interpreter.
-SPIN_LIMIT = (1 << 16) if INTERPRET else (1 << 26)
+SPIN_LIMIT = int(os.environ.get("MEGATRON_LITE_SPIN_LIMIT", 0)) or ((1 << 16) if INTERPRET else (1 << 26))
 
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -43,9 +43,10 @@ def _num_sms(device: torch.device) -> int:
     return 8
 
 
-# rank, N and the chunk geometry change between ranks/calls: compiling a variant per value
-# (Triton specialises ints equal to 1) would make ranks compile different kernels.
-@triton.jit(do_not_specialize=["N", "rank"])
+# Triton specialises int arguments equal to 1: ``rank`` must not be, or rank 1 would compile
+# its own variant. N stays specialised: its divisibility by 16 is what lets masked loads
+# and stores be 16 bytes wide (and every rank sees the same N).
+@triton.jit(do_not_specialize=["rank"])
 def _one_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      d0, d1, d2, d3, d4, d5, d6, d7,
                      N, rank, flag_off, data_off, slot_bytes,
@@ -112,7 +113,7 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
 
 
 # ----------------------------------------------------------------------------- two-shot
-@triton.jit(do_not_specialize=["N", "rank", "chunk", "tiles"])
+@triton.jit(do_not_specialize=["rank"])
 def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      d0, d1, d2, d3, d4, d5, d6, d7,
                      N, rank, chunk, tiles, flag_off, recv_off, gather_off, slot,
