@@ -188,7 +188,7 @@ def derive_thresholds(rows, codec_name: str) -> dict:
                 ok = s
             else:
                 break
-        if ok is not None and name != "bf16":
+        if ok is not None:
             fused_min[name] = ok
     return {"oneshot_max": oneshot_max, "fused_min": fused_min}
 
@@ -203,7 +203,7 @@ def print_table(rows, world, out=None):
     sizes = sorted({r["bytes"] for r in rows})
     idx = {(r["bytes"], r["backend"], r["codec"]): r for r in rows}
     lines = [f"all-reduce, world {world}: us (speed-up vs NCCL bf16); * = ranks differ, ! = err > 5%"]
-    head = f"{'size':>7} | " + " | ".join(f"{b[:7]}:{c[:10]:<10}" for b, c in variants)
+    head = f"{'size':>7} | " + " | ".join(f"{b[:7]}:{c[:10]}".ljust(18) for b, c in variants)
     lines += [head, "-" * len(head)]
     for s in sizes:
         cells = []

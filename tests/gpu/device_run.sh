@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
+# benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
+#   STAGES="env smoke bench4 bench2 tests" bash tests/gpu/device_run.sh
+set -u -o pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 MEGATRON_LITE_SPIN_LIMIT=${MEGATRON_LITE_SPIN_LIMIT:-4194304}
+OUT=${OUT:-/tmp/megatron_lite_out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"env smoke bench4 bench2 tests"}
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+for st in $STAGES; do
+  case $st in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      nvidia-smi topo -m
+      python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2
+      python3 -c "import torch, triton, megatron_lite.kernels as k; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count(), k.__file__)"
+      ;;
+    smoke)
+      timeout 150 torchrun --nproc_per_node=2 tools/bench_allreduce.py --min 16KB --max 64MB \
+        --codecs bf16,int4:128 --two-step-codecs int4:128 --iters 20 \
+        --backends nccl,oneshot,fused,two-step 2>&1 | tee "$OUT/smoke.log" | grep -v "it/s\]" \
+        || { log "smoke failed: stopping"; exit 1; }
+      ;;
+    bench4)
+      timeout ${T_BENCH:-200} torchrun --nproc_per_node=4 tools/bench_allreduce.py \
+        --json "$OUT/allreduce_w4.json" > "$OUT/bench_w4.log" 2>&1
+      tail -5 "$OUT/bench_w4.log"
+      ;;
+    bench2)
+      timeout ${T_BENCH:-200} torchrun --nproc_per_node=2 tools/bench_allreduce.py \
+        --json "$OUT/allreduce_w2.json" > "$OUT/bench_w2.log" 2>&1
+      tail -5 "$OUT/bench_w2.log"
+      ;;
+    tests)
+      timeout ${T_TESTS:-240} python3 -m pytest -x -q tests/gpu 2>&1 | tail -25 | tee "$OUT/tests.log"
+      ;;
+  esac
+  log "stage $st done"
+done
+for w in 4 2; do
+  [ -f "$OUT/bench_w$w.log" ] && grep -A 20 "^all-reduce, world" "$OUT/bench_w$w.log" | cut -c1-200
+  [ -f "$OUT/bench_w$w.log" ] && grep "auto thresholds" "$OUT/bench_w$w.log"
+done
