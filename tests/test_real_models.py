@@ -83,3 +83,36 @@ def test_smollm2_greedy_matches_transformers(smollm2, tmp_path, tp):
 @pytest.mark.parametrize("tp,via_shards", [(1, False), (2, True), (4, True)])
 def test_gemma3_greedy_matches_transformers(gemma3, tmp_path, tp, via_shards):
     _check(gemma3, tp, tmp_path, via_shards)
+
+
+def test_gguf_bootstrap_is_atomic_and_built_once(smollm2_hf_dir, tmp_path):
+    """Two processes bootstrap SmolLM2 into an empty cache at once: one converts, the other
+    waits on the lock; both get the same directory, equal to the session's cached one."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from megatron_lite.checkpoint.shards import load_hf_state_dict
+    from tests.conftest import REPO
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, MEGATRON_LITE_CACHE=str(cache), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    code = ("from megatron_lite.checkpoint.gguf import ensure_hf_model; "
+            "print(ensure_hf_model('smollm2-135m'))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    built = cache / "hf" / "smollm2-135m"
+    assert {o[0].strip() for o in outs} == {str(built)}
+    assert sum("first use of SmolLM2" in o[1] for o in outs) == 1     # built once
+    assert sorted(p.name for p in (cache / "hf").iterdir()) == ["smollm2-135m"]  # no temp dirs
+    a, b = load_hf_state_dict(built), load_hf_state_dict(smollm2_hf_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    t0 = time.time()   # a later run finds the cache
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(built)
+    assert "first use" not in proc.stderr and time.time() - t0 < 30
