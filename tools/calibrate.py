@@ -76,6 +76,8 @@ def main(argv=None) -> int:
         for name in ("num_seqs", "seq_len", "batch_size"):
             if getattr(args, name) < 1:
                 raise EvalDataError(f"--{name.replace('_', '-')} must be >= 1")
+        if not os.path.isfile(args.text):
+            raise EvalDataError(f"file not found: {args.text}")
         if args.skip_seqs < 0:
             raise EvalDataError("--skip-seqs must be >= 0")
         if not 0.0 <= args.decay < 1.0:
