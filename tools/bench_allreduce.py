@@ -73,8 +73,8 @@ def fmt_size(b: int) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--min", default="16KB", help="smallest message (bf16 bytes)")
-    p.add_argument("--max", default="256MB", help="largest message (bf16 bytes)")
+    p.add_argument("--min-size", default="16KB", help="smallest message (bf16 bytes)")
+    p.add_argument("--max-size", default="256MB", help="largest message (bf16 bytes)")
     p.add_argument("--codecs", default=DEFAULT_CODECS, help="codecs for the fused backend")
     p.add_argument("--two-step-codecs", default="int4:128,int8:128",
                    help="codecs for the portable two-step backend ('' to skip)")
@@ -87,12 +87,12 @@ def parse_args(argv=None):
     p.add_argument("--oneshot-max", default="2MB", help="one-shot workspace size")
     p.add_argument("--json", default=None, help="write results here (rank 0)")
     p.add_argument("--plot", default=None, help="plot file (default: --json with .png)")
-    p.add_argument("--log", default=None, help="also append the table to this file")
+    p.add_argument("--table-file", default=None, help="also append the table to this file")
     a = p.parse_args(argv)
-    a.min_b, a.max_b = parse_size(a.min), parse_size(a.max)
+    a.min_b, a.max_b = parse_size(a.min_size), parse_size(a.max_size)
     a.graph_max_b, a.oneshot_max_b = parse_size(a.graph_max), parse_size(a.oneshot_max)
     if a.min_b < 16 or a.max_b < a.min_b:
-        raise BenchError("--min must be >= 16 bytes and <= --max")
+        raise BenchError("--min-size must be >= 16 bytes and <= --max-size")
     if a.iters < 1 or a.warmup < 0 or a.graph_calls < 1:
         raise BenchError("--iters and --graph-calls must be >= 1, --warmup >= 0")
     a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
             del inputs[nbytes]
         state.ws.check()
     if rank == 0:
-        print_table(rows, world, args.log)
+        print_table(rows, world, args.table_file)
         if table is not None:
             print(f"auto thresholds measured here ({device_name}, world {world}): "
                   f"{json.dumps(table)}")

@@ -15,11 +15,10 @@ for st in $STAGES; do
     env)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       nvidia-smi topo -m
-      python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2
-      python3 -c "import torch, triton, megatron_lite.kernels as k; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count(), k.__file__)"
+      PYTHONPATH=. python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count(),)"
       ;;
     smoke)
-      timeout 150 torchrun --nproc_per_node=2 tools/bench_allreduce.py --min 16KB --max 64MB \
+      timeout 150 torchrun --nproc_per_node=2 tools/bench_allreduce.py --min-size 16KB --max-size 64MB \
         --codecs bf16,int4:128 --two-step-codecs int4:128 --iters 20 \
         --backends nccl,oneshot,fused,two-step 2>&1 | tee "$OUT/smoke.log" | grep -v "it/s\]" \
         || { log "smoke failed: stopping"; exit 1; }
