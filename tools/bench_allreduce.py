@@ -270,6 +270,8 @@ def main(argv=None) -> int:
         print("error: run under torchrun on a machine with CUDA GPUs", file=sys.stderr)
         return 2
     from tqdm import tqdm
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)    # run from a checkout: tools/ is sys.path[0]
     from megatron_lite.comm.allreduce import scheme_for, two_step_all_reduce
     from megatron_lite.comm.codecs import CodecError, get_codec
     from megatron_lite.comm.communicator import DistCommunicator

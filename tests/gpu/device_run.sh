@@ -4,6 +4,7 @@
 #   STAGES="env smoke bench4 bench2 tests" bash tests/gpu/device_run.sh
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 MEGATRON_LITE_SPIN_LIMIT=${MEGATRON_LITE_SPIN_LIMIT:-4194304}
 OUT=${OUT:-/tmp/megatron_lite_out}
 mkdir -p "$OUT"
