@@ -155,6 +155,18 @@ def _workspace_bytes(auto) -> int:
         return 0
 
 
+def _kernels_importable() -> None:
+    """In a source checkout (PYTHONPATH=., no pip install) the top-level kernels/ is not yet
+    ``megatron_lite.kernels``: extend the package path so comm/allreduce.py finds it too."""
+    try:
+        import megatron_lite.kernels  # noqa: F401
+    except ImportError:
+        import megatron_lite
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if repo not in megatron_lite.__path__:
+            megatron_lite.__path__.append(repo)
+
+
 def _fused_auto(comm, max_bytes: int):
     """The ``auto`` backend (kernels/backends.py) in ``comm``'s chain, installed here if the
     chain does not have it yet or its workspace cannot take ``max_bytes`` messages (the
@@ -166,12 +178,7 @@ def _fused_auto(comm, max_bytes: int):
             if getattr(b.state, "ws", None) is None or _workspace_bytes(b) >= max_bytes:
                 return b
             chain.remove(b)   # too small: replace it by one with a larger workspace
-    try:
-        import megatron_lite.kernels  # noqa: F401
-    except ImportError:   # a source checkout: kernels/ installs as megatron_lite.kernels
-        import megatron_lite
-        megatron_lite.__path__.append(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                   ".."))
+    _kernels_importable()
     try:
         from megatron_lite.kernels.backends import install_fused
     except ImportError:
@@ -565,6 +572,7 @@ def main(argv=None) -> int:
     from megatron_lite.models.random_init import streamed_weight_bytes, total_weight_bytes
     from megatron_lite.parallel_state import initialize_model_parallel
 
+    _kernels_importable()
     group = initialize_model_parallel()
     rank, tp = group.rank, group.world_size
     device, dtype = _resolve_device_dtype(None, args.dtype)
