@@ -197,8 +197,16 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
 TWO_SHOT_TILES = (4096, 2048, 1024, 512)
 
 
+# Resident blocks per SM for the two-shot grid. One 8-warp block per SM leaves too little
+# work in flight to hide HBM and NVLink latency; blocks only ever wait for the blocks of
+# the same index on other ranks (dispatched in index order everywhere), so a grid larger
+# than what is resident at once cannot deadlock. Measured: docs/benchmarks.md.
+BLOCKS_PER_SM = int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0)) or 4
+
+
 def two_shot_plan(n: int, world: int, group: int, device: torch.device):
-    """(tile, chunk, tiles, grid): the largest tile that still gives every SM a tile."""
+    """(tile, chunk, tiles, grid): the largest tile that still gives every SM a tile;
+    up to BLOCKS_PER_SM blocks per SM share the tiles."""
     sms = min(_num_sms(device), MAX_BLOCKS)
     per_rank = -(-n // world)
     tile = TWO_SHOT_TILES[-1]
@@ -209,7 +217,8 @@ def two_shot_plan(n: int, world: int, group: int, device: torch.device):
     tile = max(tile, group)
     chunk = -(-per_rank // tile) * tile
     tiles = chunk // tile
-    return tile, chunk, tiles, min(tiles, sms)
+    bpsm = int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0)) or BLOCKS_PER_SM
+    return tile, chunk, tiles, min(tiles, bpsm * _num_sms(device), MAX_BLOCKS)
 
 
 def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Tensor = None,

@@ -24,6 +24,12 @@ for st in $STAGES; do
         --backends nccl,oneshot,fused,two-step 2>&1 | tee "$OUT/smoke.log" | grep -v "it/s\]" \
         || { log "smoke failed: stopping"; exit 1; }
       ;;
+    sweep)
+      timeout 120 torchrun --nproc_per_node=4 tests/gpu/sweep_grid.py > "$OUT/sweep.log" 2>&1
+      grep -v "^W1\|it/s" "$OUT/sweep.log" | tail -30
+      best=$(grep -o "BEST_BPSM=[0-9]*" "$OUT/sweep.log" | cut -d= -f2)
+      [ -n "$best" ] && export MEGATRON_LITE_BLOCKS_PER_SM=$best && log "using $best blocks per SM"
+      ;;
     bench4)
       timeout ${T_BENCH:-200} torchrun --nproc_per_node=4 tools/bench_allreduce.py \
         --json "$OUT/allreduce_w4.json" > "$OUT/bench_w4.log" 2>&1
