@@ -209,3 +209,21 @@ def test_loader_rejects_wrong_world_size(tiny_hf_dir, tmp_path):
         load_rank_state(tiny_hf_dir("llama"), 0, 3)
     with pytest.raises(CheckpointError, match="no config.json"):
         load_rank_state(tmp_path, 0, 1)
+
+
+def test_index_sharded_hf_directory(tiny_hf_dir, tmp_path):
+    """HF directories split over several safetensors files (with an index) read and write."""
+    from megatron_lite.checkpoint.shards import HF_INDEX_NAME, save_hf_state_dict
+    sd = load_hf_state_dict(tiny_hf_dir("llama"))
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir("llama"), hf)
+    (hf / "model.safetensors").unlink()
+    names = save_hf_state_dict(sd, hf, max_shard_bytes=100_000)
+    assert len(names) > 3 and names[-1] == HF_INDEX_NAME
+    assert_same_tensors(load_hf_state_dict(hf), sd)
+    _, rank_sd, _ = load_rank_state(hf, 1, 2)
+    _, want, _ = load_rank_state(tiny_hf_dir("llama"), 1, 2)
+    assert_same_tensors(rank_sd, want)
+    (hf / names[0]).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_rank_state(hf, 0, 2)

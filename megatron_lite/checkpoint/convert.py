@@ -25,7 +25,7 @@ from megatron_lite.checkpoint import layout
 from megatron_lite.checkpoint.layout import LAYOUT_VERSION
 from megatron_lite.checkpoint.shards import (CONFIG_NAME, META_KEY, HFWeights,
                                              atomic_output_dir, check_output_dir,
-                                             copy_tokenizer_files, dtype_name, hf_weight_files,
+                                             copy_tokenizer_files, dtype_name,
                                              is_shard_dir, load_rank_shard, parse_dtype,
                                              read_json, save_hf_state_dict, save_rank_shard,
                                              verify_shard_dir, write_json, write_manifest)

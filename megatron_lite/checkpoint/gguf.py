@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator
 
 from megatron_lite.checkpoint.shards import atomic_output_dir, is_shard_dir
 from megatron_lite.errors import CheckpointError
