@@ -167,6 +167,36 @@ def test_tp2_ranks_sample_identically_and_survive_nan():
     assert clean == alone and len(clean[1]) > 0         # the other row is unaffected
 
 
+def _tp_stream_rank0_worker(rank, ws, sd):
+    from megatron_lite.inference.engine import Engine
+    from megatron_lite.parallel_state import destroy_model_parallel, initialize_model_parallel
+    try:
+        eng = Engine.from_hf_state_dict(hf_config_dict("llama"), sd, device="cpu",
+                                        group=initialize_model_parallel())
+        eng.eos_token_ids = ()
+        free = eng.generate([PROMPTS[0]], max_new_tokens=12)[0].token_ids
+        eng.eos_token_ids = (free[1],)               # EOS at step 2, well before sync_every
+        pieces = []
+        stream = (lambda i, piece: pieces.append(piece)) if rank == 0 else None
+        early = eng.generate([PROMPTS[0]], max_new_tokens=12, stream=stream)[0]
+        after = eng.generate([PROMPTS[1]], max_new_tokens=4)[0]   # collectives still aligned
+        return free, early.finish_reason, early.token_ids, after.token_ids
+    finally:
+        destroy_model_parallel()
+
+
+def test_tp2_streaming_on_rank0_only_stops_all_ranks_together():
+    """Regression: a rank with a stream callback used to consume tokens every step and
+    leave the decode loop at EOS while its peers, checking every ``sync_every`` steps, ran
+    another collective and died (found with SmolLM2 TP3 --chat)."""
+    per_rank = run_distributed(_tp_stream_rank0_worker, 2, _hf("llama").state_dict())
+    assert per_rank[0] == per_rank[1]
+    free, reason, tokens, after = per_rank[0]
+    first = free.index(free[1])
+    assert reason == "eos" and tokens == free[:first + 1]
+    assert len(after) == 4
+
+
 # --------------------------------------------------------------------- text: stop, stream, chat
 @pytest.fixture(scope="module")
 def text_engine(tiny_hf_dir):

@@ -8,8 +8,9 @@ streams on rank 0 only).
 Batches: prompts are right-padded to the longest one and prefilled together; each sequence
 then decodes at its own position (a [B] device tensor). ``decode_step`` has static shapes
 and no host syncs, so it can be captured in a CUDA graph. The host looks at the generated
-tokens once per step only when it must (streaming or stop strings), otherwise every
-``sync_every`` steps, to detect EOS. On CUDA, decode steps replay CUDA graphs, one per
+tokens every step only when it must (stop strings; streaming, for output only), otherwise
+every ``sync_every`` steps; ranks decide to stop only at those rank-identical check points,
+so a rank that streams never leaves the decode loop before its peers. On CUDA, decode steps replay CUDA graphs, one per
 batch-size bucket (megatron_lite/inference/cuda_graphs.py); the KV cache then has the
 bucket's rows and a batch is padded to them.
 """
@@ -339,7 +340,11 @@ class Engine:
         streams = [_Stream(r, self.tokenizer, eos, stops, max_new,
                            (lambda piece, i=offset + b: stream(i, piece)) if stream else None)
                    for b, r in enumerate(results)]
-        every = 1 if (stream is not None or stops) else max(1, sync_every)
+        # When ranks may stop must depend only on arguments every rank shares (stop strings,
+        # sync_every), never on rank-local ones: the CLI streams on rank 0 only, and a rank
+        # that left the decode loop early would leave its peers blocked in a collective.
+        check_every = 1 if stops else max(1, sync_every)
+        emit_every = 1 if stream is not None else check_every
 
         out = torch.zeros((B, max_new), dtype=torch.long, device=self.device)
         bad = torch.zeros((B, max_new), dtype=torch.bool, device=self.device)
@@ -356,13 +361,19 @@ class Engine:
         synced = self._consume(streams, out, bad, 0, 1)
         t_first = time.perf_counter()
         positions = lengths_dev.clone()
-        step = 1
-        while step < max_new and not all(s.done for s in streams):
+        step = checked = 1
+        finished = all(s.done for s in streams)
+        while step < max_new and not finished:
             tok = pick(self._decode(tok, positions), step)
             positions += 1
             step += 1
-            if step - synced >= every or step == max_new:
+            if step - synced >= emit_every or step == max_new:
                 synced = self._consume(streams, out, bad, synced, step)
+            if step - checked >= check_every or step == max_new:
+                if synced < step:
+                    synced = self._consume(streams, out, bad, synced, step)
+                checked = step
+                finished = all(s.done for s in streams)
         t_end = time.perf_counter()
         for s in streams:   # finished by the loop bound without a final consume
             if not s.done:
