@@ -34,8 +34,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib"],
-        "test": ["pytest>=7", "matplotlib"],
+        # triton runs the kernels' CPU tests under TRITON_INTERPRET=1 (it installs on CPU).
+        "dev": ["pytest>=7", "matplotlib", "triton"],
+        "test": ["pytest>=7", "matplotlib", "triton"],
         "plots": ["matplotlib"],
         "kernels": ["triton"],
         # Default real models, shipped as GGUF files in PyPI packages. SmolLM2-135M comes
