@@ -197,11 +197,11 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
 TWO_SHOT_TILES = (4096, 2048, 1024, 512)
 
 
-# Resident blocks per SM for the two-shot grid. One 8-warp block per SM leaves too little
-# work in flight to hide HBM and NVLink latency; blocks only ever wait for the blocks of
-# the same index on other ranks (dispatched in index order everywhere), so a grid larger
-# than what is resident at once cannot deadlock. Measured: docs/benchmarks.md.
-BLOCKS_PER_SM = int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0)) or 4
+# Blocks per SM for the two-shot grid. Blocks only ever wait for the blocks of the same
+# index on other ranks (dispatched in index order everywhere), so a grid larger than what
+# is resident at once cannot deadlock; but on 4 x H200 (tests/gpu/sweep_grid.py,
+# 2026-11-21) 2 and 4 blocks per SM were 1% and 9% slower (geomean) than 1.
+BLOCKS_PER_SM = int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0)) or 1
 
 
 def two_shot_plan(n: int, world: int, group: int, device: torch.device):

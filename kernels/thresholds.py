@@ -15,8 +15,17 @@ from typing import Dict
 # where a 4x smaller payload has to pay for two extra codec passes.
 DEFAULT: Dict = {"oneshot_max": 256 << 10, "fused_min": {"*": 8 << 20}}
 
-# (substring of torch.cuda.get_device_name(), world size) -> entry
-MEASURED: Dict = {}
+# (substring of torch.cuda.get_device_name(), world size) -> entry.
+# Derived by tools/bench_allreduce.py on 4 x H200 (NV18), NCCL 2.28.9, torch 2.11,
+# 2026-11-21: docs/benchmarks/allreduce_w{2,4}.json, "auto_thresholds". A codec missing
+# from fused_min never beat NCCL at the largest sizes there, so auto keeps NCCL for it.
+MEASURED: Dict = {
+    ("H200", 2): {"oneshot_max": 2 << 20,
+                  "fused_min": {"bf16": 1 << 20, "int8": 1 << 20}},
+    ("H200", 4): {"oneshot_max": 512 << 10,
+                  "fused_min": {"int2": 2 << 20, "int4": 4 << 20, "fp8": 4 << 20,
+                                "int8": 2 << 20, "int4-int8": 4 << 20}},
+}
 
 
 def thresholds_for(device_name: str, world: int) -> Dict:
