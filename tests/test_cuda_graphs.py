@@ -193,7 +193,8 @@ def _bench_rank(rank, world, out_dir):
     try:
         bench.main(["--random-weights", "tiny", "--prefill", "32x1,16x2",
                     "--decode-batches", "1,3", "--context", "40", "--decode-steps", "3",
-                    "--repeats", "2", "--check-tokens", "4", "--json", path])
+                    "--repeats", "2", "--check-tokens", "4", "--check-long-mib", "0.1",
+                    "--json", path])
     finally:
         parallel_state.destroy_model_parallel()
     return json.load(open(path)) if rank == 0 else None
@@ -216,6 +217,9 @@ def test_bench_end_to_end_on_gloo(tmp_path):
     c8, c4 = res["checks"]["int8"], res["checks"]["int4"]
     assert c8["logits_max_abs_diff_vs_nccl"] < c4["logits_max_abs_diff_vs_nccl"]
     assert c4["logits_max_abs_diff_vs_nccl"] < 0.5 * c4["logits_scale"]
+    # the long check prompt: 0.1 MiB / (2 B x 256 hidden) = 204 tokens, every rank equal
+    assert c8["long_prompt_tokens"] == 204 and c8["long_logits_finite"]
+    assert 0 < c8["long_logits_rel_err_vs_nccl"] < c4["long_logits_rel_err_vs_nccl"] < 0.5
     assert res["backends"]["int4"]["prefill_8k"].startswith("two-step")
     assert {r["comm"] for r in res["ttft_comm_removed"]} <= {"int8", "int4"}
     assert res["tpot_floor_ms"] > 0

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed prefill runs per case")
     p.add_argument("--check-tokens", type=int, default=8,
                    help="greedy tokens generated per mode for the checks (0: skip checks)")
+    p.add_argument("--check-long-mib", type=float, default=16.0,
+                   help="the checks also prefill one prompt whose TP sums are this many MiB "
+                        "(0: skip)")
     p.add_argument("--eager-decode", action="store_true",
                    help="also time eager (no CUDA graph) decode at batch 1, nccl-bf16")
     p.add_argument("--profile", action="store_true",
@@ -223,6 +226,11 @@ def explain(comm, examples, hidden: int, dtype, device) -> dict:
         x = torch.empty((rows, hidden), dtype=dtype, device=device)
         try:
             out[label] = comm.explain(x, "layers.0.mlp.down_proj")
+            auto = next((b for b in getattr(comm, "backends", [])
+                         if getattr(b, "name", None) == "auto"), None)
+            codec = comm.config.codec_for("layers.0.mlp.down_proj")
+            if auto is not None and auto.unsupported(x, codec, comm) is None:
+                out[label] += f" -> {auto.choose(x, codec)}"   # oneshot / fused / nccl
         except Exception as e:   # noqa: BLE001
             out[label] = f"explain failed: {e}"
     return out
@@ -391,22 +399,40 @@ def _u8():
     return torch.uint8
 
 
-def check_mode(engine, prompts, n_new: int, reference) -> tuple[dict, dict]:
-    """Greedy tokens + prefill logits of ``prompts``; rank agreement and agreement with
-    ``reference`` (nccl-bf16's output). Returns (report, this mode's output)."""
+def check_mode(engine, prompts, n_new: int, reference, long_prompt=None) -> tuple[dict, dict]:
+    """Greedy tokens + prefill logits of ``prompts`` (short: decode-sized messages), and the
+    last-token logits of ``long_prompt`` [1, L] (its TP sums are large enough for the
+    quantized kernels); rank agreement of all of it, and agreement with ``reference``
+    (nccl-bf16's output). Returns (report, this mode's output)."""
     import torch
     B, T = prompts.shape
     lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)
     logits = engine.prefill(prompts, lengths, T + n_new).float()
     results = engine.generate([row.tolist() for row in prompts.cpu()], max_new_tokens=n_new)
     tokens = torch.tensor([r.token_ids for r in results], dtype=torch.long)
-    digest = torch.frombuffer(bytearray(_digest(tokens, logits)), dtype=torch.uint8)
+    if long_prompt is not None:
+        L = long_prompt.shape[1]
+        long_logits = engine.prefill(long_prompt, torch.full((1,), L, device=engine.device),
+                                     L).float()
+    else:
+        long_logits = torch.zeros(1, device=engine.device)
+    digest = torch.frombuffer(bytearray(_digest(tokens, logits, long_logits)),
+                              dtype=torch.uint8)
     gathered = engine.group.all_gather(digest.to(engine.device), dim=0).view(
         engine.group.world_size, -1).cpu()
     report = dict(ranks_identical=bool((gathered == gathered[0]).all()),
                   logits_finite=bool(torch.isfinite(logits).all()),
                   finish=[r.finish_reason for r in results])
-    mine = dict(tokens=tokens, logits=logits.cpu())
+    mine = dict(tokens=tokens, logits=logits.cpu(), long_logits=long_logits.cpu())
+    if long_prompt is not None:
+        report["long_prompt_tokens"] = int(long_prompt.shape[1])
+        report["long_logits_finite"] = bool(torch.isfinite(long_logits).all())
+    if reference is not None and long_prompt is not None:
+        ref = reference["long_logits"]
+        report["long_logits_rel_err_vs_nccl"] = float(
+            (mine["long_logits"] - ref).norm() / ref.norm().clamp_min(1e-30))
+        report["long_argmax_equal_to_nccl"] = bool(
+            torch.equal(mine["long_logits"].argmax(-1), ref.argmax(-1)))
     if reference is not None:
         same = (tokens == reference["tokens"])
         report["tokens_equal_to_nccl"] = bool(same.all())
@@ -625,6 +651,12 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
     graphs, base = result["cuda_graphs"], group.communicator
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     check_prompts = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen).to(device)
+    # a prompt whose TP sums are >= --check-long-mib, so the checks also cover the paths
+    # that serve prefill-sized messages (fused quantized kernels), not only decode's
+    long_len = min(cfg.max_position_embeddings,
+                   max(1, int(args.check_long_mib * 2 ** 20) // (2 * cfg.hidden_size)))
+    long_prompt = (torch.randint(0, cfg.vocab_size, (1, long_len), generator=gen).to(device)
+                   if args.check_long_mib > 0 else None)
     reference = None
     if graphs and args.check_tokens:
         result["checks"]["graph_vs_eager"] = graph_matches_eager(engine)
@@ -644,7 +676,8 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
         result["backends"][mode] = explain(comm, sizes, cfg.hidden_size, dtype, device)
         say(f"[{mode}] backends: {result['backends'][mode]}")
         if args.check_tokens and mode != "none":
-            report, out = check_mode(engine, check_prompts, args.check_tokens, reference)
+            report, out = check_mode(engine, check_prompts, args.check_tokens, reference,
+                                     long_prompt)
             if mode == "nccl-bf16":
                 reference = out
             result["checks"][mode] = report
