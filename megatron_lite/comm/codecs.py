@@ -404,6 +404,8 @@ _PLAIN = {
 }
 _ALIASES = {"int6": "int4-int8", "fp8-e4m3": "fp8"}
 CODEC_NAMES = ("bf16",) + tuple(_PLAIN) + ("int4-int8", "outlier-int4")
+# Block-Hadamard rotation before any group codec (comm/rotation.py; same bits per value).
+CODEC_NAMES += tuple("hadamard-" + n for n in tuple(_PLAIN) + ("int4-int8",))
 
 
 @dataclass(frozen=True)
@@ -459,6 +461,9 @@ def get_codec(spec, calibration=None, site: Optional[str] = None) -> Codec:
     if cs.name == "int4-int8":
         return MixedCodec(cs.name, GroupCodec("int4", 4, "asym", cs.group_size),
                           GroupCodec("int8", 8, "sym", cs.group_size))
+    if cs.name.startswith("hadamard-"):
+        from megatron_lite.comm import rotation
+        return rotation.hadamard_codec(cs)
     from megatron_lite.comm import outlier  # outlier-int4: per-site state
     return outlier.outlier_codec(cs, calibration, site)
 
