@@ -262,3 +262,27 @@ def test_markdown_and_plot(tmp_path):
     png = tmp_path / "p.png"
     R.plot(_rows(), str(png), "tiny")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ bit allocation
+def test_allocate_is_the_knapsack_optimum_on_a_small_case():
+    import itertools
+
+    from megatron_lite.eval.sensitivity import allocate, comm_string
+    bits = {"c3": 3.0, "c4": 4.0, "c8": 8.0}
+    sens = {"a": {"c3": 4.0, "c4": 1.0, "c8": 0.0},       # sensitive: wants c8
+            "b": {"c3": 0.2, "c4": 0.05, "c8": 0.0},
+            "c": {"c3": 0.3, "c4": 0.1, "c8": 0.0},
+            "d": {"c3": 0.1, "c4": 0.02, "c8": 0.0}}
+    choice, mean_bits, pred = allocate(sens, bits, budget=4.5)
+    best = min((sum(sens[s][c] for s, c in zip(sens, combo)), combo)
+               for combo in itertools.product(bits, repeat=4)
+               if sum(bits[c] for c in combo) / 4 <= 4.5)
+    assert pred == pytest.approx(best[0]) and mean_bits <= 4.5
+    assert choice["a"] == "c8"
+    assert choice == {"a": "c8", "b": "c3", "c": "c4", "d": "c3"}
+    assert comm_string(choice, list(sens)) == "c3,a=c8,c=c4"
+    # Plenty of budget: everything at the best codec; too little: a clear error.
+    assert set(allocate(sens, bits, 8.0)[0].values()) == {"c8"}
+    with pytest.raises(ValueError, match="below the cheapest"):
+        allocate(sens, bits, 2.5)
