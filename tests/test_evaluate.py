@@ -286,3 +286,141 @@ def test_allocate_is_the_knapsack_optimum_on_a_small_case():
     assert set(allocate(sens, bits, 8.0)[0].values()) == {"c8"}
     with pytest.raises(ValueError, match="below the cheapest"):
         allocate(sens, bits, 2.5)
+
+
+# ------------------------------------------------------------ tiny models, end to end
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the quick brown fox jumps over a lazy dog while cats sleep on warm mats".split()
+
+
+def _run_evaluate(args, capsys):
+    spec = importlib.util.spec_from_file_location("tool_evaluate", REPO / "tools" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    capsys.readouterr()
+    rc = mod.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    import random
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("eval-inputs")
+    (d / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(900)))
+    write_jsonl(d / "cloze.jsonl", [{"context": " ".join(rng.choice(WORDS) for _ in range(12)),
+                                     "target": " " + rng.choice(WORDS)} for _ in range(12)])
+    write_jsonl(d / "mc.jsonl", [{"contexts": [" ".join(rng.choice(WORDS) for _ in range(8))] * 3,
+                                  "continuations": [" " + rng.choice(WORDS) for _ in range(3)],
+                                  "label": i % 3} for i in range(10)])
+    return d
+
+
+def test_evaluate_cli_reference_row_int8_close_and_schema(tiny_hf_dir, tiny_inputs, tmp_path,
+                                                          capsys):
+    d = tiny_inputs
+    js, det, png, md = (tmp_path / n for n in ("r.json", "d.json", "p.png", "t.md"))
+    rc, out, err = _run_evaluate(
+        ["--ckpt", tiny_hf_dir("gemma3_text"), "--tp", "2", "--comm", "int8", "--comm", "int2:32",
+         "--comm", "bf16", "--text", d / "text.txt", "--window", "64", "--max-tokens", "630",
+         "--task", d / "cloze.jsonl", "--task", d / "mc.jsonl", "--task-limit", "8",
+         "--json", js, "--details", det, "--plot", png, "--markdown", md, "--no-progress"], capsys)
+    assert rc == 0, err
+    doc = json.loads(js.read_text())
+    R.validate_json_doc(doc)
+    assert (doc["model"], doc["tp"], doc["simulated"]) == (tiny_hf_dir("gemma3_text").name, 2, True)
+    assert [r["codec"] for r in doc["rows"]] == ["bf16", "int8:128", "int2:32"]   # bf16 once, first
+    ref, i8, i2 = doc["rows"]
+    assert (ref["delta_ppl_pct"], ref["kl"], ref["top1_agreement"]) == (0.0, 0.0, 1.0)
+    assert ref["bits_per_value"] == 16.0 and i8["bits_per_value"] == 8.125
+    assert set(ref["tasks"]) == {"cloze", "mc"}
+    assert abs(i8["delta_ppl_pct"]) < 0.5 and i8["kl"] < 2e-3 and i8["top1_agreement"] > 0.9
+    assert i2["kl"] > 20 * i8["kl"]
+    details = json.loads(det.read_text())
+    assert details["text_tokens"] == 10 * 63 and details["tasks"]["mc"]["n"] == 8
+    assert details["tasks"]["cloze"]["primary"] == "acc"
+    assert md.read_text() in out and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--comm", "int5"], "unknown codec"),
+    (["--comm", "int4:100"], "does not fit"),
+    (["--comm", "native"], "not a codec"),
+    (["--comm", "outlier-int4"], "needs a calibration file"),
+    (["--text", "/nonexistent/x.txt"], "file not found"),
+    (["--task", "/nonexistent/t.jsonl"], "file not found"),
+    (["--tp", "3"], "TP size 3"),
+    (["--window", "1"], "--window"),
+])
+def test_evaluate_cli_bad_input(tiny_hf_dir, tiny_inputs, tmp_path, capsys, extra, msg):
+    js = tmp_path / "r.json"
+    base = ["--ckpt", tiny_hf_dir("llama"), "--tp", "2", "--text", tiny_inputs / "text.txt",
+            "--json", js, "--no-progress"]
+    rc, out, err = _run_evaluate(base + extra, capsys)
+    assert rc == 1 and err.startswith("error:") and msg in err, err
+    assert len(err.strip().splitlines()) == 1 and not js.exists() and out == ""
+    rc, _, err = _run_evaluate(["--ckpt", tmp_path / "none", "--tp", "2", "--text",
+                                tiny_inputs / "text.txt"], capsys)
+    assert rc == 1 and "does not exist" in err
+
+
+SWITCH_SPECS = ["bf16", "int4:32", "hadamard-int4:32", "ef+int4:32"]
+
+
+def _logits_all_codecs(comm, ckpt, ids, rows):
+    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
+    from megatron_lite.eval.runner import CodecSwitch, load_rank_engine, rank_logits
+    comms = [ErrorFeedbackCommunicator(build_communicator(comm, s[3:])) if s.startswith("ef+")
+             else build_communicator(comm, s) for s in SWITCH_SPECS]
+    switch = CodecSwitch(comm, comms)
+    engine = load_rank_engine(str(ckpt), switch)
+    out = []
+    for i in range(len(SWITCH_SPECS)):
+        switch.active = i
+        out.append((rank_logits(engine, ids), rank_logits(engine, ids, rows)))
+    return out
+
+
+def _gloo_logits(rank, world_size, ckpt, ids, rows):
+    from megatron_lite.comm.communicator import DistCommunicator
+    return _logits_all_codecs(DistCommunicator(), ckpt, ids, rows)
+
+
+def test_simulated_equals_gloo_bit_for_bit_and_rows_match(tiny_hf_dir):
+    from megatron_lite.comm.simulate import run_simulated
+    from tests._dist import run_distributed
+    ckpt = tiny_hf_dir("llama")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 99, (2, 40), generator=g)
+    rows = torch.tensor([[3, 9, 39], [0, 20, 20]])
+    sim = run_simulated(_logits_all_codecs, 2, ckpt, ids, rows)
+    real = run_distributed(_gloo_logits, 2, ckpt, ids, rows)
+    for rank_out in sim[1:] + real:
+        for (full, sel), (full0, sel0) in zip(rank_out, sim[0]):
+            assert torch.equal(full, full0) and torch.equal(sel, sel0)
+    b = torch.arange(2)[:, None]
+    for (full, sel), spec in zip(sim[0], SWITCH_SPECS):
+        assert sel.shape == (2, 3, full.shape[-1])
+        assert torch.allclose(sel, full[b, rows], atol=1e-5), spec
+    assert not torch.equal(sim[0][0][0], sim[0][1][0])    # the codecs do differ
+
+
+def test_evaluate_under_torchrun_equals_simulated(tiny_hf_dir, tiny_inputs, tmp_path, capsys):
+    from tests.conftest import run_tool
+    d = tiny_inputs
+    args = ["--ckpt", tiny_hf_dir("gemma3_text"), "--tp", "2", "--comm", "int4:32",
+            "--comm", "ef+hadamard-int4:32", "--text", d / "text.txt", "--window", "64",
+            "--max-tokens", "252", "--task", d / "mc.jsonl", "--task-limit", "4", "--no-progress"]
+    rc, _, err = _run_evaluate(args + ["--json", tmp_path / "sim.json"], capsys)
+    assert rc == 0, err
+    r = run_tool(["torchrun", "--nproc_per_node=2", "tools/evaluate.py"]
+                 + [str(a) for a in args] + ["--json", str(tmp_path / "real.json")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    sim, real = (json.loads((tmp_path / n).read_text()) for n in ("sim.json", "real.json"))
+    assert sim["simulated"] and not real["simulated"]
+    assert sim["rows"] == real["rows"]          # bit-exact simulation => identical numbers

@@ -79,11 +79,14 @@ def comm_bits(cfg, num_layers: int) -> float:
 def _canonical_comms(specs: List[str], calibration: Optional[str], num_layers: int):
     """Parsed configs with bf16 first (added if absent); duplicates removed."""
     from megatron_lite.comm.allreduce import parse_comm_arg
+    from megatron_lite.comm.feedback import PREFIX as EF
     names, cfgs = [], []
     for spec in [REFERENCE] + list(specs):
-        cfg = parse_comm_arg(spec, calibration=calibration, num_layers=num_layers)
-        name = str(cfg)
-        if name == "native":
+        ef = str(spec).strip().lower().startswith(EF)
+        cfg = parse_comm_arg(str(spec).strip()[len(EF):] if ef else spec,
+                             calibration=calibration, num_layers=num_layers)
+        name = (EF if ef else "") + str(cfg)
+        if str(cfg) == "native":
             raise EvalDataError("--comm native is not a codec: the bf16 reference row is "
                                 "always included")
         if name not in names:
@@ -141,9 +144,14 @@ def execute(prep: Prepared) -> Optional[List[dict]]:
 
     def rank_main(comm):
         # Configs are parsed per rank: each rank owns its codec caches.
-        comms = [build_communicator(comm, parse_comm_arg(n, calibration=a.calibration,
-                                                         num_layers=num_layers))
-                 for n in prep.codec_names]
+        from megatron_lite.comm.feedback import PREFIX as EF, ErrorFeedbackCommunicator
+        comms = []
+        for n in prep.codec_names:
+            ef = n.startswith(EF)
+            q = build_communicator(comm, parse_comm_arg(n[len(EF):] if ef else n,
+                                                        calibration=a.calibration,
+                                                        num_layers=num_layers))
+            comms.append(ErrorFeedbackCommunicator(q) if ef else q)
         switch = CodecSwitch(comm, comms)
         engine = load_rank_engine(a.ckpt, switch, a.dtype)
 
