@@ -26,14 +26,15 @@ def hostile(rows, n, dtype, seed):
     x[0, : min(n, 64)] = 0.0
     x[0, 64:192] = 2.5
     if rows > 1:
-        x[1, 3] = math.nan
+        x[1, min(3, n - 1)] = math.nan   # indices fit rows as short as 3 values (bf16)
         x[1, n // 2] = math.inf
         x[1, n - 1] = -math.inf
     if rows > 2:
-        x[2, :128] = torch.randn(128, generator=g) * 1e-41          # fp32 denormals
-        x[2, 130] = 3.2e38
+        k = min(128, n)
+        x[2, :k] = torch.randn(k, generator=g) * 1e-41              # fp32 denormals
+        x[2, min(130, n - 1)] = 3.2e38
     if rows > 3 and dtype == torch.float32:
-        x[3, 7] = 3.4e38                                             # beyond bf16: non-finite
+        x[3, min(7, n - 1)] = 3.4e38                                             # beyond bf16: non-finite
     if dtype == torch.float16:
         x = x.clamp(-6e4, 6e4)
     return x.to(dtype)
