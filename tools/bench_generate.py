@@ -123,30 +123,14 @@ def write_json(path: Path, obj: dict) -> None:
 
 # ----------------------------------------------------------------------------- comm modes
 def _skip_reduce_communicator(base):
-    from megatron_lite.comm.communicator import Communicator
+    from megatron_lite.comm.communicator import WrappingCommunicator
 
-    class SkipReduceCommunicator(Communicator):
+    class SkipReduceCommunicator(WrappingCommunicator):
         """``none`` mode: ``all_reduce`` returns its input, unsummed. The model's output is
         wrong; its time is the lower bound of any all-reduce. Gathers go to ``base``."""
 
-        def __init__(self, base):
-            super().__init__(base.rank, base.world_size)
-            self.base, self.process_group = base, getattr(base, "process_group", None)
-
         def all_reduce(self, x, site=None):
             return x
-
-        def all_gather(self, x, dim=-1):
-            return self.base.all_gather(x, dim)
-
-        def all_to_all_single(self, output, input):
-            self.base.all_to_all_single(output, input)
-
-        def all_gather_into_tensor(self, output, input):
-            self.base.all_gather_into_tensor(output, input)
-
-        def barrier(self):
-            self.base.barrier()
 
     return SkipReduceCommunicator(base)
 

@@ -28,7 +28,7 @@ import torch
 
 from megatron_lite.comm.codecs import (Codec, CodecError, get_codec,
                                        parse_codec_spec)
-from megatron_lite.comm.communicator import Communicator
+from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
 
 NATIVE = "native"   # the base communicator's own all-reduce (NCCL / gloo), uncompressed
 EMBED_SITE = "embed_tokens"
@@ -275,7 +275,7 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
 
 
 # ----------------------------------------------------------------------------- communicator
-class QuantizedCommunicator(Communicator):
+class QuantizedCommunicator(WrappingCommunicator):
     """``all_reduce(x, site)`` through the codec that ``config`` assigns to ``site``.
 
     Native (uncompressed) calls, all_gather and the primitives go to ``base``. Every rank
@@ -284,9 +284,8 @@ class QuantizedCommunicator(Communicator):
 
     def __init__(self, base: Communicator, config: CommConfig,
                  backends: Optional[List[Backend]] = None, hf_config: Optional[dict] = None):
-        super().__init__(base.rank, base.world_size)
-        self.base, self.config = base, config
-        self.process_group = getattr(base, "process_group", None)
+        super().__init__(base)
+        self.config = config
         self.backends: List[Backend] = list(backends) if backends else [TwoStepBackend()]
         calib = config.calibration_data()
         if calib is not None:
@@ -323,18 +322,6 @@ class QuantizedCommunicator(Communicator):
         if backend is None:
             return self.base.all_reduce(x, site)
         return backend.all_reduce(x, codec, self)
-
-    def all_gather(self, x, dim=-1):
-        return self.base.all_gather(x, dim)
-
-    def all_to_all_single(self, output, input):
-        self.base.all_to_all_single(output, input)
-
-    def all_gather_into_tensor(self, output, input):
-        self.base.all_gather_into_tensor(output, input)
-
-    def barrier(self):
-        self.base.barrier()
 
 
 def build_communicator(base: Communicator, comm=None, calibration: Optional[str] = None,

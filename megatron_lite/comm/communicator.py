@@ -78,3 +78,32 @@ class DistCommunicator(Communicator):
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.process_group)
+
+
+class WrappingCommunicator(Communicator):
+    """A communicator that changes ``all_reduce`` and delegates everything else to ``base``.
+
+    Quantizing, recording, codec-switching and reduce-skipping communicators are all of
+    this kind: they decide what the TP sum does, while gathers and the primitives the
+    two-step algorithm is written against always go to the real group underneath.
+    """
+
+    def __init__(self, base: Communicator):
+        super().__init__(base.rank, base.world_size)
+        self.base = base
+        self.process_group = getattr(base, "process_group", None)
+
+    def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
+        return self.base.all_reduce(x, site)
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return self.base.all_gather(x, dim)
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        self.base.all_to_all_single(output, input)
+
+    def all_gather_into_tensor(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        self.base.all_gather_into_tensor(output, input)
+
+    def barrier(self) -> None:
+        self.base.barrier()
