@@ -21,6 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+# Runnable from a source checkout without `pip install -e .` (as the bench tools are).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Tensor-parallel text generation "
