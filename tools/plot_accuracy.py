@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     for d in docs:   # several files of one model/TP (e.g. paper codecs + methods) share a colour
         groups.setdefault(f"{d['model']} TP{d['tp']}", []).append(d)
     for (label, docs_g), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        seen = set()
+        seen, labelled = set(), set()
         for d in docs_g:
             for r in d["rows"]:
                 if r["codec"] in seen or r["bits_per_value"] > args.max_bits:
@@ -62,8 +62,10 @@ def main(argv=None) -> int:
                         y = 100 * t["accuracy"] / b["accuracy"] if t and b and b["accuracy"] else None
                     if y is None or (key == "kl" and y <= 0):
                         continue
+                    first = id(ax) not in labelled
+                    labelled.add(id(ax))
                     ax.scatter([r["bits_per_value"]], [y], color=color, s=16,
-                               label=label if r["codec"] == d["rows"][1]["codec"] else None)
+                               label=label if first else None)
                     short = r["codec"].split(",")[0] + ("+alloc" if "," in r["codec"] else "")
                     ax.annotate(short, (r["bits_per_value"], y), fontsize=6, color=color,
                                 xytext=(2, 2), textcoords="offset points")
