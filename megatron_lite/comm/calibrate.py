@@ -26,7 +26,7 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_lite.comm.communicator import Communicator
+from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
 
 
 class ChannelStats:
@@ -107,14 +107,13 @@ class ChannelStats:
         return max(self.ag_seen.values(), default=0)
 
 
-class RecordingCommunicator(Communicator):
+class RecordingCommunicator(WrappingCommunicator):
     """Wraps ``base`` and records each ``all_reduce``'s partial and reduced sums into
     ``stats`` (sites named by the model; calls without a site are not recorded)."""
 
     def __init__(self, base: Communicator, stats: ChannelStats, record_ag: Optional[bool] = None):
-        super().__init__(base.rank, base.world_size)
-        self.base, self.stats = base, stats
-        self.process_group = getattr(base, "process_group", None)
+        super().__init__(base)
+        self.stats = stats
         # Every rank holds the same reduced sum; one of them records it.
         self.record_ag = (base.rank == 0) if record_ag is None else record_ag
         self.enabled = True
@@ -129,14 +128,3 @@ class RecordingCommunicator(Communicator):
             self.stats.update_reduced(site, y)
         return y
 
-    def all_gather(self, x, dim=-1):
-        return self.base.all_gather(x, dim)
-
-    def all_to_all_single(self, output, input):
-        self.base.all_to_all_single(output, input)
-
-    def all_gather_into_tensor(self, output, input):
-        self.base.all_gather_into_tensor(output, input)
-
-    def barrier(self):
-        self.base.barrier()

@@ -31,7 +31,7 @@ import torch
 
 from megatron_lite.comm.allreduce import (EMBED_SITE, GroupScheme, QuantizedCommunicator,
                                           scheme_for, two_step_all_reduce)
-from megatron_lite.comm.communicator import Communicator
+from megatron_lite.comm.communicator import WrappingCommunicator
 
 PREFIX = "ef+"
 
@@ -85,13 +85,12 @@ def own_error(scheme, chunks: torch.Tensor, acc: torch.Tensor, rank: int) -> tor
     return torch.nan_to_num(rs, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-class ErrorFeedbackCommunicator(Communicator):
+class ErrorFeedbackCommunicator(WrappingCommunicator):
     """Wraps a :class:`QuantizedCommunicator`; see the module docstring."""
 
     def __init__(self, inner: QuantizedCommunicator):
-        super().__init__(inner.rank, inner.world_size)
+        super().__init__(inner)
         self.inner = inner
-        self.process_group = getattr(inner, "process_group", None)
         self.carry: Optional[torch.Tensor] = None
 
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
@@ -111,14 +110,3 @@ class ErrorFeedbackCommunicator(Communicator):
         self.carry = -rec.restore(err).float()
         return y
 
-    def all_gather(self, x, dim=-1):
-        return self.inner.all_gather(x, dim)
-
-    def all_to_all_single(self, output, input):
-        self.inner.all_to_all_single(output, input)
-
-    def all_gather_into_tensor(self, output, input):
-        self.inner.all_gather_into_tensor(output, input)
-
-    def barrier(self):
-        self.inner.barrier()

@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from megatron_lite.comm.communicator import Communicator
+from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
 
 
 def torchrun_world_size() -> Optional[int]:
@@ -29,31 +29,19 @@ def torchrun_world_size() -> Optional[int]:
     return None
 
 
-class CodecSwitch(Communicator):
+class CodecSwitch(WrappingCommunicator):
     """A communicator that forwards to ``comms[active]``; all of them share one base, which
     serves ``all_gather`` and the primitives. Every rank must set the same ``active``."""
 
     def __init__(self, base: Communicator, comms: Sequence[Communicator]):
-        super().__init__(base.rank, base.world_size)
-        self.base, self.comms, self.active = base, list(comms), 0
-        self.process_group = getattr(base, "process_group", None)
+        super().__init__(base)
+        self.comms, self.active = list(comms), 0
 
     def all_reduce(self, x, site=None):
         if self.world_size == 1:
             return x
         return self.comms[self.active].all_reduce(x, site)
 
-    def all_gather(self, x, dim=-1):
-        return self.base.all_gather(x, dim)
-
-    def all_to_all_single(self, output, input):
-        self.base.all_to_all_single(output, input)
-
-    def all_gather_into_tensor(self, output, input):
-        self.base.all_gather_into_tensor(output, input)
-
-    def barrier(self):
-        self.base.barrier()
 
 
 def load_rank_engine(ckpt: str, comm: Communicator, dtype=torch.float32):
