@@ -1,7 +1,8 @@
-"""Run a test body on N real gloo ranks (one process each) and collect the results.
+"""Run a test body on N real ranks (one process each) and collect the results.
 
-``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes that join a
-gloo group through a file store, call ``fn(rank, world_size, *args)`` and send back its
+``run_distributed(fn, world_size, *args, backend="gloo")`` spawns ``world_size`` processes
+that join a gloo group (or, with ``backend="nccl"``, an NCCL group, rank r on GPU r) through
+a file store, call ``fn(rank, world_size, *args)`` and send back its
 (picklable) return value. Any rank's exception fails the caller with that rank's
 traceback. ``fn`` must be a module-level function (it is pickled by reference).
 """
@@ -17,15 +18,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world_size, init_file, fn, args, queue):
+def _worker(rank, world_size, init_file, fn, args, queue, backend):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     os.environ["LOCAL_RANK"] = str(rank)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}",
-                                rank=rank, world_size=world_size)
+        kwargs = {}
+        if backend == "nccl":
+            # NVLink multicast stays off on the shared GPU hosts (device tool's KINDS.md).
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+            os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+            torch.cuda.set_device(rank)
+            kwargs["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}",
+                                rank=rank, world_size=world_size, **kwargs)
         result = fn(rank, world_size, *args)
         # Plain pickle copies tensor bytes. The queue's own (torch) pickler would pass shared
         # memory by file descriptor, served by this process: if it exits before the parent
@@ -38,12 +46,14 @@ def _worker(rank, world_size, init_file, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0,
+                    backend: str = "gloo"):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue,
+                                                     backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests._dist import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,47 +32,9 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _worker(rank, world, init_file, fn, args, queue):
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    import torch.distributed as dist
-    try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world, device_id=torch.device("cuda", rank))
-        queue.put((rank, "ok", fn(rank, world, *args)))
-    except BaseException:  # noqa: BLE001
-        queue.put((rank, "err", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_nccl(fn, world: int, *args, timeout: float = 900.0):
     """Run ``fn(rank, world, *args)`` on ``world`` GPUs (one process each, NCCL group)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world, init_file, fn, args, queue))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        results, errors = {}, []
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status == "ok":
-                results[rank] = payload
-            else:
-                errors.append(f"rank {rank}:\n{payload}")
-                break
-        for p in procs:
-            p.join(timeout=10 if errors else timeout)
-            if p.is_alive():
-                p.kill()
-        if errors:
-            raise RuntimeError("GPU ranks failed\n" + "\n".join(errors))
-    return [results[r] for r in range(world)]
+    return run_distributed(fn, world, *args, timeout=timeout, backend="nccl")
 
 
 def reference_all_reduce(xs, codec):
