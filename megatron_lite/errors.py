@@ -15,3 +15,10 @@ class ConfigError(MegatronLiteError, ValueError):
 
 class CheckpointError(MegatronLiteError):
     """A checkpoint directory is missing, incomplete, corrupt or made for another TP size."""
+
+
+def report_error(message, code: int = 1) -> int:
+    """Print the CLIs' one-line ``error: <message>`` to stderr; return the exit code."""
+    import sys
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from megatron_lite.errors import report_error  # noqa: E402
 
 MODES = ("nccl-bf16", "auto-bf16", "int8", "int4", "none")
 # Modes whose all-reduce is not the plain bf16 sum: their tokens may legitimately differ.
@@ -87,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(report_error(message, code=2))
 
 
 def _parse_cases(text: str) -> list[tuple[int, int]]:

@@ -22,6 +22,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_lite.errors import report_error  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 1
+    return report_error(message)
 
 
 def main(argv=None) -> int:

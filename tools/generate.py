@@ -23,6 +23,7 @@ from pathlib import Path
 
 # Runnable from a source checkout without `pip install -e .` (as the bench tools are).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_lite.errors import report_error  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message) -> "None":
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.exit(report_error(message))
 
 
 def resolve_checkpoint(ckpt, world_size: int) -> Path:
