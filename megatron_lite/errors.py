@@ -20,5 +20,8 @@ class CheckpointError(MegatronLiteError):
 def report_error(message, code: int = 1) -> int:
     """Print the CLIs' one-line ``error: <message>`` to stderr; return the exit code."""
     import sys
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # One write of the whole line: with PYTHONUNBUFFERED, print() issues the text and the
+    # newline as two writes, and torchrun ranks sharing stderr interleave between them.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     return code

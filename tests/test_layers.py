@@ -275,8 +275,10 @@ assert get_tp_group() is g and initialize_model_parallel() is g
 import torch.distributed as dist
 x = g.all_reduce(torch.full((3,), float(g.rank + 1)), site="test")
 y = g.all_gather(torch.tensor([[g.rank]]), dim=1)
-print(f"RESULT rank={g.rank} ws={g.world_size} backend={dist.get_backend()} "
-      f"sum={x.tolist()} gather={y.tolist()}", flush=True)
+# One file per rank: torchrun may interleave the ranks' stdout mid-line (seen in CI).
+with open(os.path.join(os.environ["RESULT_DIR"], f"rank{g.rank}.txt"), "w") as f:
+    f.write(f"RESULT rank={g.rank} ws={g.world_size} backend={dist.get_backend()} "
+            f"sum={x.tolist()} gather={y.tolist()}")
 destroy_model_parallel()
 assert not dist.is_initialized()
 '''
@@ -293,12 +295,13 @@ def test_initialize_from_torchrun_environment(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_LITE_BACKEND="gloo",
+               RESULT_DIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={port}", str(script)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = sorted(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert lines == [f"RESULT rank={r} ws=2 backend=gloo sum=[3.0, 3.0, 3.0] "
                      f"gather=[[0, 1]]" for r in range(2)]
 

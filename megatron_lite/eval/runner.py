@@ -81,11 +81,19 @@ def launch(fn: Callable[[Communicator], Any], tp: int, simulated: bool,
     if simulated:
         from megatron_lite.comm.simulate import run_simulated
         return run_simulated(fn, tp, timeout=timeout)
-    from megatron_lite.parallel_state import get_tp_group
+    from megatron_lite.parallel_state import destroy_model_parallel, get_tp_group
     group = get_tp_group()
-    if group.world_size != tp:
-        raise ValueError(f"--tp {tp} but torchrun started {group.world_size} ranks")
-    return [fn(group.communicator)]
+    try:
+        if group.world_size != tp:
+            raise ValueError(f"--tp {tp} but torchrun started {group.world_size} ranks")
+        result = fn(group.communicator)
+        # Every rank leaves together and tears the process group down before the
+        # interpreter exits: a rank that exits while gloo's threads still run aborts
+        # ("terminate called without an active exception", seen in CI on 2026-11-22).
+        group.barrier()
+    finally:
+        destroy_model_parallel()
+    return [result]
 
 
 def row_parallel_sites(num_layers: int) -> List[str]:
