@@ -122,7 +122,7 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      RC2: tl.constexpr, AKIND: tl.constexpr, ABITS: tl.constexpr,
                      AQMAX: tl.constexpr, AC2: tl.constexpr, R_PAY: tl.constexpr,
                      R_TB: tl.constexpr, A_PAY: tl.constexpr, A_TB: tl.constexpr,
-                     OUT_LIM: tl.constexpr, SPIN: tl.constexpr):
+                     OUT_LIM: tl.constexpr, SPIN: tl.constexpr, PULL: tl.constexpr):
     """Quantized two-shot all-reduce in one launch (see ``two_shot_all_reduce``)."""
     # Per-tile layout of each stage's codec (byte counts from the host):
     # [payload R_PAY B][meta0 NG x bf16][meta1 NG x bf16], R_TB bytes in all.
@@ -139,12 +139,16 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
     my_slot = rank * slot
 
     # 1. quantize chunk j's tiles of this block and store them in rank j's recv[me]
+    #    (push), or in my own recv[j] for rank j to load (pull)
     for t in range(b, tiles, nb):
         for j in tl.static_range(W):
             offs = j * chunk + t * TILE + lane
             x = quant.load_f32(x_ptr, offs, offs < N)
-            dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
-                   + recv_off + my_slot + t * R_TB)
+            if PULL:
+                dst = ws_ptr + recv_off + j * slot + t * R_TB
+            else:
+                dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
+                       + recv_off + my_slot + t * R_TB)
             m0 = (dst + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
             quant.encode_tile(x, dst, R_P1, m0, m0 + NG, gall, NG, G,
                               RKIND, RBITS, RQMAX, RC2)
@@ -159,21 +163,35 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
     # 2. reduce my chunk: decode every rank's copy, sum in rank order, requantize, and
     #    store the result in every rank's gather[me] (mine included: all decode it)
     for t in range(b, tiles, nb):
-        src0 = ws_ptr + recv_off + t * R_TB
+        if PULL:
+            src0 = sync.peer_base(ws_ptr, 0, d0, d1, d2, d3, d4, d5, d6, d7) \
+                + recv_off + my_slot + t * R_TB
+        else:
+            src0 = ws_ptr + recv_off + t * R_TB
         m0 = (src0 + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
         acc = quant.decode_tile(src0, R_P1, m0, m0 + NG, gall, 3.3895313892515355e38,
                                 NG, G, RKIND, RBITS, RQMAX)
         for s in tl.static_range(1, W):
-            p = src0 + s * slot
+            if PULL:
+                p = sync.peer_base(ws_ptr, s, d0, d1, d2, d3, d4, d5, d6, d7) \
+                    + recv_off + my_slot + t * R_TB
+            else:
+                p = src0 + s * slot
             m0 = (p + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
             acc += quant.decode_tile(p, R_P1, m0, m0 + NG, gall, 3.3895313892515355e38,
                                      NG, G, RKIND, RBITS, RQMAX)
-        for j in tl.static_range(W):
-            dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
-                   + gather_off + my_slot + t * A_TB)
+        if PULL:
+            dst = ws_ptr + gather_off + my_slot + t * A_TB
             m0 = (dst + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
             quant.encode_tile(acc, dst, A_P1, m0, m0 + NG, gall, NG, G,
                               AKIND, ABITS, AQMAX, AC2)
+        else:
+            for j in tl.static_range(W):
+                dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
+                       + gather_off + my_slot + t * A_TB)
+                m0 = (dst + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
+                quant.encode_tile(acc, dst, A_P1, m0, m0 + NG, gall, NG, G,
+                                  AKIND, ABITS, AQMAX, AC2)
     tl.debug_barrier()
     for j in tl.static_range(W):
         sync.signal(sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
@@ -185,7 +203,11 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
     # 3. decode every owner's reduced tiles into the output
     for t in range(b, tiles, nb):
         for o in tl.static_range(W):
-            p = ws_ptr + gather_off + o * slot + t * A_TB
+            if PULL:
+                p = sync.peer_base(ws_ptr, o, d0, d1, d2, d3, d4, d5, d6, d7) \
+                    + gather_off + o * slot + t * A_TB
+            else:
+                p = ws_ptr + gather_off + o * slot + t * A_TB
             m0 = (p + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
             y = quant.decode_tile(p, A_P1, m0, m0 + NG, gall, OUT_LIM, NG, G,
                                   AKIND, ABITS, AQMAX)
@@ -195,6 +217,20 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
 
 
 TWO_SHOT_TILES = (4096, 2048, 1024, 512)
+
+
+def two_shot_pull() -> bool:
+    """Data movement of the two-shot kernel: ``pull`` (default) or ``push``
+    (``MEGATRON_LITE_TWO_SHOT``).
+
+    push: each stage stores its encoded tiles into the peers' buffers (remote stores);
+    pull: each stage stores them into the local buffer and the consumers load them from
+    the peers (remote loads). Both synchronise through the same per-block flags and give
+    the same bytes; the choice is measured, see docs/benchmarks.md."""
+    mode = os.environ.get("MEGATRON_LITE_TWO_SHOT", "pull")
+    if mode not in ("pull", "push"):
+        raise ValueError(f"MEGATRON_LITE_TWO_SHOT must be 'pull' or 'push', got {mode!r}")
+    return mode == "pull"
 
 
 # Blocks per SM for the two-shot grid. Blocks only ever wait for the blocks of the same
@@ -269,7 +305,7 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
         **rs.constexprs("R"), **ag.constexprs("A"),
         R_PAY=rs.nbytes(tile) - 2 * rs.n_meta * (tile // group), R_TB=rs.nbytes(tile),
         A_PAY=ag.nbytes(tile) - 2 * ag.n_meta * (tile // group), A_TB=ag.nbytes(tile),
-        OUT_LIM=lim, SPIN=SPIN_LIMIT,
+        OUT_LIM=lim, SPIN=SPIN_LIMIT, PULL=two_shot_pull(),
         num_warps=8 if tile >= 4096 else 4, **opts)
     return out
 

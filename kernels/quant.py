@@ -143,11 +143,38 @@ def e4m3_decode(c):
     return s * val
 
 
+# How sub-byte codes are (un)packed: "sum" (shift each code into place and reduce over the
+# codes of a byte) or "split" (pairwise tl.split / tl.join, which keeps the pairs in
+# registers). Same bytes either way; MEGATRON_LITE_PACK picks, the default is measured
+# (docs/benchmarks.md).
+PACK_SPLIT = tl.constexpr(os.environ.get("MEGATRON_LITE_PACK", "split") == "split")
+
+
+@triton.jit
+def _pair(c, NG: tl.constexpr, K: tl.constexpr, SH: tl.constexpr):
+    """[NG, 2K] -> [NG, K]: element 2i | element 2i+1 << SH."""
+    lo, hi = tl.split(tl.reshape(c, (NG, K, 2)))
+    return lo | (hi << SH)
+
+
+@triton.jit
+def _unpair(c, NG: tl.constexpr, K: tl.constexpr, SH: tl.constexpr):
+    """[NG, K] -> [NG, 2K], the inverse of ``_pair``."""
+    return tl.reshape(tl.join(c & ((1 << SH) - 1), c >> SH), (NG, 2 * K))
+
+
 @triton.jit
 def pack(c, NG: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
     """codes [NG, G] (int32 in [0, 2^BITS)) -> bytes [NG, G*BITS//8], LSB first."""
     if BITS == 8:
         r = c.to(tl.uint8)
+    elif PACK_SPLIT:
+        if BITS == 4:
+            r = _pair(c, NG, G // 2, 4).to(tl.uint8)
+        elif BITS == 2:
+            r = _pair(_pair(c, NG, G // 2, 2), NG, G // 4, 4).to(tl.uint8)
+        else:
+            r = _pair(_pair(_pair(c, NG, G // 2, 1), NG, G // 4, 2), NG, G // 8, 4).to(tl.uint8)
     else:
         PER: tl.constexpr = 8 // BITS
         c3 = tl.reshape(c, (NG, G // PER, PER))
@@ -161,6 +188,14 @@ def unpack(b, NG: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
     """bytes [NG, G*BITS//8] -> codes [NG, G] int32."""
     if BITS == 8:
         r = b.to(tl.int32)
+    elif PACK_SPLIT:
+        bi = b.to(tl.int32)
+        if BITS == 4:
+            r = _unpair(bi, NG, G // 2, 4)
+        elif BITS == 2:
+            r = _unpair(_unpair(bi, NG, G // 4, 4), NG, G // 2, 2)
+        else:
+            r = _unpair(_unpair(_unpair(bi, NG, G // 8, 4), NG, G // 4, 2), NG, G // 2, 1)
     else:
         PER: tl.constexpr = 8 // BITS
         sh = (tl.arange(0, PER) * BITS)[None, None, :]

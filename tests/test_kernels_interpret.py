@@ -25,9 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("triton")
 
 
-def _run_child(check: str, timeout: float = 900):
+def _run_child(check: str, timeout: float = 900, **variant):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **variant)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), check], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -168,16 +168,21 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- tests
-def test_quant_kernels_match_reference_bitwise():
-    rows = _run_child("quant")
+# Both sub-byte packings (kernels/quant.py PACK_SPLIT) must give the reference's bytes.
+@pytest.mark.parametrize("pack", ["split", "sum"])
+def test_quant_kernels_match_reference_bitwise(pack):
+    rows = _run_child("quant", MEGATRON_LITE_PACK=pack)
     assert len(rows) == 22
     bad = [r for r in rows if not all(r[2:])]
     assert not bad, bad
 
 
-@pytest.mark.parametrize("check,world", [("fused2", 2), ("fused3", 3)])
-def test_fused_allreduce_over_shared_memory(check, world):
-    ranks = _run_child(check)
+# pull (default) and push data movement of the two-shot kernel, each with one packing.
+@pytest.mark.parametrize("check,world,mode,pack", [("fused2", 2, "pull", "split"),
+                                                   ("fused3", 3, "pull", "split"),
+                                                   ("fused2", 2, "push", "sum")])
+def test_fused_allreduce_over_shared_memory(check, world, mode, pack):
+    ranks = _run_child(check, MEGATRON_LITE_TWO_SHOT=mode, MEGATRON_LITE_PACK=pack)
     assert len(ranks) == world
     for rows in ranks:
         bad = [r for r in rows if not r[3]]

@@ -1,8 +1,11 @@
-"""Pick the two-shot grid density (blocks per SM) on this machine; prints BEST_BPSM=<n>.
+"""Pick the two-shot kernel's data movement (push / pull) and grid density (blocks per SM)
+on this machine; prints BEST=<mode>,<bpsm>.
 
-    torchrun --nproc_per_node=4 tests/gpu/sweep_grid.py
+    MEGATRON_LITE_PACK=split torchrun --nproc_per_node=4 tests/gpu/sweep_grid.py
 Times the fused kernel (CUDA-graph replays, median of 30) for a few codecs and sizes at
-1, 2 and 4 blocks per SM; the grid size is a host-side choice, so nothing recompiles.
+1, 2 and 4 blocks per SM, pushing and pulling; the grid size is a host-side choice and the
+mode a compile-time one read per call. The sub-byte packing (MEGATRON_LITE_PACK) is fixed
+per process. Before timing, every pull output is checked bitwise against the push output.
 """
 import math
 import os
@@ -27,36 +30,59 @@ def main():
     state = k.backends.make_state(None, max_bytes=256 << 20, oneshot_max_bytes=1 << 20)
     ws, fa = state.ws, k.fused_allreduce
     codecs = [get_codec(c) for c in ("int4:128", "int8:128", "bf16")]
-    sizes = [8 << 20, 64 << 20, 256 << 20]
-    fa.prewarm(ws, codecs, [s // 2 for s in sizes])
-    res = {}
-    for bpsm in (1, 2, 4):
-        os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = str(bpsm)
-        for c in codecs:
-            for s in sizes:
-                x = torch.randn(s // 2, device="cuda").bfloat16()
-                for _ in range(2):
-                    fa.two_shot_all_reduce(ws, x, c)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    fa.two_shot_all_reduce(ws, x, c)
-                ts = []
-                for _ in range(30):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record(); g.replay(); b.record()
-                    torch.cuda.synchronize()
-                    ts.append(a.elapsed_time(b) * 1e3)
-                t = torch.tensor([statistics.median(ts)], device="cuda")
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                res[(bpsm, c.spec, s)] = t.item()
+    sizes = [8 << 20, 64 << 20, 128 << 20]
+    for mode in ("push", "pull"):
+        os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
+        fa.prewarm(ws, codecs, [s // 2 for s in sizes], oneshot=False)
+    res, same = {}, {}
+    for c in codecs:
+        for s in sizes:
+            x = torch.randn(s // 2, device="cuda", generator=torch.Generator("cuda").manual_seed(
+                s + rank)).bfloat16()
+            outs = {}
+            for mode in ("push", "pull"):
+                os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
+                outs[mode] = fa.two_shot_all_reduce(ws, x, c).clone()
+            same[(c.spec, s)] = torch.equal(outs["push"].view(torch.int16),
+                                            outs["pull"].view(torch.int16))
+    for mode in ("push", "pull"):
+        os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
+        for bpsm in (1, 2, 4):
+            os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = str(bpsm)
+            for c in codecs:
+                for s in sizes:
+                    x = torch.randn(s // 2, device="cuda").bfloat16()
+                    for _ in range(2):
+                        fa.two_shot_all_reduce(ws, x, c)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        fa.two_shot_all_reduce(ws, x, c)
+                    ts = []
+                    for _ in range(30):
+                        a, b = (torch.cuda.Event(enable_timing=True),
+                                torch.cuda.Event(enable_timing=True))
+                        a.record(); g.replay(); b.record()
+                        torch.cuda.synchronize()
+                        ts.append(a.elapsed_time(b) * 1e3)
+                    t = torch.tensor([statistics.median(ts)], device="cuda")
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    res[(mode, bpsm, c.spec, s)] = t.item()
     ws.check()
+    flags = torch.tensor([int(all(same.values()))], device="cuda")
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     if rank == 0:
+        pack = os.environ.get("MEGATRON_LITE_PACK", "split")
+        print(f"pack={pack} world={dist.get_world_size()} pull==push bitwise on every rank: "
+              f"{bool(flags.item())} {same if not flags.item() else ''}")
         for key, us in sorted(res.items()):
-            print(f"bpsm={key[0]} {key[1]:>9} {key[2] >> 20:4d}MB {us:9.1f} us")
-        score = {b: math.exp(statistics.mean(math.log(res[(b, c.spec, s)]) for c in codecs for s in sizes))
-                 for b in (1, 2, 4)}
-        print("geomean us:", {b: round(v, 1) for b, v in score.items()})
-        print(f"BEST_BPSM={min(score, key=score.get)}")
+            print(f"pack={pack} {key[0]} bpsm={key[1]} {key[2]:>9} {key[3] >> 20:4d}MB "
+                  f"{us:9.1f} us")
+        keys = sorted({k[:2] for k in res})
+        score = {k: math.exp(statistics.mean(math.log(res[k + (c.spec, s)])
+                                             for c in codecs for s in sizes)) for k in keys}
+        print("geomean us:", {f"{m},{b}": round(v, 1) for (m, b), v in score.items()})
+        best = min(score, key=score.get)
+        print(f"BEST={best[0]},{best[1]}")
     dist.destroy_process_group()
 
 
