@@ -29,8 +29,11 @@ def main():
     rank = dist.get_rank()
     state = k.backends.make_state(None, max_bytes=256 << 20, oneshot_max_bytes=1 << 20)
     ws, fa = state.ws, k.fused_allreduce
-    codecs = [get_codec(c) for c in ("int4:128", "int8:128", "bf16")]
-    sizes = [8 << 20, 64 << 20, 128 << 20]
+    # SWEEP_* narrow the sweep when device time is short.
+    codecs = [get_codec(c) for c in os.environ.get("SWEEP_CODECS",
+                                                   "int4:128,int8:128,bf16").split(",")]
+    sizes = [int(m) << 20 for m in os.environ.get("SWEEP_SIZES_MB", "8,64,128").split(",")]
+    bpsms = [int(b) for b in os.environ.get("SWEEP_BPSM", "1,2,4").split(",")]
     for mode in ("push", "pull"):
         os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
         fa.prewarm(ws, codecs, [s // 2 for s in sizes], oneshot=False)
@@ -47,7 +50,7 @@ def main():
                                             outs["pull"].view(torch.int16))
     for mode in ("push", "pull"):
         os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
-        for bpsm in (1, 2, 4):
+        for bpsm in bpsms:
             os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = str(bpsm)
             for c in codecs:
                 for s in sizes:
@@ -67,6 +70,9 @@ def main():
                     t = torch.tensor([statistics.median(ts)], device="cuda")
                     dist.all_reduce(t, op=dist.ReduceOp.MAX)
                     res[(mode, bpsm, c.spec, s)] = t.item()
+                    if rank == 0:   # as it goes: a run cut short still reports
+                        print(f"{mode} bpsm={bpsm} {c.spec:>9} {s >> 20:4d}MB {t.item():9.1f} us",
+                              flush=True)
     ws.check()
     flags = torch.tensor([int(all(same.values()))], device="cuda")
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
