@@ -48,6 +48,8 @@ def main():
                 outs[mode] = fa.two_shot_all_reduce(ws, x, c).clone()
             same[(c.spec, s)] = torch.equal(outs["push"].view(torch.int16),
                                             outs["pull"].view(torch.int16))
+    if rank == 0:
+        print(f"rank 0: pull == push bitwise: {same}", flush=True)
     for mode in ("push", "pull"):
         os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
         for bpsm in bpsms:
