@@ -177,7 +177,7 @@ def test_quant_kernels_match_reference_bitwise(pack):
     assert not bad, bad
 
 
-# pull (default) and push data movement of the two-shot kernel, each with one packing.
+# push (default) and pull data movement of the two-shot kernel, each with one packing.
 @pytest.mark.parametrize("check,world,mode,pack", [("fused2", 2, "pull", "split"),
                                                    ("fused3", 3, "pull", "split"),
                                                    ("fused2", 2, "push", "sum")])

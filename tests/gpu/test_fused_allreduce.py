@@ -48,7 +48,7 @@ def _checks(rank, world):
     ws = state.ws
     # split the Triton compiles over the ranks (every rank then loads them from the cache)
     fa.prewarm(ws, [get_codec(c) for c in CODECS], SIZES + [40000, 300000])
-    res = {"fused": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
+    res = {"fused": [], "pull": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
 
     # 1. fused two-shot == CPU reference, every codec, odd sizes, three dtypes
     for ci, spec in enumerate(CODECS):
@@ -60,6 +60,20 @@ def _checks(rank, world):
                 out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
                 ref = reference_all_reduce(xs, codec)
                 res["fused"].append((spec, n, str(dtype), same_bits(out, ref)))
+
+    # 1b. the pull variant of the same kernel (MEGATRON_LITE_TWO_SHOT=pull, a compile-time
+    #     switch read per call) gives the same bits
+    import os
+    os.environ["MEGATRON_LITE_TWO_SHOT"] = "pull"
+    try:
+        for ci, spec in enumerate(["bf16", "int8:128", "int4:128", "int3:64", "fp8:128"]):
+            codec = get_codec(spec)
+            for si, n in enumerate(SIZES):
+                xs = inputs(world, n, torch.bfloat16, seed=500 + ci * 10 + si, specials=True)
+                out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
+                res["pull"].append((spec, n, same_bits(out, reference_all_reduce(xs, codec))))
+    finally:
+        del os.environ["MEGATRON_LITE_TWO_SHOT"]
 
     # 2. one-shot == fp32 sum in rank order, rounded once
     for n in SIZES[:5] + [1 << 18]:    # 1 MB fp32: the one-shot buffer's size
@@ -160,6 +174,13 @@ def test_fused_two_shot_matches_reference(world):
     for r in results(world):
         bad = [c for c in r["fused"] if not c[3]]
         assert not bad and len(r["fused"]) >= len(CODECS) * len(SIZES), bad
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_two_shot_pull_matches_reference(world):
+    for r in results(world):
+        bad = [c for c in r["pull"] if not c[2]]
+        assert not bad and len(r["pull"]) == 5 * len(SIZES), bad
 
 
 @pytest.mark.parametrize("world", [2, 4])
