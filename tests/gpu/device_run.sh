@@ -25,10 +25,32 @@ for st in $STAGES; do
         || { log "smoke failed: stopping"; exit 1; }
       ;;
     sweep)
-      timeout 120 torchrun --nproc_per_node=4 tests/gpu/sweep_grid.py > "$OUT/sweep.log" 2>&1
-      grep -v "^W1\|it/s" "$OUT/sweep.log" | tail -30
-      best=$(grep -o "BEST_BPSM=[0-9]*" "$OUT/sweep.log" | cut -d= -f2)
-      [ -n "$best" ] && export MEGATRON_LITE_BLOCKS_PER_SM=$best && log "using $best blocks per SM"
+      # push/pull x blocks per SM, per packing; the later stages use the fastest.
+      for pack in sum split; do
+        MEGATRON_LITE_PACK=$pack timeout ${T_SWEEP:-150} torchrun --nproc_per_node=4 \
+          tests/gpu/sweep_grid.py > "$OUT/sweep_$pack.log" 2>&1
+        grep -E "^pack=|^geomean|^BEST|bitwise" "$OUT/sweep_$pack.log" | tail -40
+      done
+      best=$(python3 - "$OUT" <<'PY'
+import re, sys, pathlib
+best = None
+for f in pathlib.Path(sys.argv[1]).glob("sweep_*.log"):
+    pack = f.stem.split("_", 1)[1]
+    text = f.read_text()
+    if "bitwise on every rank: True" not in text:
+        continue
+    m = re.search(r"geomean us: (\{.*\})", text)
+    for key, us in eval(m.group(1)).items() if m else []:
+        if best is None or us < best[0]:
+            best = (us, pack, *key.split(","))
+print("" if best is None else f"{best[1]} {best[2]} {best[3]}")
+PY
+)
+      if [ -n "$best" ]; then
+        set -- $best
+        export MEGATRON_LITE_PACK=$1 MEGATRON_LITE_TWO_SHOT=$2 MEGATRON_LITE_BLOCKS_PER_SM=$3
+        log "using pack=$1 mode=$2 blocks/SM=$3"
+      fi
       ;;
     bench4)
       timeout ${T_BENCH:-200} torchrun --nproc_per_node=4 tools/bench_allreduce.py \
