@@ -294,7 +294,10 @@ class QuantizedCommunicator(WrappingCommunicator):
     def add_backend(self, backend: Backend, first: bool = True) -> None:
         self.backends.insert(0 if first else len(self.backends), backend)
 
-    def _choose(self, x: torch.Tensor, site: Optional[str]):
+    def choose(self, x: torch.Tensor, site: Optional[str] = None):
+        """``(backend, codec, why)`` for a call: backend and codec are None where the sum
+        stays native (no codec for the site, or below ``min_bytes``); raises CodecError
+        when no backend in the chain takes the call."""
         codec = self.config.codec_for(site)
         if codec is None:
             return None, None, "native: no codec for this site"
@@ -312,13 +315,13 @@ class QuantizedCommunicator(WrappingCommunicator):
 
     def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
         """Which backend/codec a call would use, and why (for logs and debugging)."""
-        _, codec, why = self._choose(x, site)
+        _, codec, why = self.choose(x, site)
         return why if codec is None else f"{why} with {codec.spec}"
 
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
         if self.world_size == 1:
             return x
-        backend, codec, _ = self._choose(x, site)
+        backend, codec, _ = self.choose(x, site)
         if backend is None:
             return self.base.all_reduce(x, site)
         return backend.all_reduce(x, codec, self)

@@ -100,7 +100,7 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
             self.carry = None
         if self.carry is not None:
             x = (x.float() + self.carry).to(x.dtype)
-        backend, codec, _ = self.inner._choose(x, site)
+        backend, codec, _ = self.inner.choose(x, site)
         if backend is None:   # native sum: (almost) exact, nothing to carry
             self.carry = None
             return self.inner.base.all_reduce(x, site)
