@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_generate import Clock, _max_over_ranks, write_json  # noqa: E402  (tools/ is on sys.path)
+from megatron_lite.inference.benchmark import Clock, max_over_ranks, write_json  # noqa: E402
 from megatron_lite.models.random_init import resolve_shape, shape_names  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def _timed(fn, repeats: int, clock: Clock, device) -> float:
         end = clock.stamp()
         clock.sync()
         times.append(clock.ms(start, end))
-    return _max_over_ranks(statistics.median(times), device)
+    return max_over_ranks(statistics.median(times), device)
 
 
 def main() -> int:

@@ -1,0 +1,246 @@
+"""Timing and checking helpers of the end-to-end benchmarks (tools/bench_generate.py,
+tools/bench_hf_generate.py): clocks, prefill/decode timers, the HBM-bandwidth probe, the
+decode-step kernel profile and the rank/reference agreement checks.
+
+Every timer aligns the ranks with a barrier first and returns the slowest rank's median
+(``max_over_ranks``), so a table row is what the whole TP group delivers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- timing
+
+class Clock:
+    """CUDA events on a GPU, perf_counter (after a sync) on the CPU."""
+
+    def __init__(self, device):
+        import torch
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def stamp(self):
+        if self.cuda:
+            e = self.torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
+def measure_hbm_GBps(device, gib: float, clock: Clock) -> float:
+    """Device-to-device copy bandwidth, bytes read + written (median of 10 copies)."""
+    import torch
+    n = int(gib * 2 ** 30) if device.type == "cuda" else 64 * 2 ** 20
+    src = torch.randn(n // 4, device=device)   # random data: zeros can run faster
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        a = clock.stamp()
+        dst.copy_(src)
+        b = clock.stamp()
+        clock.sync()
+        times.append(clock.ms(a, b))
+    del src, dst
+    return 2 * n / (statistics.median(times) * 1e-3) / 1e9
+
+
+def nccl_version() -> str:
+    import torch
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def max_over_ranks(value: float, device) -> float:
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def time_prefill(engine, tokens, repeats: int, clock: Clock) -> float:
+    import torch
+    B, T = tokens.shape
+    lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)
+    engine.prefill(tokens, lengths, T).argmax(-1)   # warm-up: cache, cuBLAS heuristics
+    times = []
+    for _ in range(repeats):
+        engine.group.barrier()
+        clock.sync()
+        a = clock.stamp()
+        engine.prefill(tokens, lengths, T).argmax(-1)
+        b = clock.stamp()
+        clock.sync()
+        times.append(clock.ms(a, b))
+    return max_over_ranks(statistics.median(times), engine.device)
+
+
+_KERNEL_KINDS = (   # (kind, regex on the kernel name), first match wins
+    ("allreduce", r"nccl|one_shot|two_shot|allreduce|all_reduce"),
+    ("attention", r"flash|fmha|attention|efficient_attention"),
+    ("gemm", r"gemm|gemv|cutlass|nvjet|xmma|cublas|splitk"),
+    ("copy", r"memcpy|memset"),
+)
+
+
+def profile_steps(step, tok, pos, steps: int = 5) -> dict:
+    """Kernels of ``steps`` decode steps under the CUDA profiler (graph replays included):
+    per-step kernel count, busy time by kind, and the span from first kernel start to last
+    kernel end (span - busy = gaps between kernels)."""
+    import re
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = step(tok, pos).argmax(-1)
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not evs:
+        return dict(error="the profiler saw no CUDA kernels")
+    by_kind: dict = {}
+    for e in evs:
+        kind = next((k for k, rx in _KERNEL_KINDS if re.search(rx, e.name, re.I)), "other")
+        n, us = by_kind.get(kind, (0, 0.0))
+        by_kind[kind] = (n + 1, us + e.time_range.elapsed_us())
+    span = max(e.time_range.end for e in evs) - min(e.time_range.start for e in evs)
+    return dict(kernels_per_step=len(evs) / steps,
+                busy_ms_per_step=sum(us for _, us in by_kind.values()) / steps / 1e3,
+                span_ms_per_step=span / steps / 1e3,
+                by_kind={k: dict(kernels=n / steps, ms=us / steps / 1e3)
+                         for k, (n, us) in sorted(by_kind.items())})
+
+
+def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
+                graph: bool, profile: bool = False):
+    """Median ms of one decode step (+ greedy pick) at ``context`` cached tokens, and the
+    step's kernel profile if asked (else None)."""
+    import torch
+    from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder
+    max_seq = -(-(context + 1) // 64) * 64
+    cache = engine._ensure_cache(batch, max_seq)
+    gen = torch.Generator(device=engine.device).manual_seed(1234 + engine.group.rank)
+    for t in cache.k + cache.v:
+        t.normal_(0.0, 1.0, generator=gen)
+    vocab = engine.cfg.vocab_size
+    tok = torch.randint(0, vocab, (batch,), device=engine.device,
+                        generator=torch.Generator(device=engine.device).manual_seed(7))
+    pos = torch.full((batch,), context, dtype=torch.long, device=engine.device)
+    step = engine.decode_step
+    if graph:
+        runner = CUDAGraphDecoder(engine.decode_step, engine.device, buckets=(batch,))
+        runner.capture(batch, tok, pos)
+        step = runner
+    for _ in range(3):
+        tok = step(tok, pos).argmax(-1)
+    engine.group.barrier()
+    clock.sync()
+    stamps = [clock.stamp()]
+    for _ in range(steps):
+        tok = step(tok, pos).argmax(-1)
+        stamps.append(clock.stamp())
+    clock.sync()
+    ms = statistics.median(clock.ms(a, b) for a, b in zip(stamps, stamps[1:]))
+    prof = None
+    if profile:
+        try:
+            prof = profile_steps(step, tok, pos)
+        except Exception as e:   # noqa: BLE001 - a profiler failure must not lose the timing
+            prof = dict(error=f"{type(e).__name__}: {e}")
+    del step
+    return max_over_ranks(ms, engine.device), prof
+
+
+# ----------------------------------------------------------------------------- checks
+def _digest(*tensors) -> bytes:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().view(-1).view(dtype=_u8()).numpy().tobytes())
+    return h.digest()
+
+
+def _u8():
+    import torch
+    return torch.uint8
+
+
+def check_mode(engine, prompts, n_new: int, reference, long_prompt=None) -> tuple[dict, dict]:
+    """Greedy tokens + prefill logits of ``prompts`` (short: decode-sized messages), and the
+    last-token logits of ``long_prompt`` [1, L] (its TP sums are large enough for the
+    quantized kernels); rank agreement of all of it, and agreement with ``reference``
+    (nccl-bf16's output). Returns (report, this mode's output)."""
+    import torch
+    B, T = prompts.shape
+    lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)
+    logits = engine.prefill(prompts, lengths, T + n_new).float()
+    results = engine.generate([row.tolist() for row in prompts.cpu()], max_new_tokens=n_new)
+    tokens = torch.tensor([r.token_ids for r in results], dtype=torch.long)
+    if long_prompt is not None:
+        L = long_prompt.shape[1]
+        long_logits = engine.prefill(long_prompt, torch.full((1,), L, device=engine.device),
+                                     L).float()
+    else:
+        long_logits = torch.zeros(1, device=engine.device)
+    digest = torch.frombuffer(bytearray(_digest(tokens, logits, long_logits)),
+                              dtype=torch.uint8)
+    gathered = engine.group.all_gather(digest.to(engine.device), dim=0).view(
+        engine.group.world_size, -1).cpu()
+    report = dict(ranks_identical=bool((gathered == gathered[0]).all()),
+                  logits_finite=bool(torch.isfinite(logits).all()),
+                  finish=[r.finish_reason for r in results])
+    mine = dict(tokens=tokens, logits=logits.cpu(), long_logits=long_logits.cpu())
+    if long_prompt is not None:
+        report["long_prompt_tokens"] = int(long_prompt.shape[1])
+        report["long_logits_finite"] = bool(torch.isfinite(long_logits).all())
+    if reference is not None and long_prompt is not None:
+        ref = reference["long_logits"]
+        report["long_logits_rel_err_vs_nccl"] = float(
+            (mine["long_logits"] - ref).norm() / ref.norm().clamp_min(1e-30))
+        report["long_argmax_equal_to_nccl"] = bool(
+            torch.equal(mine["long_logits"].argmax(-1), ref.argmax(-1)))
+    if reference is not None:
+        same = (tokens == reference["tokens"])
+        report["tokens_equal_to_nccl"] = bool(same.all())
+        report["token_agreement_with_nccl"] = float(same.float().mean())
+        report["logits_bitwise_equal_to_nccl"] = bool(torch.equal(mine["logits"],
+                                                                  reference["logits"]))
+        report["logits_max_abs_diff_vs_nccl"] = float(
+            (mine["logits"] - reference["logits"]).abs().max())
+        report["logits_scale"] = float(reference["logits"].abs().max())
+    return report, mine
+
+
+def graph_matches_eager(engine, batch: int = 2) -> dict:
+    """One decode step replayed from a graph vs the same step run eagerly."""
+    import torch
+    from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder
+    engine._ensure_cache(batch, 128)
+    tok = torch.arange(batch, device=engine.device) + 3
+    pos = torch.full((batch,), 5, dtype=torch.long, device=engine.device)
+    eager = engine.decode_step(tok, pos).clone()
+    runner = CUDAGraphDecoder(engine.decode_step, engine.device, buckets=(batch,))
+    replay = runner(tok, pos).clone()
+    return dict(graph_bitwise_equal_to_eager=bool(torch.equal(eager, replay)),
+                graph_max_abs_diff=float((eager.float() - replay.float()).abs().max()))
