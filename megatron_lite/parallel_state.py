@@ -50,12 +50,17 @@ class TPGroup:
     def world_size(self) -> int:
         return self.communicator.world_size
 
+    # The collectives are opaque to torch.compile (Engine(compile=True)): they run eagerly
+    # between compiled regions, so the communicator's Python state (codec choice, kernel
+    # workspaces and their epochs, error-feedback carries) is never traced or guarded on.
+    @torch.compiler.disable
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
         """Sum of ``x`` over the group (a new tensor; ``x`` itself at world size 1)."""
         if self.world_size == 1:
             return x
         return self.communicator.all_reduce(x, site)
 
+    @torch.compiler.disable
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenation of every rank's ``x`` along ``dim``, in rank order."""
         if self.world_size == 1:

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the device-to-device copy that measures HBM bandwidth")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                    help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (Engine(compile=True)); recorded in "
+                        "the JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here (rewritten after "
                                              "each mode, so a cut-off run keeps its rows)")
@@ -304,12 +307,14 @@ def _build_engine(args, group, device, dtype):
     from megatron_lite import Engine
     from megatron_lite.models.random_init import random_model, resolve_shape
     if args.ckpt is not None:
-        engine = Engine.from_pretrained(args.ckpt, group=group, dtype=dtype, device=device)
+        engine = Engine.from_pretrained(args.ckpt, group=group, dtype=dtype, device=device,
+                                        compile=args.compile)
         engine.eos_token_ids = ()   # timing runs never stop early
         return engine, args.ckpt.name, engine.model
     model = random_model(resolve_shape(args.random_weights), group, device=device, dtype=dtype,
                          seed=args.seed)
-    return Engine(model, None, max_batch_size=64), args.random_weights, model
+    return (Engine(model, None, max_batch_size=64, compile=args.compile), args.random_weights,
+            model)
 
 
 def main(argv=None) -> int:
@@ -376,6 +381,7 @@ def main(argv=None) -> int:
         nccl=nccl_version() if graphs else None,
         dtype=str(dtype).replace("torch.", ""), context=args.context,
         decode_steps=args.decode_steps, prefill_repeats=args.repeats, cuda_graphs=graphs,
+        compiled_decode=args.compile,
         hbm_GBps=hbm, weight_bytes_per_gpu=total_weight_bytes(model),
         streamed_weight_bytes_per_gpu=streamed, tpot_floor_ms=streamed / (hbm * 1e9) * 1e3,
         checks={}, backends={}, skipped={}, rows=[])

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=Path, help="calibration file for static codecs")
     p.add_argument("--backend", choices=["nccl", "gloo"],
                    help="torch.distributed backend (default: nccl with CUDA, else gloo)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (fuses its elementwise kernels; the "
+                        "first steps compile)")
     p.add_argument("--output-json", type=Path, metavar="FILE",
                    help="write prompts, completions, token ids, TTFT and tokens/s")
     return p
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
     try:
         comm = make_comm(group, args.comm, args.calibration)
         engine = Engine.from_pretrained(ckpt, group=None if comm else group, comm=comm,
-                                        dtype=args.dtype, max_batch_size=len(args.prompt))
+                                        dtype=args.dtype, max_batch_size=len(args.prompt),
+                                        compile=args.compile)
         single = len(args.prompt) == 1
         if rank == 0 and single:
             # a chat reply starts a new turn; a plain completion continues the prompt

@@ -122,8 +122,15 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8,
                  max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = (),
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, compile: bool = False):
         self.model, self.cfg, self.group = model, model.cfg, model.group
+        # compile: the decode step's model call goes through torch.compile (static shapes;
+        # one compile per batch bucket), which fuses the ~30 small elementwise kernels a
+        # layer runs between its GEMMs (norms, RoPE, cache writes, activation, residuals).
+        # The TP collectives stay eager graph breaks (parallel_state.TPGroup). Prefill
+        # stays eager: its prompt lengths vary and its time is in the GEMMs.
+        self.compiled = bool(compile)
+        self._step_model = torch.compile(model, dynamic=False) if compile else model
         self.tokenizer = tokenizer
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
@@ -141,7 +148,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], group: Optional[TPGroup] = None,
                         dtype=None, comm=None, max_batch_size: int = 8,
-                        max_seq_len: Optional[int] = None, device=None) -> "Engine":
+                        max_seq_len: Optional[int] = None, device=None,
+                        compile: bool = False) -> "Engine":
         """Load a shard directory (its TP must equal the world size) or an HF directory
         (sharded in memory). All checks run before any weights are read.
 
@@ -157,7 +165,7 @@ class Engine:
         return cls.from_rank_state_dict(hf_config, state, tokenizer=tok_dir,
                                         group=_apply_comm(base, comm, hf_config), dtype=dtype,
                                         device=device, max_batch_size=max_batch_size,
-                                        max_seq_len=max_seq_len)
+                                        max_seq_len=max_seq_len, compile=compile)
 
     @classmethod
     def from_hf_state_dict(cls, hf_config: dict, hf_sd, tokenizer=None,
@@ -226,8 +234,8 @@ class Engine:
         no data-dependent Python branches: safe to capture in a CUDA graph.
         """
         cache = self.cache
-        return self.model(tokens.unsqueeze(1), positions.unsqueeze(1), cache.k, cache.v,
-                          kv_len=cache.max_seq)[:, 0]
+        return self._step_model(tokens.unsqueeze(1), positions.unsqueeze(1), cache.k, cache.v,
+                                kv_len=cache.max_seq)[:, 0]
 
     def _cache_rows(self, batch: int) -> int:
         """KV-cache rows for a batch: its CUDA-graph bucket when graphs are on."""
