@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
-#   STAGES="env smoke bench4 bench2 tests" bash tests/gpu/device_run.sh
+#   STAGES="env smoke sweep bench4 bench2 tests gen" bash tests/gpu/device_run.sh
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -61,6 +61,17 @@ PY
       timeout ${T_BENCH:-200} torchrun --nproc_per_node=2 tools/bench_allreduce.py \
         --json "$OUT/allreduce_w2.json" > "$OUT/bench_w2.log" 2>&1
       tail -5 "$OUT/bench_w2.log"
+      ;;
+    gen)
+      # issue 5 decode with and without torch.compile, llama3-8b TP4, batch-1/16 TPOT only
+      for c in "" "--compile"; do
+        tag=${c:+_compile}
+        timeout ${T_GEN:-240} torchrun --nproc_per_node=4 tools/bench_generate.py $c \
+          --random-weights llama3-8b --comm nccl-bf16,auto-bf16,int4 --prefill 8192x1 \
+          --decode-batches 1,16 --decode-steps 100 --repeats 3 --profile \
+          --json "$OUT/generate_llama3-8b_tp4$tag.json" > "$OUT/gen$tag.log" 2>&1
+        grep -v "it/s" "$OUT/gen$tag.log" | tail -25
+      done
       ;;
     tests)
       timeout ${T_TESTS:-240} python3 -m pytest -x -q tests/gpu 2>&1 | tail -25 | tee "$OUT/tests.log"
