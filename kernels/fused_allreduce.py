@@ -63,13 +63,8 @@ def _one_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
     for j in tl.static_range(W):
         dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7) + my_slot)
         tl.store(dst.to(tl.pointer_type(elt), bitcast=True) + offs, x, mask=mask)
-    tl.debug_barrier()
-    my_flag = flag_off + ((par * W + rank) * MAXB + b) * 4
-    for j in tl.static_range(W):
-        sync.signal(sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7) + my_flag, epoch)
-    for src in tl.static_range(W):
-        sync.wait(ws_ptr + flag_off + ((par * W + src) * MAXB + b) * 4, epoch, status_ptr, SPIN)
-    tl.debug_barrier()
+    sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, par, rank, b, epoch,
+                       status_ptr, W, MAXB, SPIN)
     # Fixed summation order 0..W-1 in fp32: every rank computes the same bits.
     base = ws_ptr + data_off + (par * W) * slot_bytes
     acc = quant.load_f32(base.to(tl.pointer_type(elt), bitcast=True), offs, mask)
@@ -152,13 +147,8 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
             m0 = (dst + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
             quant.encode_tile(x, dst, R_P1, m0, m0 + NG, gall, NG, G,
                               RKIND, RBITS, RQMAX, RC2)
-    tl.debug_barrier()
-    for j in tl.static_range(W):
-        sync.signal(sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
-                    + flag_off + ((2 * W + rank) * MAXB + b) * 4, epoch)
-    for src in tl.static_range(W):
-        sync.wait(ws_ptr + flag_off + ((2 * W + src) * MAXB + b) * 4, epoch, status_ptr, SPIN)
-    tl.debug_barrier()
+    sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, 2, rank, b, epoch,
+                       status_ptr, W, MAXB, SPIN)
 
     # 2. reduce my chunk: decode every rank's copy, sum in rank order, requantize, and
     #    store the result in every rank's gather[me] (mine included: all decode it)
@@ -192,13 +182,8 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                 m0 = (dst + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
                 quant.encode_tile(acc, dst, A_P1, m0, m0 + NG, gall, NG, G,
                                   AKIND, ABITS, AQMAX, AC2)
-    tl.debug_barrier()
-    for j in tl.static_range(W):
-        sync.signal(sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
-                    + flag_off + ((3 * W + rank) * MAXB + b) * 4, epoch)
-    for src in tl.static_range(W):
-        sync.wait(ws_ptr + flag_off + ((3 * W + src) * MAXB + b) * 4, epoch, status_ptr, SPIN)
-    tl.debug_barrier()
+    sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, 3, rank, b, epoch,
+                       status_ptr, W, MAXB, SPIN)
 
     # 3. decode every owner's reduced tiles into the output
     for t in range(b, tiles, nb):

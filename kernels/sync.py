@@ -64,3 +64,21 @@ def wait(flag_byte_ptr, epoch, status_ptr, SPIN: tl.constexpr):
     if v != epoch:
         tl.atomic_xchg(status_ptr, 1)
 
+
+
+@triton.jit
+def block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, row, rank, b, epoch,
+                  status_ptr, W: tl.constexpr, MAXB: tl.constexpr, SPIN: tl.constexpr):
+    """Block b of every rank meets here (steps 1-3 of the recipe above).
+
+    Flags are int32 at ``flag_off + ((row * W + src) * MAXB + b) * 4`` of each rank's
+    buffer: this block release-writes ``epoch`` into slot (row, rank, b) of every rank,
+    then acquires the W slots (row, *, b) of its own rank. ``row`` separates the barriers
+    of one call (and the parities of the one-shot kernel)."""
+    tl.debug_barrier()
+    mine = flag_off + ((row * W + rank) * MAXB + b) * 4
+    for j in tl.static_range(W):
+        signal(peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7) + mine, epoch)
+    for src in tl.static_range(W):
+        wait(ws_ptr + flag_off + ((row * W + src) * MAXB + b) * 4, epoch, status_ptr, SPIN)
+    tl.debug_barrier()
