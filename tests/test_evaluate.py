@@ -424,3 +424,22 @@ def test_evaluate_under_torchrun_equals_simulated(tiny_hf_dir, tiny_inputs, tmp_
     sim, real = (json.loads((tmp_path / n).read_text()) for n in ("sim.json", "real.json"))
     assert sim["simulated"] and not real["simulated"]
     assert sim["rows"] == real["rows"]          # bit-exact simulation => identical numbers
+
+
+def test_sensitivity_under_torchrun_equals_simulated(tiny_hf_dir, tiny_inputs, tmp_path):
+    """tools/sensitivity.py at real TP 2 (torchrun, gloo) measures the same per-site KLs
+    as simulated TP 2, and only rank 0 allocates (the other rank used to crash there)."""
+    from tests.conftest import run_tool
+    args = ["--ckpt", tiny_hf_dir("gemma3_text"), "--tp", "2", "--text",
+            tiny_inputs / "text.txt", "--codec", "int4:32", "--codec", "int8:32",
+            "--num-seqs", "2", "--seq-len", "32", "--budget", "6", "--no-progress"]
+    sim = run_tool(["tools/sensitivity.py"] + args + ["--out", tmp_path / "sim.json"],
+                   timeout=600)
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    real = run_tool(["torchrun", "--nproc_per_node=2", "tools/sensitivity.py"] + args
+                    + ["--out", tmp_path / "real.json"], timeout=600)
+    assert real.returncode == 0, real.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("sim.json", "real.json"))
+    assert a["kl"] == b["kl"] and a["comm"] == b["comm"]
+    assert len(a["kl"]) >= 4 and all(v["int4:32"] > v["int8:32"] >= 0 for v in a["kl"].values())
+    assert real.stdout.strip().splitlines() == [a["comm"]]    # printed once, by rank 0

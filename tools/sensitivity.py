@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from megatron_lite.checkpoint.loader import inspect_checkpoint
     from megatron_lite.comm.allreduce import parse_comm_arg
     from megatron_lite.comm.codecs import codec_bits, parse_codec_spec
-    from megatron_lite.errors import MegatronLiteError
+    from megatron_lite.errors import MegatronLiteError, report_error
     from megatron_lite.eval.data import load_text_windows
     from megatron_lite.eval.report import atomic_write
     from megatron_lite.eval.runner import row_parallel_sites, torchrun_world_size
@@ -67,8 +67,7 @@ def main(argv=None) -> int:
             windows = tw.windows[args.skip_seqs:want]
             sens = None
     except (MegatronLiteError, ValueError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     if sens is None:
         sens = measure(args.ckpt, args.tp, num_layers, codecs, windows,
                        simulated=torchrun_world_size() is None,
@@ -78,8 +77,7 @@ def main(argv=None) -> int:
     try:
         choice, mean_bits, pred = allocate(sens, bits, args.budget)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     comm = comm_string(choice, row_parallel_sites(num_layers))
     parse_comm_arg(comm, num_layers=num_layers)   # it must parse
     print(comm)

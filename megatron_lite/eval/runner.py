@@ -83,16 +83,16 @@ def launch(fn: Callable[[Communicator], Any], tp: int, simulated: bool,
         return run_simulated(fn, tp, timeout=timeout)
     from megatron_lite.parallel_state import destroy_model_parallel, get_tp_group
     group = get_tp_group()
-    try:
-        if group.world_size != tp:
-            raise ValueError(f"--tp {tp} but torchrun started {group.world_size} ranks")
-        result = fn(group.communicator)
-        # Every rank leaves together and tears the process group down before the
-        # interpreter exits: a rank that exits while gloo's threads still run aborts
-        # ("terminate called without an active exception", seen in CI on 2026-11-22).
-        group.barrier()
-    finally:
+    if group.world_size != tp:
         destroy_model_parallel()
+        raise ValueError(f"--tp {tp} but torchrun started {group.world_size} ranks")
+    result = fn(group.communicator)
+    # Every rank leaves together and tears the process group down before the interpreter
+    # exits: a rank that exits while gloo's threads still run aborts ("terminate called
+    # without an active exception", seen in CI on 2026-11-22). Only on success: after an
+    # error a peer may still be inside a collective, and tearing down could then block.
+    group.barrier()
+    destroy_model_parallel()
     return [result]
 
 

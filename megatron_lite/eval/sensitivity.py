@@ -19,7 +19,7 @@ config as a whole.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,8 +28,10 @@ from .runner import CodecSwitch, launch, load_rank_engine, rank_logits, row_para
 
 
 def measure(ckpt: str, tp: int, num_layers: int, codecs: Sequence[str], windows,
-            simulated: bool = True, progress: bool = True) -> Dict[str, Dict[str, float]]:
-    """``{site: {codec: mean KL vs the all-bf16 run}}`` over the token ``windows``."""
+            simulated: bool = True, progress: bool = True
+            ) -> Optional[Dict[str, Dict[str, float]]]:
+    """``{site: {codec: mean KL vs the all-bf16 run}}`` over the token ``windows``; None
+    on the other ranks of a real (torchrun) run."""
     from tqdm import tqdm
 
     from megatron_lite.comm.allreduce import build_communicator
@@ -60,7 +62,7 @@ def measure(ckpt: str, tp: int, num_layers: int, codecs: Sequence[str], windows,
                 site, codec = cfg.split(",", 1)[1].split("=", 1)
                 kl.setdefault(site, {})[codec] = total / n
         bar.close()
-        return kl
+        return kl if comm.rank == 0 else None   # only rank 0 scores
     return launch(rank_main, tp, simulated)[0]
 
 

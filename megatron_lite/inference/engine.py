@@ -117,6 +117,25 @@ class _Stream:
         self._emit_to(len(r.text))
 
 
+def _configure_compile() -> None:
+    """torch.compile settings for the compiled decode step (process-wide)."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+    # Each (batch bucket, cache size, communicator class) is its own static-shape version;
+    # past dynamo's default limit of 8 a function silently falls back to eager.
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 128)
+    dynamo_config.accumulated_recompile_limit = max(
+        dynamo_config.accumulated_recompile_limit, 4096)
+    # Inductor may pick a kernel's reduction config by timing candidates on each rank, so
+    # ranks could sum replicated work (norms, softmax) in different orders; deterministic
+    # mode pins the configs where this torch has it. (Tokens agree across ranks either
+    # way: they come from all-gathered logits.)
+    try:
+        inductor_config.deterministic = True
+    except AttributeError:
+        pass
+
+
 class Engine:
     """A TP-sharded decoder plus tokenizer, static KV cache and sampler (docs/architecture.md)."""
 
@@ -130,6 +149,8 @@ class Engine:
         # The TP collectives stay eager graph breaks (parallel_state.TPGroup). Prefill
         # stays eager: its prompt lengths vary and its time is in the GEMMs.
         self.compiled = bool(compile)
+        if compile:
+            _configure_compile()
         self._step_model = torch.compile(model, dynamic=False) if compile else model
         self.tokenizer = tokenizer
         w = model.embed_tokens.weight
@@ -337,7 +358,10 @@ class Engine:
         if T + max_new > self.max_seq_len:
             raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new}) exceeds "
                              f"max_seq_len {self.max_seq_len}")
-        max_seq = min(-(-(T + max_new) // 64) * 64, self.max_seq_len)
+        max_seq = -(-(T + max_new) // 64) * 64
+        if self.compiled:   # few cache sizes -> few compiled versions (one per size x bucket)
+            max_seq = 1 << (max_seq - 1).bit_length()
+        max_seq = min(max_seq, self.max_seq_len)
         tokens = torch.full((B, T), self.cfg.pad_token_id or 0, dtype=torch.long)
         for b, x in enumerate(ids):
             tokens[b, :len(x)] = torch.tensor(x)
