@@ -12,7 +12,7 @@ from tests.gpu._harness import gpu_count, import_kernels, needs_cuda, run_nccl
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
 
-def _engine(tp_group=None, shape="tiny", cuda_graphs=None, seed=0):
+def _engine(tp_group=None, shape="tiny", cuda_graphs=None, seed=0, compile=False):
     from megatron_lite import Engine
     from megatron_lite.comm.communicator import DistCommunicator
     from megatron_lite.models.random_init import random_model, resolve_shape
@@ -24,7 +24,7 @@ def _engine(tp_group=None, shape="tiny", cuda_graphs=None, seed=0):
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(25.0)
-    return Engine(model, None, max_batch_size=8, cuda_graphs=cuda_graphs)
+    return Engine(model, None, max_batch_size=8, cuda_graphs=cuda_graphs, compile=compile)
 
 
 def _prompts(n, T, vocab, seed=0):
@@ -82,6 +82,21 @@ def test_generate_with_graphs_matches_eager_and_reuses_graphs():
     odd = graphed.generate(prompts + prompts[:1], max_new_tokens=6)   # bucket 4, padded
     assert [len(r.token_ids) for r in odd] == [6, 6, 6]
     assert graphed.cache.batch_size == 4
+
+
+def test_compiled_decode_in_graphs_matches_eager():
+    """Engine(compile=True): compiled decode steps, captured in CUDA graphs after their
+    warm-up compile, give the eager tokens; a second generation only replays."""
+    eager = _engine(cuda_graphs=False)
+    compiled = _engine(cuda_graphs=True, compile=True)
+    prompts = _prompts(2, 24, eager.cfg.vocab_size)
+    want = [r.token_ids for r in eager.generate(prompts, max_new_tokens=12)]
+    got = [r.token_ids for r in compiled.generate(prompts, max_new_tokens=12)]
+    assert got == want
+    compiled.generate(prompts, max_new_tokens=12)
+    assert compiled._graphs.captures == 1
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] >= 1
 
 
 def test_causal_prefill_matches_masked_at_1k_tokens():
