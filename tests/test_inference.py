@@ -286,3 +286,44 @@ def test_tp2_compiled_decode_matches_eager(name, comm):
     (te, le), (tc, lc) = per_rank[0][False], per_rank[0][True]
     assert tc == te
     assert (lc - le).abs().max() <= 1e-4 * le.abs().max()
+
+
+# --------------------------------------------------------------------- incremental text
+DETOK_TEXT = ("Tensor parallelism splits  weights.\nNaïve café — 東京 and emoji 🚀🧪 end.\t"
+              "Zürich, São Paulo; ½ ≠ ⅓ ... \"quotes\" 'x'  \n\n  indented")
+
+
+def _check_incremental(tok, ids):
+    from megatron_lite.inference.engine import IncrementalDetokenizer
+    d = IncrementalDetokenizer(tok)
+    pieces = []
+    for i, t in enumerate(ids):
+        pieces.append(d.push(t))
+        full = tok.decode(ids[:i + 1], skip_special_tokens=True,
+                          clean_up_tokenization_spaces=False)
+        assert full.startswith(d.text), (i, d.text[-20:], full[-20:])
+        assert "".join(pieces) == d.text
+        assert d.read - d.prefix <= 8 or full.endswith("\ufffd")   # the window stays short
+    assert d.full() == full
+    return d.text, full
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_incremental_detokenizer_matches_full_decode(which, request):
+    """Real tokenizers (byte-level BPE; SentencePiece with byte fallback): the streamed text
+    is always a prefix of the full decode, ends equal to it, and decodes a short window."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(request.getfixturevalue(f"{which}_hf_dir"))
+    ids = tok(DETOK_TEXT, add_special_tokens=False)["input_ids"]
+    text, full = _check_incremental(tok, ids)
+    assert text == full == DETOK_TEXT
+    rng = torch.Generator().manual_seed(0)             # arbitrary ids, e.g. lone byte pieces
+    rand = torch.randint(0, len(tok), (300,), generator=rng).tolist()
+    _check_incremental(tok, rand)
+
+
+def test_incremental_detokenizer_char_tokenizer(text_engine):
+    tok = text_engine.tokenizer
+    ids = tok("hello world, again", add_special_tokens=False)["input_ids"]
+    text, full = _check_incremental(tok, ids)
+    assert text == full

@@ -60,6 +60,45 @@ class GenerationResult:
     batch_tokens_per_s: Optional[float] = None
 
 
+class IncrementalDetokenizer:
+    """Text of a growing token list, decoding only a short window per new token.
+
+    Decoding the whole list at every step costs O(n) per token. Instead keep two offsets
+    (vLLM's incremental detokenization): ``prefix`` .. ``read`` are tokens whose text is
+    already committed, decoded again only as left context, because a token's text can
+    depend on its neighbours (SentencePiece's leading-space strip, byte-fallback pieces of
+    one UTF-8 character). The new text is decode(ids[prefix:]) minus decode(ids[prefix:
+    read]); while it ends in U+FFFD (an incomplete UTF-8 sequence) nothing is committed.
+    ``text`` is therefore always a prefix of the full decode up to the last complete
+    character; ``full()`` decodes everything once (for the final result)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token: int) -> str:
+        """Append a token; return the text it completed ("" while a character is partial)."""
+        self.ids.append(token)
+        head = self._decode(self.ids[self.prefix:self.read])
+        window = self._decode(self.ids[self.prefix:])
+        if window.endswith("\ufffd") or len(window) <= len(head) \
+                or not window.startswith(head):
+            return ""
+        new = window[len(head):]
+        self.text += new
+        # Keep a few committed tokens of left context for the next window.
+        self.prefix, self.read = max(self.read - 4, 0), len(self.ids)
+        return new
+
+    def full(self) -> str:
+        return self._decode(self.ids)
+
+
 class _Stream:
     """Host-side bookkeeping of one sequence: EOS, stop strings, incremental text."""
 
@@ -68,6 +107,7 @@ class _Stream:
         self.r, self.tok, self.eos, self.stop, self.max_new = result, tokenizer, eos, stop, max_new
         self.emit, self.emitted, self.scanned = emit, 0, 0
         self.need_text = tokenizer is not None and (bool(stop) or emit is not None)
+        self.detok = IncrementalDetokenizer(tokenizer) if self.need_text else None
         self.holdback = max((len(s) for s in stop), default=1) - 1
 
     @property
@@ -82,7 +122,8 @@ class _Stream:
         if token in self.eos:
             return self.finish("eos")
         if self.need_text:
-            r.text = self._decode()
+            self.detok.push(token)
+            r.text = self.detok.text
             cut = self._find_stop(r.text)
             if cut is not None:
                 r.text = r.text[:cut]
