@@ -108,6 +108,24 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
 
 
 # ----------------------------------------------------------------------------- two-shot
+# A stored tile is [payload PAY B][meta0 NG x bf16][meta1 NG x bf16] (quant.encode_tile);
+# for int3 the bit-2 plane starts TILE // 4 bytes into the payload.
+@triton.jit
+def _put_tile(x, dst, gall, PAY: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+              KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, C2: tl.constexpr):
+    """Encode the fp32 tile x [NG, G] into the stored tile at byte address ``dst``."""
+    m0 = (dst + PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
+    quant.encode_tile(x, dst, NG * G // 4, m0, m0 + NG, gall, NG, G, KIND, BITS, QMAX, C2)
+
+
+@triton.jit
+def _get_tile(src, gall, LIM: tl.constexpr, PAY: tl.constexpr, NG: tl.constexpr,
+              G: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr):
+    """Decode the stored tile at byte address ``src`` into fp32 [NG, G]."""
+    m0 = (src + PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
+    return quant.decode_tile(src, NG * G // 4, m0, m0 + NG, gall, LIM, NG, G, KIND, BITS, QMAX)
+
+
 @triton.jit(do_not_specialize=["rank"])
 def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      d0, d1, d2, d3, d4, d5, d6, d7,
@@ -119,11 +137,9 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      R_TB: tl.constexpr, A_PAY: tl.constexpr, A_TB: tl.constexpr,
                      OUT_LIM: tl.constexpr, SPIN: tl.constexpr, PULL: tl.constexpr):
     """Quantized two-shot all-reduce in one launch (see ``two_shot_all_reduce``)."""
-    # Per-tile layout of each stage's codec (byte counts from the host):
-    # [payload R_PAY B][meta0 NG x bf16][meta1 NG x bf16], R_TB bytes in all.
+    # Each stage's stored tiles (_put_tile) take R_TB / A_TB bytes (from the host).
     TILE: tl.constexpr = NG * G
-    R_P1: tl.constexpr = TILE // 4     # int3: the bit-2 plane follows the low-2-bit plane
-    A_P1: tl.constexpr = TILE // 4
+    BIG: tl.constexpr = 3.3895313892515355e38   # stage-1 decodes saturate at BF16_MAX, as the reference
 
     b = tl.program_id(0)
     nb = tl.num_programs(0)
@@ -144,9 +160,7 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
             else:
                 dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
                        + recv_off + my_slot + t * R_TB)
-            m0 = (dst + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
-            quant.encode_tile(x, dst, R_P1, m0, m0 + NG, gall, NG, G,
-                              RKIND, RBITS, RQMAX, RC2)
+            _put_tile(x, dst, gall, R_PAY, NG, G, RKIND, RBITS, RQMAX, RC2)
     sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, 2, rank, b, epoch,
                        status_ptr, W, MAXB, SPIN)
 
@@ -158,30 +172,22 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                 + recv_off + my_slot + t * R_TB
         else:
             src0 = ws_ptr + recv_off + t * R_TB
-        m0 = (src0 + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
-        acc = quant.decode_tile(src0, R_P1, m0, m0 + NG, gall, 3.3895313892515355e38,
-                                NG, G, RKIND, RBITS, RQMAX)
+        acc = _get_tile(src0, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
         for s in tl.static_range(1, W):
             if PULL:
                 p = sync.peer_base(ws_ptr, s, d0, d1, d2, d3, d4, d5, d6, d7) \
                     + recv_off + my_slot + t * R_TB
             else:
                 p = src0 + s * slot
-            m0 = (p + R_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
-            acc += quant.decode_tile(p, R_P1, m0, m0 + NG, gall, 3.3895313892515355e38,
-                                     NG, G, RKIND, RBITS, RQMAX)
+            acc += _get_tile(p, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
         if PULL:
-            dst = ws_ptr + gather_off + my_slot + t * A_TB
-            m0 = (dst + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
-            quant.encode_tile(acc, dst, A_P1, m0, m0 + NG, gall, NG, G,
-                              AKIND, ABITS, AQMAX, AC2)
+            _put_tile(acc, ws_ptr + gather_off + my_slot + t * A_TB, gall, A_PAY, NG, G,
+                      AKIND, ABITS, AQMAX, AC2)
         else:
             for j in tl.static_range(W):
                 dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
                        + gather_off + my_slot + t * A_TB)
-                m0 = (dst + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
-                quant.encode_tile(acc, dst, A_P1, m0, m0 + NG, gall, NG, G,
-                                  AKIND, ABITS, AQMAX, AC2)
+                _put_tile(acc, dst, gall, A_PAY, NG, G, AKIND, ABITS, AQMAX, AC2)
     sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, 3, rank, b, epoch,
                        status_ptr, W, MAXB, SPIN)
 
@@ -193,9 +199,7 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                     + gather_off + o * slot + t * A_TB
             else:
                 p = ws_ptr + gather_off + o * slot + t * A_TB
-            m0 = (p + A_PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
-            y = quant.decode_tile(p, A_P1, m0, m0 + NG, gall, OUT_LIM, NG, G,
-                                  AKIND, ABITS, AQMAX)
+            y = _get_tile(p, gall, OUT_LIM, A_PAY, NG, G, AKIND, ABITS, AQMAX)
             offs = o * chunk + t * TILE + lane
             tl.store(out_ptr + offs, quant.cast_out(y, out_ptr.dtype.element_ty), mask=offs < N)
     tl.store(cnt_ptr + b, epoch)
