@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Atomically (re)write a results file (eval/report.atomic_write)."""
+    from megatron_lite.eval.report import atomic_write
+    atomic_write(str(path), (json.dumps(obj, indent=1) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------- timing

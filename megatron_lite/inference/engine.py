@@ -60,6 +60,11 @@ class GenerationResult:
     batch_tokens_per_s: Optional[float] = None
 
 
+def decode_text(tokenizer, ids) -> str:
+    """Token ids -> text, the way every generation result is decoded."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class IncrementalDetokenizer:
     """Text of a growing token list, decoding only a short window per new token.
 
@@ -78,14 +83,11 @@ class IncrementalDetokenizer:
         self.text = ""
         self.prefix = self.read = 0
 
-    def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
     def push(self, token: int) -> str:
         """Append a token; return the text it completed ("" while a character is partial)."""
         self.ids.append(token)
-        head = self._decode(self.ids[self.prefix:self.read])
-        window = self._decode(self.ids[self.prefix:])
+        head = decode_text(self.tok, self.ids[self.prefix:self.read])
+        window = decode_text(self.tok, self.ids[self.prefix:])
         if window.endswith("\ufffd") or len(window) <= len(head) \
                 or not window.startswith(head):
             return ""
@@ -96,7 +98,7 @@ class IncrementalDetokenizer:
         return new
 
     def full(self) -> str:
-        return self._decode(self.ids)
+        return decode_text(self.tok, self.ids)
 
 
 class _Stream:
@@ -136,8 +138,7 @@ class _Stream:
             self.finish("length")
 
     def _decode(self) -> str:
-        ids = [t for t in self.r.token_ids if t not in self.eos]
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode_text(self.tok, [t for t in self.r.token_ids if t not in self.eos])
 
     def _find_stop(self, text: str) -> Optional[int]:
         start = max(0, self.scanned - self.holdback)
