@@ -32,7 +32,7 @@ for st in $STAGES; do
         grep -E "^pack=|^geomean|^BEST|bitwise" "$OUT/sweep_$pack.log" | tail -40
       done
       best=$(python3 - "$OUT" <<'PY'
-import re, sys, pathlib
+import ast, re, sys, pathlib
 best = None
 for f in pathlib.Path(sys.argv[1]).glob("sweep_*.log"):
     pack = f.stem.split("_", 1)[1]
@@ -40,7 +40,7 @@ for f in pathlib.Path(sys.argv[1]).glob("sweep_*.log"):
     if "bitwise on every rank: True" not in text:
         continue
     m = re.search(r"geomean us: (\{.*\})", text)
-    for key, us in eval(m.group(1)).items() if m else []:
+    for key, us in ast.literal_eval(m.group(1)).items() if m else []:
         if best is None or us < best[0]:
             best = (us, pack, *key.split(","))
 print("" if best is None else f"{best[1]} {best[2]} {best[3]}")
