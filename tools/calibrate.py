@@ -13,6 +13,13 @@ channels per site as bf16 outliers and writes static int4 steps for the rest
 (``megatron_lite/comm/outlier.py``: safetensors + a JSON header naming the model, its
 fingerprint, TP and k). ``--skip-seqs`` skips leading windows, e.g. to keep calibration
 text disjoint from the windows that tools/evaluate.py scores.
+
+Channel scales for the ``weighted-`` codecs (``megatron_lite/comm/weighting.py``): the first
+``--scale-seqs`` (default 32) of those windows also run through the model at TP 1 with autograd,
+which measures every row-parallel output's per-channel RMS and diagonal Fisher; the file
+then carries ``s_c = F_c^(1/4) / rms_c^(1/2)`` per site. They depend on the model only, so
+this needs an HF directory (a shard directory holds one TP size's shards): with a shard
+directory the default is ``--scale-seqs 0``, and then the file has no channel scales.
 """
 from __future__ import annotations
 
@@ -39,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "rounded up to a multiple of TP)")
     p.add_argument("--decay", type=float, default=0.9, help="EMA decay per sequence (0.9)")
     p.add_argument("--batch-size", type=int, default=2, help="sequences per forward (2)")
+    p.add_argument("--scale-seqs", type=int, default=None,
+                   help="windows for the weighted- codecs' channel scales (default 32 "
+                        "with an HF directory, 0 with a shard directory; 0 = none)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -85,7 +95,16 @@ def main(argv=None) -> int:
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
             raise EvalDataError(f"output directory does not exist: {out_dir}")
-        hf_config, _ = inspect_checkpoint(args.ckpt, tp)
+        hf_config, is_shards = inspect_checkpoint(args.ckpt, tp)
+        if args.scale_seqs is None:
+            args.scale_seqs = 0 if is_shards else min(32, args.num_seqs)
+        if args.scale_seqs < 0:
+            raise EvalDataError("--scale-seqs must be >= 0")
+        if args.scale_seqs > args.num_seqs:
+            raise EvalDataError(f"--scale-seqs {args.scale_seqs} > --num-seqs {args.num_seqs}")
+        if args.scale_seqs and is_shards:
+            raise EvalDataError("channel scales (--scale-seqs) need the HF checkpoint "
+                                "directory, not a shard directory; or pass --scale-seqs 0")
         cfg = ModelConfig.from_hf(hf_config)
         k = args.k if args.k is not None else cfg.hidden_size // 64
         if k < 1:
@@ -125,16 +144,40 @@ def main(argv=None) -> int:
     launch(rank_main, tp, simulated=world is None)
     if rank != 0:
         return 0
+    scales, scale_meta = {}, None
+    if args.scale_seqs:
+        from megatron_lite.comm.weighting import (EXPONENTS, channel_statistics,
+                                                  scales_from_statistics)
+        from megatron_lite.eval.runner import load_rank_engine as _load
+        from megatron_lite.comm.communicator import Communicator
+        model = _load(args.ckpt, Communicator(0, 1)).model
+        sw = windows[:args.scale_seqs]
+        bar = tqdm(total=len(sw), unit="seq", desc="channel scales", dynamic_ncols=True,
+                   disable=args.no_progress)
+        bs = args.batch_size
+        rms, fisher, ntok = channel_statistics(
+            model, (torch.tensor([w.ids for w in sw[lo:lo + bs]])
+                    for lo in range(0, len(sw), bs)), progress=bar.update)
+        bar.close()
+        del model
+        scales = scales_from_statistics(rms, fisher)
+        scale_meta = {"exponents": list(EXPONENTS), "num_seqs": len(sw), "tokens": ntok}
     calib = build_calibration(
         stats.as_dict(), k=k, tp=tp, model=model_name(args.ckpt, hf_config),
         fingerprint=model_fingerprint(hf_config),
         extra={"num_seqs": len(windows), "seq_len": args.seq_len, "skip_seqs": args.skip_seqs,
                "decay": args.decay, "text": os.path.basename(args.text),
                "date": datetime.date.today().isoformat()})
+    for site, sc in calib.sites.items():
+        sc.channel_scale = scales.get(site)
+    if scale_meta:
+        calib.meta["channel_scales"] = scale_meta
     calib.save(args.out)
     print(f"wrote {args.out}: {len(calib.sites)} sites, k = {calib.k_per_rank * tp} "
           f"({calib.k_per_rank} per rank) of hidden {calib.hidden}, TP {tp}, "
-          f"{len(windows)} x {args.seq_len} tokens", file=sys.stderr)
+          f"{len(windows)} x {args.seq_len} tokens"
+          + (f"; channel scales from {scale_meta['num_seqs']} windows" if scale_meta else
+             "; no channel scales"), file=sys.stderr)
     return 0
 
 

@@ -142,7 +142,8 @@ class CommConfig:
       (needs ``num_layers``). Globs are :mod:`fnmatch` patterns on the site name.
     * The embedding reduce (site ``embed_tokens``) stays native unless an override names it.
     * ``min_bytes``: messages smaller than this (in their own dtype) go native.
-    * ``calibration``: file for ``outlier-int4`` (see comm/outlier.py).
+    * ``calibration``: file for ``outlier-int4`` and the ``weighted-`` codecs (see
+      comm/outlier.py, comm/weighting.py).
     """
 
     codec: Optional[str] = None
@@ -160,8 +161,10 @@ class CommConfig:
             raise CodecError(f"min_bytes must be >= 0, got {self.min_bytes}")
         self.min_bytes = int(self.min_bytes)
         specs = [self.codec] + [c for _, c in self.overrides]
-        if any(s and s.startswith("outlier-int4") for s in specs) and not self.calibration:
-            raise CodecError("outlier-int4 needs a calibration file (--calibration FILE)")
+        for pre in ("outlier-int4", "weighted-"):
+            if any(s and s.startswith(pre) for s in specs) and not self.calibration:
+                raise CodecError(f"{pre.rstrip('-')} needs a calibration file "
+                                 "(--calibration FILE)")
         self._codecs = {}
         self._calib = None
 
@@ -195,9 +198,10 @@ class CommConfig:
         spec = self.spec_for(site)
         if spec is None:
             return None
-        key = (spec, site) if spec.startswith("outlier-int4") else (spec, None)
+        per_site = spec.startswith(("outlier-int4", "weighted-"))
+        key = (spec, site) if per_site else (spec, None)
         if key not in self._codecs:
-            if spec.startswith("outlier-int4"):
+            if per_site:
                 from megatron_lite.comm.outlier import load_calibration
                 if self._calib is None:
                     self._calib = load_calibration(self.calibration)

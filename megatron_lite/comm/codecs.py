@@ -406,6 +406,9 @@ _ALIASES = {"int6": "int4-int8", "fp8-e4m3": "fp8"}
 CODEC_NAMES = ("bf16",) + tuple(_PLAIN) + ("int4-int8", "outlier-int4")
 # Block-Hadamard rotation before any group codec (comm/rotation.py; same bits per value).
 CODEC_NAMES += tuple("hadamard-" + n for n in tuple(_PLAIN) + ("int4-int8",))
+# Static channel scales from measured sensitivity before a plain or rotated codec
+# (comm/weighting.py; same bits per value, needs a calibration file with scales).
+CODEC_NAMES += tuple("weighted-" + n for n in CODEC_NAMES[1:] if n != "outlier-int4")
 
 
 @dataclass(frozen=True)
@@ -464,6 +467,9 @@ def get_codec(spec, calibration=None, site: Optional[str] = None) -> Codec:
     if cs.name.startswith("hadamard-"):
         from megatron_lite.comm import rotation
         return rotation.hadamard_codec(cs)
+    if cs.name.startswith("weighted-"):
+        from megatron_lite.comm import weighting  # per-site state, like outlier-int4
+        return weighting.weighted_codec(cs, calibration, site)
     from megatron_lite.comm import outlier  # outlier-int4: per-site state
     return outlier.outlier_codec(cs, calibration, site)
 
@@ -474,6 +480,8 @@ def codec_bits(spec) -> float:
     if cs.name == "outlier-int4":
         from megatron_lite.comm import outlier
         return outlier.nominal_bits(cs)
+    if cs.name.startswith("weighted-"):   # the wire format is the inner codec's
+        return get_codec(CodecSpec(cs.name[len("weighted-"):], cs.group_size)).bits_per_value
     return get_codec(cs).bits_per_value
 
 

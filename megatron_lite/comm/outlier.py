@@ -37,7 +37,10 @@ Calibration file: safetensors with tensors ``{site}.outlier_idx`` (int32 [k_eff]
 ascending), ``{site}.rs_scale`` (fp32 [W, H]), ``{site}.ag_scale`` (fp32 [H]) and a
 metadata entry ``megatron_lite`` holding JSON: ``{"format": "megatron_lite.calibration",
 "version": 1, "model": str, "fingerprint": str, "tp": W, "hidden": H, "k": k,
-"k_per_rank": kw, "sites": [...], ...}``.
+"k_per_rank": kw, "sites": [...], ...}``. Optional, for the ``weighted-`` codecs
+(comm/weighting.py): ``{site}.channel_scale`` (fp32 [H], finite, positive) and a metadata
+entry ``"channel_scales": {"exponents": [a, b], "num_seqs": n, "tokens": t}``; files
+without them still load (only ``weighted-`` codecs then refuse them).
 """
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ class SiteCalibration:
     outlier_idx: torch.Tensor   # int64 [k_eff], ascending
     rs_scale: torch.Tensor      # fp32 [W, H]: static step of rank r's partial sums
     ag_scale: torch.Tensor      # fp32 [H]: static step of the reduced sums
+    channel_scale: Optional[torch.Tensor] = None   # fp32 [H]: weighted- codecs' scales
 
 
 class Calibration:
@@ -115,6 +119,8 @@ class Calibration:
             tensors[f"{name}.outlier_idx"] = sc.outlier_idx.to(torch.int32).contiguous()
             tensors[f"{name}.rs_scale"] = sc.rs_scale.float().contiguous()
             tensors[f"{name}.ag_scale"] = sc.ag_scale.float().contiguous()
+            if sc.channel_scale is not None:
+                tensors[f"{name}.channel_scale"] = sc.channel_scale.float().contiguous()
         meta = dict(self.meta, format=CALIB_FORMAT, version=CALIB_VERSION,
                     sites=sorted(self.sites))
         d = os.path.dirname(os.path.abspath(path))
@@ -152,7 +158,8 @@ def load_calibration(path) -> Calibration:
         try:
             sc = SiteCalibration(tensors[f"{name}.outlier_idx"].long(),
                                  tensors[f"{name}.rs_scale"].float(),
-                                 tensors[f"{name}.ag_scale"].float())
+                                 tensors[f"{name}.ag_scale"].float(),
+                                 tensors.get(f"{name}.channel_scale"))
         except KeyError as exc:
             raise CalibrationError(f"{path}: site {name!r} lacks tensor {exc}") from None
         idx = sc.outlier_idx
@@ -160,6 +167,11 @@ def load_calibration(path) -> Calibration:
               and tuple(sc.ag_scale.shape) == (h,) and bool((idx >= 0).all())
               and bool((idx < h).all()) and bool((idx[1:] > idx[:-1]).all())
               and bool((sc.rs_scale >= 0).all()) and bool((sc.ag_scale >= 0).all()))
+        cs = sc.channel_scale
+        if cs is not None:
+            cs = sc.channel_scale = cs.float()
+            ok = ok and tuple(cs.shape) == (h,) and bool(torch.isfinite(cs).all()) and bool(
+                (cs > 0).all())
         if not ok:
             raise CalibrationError(f"{path}: site {name!r} has inconsistent shapes or indices "
                                    f"(tp {w}, hidden {h}, k_per_rank {kw})")
