@@ -146,9 +146,11 @@ def e4m3_decode(c):
 # How sub-byte codes are (un)packed: "sum" (shift each code into place and reduce over the
 # codes of a byte) or "split" (pairwise tl.split / tl.join, meant to keep the pairs in
 # registers instead of the layout conversions the reduction costs). Same bytes either way
-# (interpreter tests). "sum" stays the default: it is the variant measured and tested on
-# GPUs; "split" has not run on one yet (tests/gpu/sweep_grid.py times both).
-PACK_SPLIT = tl.constexpr(os.environ.get("MEGATRON_LITE_PACK", "sum") == "split")
+# (interpreter tests; on 2 x H200 tests/gpu/sweep_grid.py found pull == push bit for bit
+# with both). "split" is the default since 2026-11-22: on 2 x H200 the fused int4:128
+# two-shot took 269 us at 128 MB with it against 691 us with "sum" (4 blocks/SM; 486 vs
+# 729 us at 1 block/SM), docs/benchmarks.md. Not measured at world 4.
+PACK_SPLIT = tl.constexpr(os.environ.get("MEGATRON_LITE_PACK", "split") == "split")
 
 
 @triton.jit

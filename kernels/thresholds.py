@@ -20,8 +20,12 @@ DEFAULT: Dict = {"oneshot_max": 256 << 10, "fused_min": {"*": 8 << 20}}
 # 2026-11-21: docs/benchmarks/allreduce_w{2,4}.json, "auto_thresholds". A codec missing
 # from fused_min never beat NCCL at the largest sizes there, so auto keeps NCCL for it.
 MEASURED: Dict = {
+    # world 2 re-measured on 2026-11-22 with the "split" packing (2 x H200, NCCL 2.28.9):
+    # docs/benchmarks/allreduce_w2_2026-11-22_split.json
     ("H200", 2): {"oneshot_max": 2 << 20,
-                  "fused_min": {"bf16": 1 << 20, "int8": 1 << 20}},
+                  "fused_min": {"bf16": 1 << 20, "int8": 1 << 20, "int4": 1 << 20,
+                                "int4-sym": 1 << 20, "int4-int8": 1 << 20, "int3": 1 << 20,
+                                "int2": 1 << 20}},
     ("H200", 4): {"oneshot_max": 512 << 10,
                   "fused_min": {"int2": 2 << 20, "int4": 4 << 20, "fp8": 4 << 20,
                                 "int8": 2 << 20, "int4-int8": 4 << 20}},

@@ -27,7 +27,7 @@ for st in $STAGES; do
     sweep)
       # push/pull x blocks per SM, per packing; the later stages use the fastest.
       for pack in sum split; do
-        MEGATRON_LITE_PACK=$pack timeout ${T_SWEEP:-150} torchrun --nproc_per_node=4 \
+        MEGATRON_LITE_PACK=$pack timeout ${T_SWEEP:-150} torchrun --nproc_per_node=${SWEEP_NPROC:-4} \
           tests/gpu/sweep_grid.py > "$OUT/sweep_$pack.log" 2>&1
         grep -E "^pack=|^geomean|^BEST|bitwise" "$OUT/sweep_$pack.log" | tail -40
       done

@@ -79,7 +79,7 @@ def main():
     flags = torch.tensor([int(all(same.values()))], device="cuda")
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     if rank == 0:
-        pack = os.environ.get("MEGATRON_LITE_PACK", "sum")
+        pack = os.environ.get("MEGATRON_LITE_PACK", "split")
         print(f"pack={pack} world={dist.get_world_size()} pull==push bitwise on every rank: "
               f"{bool(flags.item())} {same if not flags.item() else ''}")
         for key, us in sorted(res.items()):
