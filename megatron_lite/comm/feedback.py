@@ -60,6 +60,10 @@ def own_error(scheme, chunks: torch.Tensor, acc: torch.Tensor, rank: int) -> tor
     reduce-scatter error of its own W chunks plus all-gather error of chunk ``rank``."""
     from megatron_lite.comm.outlier import OutlierCodec
     from megatron_lite.comm.rotation import HadamardScheme, fwht
+    from megatron_lite.comm.weighting import WeightedScheme
+    if isinstance(scheme, WeightedScheme):
+        # chunks and acc are in the scaled domain; the caller's restore unscales the error
+        return own_error(scheme.inner, chunks, acc, rank)
     c = chunks.shape[-1]
     x = chunks.float()
     if isinstance(scheme, GroupScheme):
