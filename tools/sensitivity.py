@@ -49,8 +49,9 @@ def main(argv=None) -> int:
 
     try:
         codecs = [str(parse_codec_spec(c)) for c in args.codec]
-        if any(c.startswith("outlier") for c in codecs):
-            raise ValueError("outlier codecs need per-site calibration; not supported here")
+        if any(c.startswith(("outlier", "weighted-")) for c in codecs):
+            raise ValueError("outlier- and weighted- codecs need per-site calibration; "
+                             "not supported here")
         bits = {c: codec_bits(c) for c in codecs}
         hf_config, _ = inspect_checkpoint(args.ckpt, args.tp)
         num_layers = ModelConfig.from_hf(hf_config).num_layers
