@@ -23,15 +23,34 @@ import torch.distributed as dist
 from megatron_lite.comm.allreduce import Backend
 
 from . import fused_allreduce as fa
-from . import quant
+from . import maps, quant
 from .thresholds import thresholds_for
 from .workspace import SymmWorkspace, WorkspaceUnavailable, cuda_workspace, shm_workspace
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def kernel_maps(codec, x: torch.Tensor):
+    """``(group, scale, plain codec)`` for the message ``x``: a codec that is a fixed map
+    around a plain codec (``hadamard-``: a rotation of ``group`` values; ``weighted-``:
+    channel ``scale``) runs the plain codec's kernel between the maps of kernels/maps.py;
+    any other codec is its own plain codec (``group`` and ``scale`` None)."""
+    maps_of = getattr(codec, "kernel_maps", None)
+    return maps_of(x) if maps_of is not None else (None, None, codec)
+
+
+def plain_codec(codec):
+    """The plain codec whose kernels serve ``codec`` (itself unless it is a mapped codec)."""
+    while hasattr(codec, "kernel_maps"):
+        inner = codec.inner
+        codec = inner if hasattr(inner, "kernel_maps") else getattr(inner, "codec", inner)
+    return codec
+
+
 def has_kernels(codec) -> Optional[str]:
-    """None if both stages of ``codec`` have Triton kernels, else the reason."""
+    """None if both stages of ``codec`` (or of the plain codec it wraps) have Triton
+    kernels, else the reason."""
+    codec = plain_codec(codec)
     try:
         rs, ag = quant.kcodec(codec.rs), quant.kcodec(codec.ag)
     except (ValueError, AttributeError) as e:
@@ -86,12 +105,20 @@ class FusedTwoShotBackend(Backend):
         why = self.state.unsupported(x)
         if why is None:
             why = has_kernels(codec)
-        if why is None and x.numel() > self.state.ws.layout.max_elems:
-            why = f"{x.numel()} values > workspace ({self.state.ws.layout.max_elems})"
+        # a wrapped codec's kernel sees whole groups (pre pads): count them
+        g = getattr(codec, "group_size", None) or 1
+        n = x.numel() + (-x.numel() % g)
+        if why is None and n > self.state.ws.layout.max_elems:
+            why = f"{n} values > workspace ({self.state.ws.layout.max_elems})"
         return why
 
     def all_reduce(self, x, codec, comm):
-        return fa.two_shot_all_reduce(self.state.ws, x, codec).view(x.shape)
+        group, scale, plain = kernel_maps(codec, x)
+        if group is None and scale is None:
+            return fa.two_shot_all_reduce(self.state.ws, x, codec).view(x.shape)
+        # fp32 between the maps: the two-step reference keeps the mapped values in fp32.
+        y = fa.two_shot_all_reduce(self.state.ws, maps.map_in(x, group, scale), plain)
+        return maps.map_out(y, x.shape, x.dtype, group, scale)
 
 
 class AutoBackend(Backend):

@@ -117,6 +117,32 @@ def _dist_body(rank, world, specs, sizes):
             got = fa.two_shot_all_reduce(ws, x, codec)
             want = two_step_all_reduce(base, x, scheme_for(codec))
             res.append(["two-shot", spec, n, _same(got, want), int(got.view(torch.int16).sum())])
+    # hadamard-/weighted- codecs: the plain codec's kernel between their fp32 maps
+    # (kernels/backends.kernel_maps, kernels/maps.py), against the two-step reference.
+    from megatron_lite.comm.codecs import CodecSpec
+    from megatron_lite.comm.weighting import WeightedScheme
+    fused = k.backends.FusedTwoShotBackend(state)
+    h = 192
+    scale = torch.rand(h, generator=torch.Generator().manual_seed(5)) * 8 + 0.05
+    wrapped = [get_codec("hadamard-int8:64"), get_codec("hadamard-int4:128"),
+               WeightedScheme(CodecSpec("weighted-int8", 64), scale),
+               WeightedScheme(CodecSpec("weighted-hadamard-int4", 64), scale)]
+    for i, codec in enumerate(wrapped):
+        for rows, dtype in ((1, torch.bfloat16), (7, torch.float32), (12, torch.float16),
+                           (30, torch.bfloat16)):
+            g = torch.Generator().manual_seed(97 * i + rows + rank)
+            x = (torch.randn(rows, h, generator=g) * (rank + 1) * 3).to(dtype)
+            if rows == 30 and rank == 0:
+                x[3, 10] = math.nan
+            if rows == 30 and rank == world - 1:
+                x[20, 150] = -math.inf
+            assert k.backends.has_kernels(codec) is None
+            assert fused.unsupported(x, codec, None) is None
+            got = fused.all_reduce(x, codec, None)
+            want = two_step_all_reduce(base, x, codec)
+            res.append(["two-shot", codec.spec, rows * h,
+                        got.dtype == x.dtype and got.shape == x.shape and _same(got, want),
+                        int(got.to(torch.bfloat16).view(torch.int16).sum())])
     for n in (1, 700, 5000):
         x = torch.randn(n, generator=torch.Generator().manual_seed(n + rank)).to(torch.bfloat16)
         xs = [torch.empty_like(x) for _ in range(world)]

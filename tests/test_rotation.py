@@ -95,9 +95,10 @@ def test_codec_error_bound_and_non_finite_groups():
     assert out[:64].isnan().all() and out[64:].isfinite().all()
 
 
-def test_no_fused_kernel_claims_the_rotated_codec():
-    """The fused GPU kernels implement the plain codecs only; they must not take a rotated
-    codec for its inner one (that would silently skip the rotation)."""
+def test_fused_kernels_serve_the_rotated_codec_through_its_maps():
+    """The fused backend takes a rotated codec as its plain inner codec between the
+    rotations of kernels/maps.py (bit-exactness: tests/test_kernels_interpret.py), never
+    as the inner codec alone (that would silently skip the rotation)."""
     pytest.importorskip("triton")
     import os
 
@@ -106,9 +107,12 @@ def test_no_fused_kernel_claims_the_rotated_codec():
         import megatron_lite.kernels  # noqa: F401
     except ImportError:  # a source checkout: kernels/ installs as megatron_lite.kernels
         megatron_lite.__path__.append(os.path.dirname(os.path.dirname(__file__)))
-    from megatron_lite.kernels.backends import has_kernels
+    from megatron_lite.kernels.backends import has_kernels, kernel_maps
     assert has_kernels(get_codec("int4:128")) is None
-    assert has_kernels(get_codec("hadamard-int4:128")) is not None
+    assert has_kernels(get_codec("hadamard-int4:128")) is None
+    assert kernel_maps(get_codec("int4:128"), torch.zeros(256))[:2] == (None, None)
+    group, scale, plain = kernel_maps(get_codec("hadamard-int4:128"), torch.zeros(256))
+    assert (group, scale, plain.spec) == (128, None, "int4:128")
 
 
 def test_quantized_communicator_routes_hadamard_codec():

@@ -120,8 +120,10 @@ def test_non_finite_and_bf16_inputs():
         run_simulated(_one_rank, 2, scheme, torch.randn(2, 3, 32))
 
 
-def test_no_fused_kernel_claims_the_weighted_codec():
-    """The fused kernels would run the inner codec and skip the scaling."""
+def test_fused_kernels_serve_weighted_codecs_through_their_maps():
+    """The fused backend runs the plain inner codec between kernels/maps.py's scaling maps
+    (bit-exactness: tests/test_kernels_interpret.py); it must not take the inner codec
+    alone, which would skip the scaling."""
     pytest.importorskip("triton")
     import os
 
@@ -130,9 +132,17 @@ def test_no_fused_kernel_claims_the_weighted_codec():
         import megatron_lite.kernels  # noqa: F401
     except ImportError:
         megatron_lite.__path__.append(os.path.dirname(os.path.dirname(__file__)))
-    from megatron_lite.kernels.backends import has_kernels
-    scheme = WeightedScheme(parse_codec_spec("weighted-int4:128"), torch.ones(128))
-    assert has_kernels(scheme) is not None
+    from megatron_lite.kernels.backends import has_kernels, kernel_maps, plain_codec
+    s = torch.linspace(0.5, 2.0, 128)
+    scheme = WeightedScheme(parse_codec_spec("weighted-int4:128"), s)
+    assert has_kernels(scheme) is None and plain_codec(scheme).spec == "int4:128"
+    group, scale, plain = kernel_maps(scheme, torch.zeros(3, 128))
+    assert group is None and torch.equal(scale, s) and plain.spec == "int4:128"
+    rot = WeightedScheme(parse_codec_spec("weighted-hadamard-int8:64"), s)
+    group, scale, plain = kernel_maps(rot, torch.zeros(3, 128))
+    assert group == 64 and torch.equal(scale, s) and plain.spec == "int8:64"
+    with pytest.raises(CodecError, match="channels"):
+        kernel_maps(scheme, torch.zeros(3, 64))          # scales of another width
 
 
 def _hf_statistics(hf_dir, batches):
@@ -301,3 +311,27 @@ def test_error_feedback_composes_with_weighting():
     plain = run_simulated(_ef_two_reduces, w, calib, xs, False)[0]
     resid_plain = (plain[0] + plain[1]) - exact.sum(0)
     assert resid.pow(2).mean() < 0.75 * resid_plain.pow(2).mean()
+
+
+def test_bench_allreduce_weighted_codecs_and_channels():
+    """tools/bench_allreduce.py builds weighted- codecs with deterministic random scales
+    (the same on every rank) and refuses a channel count that does not divide a message."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "bench_allreduce", os.path.join(os.path.dirname(__file__), "..", "tools",
+                                        "bench_allreduce.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = bench.bench_codec("weighted-hadamard-int4:128", 256)
+    b = bench.bench_codec("weighted-hadamard-int4:128", 256)
+    assert isinstance(a, WeightedScheme) and torch.equal(a.scale, b.scale)
+    assert a.scale.min() >= 0.25 - 1e-6 and a.scale.max() <= 4 + 1e-6
+    assert a.bits_per_value == 4.25
+    assert bench._shaped(torch.zeros(1024), a).shape == (4, 256)
+    plain = bench.bench_codec("int8:128", 256)
+    assert plain.bits_per_value == 8.125 and bench._shaped(torch.zeros(1024), plain).shape == (1024,)
+    with pytest.raises(CodecError):
+        bench.bench_codec("weighted-int9:128", 256)
+    with pytest.raises(bench.BenchError, match="--channels 3000"):
+        bench.parse_args(["--channels", "3000"])

@@ -86,6 +86,9 @@ def parse_args(argv=None):
                    help="time messages up to this as CUDA-graph replays (as the engine runs them)")
     p.add_argument("--graph-calls", type=int, default=10, help="calls per captured graph")
     p.add_argument("--oneshot-max", default="2MB", help="one-shot workspace size")
+    p.add_argument("--channels", type=int, default=2048,
+                   help="weighted- codecs: channels of their random static scales (messages "
+                        "are viewed as [-1, CHANNELS]; it must divide every message)")
     p.add_argument("--json", default=None, help="write results here (rank 0)")
     p.add_argument("--plot", default=None, help="plot file (default: --json with .png)")
     p.add_argument("--table-file", default=None, help="also append the table to this file")
@@ -100,9 +103,31 @@ def parse_args(argv=None):
     bad = set(a.backends) - {"nccl", "oneshot", "fused", "two-step", "auto"}
     if bad:
         raise BenchError(f"unknown backend(s) {sorted(bad)}")
+    if a.channels < 1 or (a.min_b // 2) % a.channels:
+        raise BenchError(f"--channels {a.channels} must divide the smallest message "
+                         f"({a.min_b // 2} values)")
     if "nccl" not in a.backends:
         raise BenchError("the nccl backend is the baseline and cannot be skipped")
     return a
+
+
+def bench_codec(spec: str, channels: int):
+    """The codec of ``spec``; ``weighted-`` codecs get random static channel scales (seed 0,
+    the same on every rank, log-uniform in [1/4, 4]): their speed does not depend on the
+    values of the scales, and a benchmark has no calibration file."""
+    from megatron_lite.comm.codecs import get_codec, parse_codec_spec
+    cs = parse_codec_spec(spec)
+    if not cs.name.startswith("weighted-"):
+        return get_codec(cs)
+    from megatron_lite.comm.weighting import WeightedScheme
+    g = torch.Generator().manual_seed(0)
+    return WeightedScheme(cs, torch.exp((torch.rand(channels, generator=g) * 2 - 1) * math.log(4)))
+
+
+def _shaped(x: torch.Tensor, codec) -> torch.Tensor:
+    """weighted- codecs scale the last dim: view the flat message as [-1, channels]."""
+    scale = getattr(codec, "scale", None)
+    return x.view(-1, scale.numel()) if scale is not None else x
 
 
 # ----------------------------------------------------------------------------- timing
@@ -285,8 +310,9 @@ def main(argv=None) -> int:
     dist.init_process_group("nccl", device_id=dev)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        fused_codecs = [get_codec(c) for c in args.codecs.split(",") if c.strip()]
-        two_codecs = [get_codec(c) for c in args.two_step_codecs.split(",") if c.strip()]
+        fused_codecs = [bench_codec(c, args.channels) for c in args.codecs.split(",") if c.strip()]
+        two_codecs = [bench_codec(c, args.channels) for c in args.two_step_codecs.split(",")
+                      if c.strip()]
         auto_codec = get_codec(args.auto_codec)
     except CodecError as e:
         if rank == 0:
@@ -307,7 +333,9 @@ def main(argv=None) -> int:
         print(f"device {device_name} x {world}, NCCL {nccl_version}, torch {torch.__version__}")
     t0 = time.time()
     if state.ws is not None:
-        mine = fa.prewarm(state.ws, fused_codecs + ([auto_codec] if "auto" in args.backends else []),
+        # hadamard-/weighted- codecs run their plain codec's kernel on fp32 mapped values
+        plain = [backends_mod.plain_codec(c) for c in fused_codecs]
+        mine = fa.prewarm(state.ws, plain + ([auto_codec] if "auto" in args.backends else []),
                           [b // 2 for b in sizes])
         if rank == 0:
             print(f"compiled kernels in {time.time() - t0:.1f}s ({mine} on rank 0)")
@@ -323,12 +351,14 @@ def main(argv=None) -> int:
             if "oneshot" in args.backends and nbytes <= args.oneshot_max_b:
                 v.append(("oneshot", "bf16", lambda x: fa.one_shot_all_reduce(state.ws, x)))
             if "fused" in args.backends:
+                fused_be = backends_mod.FusedTwoShotBackend(state)
                 for c in fused_codecs:
-                    v.append(("fused", c.spec, lambda x, c=c: fa.two_shot_all_reduce(state.ws, x, c)))
+                    v.append(("fused", c.spec, lambda x, c=c: fused_be.all_reduce(
+                        _shaped(x, c), c, qcomm).view(-1)))
         if "two-step" in args.backends:
             for c in two_codecs:
-                v.append(("two-step", c.spec,
-                          lambda x, c=c: two_step_all_reduce(base, x, scheme_for(c))))
+                v.append(("two-step", c.spec, lambda x, c=c: two_step_all_reduce(
+                    base, _shaped(x, c), scheme_for(c)).view(-1)))
         return v
 
     rows, inputs = [], {}

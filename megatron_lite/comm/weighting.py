@@ -35,8 +35,9 @@ Definition (bit-exact reference)::
     decode side  y = saturate(inner_decode_fp32 / s, out_dtype)
 
 Non-finite inputs follow the inner codec (a non-finite value poisons its group, which
-decodes as NaN). There are no fused kernels for these codecs (no ``rs``/``ag`` attributes,
-so the kernel backends report "no kernels"); the portable two-step path runs.
+decodes as NaN). Fused kernels run the inner plain codec between the scaling and the
+unscaling (:meth:`WeightedScheme.kernel_maps`, kernels/maps.py), equal to this reference
+bit for bit.
 """
 from __future__ import annotations
 
@@ -119,6 +120,17 @@ class WeightedScheme:
         def unscale(y: torch.Tensor) -> torch.Tensor:
             return saturate(restore(y) / s, dtype)
         return chunks, unscale
+
+    def kernel_maps(self, x: torch.Tensor):
+        """``(group, scale, codec)`` for fused kernels: the plain ``codec`` between the
+        scaling (and, for ``weighted-hadamard-``, a rotation of ``group`` values) and its
+        inverse; ``scale`` on ``x``'s device (checked against ``x``'s channels)."""
+        s = self._s(x)
+        maps = getattr(self.inner, "kernel_maps", None)
+        if maps is not None:                        # hadamard-: rotation inside the scaling
+            group, _, codec = maps(x)
+            return group, s, codec
+        return None, s, self.inner.codec            # GroupScheme: the plain codec
 
     def rs_encode(self, chunks, src):
         return self.inner.rs_encode(chunks, src)

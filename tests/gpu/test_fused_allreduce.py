@@ -48,7 +48,7 @@ def _checks(rank, world):
     ws = state.ws
     # split the Triton compiles over the ranks (every rank then loads them from the cache)
     fa.prewarm(ws, [get_codec(c) for c in CODECS], SIZES + [40000, 300000])
-    res = {"fused": [], "pull": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
+    res = {"fused": [], "pull": [], "wrapped": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
 
     # 1. fused two-shot == CPU reference, every codec, odd sizes, three dtypes
     for ci, spec in enumerate(CODECS):
@@ -74,6 +74,26 @@ def _checks(rank, world):
                 res["pull"].append((spec, n, same_bits(out, reference_all_reduce(xs, codec))))
     finally:
         del os.environ["MEGATRON_LITE_TWO_SHOT"]
+
+    # 1c. hadamard-/weighted- codecs: the plain codec's kernel between their fp32 maps
+    #     (FusedTwoShotBackend: kernels/maps.py around the plain kernel) == CPU reference
+    from megatron_lite.comm.codecs import CodecSpec
+    from megatron_lite.comm.weighting import WeightedScheme
+    fused = k.backends.FusedTwoShotBackend(state)
+    h = 640
+    scale = torch.rand(h, generator=torch.Generator().manual_seed(3)) * 8 + 0.05
+    wrapped = [get_codec("hadamard-int8:128"), get_codec("hadamard-int4:128"),
+               get_codec("hadamard-int4-int8:64"),
+               WeightedScheme(CodecSpec("weighted-int8", 128), scale),
+               WeightedScheme(CodecSpec("weighted-hadamard-int4", 128), scale)]
+    for ci, codec in enumerate(wrapped):
+        for rows, dtype in ((1, torch.bfloat16), (7, torch.float32), (3000, torch.bfloat16)):
+            xs = [x.view(rows, h) for x in inputs(world, rows * h, dtype, seed=900 + ci * 10 + rows,
+                                                  specials=rows == 3000)]
+            why = fused.unsupported(xs[rank].to(dev), codec, None)
+            out = fused.all_reduce(xs[rank].to(dev), codec, None) if why is None else None
+            ok = out is not None and same_bits(out, reference_all_reduce(xs, codec))
+            res["wrapped"].append((codec.spec, rows * h, str(dtype), why, ok))
 
     # 2. one-shot == fp32 sum in rank order, rounded once
     for n in SIZES[:5] + [1 << 18]:    # 1 MB fp32: the one-shot buffer's size
@@ -209,3 +229,10 @@ def test_backend_chain_auto(world):
         for n, want, got, why, ok in r["chain"]:
             assert got == want and ok and why.startswith("auto"), (n, want, got, why, ok)
         assert r["status"] == 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_wrapped_codecs_match_reference(world):
+    for r in results(world):
+        bad = [c for c in r["wrapped"] if not c[4]]
+        assert not bad and len(r["wrapped"]) == 15, (bad, len(r["wrapped"]))
