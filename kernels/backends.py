@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron_lite.comm.allreduce import Backend
 
 from . import fused_allreduce as fa
-from . import maps, quant
+from . import quant
 from .thresholds import thresholds_for
 from .workspace import SymmWorkspace, WorkspaceUnavailable, cuda_workspace, shm_workspace
 
@@ -116,9 +116,9 @@ class FusedTwoShotBackend(Backend):
         group, scale, plain = kernel_maps(codec, x)
         if group is None and scale is None:
             return fa.two_shot_all_reduce(self.state.ws, x, codec).view(x.shape)
-        # fp32 between the maps: the two-step reference keeps the mapped values in fp32.
-        y = fa.two_shot_all_reduce(self.state.ws, maps.map_in(x, group, scale), plain)
-        return maps.map_out(y, x.shape, x.dtype, group, scale)
+        # the kernel maps each tile in registers (kernels/maps.py)
+        return fa.two_shot_all_reduce(self.state.ws, x, plain, rot=group,
+                                      scale=scale).view(x.shape)
 
 
 class AutoBackend(Backend):

@@ -16,15 +16,17 @@ CUDA graph; every rank decodes the same bytes in the same order, so ranks agree 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 try:
-    from . import quant, sync
+    from . import maps, quant, sync
     from .workspace import MAX_BLOCKS, SymmWorkspace
 except ImportError:  # pragma: no cover - loaded as a top-level module
+    import maps  # type: ignore
     import quant  # type: ignore
     import sync  # type: ignore
     from workspace import MAX_BLOCKS, SymmWorkspace  # type: ignore
@@ -135,7 +137,9 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      RC2: tl.constexpr, AKIND: tl.constexpr, ABITS: tl.constexpr,
                      AQMAX: tl.constexpr, AC2: tl.constexpr, R_PAY: tl.constexpr,
                      R_TB: tl.constexpr, A_PAY: tl.constexpr, A_TB: tl.constexpr,
-                     OUT_LIM: tl.constexpr, SPIN: tl.constexpr, PULL: tl.constexpr):
+                     OUT_LIM: tl.constexpr, SPIN: tl.constexpr, PULL: tl.constexpr,
+                     s_ptr, H, RSCALE, ROT: tl.constexpr, LOG2G: tl.constexpr,
+                     HAS_S: tl.constexpr, LIM_ROT: tl.constexpr, FLIM: tl.constexpr):
     """Quantized two-shot all-reduce in one launch (see ``two_shot_all_reduce``)."""
     # Each stage's stored tiles (_put_tile) take R_TB / A_TB bytes (from the host).
     TILE: tl.constexpr = NG * G
@@ -155,6 +159,10 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
         for j in tl.static_range(W):
             offs = j * chunk + t * TILE + lane
             x = quant.load_f32(x_ptr, offs, offs < N)
+            if HAS_S:                       # weighted-: fl32(x) * s, zeros past N stay 0
+                x = x * tl.load(s_ptr + offs % H, mask=offs < N, other=1.0)
+            if ROT:                         # hadamard-: a tile is NG whole groups
+                x = maps.fwht_tile(x, NG, G, LOG2G, RSCALE)
             if PULL:
                 dst = ws_ptr + recv_off + j * slot + t * R_TB
             else:
@@ -201,6 +209,11 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                 p = ws_ptr + gather_off + o * slot + t * A_TB
             y = _get_tile(p, gall, OUT_LIM, A_PAY, NG, G, AKIND, ABITS, AQMAX)
             offs = o * chunk + t * TILE + lane
+            if ROT:                         # back from the rotated basis (whole groups)
+                y = maps.clamp(maps.fwht_tile(y, NG, G, LOG2G, RSCALE), LIM_ROT)
+            if HAS_S:
+                s = tl.load(s_ptr + offs % H, mask=offs < N, other=1.0)
+                y = maps.clamp(tl.math.div_rn(y, s), FLIM)
             tl.store(out_ptr + offs, quant.cast_out(y, out_ptr.dtype.element_ty), mask=offs < N)
     tl.store(cnt_ptr + b, epoch)
 
@@ -250,8 +263,16 @@ def two_shot_plan(n: int, world: int, group: int, device: torch.device):
 
 
 def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Tensor = None,
-                        _warmup_only: bool = False) -> torch.Tensor:
+                        _warmup_only: bool = False, rot: Optional[int] = None,
+                        scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quantized sum over the workspace's ranks in ONE kernel launch.
+
+    ``rot`` / ``scale`` (the ``hadamard-`` / ``weighted-`` codecs around the plain
+    ``codec``, kernels/backends.kernel_maps): stage 1 scales the loaded fp32 tile by
+    ``scale`` (on the last dim, ``scale.numel()`` channels) and rotates each group of
+    ``rot`` values; step 3 rotates back, saturates, divides by ``scale`` and saturates
+    again, exactly as comm/rotation.py and comm/weighting.py do around the two-step path
+    (kernels/maps.py). The sum in between runs in the mapped basis.
 
     Block b of every rank owns tiles b, b+grid, ... of every chunk (chunk j = values
     ``[j*chunk, (j+1)*chunk)``, reduced by rank j):
@@ -286,6 +307,13 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
                          f"{ws.layout.slot} B")
     lay = ws.layout
     lim = quant.FP16_MAX if x.dtype == torch.float16 else quant.BF16_MAX
+    mapped = rot is not None or scale is not None
+    if rot is not None and rot != group:
+        raise ValueError(f"rotation groups of {rot} need a codec with group {rot}, got {group}")
+    if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
+                              or n % scale.numel()):
+        raise ValueError("scale must be fp32 on the message's device and divide its length")
+    _, log2g, rscale = maps.geometry(rot)
     opts = {} if INTERPRET else {"enable_fp_fusion": False}
     launch = (_two_shot_kernel.warmup if _warmup_only else _two_shot_kernel[(grid,)])
     if _warmup_only:
@@ -297,7 +325,12 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
         **rs.constexprs("R"), **ag.constexprs("A"),
         R_PAY=rs.nbytes(tile) - 2 * rs.n_meta * (tile // group), R_TB=rs.nbytes(tile),
         A_PAY=ag.nbytes(tile) - 2 * ag.n_meta * (tile // group), A_TB=ag.nbytes(tile),
-        OUT_LIM=lim, SPIN=SPIN_LIMIT, PULL=two_shot_pull(),
+        # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
+        OUT_LIM=quant.BF16_MAX if mapped else lim, SPIN=SPIN_LIMIT, PULL=two_shot_pull(),
+        s_ptr=scale if scale is not None else ws.status,
+        H=scale.numel() if scale is not None else 1, RSCALE=rscale, ROT=rot is not None,
+        LOG2G=log2g, HAS_S=scale is not None,
+        LIM_ROT=quant.BF16_MAX if scale is not None else lim, FLIM=lim,
         num_warps=8 if tile >= 4096 else 4, **opts)
     return out
 
