@@ -105,11 +105,8 @@ class FusedTwoShotBackend(Backend):
         why = self.state.unsupported(x)
         if why is None:
             why = has_kernels(codec)
-        # a wrapped codec's kernel sees whole groups (pre pads): count them
-        g = getattr(codec, "group_size", None) or 1
-        n = x.numel() + (-x.numel() % g)
-        if why is None and n > self.state.ws.layout.max_elems:
-            why = f"{n} values > workspace ({self.state.ws.layout.max_elems})"
+        if why is None and x.numel() > self.state.ws.layout.max_elems:
+            why = f"{x.numel()} values > workspace ({self.state.ws.layout.max_elems})"
         return why
 
     def all_reduce(self, x, codec, comm):
