@@ -41,10 +41,7 @@ def kernel_maps(codec, x: torch.Tensor):
 
 def plain_codec(codec):
     """The plain codec whose kernels serve ``codec`` (itself unless it is a mapped codec)."""
-    while hasattr(codec, "kernel_maps"):
-        inner = codec.inner
-        codec = inner if hasattr(inner, "kernel_maps") else getattr(inner, "codec", inner)
-    return codec
+    return getattr(codec, "plain", codec)
 
 
 def has_kernels(codec) -> Optional[str]:
@@ -110,10 +107,7 @@ class FusedTwoShotBackend(Backend):
         return why
 
     def all_reduce(self, x, codec, comm):
-        group, scale, plain = kernel_maps(codec, x)
-        if group is None and scale is None:
-            return fa.two_shot_all_reduce(self.state.ws, x, codec).view(x.shape)
-        # the kernel maps each tile in registers (kernels/maps.py)
+        group, scale, plain = kernel_maps(codec, x)   # maps run inside the kernel
         return fa.two_shot_all_reduce(self.state.ws, x, plain, rot=group,
                                       scale=scale).view(x.shape)
 

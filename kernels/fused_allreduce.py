@@ -313,7 +313,7 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
     if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
                               or n % scale.numel()):
         raise ValueError("scale must be fp32 on the message's device and divide its length")
-    _, log2g, rscale = maps.geometry(rot)
+    log2g, rscale = maps.geometry(rot)
     opts = {} if INTERPRET else {"enable_fp_fusion": False}
     launch = (_two_shot_kernel.warmup if _warmup_only else _two_shot_kernel[(grid,)])
     if _warmup_only:

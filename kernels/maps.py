@@ -62,10 +62,10 @@ def clamp(v, LIM: tl.constexpr):
 
 
 def geometry(group: Optional[int]):
-    """(G, log2 G, fl32(1/sqrt(G))) of a rotation of ``group`` values; (None, 0, 1.0) if none."""
+    """(log2 G, fl32(1/sqrt(G))) of a rotation of G = ``group`` values; (0, 1.0) if none."""
     if group is None:
-        return None, 0, 1.0
+        return 0, 1.0
     if group & (group - 1) or not 2 <= group <= 256:
         raise ValueError(f"Hadamard rotation needs a power-of-two group of 2 to 256, got {group}")
-    return group, int(math.log2(group)), float(torch.tensor(1.0 / math.sqrt(group),
+    return int(math.log2(group)), float(torch.tensor(1.0 / math.sqrt(group),
                                                              dtype=torch.float32))

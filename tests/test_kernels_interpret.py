@@ -117,7 +117,7 @@ def _dist_body(rank, world, specs, sizes):
             got = fa.two_shot_all_reduce(ws, x, codec)
             want = two_step_all_reduce(base, x, scheme_for(codec))
             res.append(["two-shot", spec, n, _same(got, want), int(got.view(torch.int16).sum())])
-    # hadamard-/weighted- codecs: the plain codec's kernel between their fp32 maps
+    # hadamard-/weighted- codecs: the plain codec's kernel with their maps folded in
     # (kernels/backends.kernel_maps, kernels/maps.py), against the two-step reference.
     from megatron_lite.comm.codecs import CodecSpec
     from megatron_lite.comm.weighting import WeightedScheme

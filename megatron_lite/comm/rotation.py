@@ -31,11 +31,11 @@ decodes as NaN (its rule for non-finite groups); so do groups whose rotated valu
 the bf16 range (inputs near 1e38).
 
 Fused kernels. The rotation is a fixed linear map of each group, so the fused two-shot
-kernel of the inner codec can run on the rotated values
-(:meth:`HadamardScheme.kernel_maps`) between the Triton maps of kernels/maps.py: zero-pad
-to whole groups and rotate (fp32), then rotate back and saturate. The kernel sums in fp32
-in rank order like the two-step path, so the composition equals this reference bit for
-bit (tests/test_kernels_interpret.py, tests/gpu/test_fused_allreduce.py).
+kernel of the inner codec runs on the rotated values (:meth:`HadamardScheme.kernel_maps`):
+it rotates each loaded tile of whole groups and rotates back after decoding, then
+saturates (kernels/maps.py). The kernel sums in fp32 in rank order like the two-step
+path, so the result equals this reference bit for bit (tests/test_kernels_interpret.py,
+tests/gpu/test_fused_allreduce.py).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class HadamardScheme:
     def __init__(self, cs: CodecSpec):
         inner = get_codec(CodecSpec(cs.name[len(PREFIX):], cs.group_size))
         self.spec, self.name, self.group_size = str(cs), cs.name, cs.group_size
-        self.inner = inner
+        self.inner = self.plain = inner          # plain: the codec fused kernels run
         self._rs, self._ag = inner.rs, inner.ag
         self.bits_per_value = inner.bits_per_value
         # Reuse the inner codec's flat chunking (zero padding to W * c, c % G == 0).
@@ -101,7 +101,7 @@ class HadamardScheme:
     def kernel_maps(self, x: torch.Tensor):
         """``(group, scale, codec)`` for fused kernels: this scheme is the plain ``codec``
         between a rotation of ``group`` values and its inverse (no channel scales)."""
-        return self.group_size, None, self.inner
+        return self.group_size, None, self.plain
 
     # Error bounds in the original basis: an output value is a unit-norm combination of
     # its group's rotated errors, so |e_i| <= ||e_rot||_2 over the group (Cauchy-Schwarz);

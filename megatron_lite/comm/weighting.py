@@ -99,6 +99,8 @@ class WeightedScheme:
         self.inner = scheme_for(get_codec(inner_cs))
         self.spec, self.name, self.group_size = str(cs), cs.name, cs.group_size
         self.bits_per_value = self.inner.bits_per_value
+        # the plain codec fused kernels run (kernel_maps): hadamard-'s, or the GroupScheme's
+        self.plain = getattr(self.inner, "plain", None) or self.inner.codec
         if scale.dim() != 1 or not torch.isfinite(scale).all() or (scale <= 0).any():
             raise CodecError(f"{cs.name}: channel scales must be a finite positive 1-D tensor")
         self.scale = scale.float().contiguous()
@@ -125,12 +127,9 @@ class WeightedScheme:
         """``(group, scale, codec)`` for fused kernels: the plain ``codec`` between the
         scaling (and, for ``weighted-hadamard-``, a rotation of ``group`` values) and its
         inverse; ``scale`` on ``x``'s device (checked against ``x``'s channels)."""
-        s = self._s(x)
         maps = getattr(self.inner, "kernel_maps", None)
-        if maps is not None:                        # hadamard-: rotation inside the scaling
-            group, _, codec = maps(x)
-            return group, s, codec
-        return None, s, self.inner.codec            # GroupScheme: the plain codec
+        group = maps(x)[0] if maps is not None else None   # hadamard-: rotation inside
+        return group, self._s(x), self.plain
 
     def rs_encode(self, chunks, src):
         return self.inner.rs_encode(chunks, src)

@@ -75,8 +75,8 @@ def _checks(rank, world):
     finally:
         del os.environ["MEGATRON_LITE_TWO_SHOT"]
 
-    # 1c. hadamard-/weighted- codecs: the plain codec's kernel between their fp32 maps
-    #     (FusedTwoShotBackend: kernels/maps.py around the plain kernel) == CPU reference
+    # 1c. hadamard-/weighted- codecs: the plain codec's kernel with their maps folded in
+    #     (FusedTwoShotBackend, kernels/maps.py) == CPU reference
     from megatron_lite.comm.codecs import CodecSpec
     from megatron_lite.comm.weighting import WeightedScheme
     fused = k.backends.FusedTwoShotBackend(state)
