@@ -55,3 +55,86 @@ def test_error_feedback_gloo_equals_simulation():
     real = run_distributed(_real, 2, "int4:64", xs)
     for r in real:
         assert all(torch.equal(a, b) for a, b in zip(r, sim[0]))
+
+
+# ----------------------------------------------------------- sandwich norms (Gemma 2/3)
+SITES = [f"layers.{i // 2}.{'self_attn.o_proj' if i % 2 == 0 else 'mlp.down_proj'}"
+         for i in range(6)]
+
+
+def _norm(y, gain, eps):
+    return gain * y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _sandwich_chain(comm, spec, xs, gains, eps, ef):
+    q = build_communicator(comm, spec)
+    c = ErrorFeedbackCommunicator(q, {s: (g, eps) for s, g in zip(SITES, gains)}) if ef else q
+    c.all_reduce(xs[0][comm.rank], "embed_tokens")
+    ys = [c.all_reduce(xs[k][comm.rank], s) for k, s in enumerate(SITES)]
+    return ys, (c.debt if ef else None)
+
+
+def _sandwich_data(w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(len(SITES), w, 3, 5, 128, generator=g)
+    xs *= torch.exp(torch.randn(len(SITES), 1, 3, 5, 1, generator=g))   # per-token scale
+    # Gains like Gemma 3's post norms: log-normal over channels,
+    # a few channels near zero (they cannot pay their debt and must defer it).
+    gains = [torch.exp(torch.randn(128, generator=g)) for _ in SITES]
+    for gk in gains:
+        gk[:4] = 1e-3
+    return xs, gains
+
+
+@pytest.mark.parametrize("spec", ["int4:32", "hadamard-int4:64"])
+def test_norm_aware_feedback_cancels_through_sandwich_norms(spec):
+    """What reaches the residual stream is norm(y_k) for every site. Norm-aware feedback
+    must make the stream's total error much smaller than without it, and the rank debts
+    must account exactly (to rounding) for what every site's norm let through."""
+    w, eps = 3, 1e-6
+    xs, gains = _sandwich_data(w)
+    ef = run_simulated(_sandwich_chain, w, spec, xs, gains, eps, True)
+    plain = run_simulated(_sandwich_chain, w, spec, xs, gains, eps, False)[0][0]
+    ys, _ = ef[0]
+    for r in ef[1:]:                                   # ranks bitwise identical
+        assert all(torch.equal(a, b) for a, b in zip(r[0], ys))
+    exact = [xs[k].sum(0) for k in range(len(SITES))]
+    stream = lambda out: sum(_norm(y, g, eps) - _norm(e, g, eps)          # noqa: E731
+                             for y, e, g in zip(out, exact, gains))
+    err_ef, err_plain = stream(ys), stream(plain)
+    assert err_ef.pow(2).mean() < 0.5 * err_plain.pow(2).mean()        # measured 0.34
+    # Bookkeeping: the debts sum to the first-order stream error of the delivered sums.
+    debt = sum(r[1] for r in ef)
+    first_order = sum(g * (y - e) / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+                      for y, e, g in zip(ys, exact, gains))
+    torch.testing.assert_close(debt, first_order, rtol=1e-4, atol=1e-5)
+    # The linearisation holds: the real stream error is the debt, up to the part of each
+    # error along its sum (which the norm removes, about 1/H of it) and second order.
+    assert (err_ef - debt).pow(2).mean() < 0.15 * err_plain.pow(2).mean()   # measured 0.08
+
+
+def test_norm_aware_feedback_without_norms_is_the_exact_prenorm_path():
+    """A site with no post norm takes the pre-norm path: same bits as before the
+    sandwich support (the carried error is added unchanged)."""
+    torch.manual_seed(3)
+    w = 2
+    xs = torch.randn(3, w, 4, 128)
+    a = run_simulated(_two_reduces, w, "int4:32", xs, True)[0]
+
+    def with_empty_norms(comm, spec, xs):
+        c = ErrorFeedbackCommunicator(build_communicator(comm, spec), {})
+        c.all_reduce(xs[0][comm.rank], "embed_tokens")
+        return (c.all_reduce(xs[1][comm.rank], "layers.0.self_attn.o_proj"),
+                c.all_reduce(xs[2][comm.rank], "layers.0.mlp.down_proj"))
+    b = run_simulated(with_empty_norms, w, "int4:32", xs)[0]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_norm_aware_feedback_nonfinite_input_does_not_poison_later_sites():
+    w, eps = 2, 1e-6
+    xs, gains = _sandwich_data(w, seed=1)
+    xs[1, 0, 0, 0, 7] = float("nan")                  # one token of site 1 on rank 0
+    ys, _ = run_simulated(_sandwich_chain, w, "int4:32", xs, gains, eps, True)[0]
+    assert torch.isnan(ys[1][0, 0]).any()
+    for y in ys[2:]:
+        assert torch.isfinite(y).all()

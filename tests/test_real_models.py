@@ -116,3 +116,49 @@ def test_gguf_bootstrap_is_atomic_and_built_once(smollm2_hf_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == str(built)
     assert "first use" not in proc.stderr and time.time() - t0 < 30
+
+
+TEXT = ("The river rises in the hills north of the town and flows south through farmland "
+        "before it reaches the sea. In the nineteenth century mills were built along its "
+        "banks, and the town grew around them; most of the old buildings are now museums, "
+        "shops or flats, and the river itself is a nature reserve where herons and otters "
+        "can be seen in the early morning.")
+
+
+def _kl_per_codec(comm, ckpt, ids, specs):
+    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
+    from megatron_lite.eval.runner import CodecSwitch, load_rank_engine, rank_logits
+    comms = []
+    for s in specs:
+        ef = s.startswith("ef") and "+" in s
+        q = build_communicator(comm, s.split("+", 1)[1] if ef else s)
+        comms.append(ErrorFeedbackCommunicator(q) if ef else q)
+    switch = CodecSwitch(comm, comms)
+    engine = load_rank_engine(str(ckpt), switch)
+    norms = engine.model.post_reduce_norms()
+    for s, c in zip(specs, comms):
+        if s.startswith("ef+"):            # "ef-blind+" keeps the pre-norm rule
+            c.set_post_norms(norms)
+    out = []
+    for i in range(len(specs)):
+        switch.active = i
+        out.append(torch.log_softmax(rank_logits(engine, ids)[0].float(), -1))
+    ref = out[0]
+    return [float((ref.exp() * (ref - lp)).sum(-1).mean()) for lp in out[1:]], len(norms)
+
+
+def test_gemma3_norm_aware_error_feedback_lowers_kl(gemma3_hf_dir):
+    """Gemma 3 normalises every reduced sum (sandwich norms). Error feedback that ignores
+    the norms adds noise there (docs/accuracy.md); the norm-aware rule must cut the
+    KL of hadamard-int4:128 at simulated TP 2 instead."""
+    from transformers import AutoTokenizer
+    from megatron_lite.comm.simulate import run_simulated
+    ids = AutoTokenizer.from_pretrained(str(gemma3_hf_dir))(TEXT, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 60
+    specs = ["bf16", "hadamard-int4:128", "ef+hadamard-int4:128", "ef-blind+hadamard-int4:128"]
+    (kl, n_norms), *_ = run_simulated(_kl_per_codec, 2, str(gemma3_hf_dir), ids, specs)
+    plain, aware, blind = kl
+    assert n_norms == 36
+    assert aware < 0.6 * plain, kl          # measured 0.40
+    assert blind > plain, kl

@@ -154,6 +154,10 @@ def execute(prep: Prepared) -> Optional[List[dict]]:
             comms.append(ErrorFeedbackCommunicator(q) if ef else q)
         switch = CodecSwitch(comm, comms)
         engine = load_rank_engine(a.ckpt, switch, a.dtype)
+        norms = engine.model.post_reduce_norms()
+        for c in comms:
+            if isinstance(c, ErrorFeedbackCommunicator):
+                c.set_post_norms(norms)
 
         def forward(c, ids, rows):
             switch.active = c

@@ -291,6 +291,20 @@ class Transformer(nn.Module):
             h = h[torch.arange(h.shape[0], device=h.device), logits_index]
         return self.lm_head(self.norm(h))
 
+    def post_reduce_norms(self) -> dict:
+        """``{site: (gain [H] fp32, eps)}`` for every row-parallel reduce whose sum is
+        normalised before the residual add (``sandwich_norms``: Gemma 2/3), with
+        ``gain = offset + w``; empty for pre-norm models. Norm-aware error feedback
+        (comm/feedback.py) needs them to move an error from one site's norm to the next."""
+        if not self.cfg.sandwich_norms:
+            return {}
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for site, norm in (("self_attn.o_proj", layer.post_attention_layernorm),
+                               ("mlp.down_proj", layer.post_feedforward_layernorm)):
+                out[f"layers.{i}.{site}"] = (norm.offset + norm.weight.detach().float(), norm.eps)
+        return out
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_rank_state_dict(cls, cfg: ModelConfig, group: TPGroup,
