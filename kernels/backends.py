@@ -130,7 +130,14 @@ class AutoBackend(Backend):
             self.table = thresholds_for(name, ws.world)
         return self.table
 
-    def choose(self, x: torch.Tensor, codec) -> str:
+    def choose(self, x: torch.Tensor, codec, comm=None) -> str:
+        """``oneshot`` / ``fused`` / ``nccl`` (uncompressed) or ``two-step`` (step aside
+        for the portable path), from the message size and ``comm.config.path``."""
+        path = getattr(getattr(comm, "config", None), "path", "auto")
+        if path == "two-step":
+            return "two-step"
+        if path == "fused":
+            return "fused" if self.fused.unsupported(x, codec, None) is None else "two-step"
         nbytes = x.numel() * x.element_size()
         tab = self._table()
         if nbytes <= tab["oneshot_max"] and self.oneshot.unsupported(x, codec, None) is None:
@@ -145,13 +152,18 @@ class AutoBackend(Backend):
         why = self.state.unsupported(x)
         if why is not None:
             return why
-        if self.choose(x, codec) == "nccl" and has_kernels(codec) is not None:
+        which = self.choose(x, codec, comm)
+        if which == "two-step":
+            path = comm.config.path
+            return (f"path={path}" if path == "two-step" else
+                    f"path={path}: {self.fused.unsupported(x, codec, None)}")
+        if which == "nccl" and has_kernels(codec) is not None:
             # A codec without kernels (outlier-int4) keeps its quantized two-step path.
             return has_kernels(codec)
         return None
 
     def all_reduce(self, x, codec, comm):
-        which = self.choose(x, codec)
+        which = self.choose(x, codec, comm)
         if which == "oneshot":
             return self.oneshot.all_reduce(x, codec, comm)
         if which == "fused":

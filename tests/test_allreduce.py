@@ -181,13 +181,19 @@ def test_parse_comm_arg_and_site_resolution():
     assert CommConfig.from_spec("int6").spec_for(SITE) == "int4-int8:128"
     assert CommConfig(codec="int4", overrides=[("*.down_proj", "int2:32")]).spec_for(SITE) \
         == "int2:32"
+    assert cfg.path == "auto"                                       # default: size chooser
+    forced = parse_comm_arg("weighted-hadamard-int8:128,path=Fused", calibration="c.st")
+    assert forced.path == "fused" and str(forced) == "weighted-hadamard-int8:128,path=fused"
+    assert parse_comm_arg(str(forced), calibration="c.st").path == "fused"
+    assert parse_comm_arg("int4,path=two-step").path == "two-step"
 
 
 @pytest.mark.parametrize("spec,msg", [
     ("int9", "unknown codec"), ("int4:100", "does not fit"), ("layers.0.*=int8", "must start"),
     ("int4,layers.0.*", "expected GLOB=CODEC"), ("int4,*.o_proj=int7", "unknown codec"),
     ("int4,min_bytes=lots", "bad size"), ("int4,=int8", "empty site pattern"),
-    ("outlier-int4", "needs a calibration file"),
+    ("outlier-int4", "needs a calibration file"), ("int4,path=fast", "expected one of auto"),
+    ("int4,path", "or path=PATH"),
 ])
 def test_bad_comm_args(spec, msg):
     with pytest.raises(CodecError, match=msg):

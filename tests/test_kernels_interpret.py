@@ -170,6 +170,27 @@ def _dist_body(rank, world, specs, sizes):
         else:                 # bf16 paths: one rounding of the exact sum
             ok = err < 1e-2
         res.append(["auto", want, n, choice == want and ok, round(err, 5)])
+    # path=fused: the fused kernel where auto would send bf16 (one-shot, NCCL) or where it
+    # would pick it anyway; beyond the workspace, the portable two-step path. Both give
+    # the two-step reference's bits. path=two-step: always the portable path.
+    site, ref = "layers.0.mlp.down_proj", scheme_for(get_codec("int4:128"))
+    for path, cases in (("fused", ((1000, "fused"), (5000, "fused"), (30000, "fused"),
+                                   (200000, "two-step"))),
+                        ("two-step", ((1000, "two-step"), (30000, "two-step")))):
+        qp = QuantizedCommunicator(base, CommConfig(codec="int4:128", path=path))
+        auto_p = k.backends.install_fused(qp, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
+                                          table={"oneshot_max": 4096,
+                                                 "fused_min": {"int4": 20000}}, cpu_shm=True)
+        for n, want in cases:
+            x = torch.randn(n, generator=torch.Generator().manual_seed(n * 5 + rank)
+                            ).to(torch.bfloat16)
+            choice = auto_p.choose(x, qp.config.codec_for(site), qp)
+            why = auto_p.unsupported(x, qp.config.codec_for(site), qp)
+            got = qp.all_reduce(x, site)
+            ok = (choice == want and (why is None) == (want == "fused")
+                  and _same(got, two_step_all_reduce(base, x, ref)))
+            res.append(["auto", f"path={path}:{want}", n, ok, why or ""])
+        auto_p.state.ws.check()
     ws.check()
     return res
 

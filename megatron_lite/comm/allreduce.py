@@ -32,6 +32,7 @@ from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
 
 NATIVE = "native"   # the base communicator's own all-reduce (NCCL / gloo), uncompressed
 EMBED_SITE = "embed_tokens"
+PATHS = ("auto", "fused", "two-step")   # CommConfig.path
 
 
 # ----------------------------------------------------------------------------- schemes
@@ -142,6 +143,14 @@ class CommConfig:
       (needs ``num_layers``). Globs are :mod:`fnmatch` patterns on the site name.
     * The embedding reduce (site ``embed_tokens``) stays native unless an override names it.
     * ``min_bytes``: messages smaller than this (in their own dtype) go native.
+    * ``path``: which implementation carries a quantized site on a GPU group. ``auto``
+      (default): the measured size chooser, which sends a message uncompressed through
+      NCCL or the one-shot kernel wherever those measured faster than the codec's fused
+      kernel (kernels/thresholds.py). ``fused``: the codec's fused two-shot kernel
+      whenever it takes the message, else the portable two-step path; never
+      uncompressed. ``two-step``: always the portable two-step path (torch.distributed
+      primitives). Compressed paths give the reference's bits, so ``path`` changes
+      speed, never results; on gloo every path is the two-step one.
     * ``calibration``: file for ``outlier-int4`` and the ``weighted-`` codecs (see
       comm/outlier.py, comm/weighting.py).
     """
@@ -151,6 +160,7 @@ class CommConfig:
     min_bytes: int = 0
     calibration: Optional[str] = None
     num_layers: Optional[int] = None
+    path: str = "auto"
 
     def __post_init__(self):
         # Validate everything now: a typo must fail before any compute.
@@ -160,6 +170,8 @@ class CommConfig:
         if int(self.min_bytes) < 0:
             raise CodecError(f"min_bytes must be >= 0, got {self.min_bytes}")
         self.min_bytes = int(self.min_bytes)
+        if self.path not in PATHS:
+            raise CodecError(f"path={self.path!r}: expected one of {', '.join(PATHS)}")
         specs = [self.codec] + [c for _, c in self.overrides]
         for pre in ("outlier-int4", "weighted-"):
             if any(s and s.startswith(pre) for s in specs) and not self.calibration:
@@ -222,6 +234,8 @@ class CommConfig:
         items += [f"{p}={c}" for p, c in self.overrides]
         if self.min_bytes:
             items.append(f"min_bytes={self.min_bytes}")
+        if self.path != "auto":
+            items.append(f"path={self.path}")
         return ",".join(items)
 
 
@@ -249,12 +263,13 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
 
     Syntax: comma-separated items; the first is the default codec ``CODEC[:GROUP]`` (or
     ``native``); later items are ``GLOB=CODEC`` overrides (first match wins) or
-    ``min_bytes=SIZE``. Examples::
+    ``min_bytes=SIZE`` or ``path=auto|fused|two-step`` (see :class:`CommConfig`). Examples::
 
         int4:128
         int4:128,layers.0.*=int8,layers.-1.*=int8      # first and last layer at int8
         int4,*.o_proj=int8:64,min_bytes=256KiB
         native,embed_tokens=int8                       # only the embedding reduce
+        weighted-hadamard-int8:128,path=fused          # always compressed on GPU
         outlier-int4    (with calibration=FILE)
     """
     if spec is None or isinstance(spec, CommConfig):
@@ -263,19 +278,22 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
     items = [s.strip() for s in str(spec).split(",")]
     if not items[0] or "=" in items[0]:
         raise CodecError(f"bad --comm {spec!r}: it must start with a codec, e.g. int4:128")
-    overrides, min_bytes = [], 0
+    overrides, min_bytes, path = [], 0, "auto"
     for item in items[1:]:
         if "=" not in item:
-            raise CodecError(f"bad --comm item {item!r}: expected GLOB=CODEC or min_bytes=SIZE")
+            raise CodecError(f"bad --comm item {item!r}: expected GLOB=CODEC, min_bytes=SIZE "
+                             "or path=PATH")
         key, val = (t.strip() for t in item.split("=", 1))
         if key == "min_bytes":
             min_bytes = _parse_size(val)
+        elif key == "path":
+            path = val.lower()
         elif not key:
             raise CodecError(f"bad --comm item {item!r}: empty site pattern")
         else:
             overrides.append((key, val))
     return CommConfig(codec=items[0], overrides=overrides, min_bytes=min_bytes,
-                      calibration=calibration, num_layers=num_layers)
+                      calibration=calibration, num_layers=num_layers, path=path)
 
 
 # ----------------------------------------------------------------------------- communicator

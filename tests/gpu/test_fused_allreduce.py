@@ -173,6 +173,21 @@ def _checks(rank, world):
             err = ((out.flatten().float().cpu() - acc).norm() / acc.norm()).item()
             ok = err < 1e-2 and out.shape == x.shape
         res["chain"].append((n, want, got_choice, qc.explain(x, site), ok))
+    # path=fused / path=two-step: compressed at every size, always the reference's bits
+    res["paths"] = []
+    for path, cases in (("fused", ((1000, "fused"), (100000, "fused"), (8 << 20, "two-step"))),
+                        ("two-step", ((1000, "two-step"), (1 << 20, "two-step")))):
+        qp = QuantizedCommunicator(DistCommunicator(), CommConfig(codec="int4:128", path=path))
+        k.backends.install_fused(qp, max_bytes=8 << 20, oneshot_max_bytes=1 << 20, table=table)
+        for n, want in cases:
+            xs = inputs(world, n, torch.bfloat16, seed=n % 97)
+            x = xs[rank].to(dev)
+            choice = qp.backends[0].choose(x, qp.config.codec_for(site), qp)
+            out = qp.all_reduce(x, site)
+            res["paths"].append((path, n, want, choice, qp.explain(x, site),
+                                 same_bits(out, reference_all_reduce(xs, int4))))
+        res.setdefault("path_status", 0)
+        res["path_status"] += int(qp.backends[0].state.ws.status[0].item())
     torch.cuda.synchronize()
     res["status"] = int(ws.status[0].item()) + int(qc.backends[0].state.ws.status[0].item())
     return res
@@ -236,3 +251,15 @@ def test_fused_wrapped_codecs_match_reference(world):
     for r in results(world):
         bad = [c for c in r["wrapped"] if not c[4]]
         assert not bad and len(r["wrapped"]) == 15, (bad, len(r["wrapped"]))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_forced_paths_stay_compressed(world):
+    """``path=fused`` takes the fused kernel where ``auto`` would send bf16 (one-shot or
+    NCCL), and the two-step path beyond the workspace; ``path=two-step`` never uses the
+    kernels. Every result is the two-step reference's bits."""
+    for r in results(world):
+        assert len(r["paths"]) == 5 and r["path_status"] == 0
+        for path, n, want, choice, why, ok in r["paths"]:
+            backend = "auto" if want == "fused" else "two-step"
+            assert ok and choice == want and why.startswith(backend), (path, n, choice, why)
