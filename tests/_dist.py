@@ -43,6 +43,14 @@ def _worker(rank, world_size, init_file, fn, args, queue, backend):
         queue.put((rank, "err", traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            # Free what the body left behind (CUDA graphs that captured NCCL kernels, the
+            # symmetric-memory workspace) before the communicator goes: with them alive,
+            # destroy_process_group blocked forever on 2 x H200 after
+            # test_tp2_graphs_over_nccl_and_fused_allreduce had returned its results.
+            import gc
+            gc.collect()
+            if backend == "nccl":
+                torch.cuda.synchronize()
             dist.destroy_process_group()
 
 
@@ -65,8 +73,10 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0,
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break
+        # Every rank has reported: what is left is teardown, which must not hold the
+        # caller for the whole test timeout if it blocks.
         for p in procs:
-            p.join(timeout=5 if errors else timeout)
+            p.join(timeout=5 if errors else min(timeout, 120.0))
             if p.is_alive():
                 p.kill()
         if errors:
