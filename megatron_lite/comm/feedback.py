@@ -149,7 +149,10 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
         pay = None
         if self.debt is not None:
             pay = -self.debt if norm is None else self._payment(x, norm)
-            x = (x.float() + pay).to(x.dtype)
+            paid = (x.float() + pay).to(x.dtype)
+            if norm is not None and x.dtype != torch.float32:
+                pay = paid.float() - x.float()   # what the bf16/fp16 message really carries
+            x = paid
         backend, codec, _ = self.inner.choose(x, site)
         if backend is None:   # native sum: (almost) exact, nothing new to carry
             if norm is not None and pay is not None:
