@@ -121,21 +121,30 @@ def test_norm_aware_feedback_cancels_through_sandwich_norms(spec, dtype):
     assert (err_ef - debt).pow(2).mean() < 0.15 * err_plain.pow(2).mean()   # measured 0.08
 
 
-def test_norm_aware_feedback_without_norms_is_the_exact_prenorm_path():
-    """A site with no post norm takes the pre-norm path: same bits as before the
-    sandwich support (the carried error is added unchanged)."""
+def _prenorm_by_hand(comm, spec, xs):
+    """The pre-norm rule written out: the second message carries minus this rank's
+    error part of the first reduce."""
+    from megatron_lite.comm.allreduce import scheme_for, two_step_all_reduce
+    from megatron_lite.comm.feedback import _Recording, own_error
+    q = build_communicator(comm, spec)
+    codec = q.config.codec_for("layers.0.mlp.down_proj")
+    rec = _Recording(scheme_for(codec))
+    y1 = two_step_all_reduce(q.base, xs[1][comm.rank], rec)
+    carry = -rec.restore(own_error(rec.inner, rec.chunks, rec.acc, comm.rank)).float()
+    x2 = (xs[2][comm.rank].float() + carry).to(xs.dtype)
+    return y1, two_step_all_reduce(q.base, x2, scheme_for(codec))
+
+
+@pytest.mark.parametrize("spec", ["int4:32", "hadamard-int4:64"])
+def test_feedback_without_post_norms_is_the_exact_prenorm_rule(spec):
+    """Pre-norm models (no post norms) get the plain rule, bit for bit."""
     torch.manual_seed(3)
     w = 2
     xs = torch.randn(3, w, 4, 128)
-    a = run_simulated(_two_reduces, w, "int4:32", xs, True)[0]
-
-    def with_empty_norms(comm, spec, xs):
-        c = ErrorFeedbackCommunicator(build_communicator(comm, spec), {})
-        c.all_reduce(xs[0][comm.rank], "embed_tokens")
-        return (c.all_reduce(xs[1][comm.rank], "layers.0.self_attn.o_proj"),
-                c.all_reduce(xs[2][comm.rank], "layers.0.mlp.down_proj"))
-    b = run_simulated(with_empty_norms, w, "int4:32", xs)[0]
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    got = run_simulated(_two_reduces, w, spec, xs, True)
+    want = run_simulated(_prenorm_by_hand, w, spec, xs)
+    for g, h in zip(got, want):
+        assert torch.equal(g[0], h[0]) and torch.equal(g[1], h[1])
 
 
 def test_norm_aware_feedback_nonfinite_input_does_not_poison_later_sites():
