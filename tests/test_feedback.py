@@ -6,7 +6,7 @@ import torch
 
 from megatron_lite.comm.allreduce import build_communicator
 from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
-from megatron_lite.comm.simulate import run_simulated
+from megatron_lite.comm.simulate import make_thread_communicators, run_simulated
 from tests._dist import run_distributed
 
 
@@ -155,3 +155,49 @@ def test_norm_aware_feedback_nonfinite_input_does_not_poison_later_sites():
     assert torch.isnan(ys[1][0, 0]).any()
     for y in ys[2:]:
         assert torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------ ef+ through the Engine
+def _engine_logits(comm_or_rank, world, hf_cfg, sd, specs):
+    from megatron_lite.comm.communicator import Communicator, DistCommunicator
+    from megatron_lite.inference.engine import Engine
+    from megatron_lite.parallel_state import TPGroup
+    base = comm_or_rank if isinstance(comm_or_rank, Communicator) else DistCommunicator()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 3, 7, 2, 40, 41, 8, 9]])
+    out = {}
+    for spec in specs:
+        eng = Engine.from_hf_state_dict(hf_cfg, sd, group=TPGroup.from_communicator(base),
+                                        comm=spec, device="cpu")
+        c = eng.group.communicator
+        out[spec] = (eng.logits(ids), len(getattr(c, "post_norms", {})), type(c).__name__)
+    return out
+
+
+@pytest.mark.parametrize("name,norms", [("gemma3_text", True), ("llama", False)])
+def test_ef_spec_through_the_engine_gloo_equals_simulation(name, norms):
+    """``--comm ef+CODEC`` on generate/the Engine: the Engine hands a sandwich-norm
+    model's post-norm gains to the feedback (none for a pre-norm model); gloo ranks are
+    identical and equal to simulated TP bit for bit; the feedback changes the result."""
+    from tests.tiny_configs import TINY_CONFIGS, hf_config_dict, make_hf_model
+    sd = make_hf_model(name).state_dict()
+    cfg = hf_config_dict(name)
+    specs = ["int4:32", "ef+int4:32"]
+    real = run_distributed(_gloo_engine_logits, 2, cfg, sd, specs)
+    sim = run_simulated(_engine_logits, 2, 2, cfg, sd, specs)
+    n_sites = 2 * TINY_CONFIGS[name]["num_hidden_layers"]
+    for r in real + sim:
+        for spec in specs:
+            assert torch.equal(r[spec][0], real[0][spec][0]), spec
+        assert r["ef+int4:32"][1:] == ((n_sites if norms else 0), "ErrorFeedbackCommunicator")
+    assert not torch.equal(real[0]["ef+int4:32"][0], real[0]["int4:32"][0])
+
+
+def _gloo_engine_logits(rank, world, hf_cfg, sd, specs):
+    return _engine_logits(rank, world, hf_cfg, sd, specs)
+
+
+def test_ef_spec_needs_a_quantizing_codec():
+    from megatron_lite.comm.allreduce import CodecError
+    base = make_thread_communicators(1)[0]
+    with pytest.raises(CodecError, match="needs a quantizing codec"):
+        build_communicator(base, "ef+native")

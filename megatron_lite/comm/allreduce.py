@@ -357,7 +357,17 @@ def build_communicator(base: Communicator, comm=None, calibration: Optional[str]
 
     ``num_layers`` enables ``layers.-1.*`` patterns; ``hf_config`` (the model's config
     dict) lets an outlier calibration file be checked against the model.
+
+    ``ef+SPEC``: SPEC's communicator wrapped in error feedback (comm/feedback.py), which
+    runs the portable two-step path. On a sandwich-norm model the caller hands it the
+    post-norm gains (``set_post_norms``; the Engine does).
     """
+    if isinstance(comm, str) and comm.strip().lower().startswith("ef+"):
+        from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
+        inner = build_communicator(base, comm.strip()[3:], calibration, num_layers, hf_config)
+        if inner is base:
+            raise CodecError(f"--comm {comm!r}: error feedback needs a quantizing codec")
+        return ErrorFeedbackCommunicator(inner)
     if isinstance(comm, str) and comm.split(",")[0].strip().lower() == "auto":
         # "auto": no compression (the bf16 codec), served by the fused size chooser
         comm = "bf16" + comm.strip()[4:]

@@ -185,6 +185,8 @@ class Engine:
                  max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = (),
                  cuda_graphs: Optional[bool] = None, compile: bool = False):
         self.model, self.cfg, self.group = model, model.cfg, model.group
+        if hasattr(model.group.communicator, "set_post_norms"):   # ef+ (comm/feedback.py)
+            model.group.communicator.set_post_norms(model.post_reduce_norms())
         # compile: the decode step's model call goes through torch.compile (static shapes;
         # one compile per batch bucket), which fuses the ~30 small elementwise kernels a
         # layer runs between its GEMMs (norms, RoPE, cache writes, activation, residuals).
