@@ -150,6 +150,9 @@ def _tp2_graphs(rank, world):
         c.backends = [b for b in c.backends if getattr(b, "name", "") != "auto"]
         install_fused(c, table=table)
         comms[name] = c
+    # error feedback (portable two-step path, Python-side state) captured in graphs too
+    comms["ef-int4"] = build_communicator(base, "ef+int4:128")
+    comms["ef-int4"].set_post_norms(eng.model.post_reduce_norms())
     for name, comm in comms.items():
         group.communicator = comm
         eng._graphs = None
