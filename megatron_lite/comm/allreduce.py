@@ -362,9 +362,10 @@ def build_communicator(base: Communicator, comm=None, calibration: Optional[str]
     runs the portable two-step path. On a sandwich-norm model the caller hands it the
     post-norm gains (``set_post_norms``; the Engine does).
     """
-    if isinstance(comm, str) and comm.strip().lower().startswith("ef+"):
-        from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
-        inner = build_communicator(base, comm.strip()[3:], calibration, num_layers, hf_config)
+    from megatron_lite.comm.feedback import PREFIX as EF, ErrorFeedbackCommunicator
+    if isinstance(comm, str) and comm.strip().lower().startswith(EF):
+        inner = build_communicator(base, comm.strip()[len(EF):], calibration, num_layers,
+                                   hf_config)
         if inner is base:
             raise CodecError(f"--comm {comm!r}: error feedback needs a quantizing codec")
         return ErrorFeedbackCommunicator(inner)

@@ -155,12 +155,11 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
             x = paid
         backend, codec, _ = self.inner.choose(x, site)
         if backend is None:   # native sum: (almost) exact, nothing new to carry
-            if norm is not None and pay is not None:
-                y = self.inner.base.all_reduce(x, site)
-                self.debt = self._settle(norm, y, pay, None)
-                return y
-            self.debt = None
-            return self.inner.base.all_reduce(x, site)
+            y = self.inner.base.all_reduce(x, site)
+            # behind a norm, the payment moved the stream and is booked
+            self.debt = (self._settle(norm, y, pay, None)
+                         if norm is not None and pay is not None else None)
+            return y
         rec = _Recording(scheme_for(codec))
         y = two_step_all_reduce(self.inner.base, x, rec)
         err = rec.restore(own_error(rec.inner, rec.chunks, rec.acc, self.rank)).float()

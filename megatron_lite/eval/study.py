@@ -136,7 +136,7 @@ def prepare(args: StudyArgs) -> Prepared:
 
 def execute(prep: Prepared) -> Optional[List[dict]]:
     """Run the study on every rank; result rows on rank 0, None on other real ranks."""
-    from megatron_lite.comm.allreduce import build_communicator, parse_comm_arg
+    from megatron_lite.comm.allreduce import build_communicator
     from megatron_lite.models.config import ModelConfig
 
     a = prep.args
@@ -144,19 +144,16 @@ def execute(prep: Prepared) -> Optional[List[dict]]:
 
     def rank_main(comm):
         # Configs are parsed per rank: each rank owns its codec caches.
-        from megatron_lite.comm.feedback import PREFIX as EF, ErrorFeedbackCommunicator
-        comms = []
-        for n in prep.codec_names:
-            ef = n.startswith(EF)
-            q = build_communicator(comm, parse_comm_arg(n[len(EF):] if ef else n,
-                                                        calibration=a.calibration,
-                                                        num_layers=num_layers))
-            comms.append(ErrorFeedbackCommunicator(q) if ef else q)
+        # build_communicator wraps "ef+" names in error feedback.
+        comms = [build_communicator(comm, n, calibration=a.calibration, num_layers=num_layers)
+                 for n in prep.codec_names]
         switch = CodecSwitch(comm, comms)
         engine = load_rank_engine(a.ckpt, switch, a.dtype)
+        # The Engine hands the post-norm gains to its own communicator, the switch; the
+        # error-feedback communicators behind it need them too.
         norms = engine.model.post_reduce_norms()
         for c in comms:
-            if isinstance(c, ErrorFeedbackCommunicator):
+            if hasattr(c, "set_post_norms"):
                 c.set_post_norms(norms)
 
         def forward(c, ids, rows):
