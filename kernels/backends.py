@@ -133,9 +133,10 @@ class AutoBackend(Backend):
     def choose(self, x: torch.Tensor, codec, comm=None) -> str:
         """``oneshot`` / ``fused`` / ``nccl`` (uncompressed) or ``two-step`` (step aside
         for the portable path), from the message size and ``comm.config.path``."""
-        path = getattr(getattr(comm, "config", None), "path", "auto")
-        if path == "two-step":
-            return "two-step"
+        cfg = getattr(comm, "config", None)
+        path = getattr(cfg, "path", "auto")
+        if path == "two-step" or getattr(cfg, "algo", "two-step") != "two-step":
+            return "two-step"   # the kernels run the two-step algorithm only
         if path == "fused":
             return "fused" if self.fused.unsupported(x, codec, None) is None else "two-step"
         nbytes = x.numel() * x.element_size()
@@ -154,7 +155,9 @@ class AutoBackend(Backend):
             return why
         which = self.choose(x, codec, comm)
         if which == "two-step":
-            path = comm.config.path
+            path, algo = comm.config.path, comm.config.algo
+            if algo != "two-step":
+                return f"algo={algo}: no fused kernel (the portable path runs it)"
             return (f"path={path}" if path == "two-step" else
                     f"path={path}: {self.fused.unsupported(x, codec, None)}")
         if which == "nccl" and has_kernels(codec) is not None:

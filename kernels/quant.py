@@ -60,6 +60,8 @@ def kcodec(codec) -> KCodec:
     from megatron_lite.comm.codecs import BF16Codec, GroupCodec
     if isinstance(codec, BF16Codec):
         return KCodec(KIND_BF16, 16, 1, 0, 0.0, 0)
+    if isinstance(codec, GroupCodec) and codec.bits == 5:
+        raise ValueError(f"no Triton kernel for codec {codec.spec!r} (int5 is reference-only)")
     if isinstance(codec, GroupCodec):
         kind = {"asym": KIND_ASYM, "sym": KIND_SYM, "fp8": KIND_FP8}[codec.kind]
         c2 = float(torch.tensor(2.0 / codec.qmax, dtype=torch.float32)) if kind == KIND_ASYM else 0.0

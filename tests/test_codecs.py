@@ -13,9 +13,9 @@ from megatron_lite.comm.codecs import (BF16_MAX, FP16_MAX, GROUP_SIZES, CodecErr
 from megatron_lite.comm.outlier import (CalibrationError, build_calibration,
                                         load_calibration, model_fingerprint)
 
-PLAIN = ["int8", "int4", "int4-sym", "int3", "int2", "fp8"]
-BITS = {"int8": (8, 1), "int4": (4, 2), "int4-sym": (4, 1), "int3": (3, 2), "int2": (2, 2),
-        "fp8": (8, 1)}
+PLAIN = ["int8", "int5", "int4", "int4-sym", "int3", "int2", "fp8"]
+BITS = {"int8": (8, 1), "int5": (5, 2), "int4": (4, 2), "int4-sym": (4, 1), "int3": (3, 2),
+        "int2": (2, 2), "fp8": (8, 1)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -46,6 +46,7 @@ def test_bits_table_values():
     assert get_codec("int4").bits_per_value == 4.25  # default group 128
     assert get_codec("int8:128").bits_per_value == 8.125
     assert get_codec("int3:128").bits_per_value == 3.25
+    assert get_codec("int5:128").bits_per_value == 5.25
     assert get_codec("bf16").bits_per_value == 16
     mixed = get_codec("int4-int8:128")
     assert mixed.rs.spec == "int4:128" and mixed.ag.spec == "int8:128"
@@ -77,6 +78,18 @@ def test_layout_int3_planes_and_int2():
     buf2 = get_codec("int2:32").encode(x2)
     assert buf2[:8].tolist() == [0b11100100] * 8
     assert buf2[8:].view(torch.bfloat16).tolist() == [1.0, 0.0]
+
+
+def test_layout_int5_planes():
+    x = torch.arange(32, dtype=torch.float32)               # codes 0..31: s = 1, m = 0
+    buf = get_codec("int5:32").encode(x)
+    assert buf.numel() == 16 + 4 + 4
+    assert buf[20:].view(torch.bfloat16).tolist() == [1.0, 0.0]
+    q = list(range(32))
+    assert buf[:16].tolist() == [(q[2 * i] & 15) | (q[2 * i + 1] & 15) << 4 for i in range(16)]
+    assert buf[16:20].tolist() == [sum(((q[8 * i + j] >> 4) & 1) << j for j in range(8))
+                                   for i in range(4)]
+    assert torch.equal(get_codec("int5:32").decode(buf, 32), x)
 
 
 def test_layout_symmetric_pinned():
@@ -261,7 +274,7 @@ def test_round_half_even_symmetric_and_fp8():
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("spec,msg", [
-    ("int5", "unknown codec"), ("int4:100", "does not fit"), ("int4:0", "does not fit"),
+    ("int7", "unknown codec"), ("int4:100", "does not fit"), ("int4:0", "does not fit"),
     ("int4:", "does not fit"), ("int4:abc", "does not fit"), ("bf16:128", "takes no group"),
     ("", "bad codec spec"), ("int4:128:2", "does not fit"),
 ])

@@ -172,7 +172,7 @@ def test_comm_removed_ratio():
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--random-weights", "tiny", "--comm", "int5"], "unknown comm mode"),
+    (["--random-weights", "tiny", "--comm", "int7"], "unknown comm mode"),
     (["--random-weights", "tiny", "--prefill", "8k"], "bad prefill case"),
     (["--random-weights", "nope"], "unknown shape 'nope'"),
     (["--decode-batches", "1"], "give --ckpt DIR or --random-weights"),

@@ -347,7 +347,7 @@ def test_evaluate_cli_reference_row_int8_close_and_schema(tiny_hf_dir, tiny_inpu
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--comm", "int5"], "unknown codec"),
+    (["--comm", "int7"], "unknown codec"),
     (["--comm", "int4:100"], "does not fit"),
     (["--comm", "native"], "not a codec"),
     (["--comm", "outlier-int4"], "needs a calibration file"),

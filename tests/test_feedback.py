@@ -20,7 +20,8 @@ def _two_reduces(comm, spec, xs, ef):
     return y1, y2, y3
 
 
-@pytest.mark.parametrize("spec", ["int4:32", "hadamard-int3:64", "int4-int8:32"])
+@pytest.mark.parametrize("spec", ["int4:32", "hadamard-int3:64", "int4-int8:32",
+                                  "int4:32,algo=one-shot", "hadamard-int3:64,algo=one-shot"])
 def test_residual_carries_only_the_last_error(spec):
     torch.manual_seed(0)
     w = 3
@@ -88,7 +89,8 @@ def _sandwich_data(w, seed=0):
 
 @pytest.mark.parametrize("spec,dtype", [("int4:32", torch.float32),
                                         ("hadamard-int4:64", torch.float32),
-                                        ("int4:32", torch.bfloat16)])
+                                        ("int4:32", torch.bfloat16),
+                                        ("hadamard-int4:64,algo=one-shot", torch.float32)])
 def test_norm_aware_feedback_cancels_through_sandwich_norms(spec, dtype):
     """What reaches the residual stream is norm(y_k) for every site. Norm-aware feedback
     must make the stream's total error much smaller than without it, and the rank debts
@@ -124,18 +126,20 @@ def test_norm_aware_feedback_cancels_through_sandwich_norms(spec, dtype):
 def _prenorm_by_hand(comm, spec, xs):
     """The pre-norm rule written out: the second message carries minus this rank's
     error part of the first reduce."""
-    from megatron_lite.comm.allreduce import scheme_for, two_step_all_reduce
+    from megatron_lite.comm.allreduce import quantized_all_reduce, scheme_for
     from megatron_lite.comm.feedback import _Recording, own_error
     q = build_communicator(comm, spec)
+    algo = q.config.algo
     codec = q.config.codec_for("layers.0.mlp.down_proj")
     rec = _Recording(scheme_for(codec))
-    y1 = two_step_all_reduce(q.base, xs[1][comm.rank], rec)
+    y1 = quantized_all_reduce(q.base, xs[1][comm.rank], rec, algo)
+    assert (rec.acc is None) == (algo == "one-shot")    # one-shot: no all-gather requant
     carry = -rec.restore(own_error(rec.inner, rec.chunks, rec.acc, comm.rank)).float()
     x2 = (xs[2][comm.rank].float() + carry).to(xs.dtype)
-    return y1, two_step_all_reduce(q.base, x2, scheme_for(codec))
+    return y1, quantized_all_reduce(q.base, x2, scheme_for(codec), algo)
 
 
-@pytest.mark.parametrize("spec", ["int4:32", "hadamard-int4:64"])
+@pytest.mark.parametrize("spec", ["int4:32", "hadamard-int4:64", "hadamard-int4:64,algo=one-shot"])
 def test_feedback_without_post_norms_is_the_exact_prenorm_rule(spec):
     """Pre-norm models (no post norms) get the plain rule, bit for bit."""
     torch.manual_seed(3)
@@ -181,7 +185,7 @@ def test_ef_spec_through_the_engine_gloo_equals_simulation(name, norms):
     from tests.tiny_configs import TINY_CONFIGS, hf_config_dict, make_hf_model
     sd = make_hf_model(name).state_dict()
     cfg = hf_config_dict(name)
-    specs = ["int4:32", "ef+int4:32"]
+    specs = ["int4:32", "ef+int4:32", "ef+int4:32,algo=one-shot"]
     real = run_distributed(_gloo_engine_logits, 2, cfg, sd, specs)
     sim = run_simulated(_engine_logits, 2, 2, cfg, sd, specs)
     n_sites = 2 * TINY_CONFIGS[name]["num_hidden_layers"]
@@ -190,10 +194,20 @@ def test_ef_spec_through_the_engine_gloo_equals_simulation(name, norms):
             assert torch.equal(r[spec][0], real[0][spec][0]), spec
         assert r["ef+int4:32"][1:] == ((n_sites if norms else 0), "ErrorFeedbackCommunicator")
     assert not torch.equal(real[0]["ef+int4:32"][0], real[0]["int4:32"][0])
+    assert not torch.equal(real[0]["ef+int4:32,algo=one-shot"][0], real[0]["ef+int4:32"][0])
 
 
 def _gloo_engine_logits(rank, world, hf_cfg, sd, specs):
     return _engine_logits(rank, world, hf_cfg, sd, specs)
+
+
+def test_ef_explains_its_portable_path():
+    base = make_thread_communicators(1)[0]
+    c = build_communicator(base, "ef+int4:128,algo=one-shot,layers.0.*=native")
+    x = torch.zeros(4, 128)
+    assert c.explain(x, "layers.1.mlp.down_proj") == \
+        "error feedback, portable one-shot with int4:128"
+    assert c.explain(x, "layers.0.mlp.down_proj") == "native: no codec for this site"
 
 
 def test_ef_spec_needs_a_quantizing_codec():

@@ -99,7 +99,8 @@ def child_quant():
 
 def _dist_body(rank, world, specs, sizes):
     k = _kernels()
-    from megatron_lite.comm.allreduce import (CommConfig, QuantizedCommunicator, scheme_for,
+    from megatron_lite.comm.allreduce import (CommConfig, QuantizedCommunicator,
+                                              quantized_all_reduce, scheme_for,
                                               two_step_all_reduce)
     from megatron_lite.comm.codecs import get_codec
     from megatron_lite.comm.communicator import DistCommunicator
@@ -174,10 +175,13 @@ def _dist_body(rank, world, specs, sizes):
     # would pick it anyway; beyond the workspace, the portable two-step path. Both give
     # the two-step reference's bits. path=two-step: always the portable path.
     site, ref = "layers.0.mlp.down_proj", scheme_for(get_codec("int4:128"))
-    for path, cases in (("fused", ((1000, "fused"), (5000, "fused"), (30000, "fused"),
-                                   (200000, "two-step"))),
-                        ("two-step", ((1000, "two-step"), (30000, "two-step")))):
-        qp = QuantizedCommunicator(base, CommConfig(codec="int4:128", path=path))
+    # algo=one-shot: no fused kernel runs it, so auto steps aside on every path and size.
+    for path, algo, cases in (("fused", "two-step", ((1000, "fused"), (5000, "fused"),
+                                                     (30000, "fused"), (200000, "two-step"))),
+                              ("two-step", "two-step", ((1000, "two-step"), (30000, "two-step"))),
+                              ("fused", "one-shot", ((1000, "two-step"), (30000, "two-step"))),
+                              ("auto", "one-shot", ((1000, "two-step"), (30000, "two-step")))):
+        qp = QuantizedCommunicator(base, CommConfig(codec="int4:128", path=path, algo=algo))
         auto_p = k.backends.install_fused(qp, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
                                           table={"oneshot_max": 4096,
                                                  "fused_min": {"int4": 20000}}, cpu_shm=True)
@@ -188,8 +192,10 @@ def _dist_body(rank, world, specs, sizes):
             why = auto_p.unsupported(x, qp.config.codec_for(site), qp)
             got = qp.all_reduce(x, site)
             ok = (choice == want and (why is None) == (want == "fused")
-                  and _same(got, two_step_all_reduce(base, x, ref)))
-            res.append(["auto", f"path={path}:{want}", n, ok, why or ""])
+                  and _same(got, quantized_all_reduce(base, x, ref, algo)))
+            if algo != "two-step":
+                ok = ok and why.startswith(f"algo={algo}: no fused kernel")
+            res.append(["auto", f"path={path},algo={algo}:{want}", n, ok, why or ""])
         auto_p.state.ws.check()
     ws.check()
     return res

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""All-reduce benchmark: NCCL bf16 vs the fused kernels vs the portable two-step path.
+"""All-reduce benchmark: NCCL bf16 vs the fused kernels vs the portable quantized paths.
 
     torchrun --nproc_per_node=4 tools/bench_allreduce.py --json docs/benchmarks/allreduce_w4.json
 
@@ -17,7 +17,9 @@ For every message size (bf16, --min .. --max in powers of 2) and every (backend,
 
 Backends: ``nccl`` (bf16), ``oneshot`` (bf16, fused one-shot), ``fused`` (one-launch
 two-shot, every codec; ``bf16`` there is the uncompressed two-shot), ``two-step`` (the
-portable path of comm/allreduce.py over NCCL, torch ops), ``auto`` (thresholds derived
+portable path of comm/allreduce.py over NCCL, torch ops), ``one-shot-q`` (the portable
+quantized one-shot algorithm, ``--comm ...,algo=one-shot``: one quantization per value,
+an all-gather of every rank's codes), ``auto`` (thresholds derived
 from this run's nccl/oneshot/fused rows, then measured through the auto dispatch).
 Output: a table, a plot (latency and speed-up vs size) and --json.
 """
@@ -78,8 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--codecs", default=DEFAULT_CODECS, help="codecs for the fused backend")
     p.add_argument("--two-step-codecs", default="int4:128,int8:128",
                    help="codecs for the portable two-step backend ('' to skip)")
+    p.add_argument("--one-shot-codecs", default="int4:128",
+                   help="codecs for the portable quantized one-shot backend ('' to skip)")
     p.add_argument("--auto-codec", default="int4:128", help="codec the auto backend serves")
-    p.add_argument("--backends", default="nccl,oneshot,fused,two-step,auto")
+    p.add_argument("--backends", default="nccl,oneshot,fused,two-step,one-shot-q,auto")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--graph-max", default="64MB",
@@ -100,7 +104,7 @@ def parse_args(argv=None):
     if a.iters < 1 or a.warmup < 0 or a.graph_calls < 1:
         raise BenchError("--iters and --graph-calls must be >= 1, --warmup >= 0")
     a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    bad = set(a.backends) - {"nccl", "oneshot", "fused", "two-step", "auto"}
+    bad = set(a.backends) - {"nccl", "oneshot", "fused", "two-step", "one-shot-q", "auto"}
     if bad:
         raise BenchError(f"unknown backend(s) {sorted(bad)}")
     if a.channels < 1 or (a.min_b // 2) % a.channels:
@@ -230,7 +234,7 @@ def print_table(rows, world, out=None):
     sizes = sorted({r["bytes"] for r in rows})
     idx = {(r["bytes"], r["backend"], r["codec"]): r for r in rows}
     lines = [f"all-reduce, world {world}: us (speed-up vs NCCL bf16); * = ranks differ, ! = err > 5%"]
-    head = f"{'size':>7} | " + " | ".join(f"{b[:7]}:{c[:10]}".ljust(18) for b, c in variants)
+    head = f"{'size':>7} | " + " | ".join(f"{b.replace('one-shot-q', '1shot-q')[:7]}:{c[:10]}".ljust(18) for b, c in variants)
     lines += [head, "-" * len(head)]
     for s in sizes:
         cells = []
@@ -299,7 +303,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     if REPO not in sys.path:
         sys.path.insert(0, REPO)    # run from a checkout: tools/ is sys.path[0]
-    from megatron_lite.comm.allreduce import scheme_for, two_step_all_reduce
+    from megatron_lite.comm.allreduce import (one_shot_all_reduce, scheme_for,
+                                              two_step_all_reduce)
     from megatron_lite.comm.codecs import CodecError, get_codec
     from megatron_lite.comm.communicator import DistCommunicator
     backends_mod, fa = _import_kernels()
@@ -312,6 +317,8 @@ def main(argv=None) -> int:
     try:
         fused_codecs = [bench_codec(c, args.channels) for c in args.codecs.split(",") if c.strip()]
         two_codecs = [bench_codec(c, args.channels) for c in args.two_step_codecs.split(",")
+                      if c.strip()]
+        one_codecs = [bench_codec(c, args.channels) for c in args.one_shot_codecs.split(",")
                       if c.strip()]
         auto_codec = get_codec(args.auto_codec)
     except CodecError as e:
@@ -359,6 +366,10 @@ def main(argv=None) -> int:
         if "two-step" in args.backends:
             for c in two_codecs:
                 v.append(("two-step", c.spec, lambda x, c=c: two_step_all_reduce(
+                    base, _shaped(x, c), scheme_for(c)).view(-1)))
+        if "one-shot-q" in args.backends:
+            for c in one_codecs:
+                v.append(("one-shot-q", c.spec, lambda x, c=c: one_shot_all_reduce(
                     base, _shaped(x, c), scheme_for(c)).view(-1)))
         return v
 

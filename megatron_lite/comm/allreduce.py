@@ -1,4 +1,4 @@
-"""Two-step quantized all-reduce, the backend chain, and the comm config.
+"""Quantized all-reduce (two-step and one-shot), the backend chain, and the comm config.
 
 Two-step all-reduce (Flash Communication, arXiv 2412.04964), written once against the
 Communicator primitives so that gloo, NCCL and the thread simulation run the same code::
@@ -11,6 +11,20 @@ Communicator primitives so that gloo, NCCL and the thread simulation run the sam
     all_gather_into_tensor(all, mine)
     y       = ag.decode(all)                  # every rank decodes the SAME bytes (its own
                                               # chunk included), so ranks are bit-identical
+
+One-shot all-reduce (``algo=one-shot``): every rank quantizes its whole partial sum
+once, all ranks gather every rank's bytes and each sums the W decoded partials itself::
+
+    send     = rs.encode(chunks)                  # exactly the two-step send buffer
+    all_gather_into_tensor(all, send)             # every rank gets every rank's bytes
+    y[j]     = finish(sum_r rs.decode(all[r, j])) # fp32, r = 0, 1, ..., W-1 in this order
+
+Each value is quantized once instead of twice (no re-quantization of the sum), so for W
+uncorrelated partials the error power is about half the two-step one at the same bits
+per value. The price is traffic: a rank sends its whole message to W - 1 peers,
+``(W - 1) * n`` codes against two-step's ``2 (W - 1) / W * n``; equal at W = 2, twice at
+W = 4. It is the algorithm of small (latency-bound) messages in vLLM's and
+TensorRT-LLM's custom all-reduces, which send bf16 this way.
 
 Backends form a flat chain (vLLM style): each says whether it can take a message and, if
 not, why. ``QuantizedCommunicator`` resolves the codec for the call site from a
@@ -27,12 +41,13 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron_lite.comm.codecs import (Codec, CodecError, get_codec,
-                                       parse_codec_spec)
+                                       parse_codec_spec, saturate)
 from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
 
 NATIVE = "native"   # the base communicator's own all-reduce (NCCL / gloo), uncompressed
 EMBED_SITE = "embed_tokens"
 PATHS = ("auto", "fused", "two-step")   # CommConfig.path
+ALGOS = ("two-step", "one-shot")        # CommConfig.algo
 
 
 # ----------------------------------------------------------------------------- schemes
@@ -69,6 +84,10 @@ class GroupScheme:
     def ag_decode(self, gathered, c, out_dtype):
         return self.ag.decode(gathered, c, out_dtype)
 
+    def finish(self, acc, out_dtype):
+        """The one-shot output of the fp32 sums ``acc`` [W, c] (the decode's saturation)."""
+        return saturate(acc, out_dtype)
+
     def rs_error_bound(self, chunks, src):
         return self.rs.error_bound(chunks)
 
@@ -101,6 +120,38 @@ def two_step_all_reduce(comm: Communicator, x: torch.Tensor, scheme) -> torch.Te
     return restore(scheme.ag_decode(gathered.view(w, -1), c, x.dtype))
 
 
+def one_shot_all_reduce(comm: Communicator, x: torch.Tensor, scheme) -> torch.Tensor:
+    """Quantized sum of ``x`` with one quantization per value (module docstring)."""
+    if not x.is_floating_point():
+        raise CodecError(f"quantized all-reduce needs a float tensor, got {x.dtype}")
+    spec = getattr(scheme, "spec", None) or scheme.codec.spec
+    if str(spec).split(":")[0].endswith("int4-int8"):
+        raise CodecError(f"algo=one-shot: {spec} is a two-stage codec (one code per stage); "
+                         "use a single-stage codec")
+    w, rank = comm.world_size, comm.rank
+    chunks, restore = scheme.chunk(x, w)
+    c = chunks.shape[-1]
+    send = scheme.rs_encode(chunks, rank).contiguous()
+    gathered = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
+    comm.all_gather_into_tensor(gathered.view(-1), send.view(-1))
+    acc = []
+    for j in range(w):
+        parts = scheme.rs_decode(gathered[:, j], j, c)      # [W sources, c]
+        a = parts[0].clone()
+        for r in range(1, w):  # fixed rank order, as in the two-step sum
+            a += parts[r]
+        acc.append(a)
+    return restore(scheme.finish(torch.stack(acc), x.dtype))
+
+
+def quantized_all_reduce(comm: Communicator, x: torch.Tensor, scheme,
+                         algo: str = "two-step") -> torch.Tensor:
+    """``x`` summed over ``comm`` with ``scheme``, by ``algo`` (one of :data:`ALGOS`)."""
+    if algo == "one-shot":
+        return one_shot_all_reduce(comm, x, scheme)
+    return two_step_all_reduce(comm, x, scheme)
+
+
 # ----------------------------------------------------------------------------- backends
 class Backend:
     """One way to run an all-reduce. ``unsupported`` returns None if the backend can take
@@ -116,8 +167,9 @@ class Backend:
 
 
 class TwoStepBackend(Backend):
-    """The portable two-step path over torch.distributed primitives (any device, any
-    codec, any length and float dtype)."""
+    """The portable path over torch.distributed primitives (any device, any codec, any
+    length and float dtype): the two-step algorithm, or the one-shot one where the config
+    asks for it."""
 
     name = "two-step"
 
@@ -128,8 +180,13 @@ class TwoStepBackend(Backend):
             return f"dtype {x.dtype} is not floating point"
         return None
 
+    def label(self, comm) -> str:
+        """What ``explain`` calls this path: the algorithm it runs."""
+        return getattr(comm.config, "algo", self.name)
+
     def all_reduce(self, x, codec, comm):
-        return two_step_all_reduce(comm.base, x, scheme_for(codec))
+        return quantized_all_reduce(comm.base, x, scheme_for(codec),
+                                    getattr(comm.config, "algo", "two-step"))
 
 
 # ----------------------------------------------------------------------------- config
@@ -151,6 +208,11 @@ class CommConfig:
       uncompressed. ``two-step``: always the portable two-step path (torch.distributed
       primitives). Compressed paths give the reference's bits, so ``path`` changes
       speed, never results; on gloo every path is the two-step one.
+    * ``algo``: ``two-step`` (default; Flash Communication's reduce-scatter + all-gather,
+      two quantizations per value) or ``one-shot`` (one quantization per value, all
+      ranks gather every partial; about half the error power, ``W / 2`` times the
+      two-step traffic; module docstring). This changes results. There is no fused
+      one-shot quantized kernel: ``one-shot`` runs the portable path on GPU too.
     * ``calibration``: file for ``outlier-int4`` and the ``weighted-`` codecs (see
       comm/outlier.py, comm/weighting.py).
     """
@@ -161,6 +223,7 @@ class CommConfig:
     calibration: Optional[str] = None
     num_layers: Optional[int] = None
     path: str = "auto"
+    algo: str = "two-step"
 
     def __post_init__(self):
         # Validate everything now: a typo must fail before any compute.
@@ -172,7 +235,14 @@ class CommConfig:
         self.min_bytes = int(self.min_bytes)
         if self.path not in PATHS:
             raise CodecError(f"path={self.path!r}: expected one of {', '.join(PATHS)}")
+        if self.algo not in ALGOS:
+            raise CodecError(f"algo={self.algo!r}: expected one of {', '.join(ALGOS)}")
         specs = [self.codec] + [c for _, c in self.overrides]
+        if self.algo == "one-shot":
+            for s in specs:
+                if s and s.split(":")[0].endswith("int4-int8"):
+                    raise CodecError(f"algo=one-shot: {s} is a two-stage codec (int4 "
+                                     "reduce-scatter, int8 all-gather); one-shot has one stage")
         for pre in ("outlier-int4", "weighted-"):
             if any(s and s.startswith(pre) for s in specs) and not self.calibration:
                 raise CodecError(f"{pre.rstrip('-')} needs a calibration file "
@@ -236,6 +306,8 @@ class CommConfig:
             items.append(f"min_bytes={self.min_bytes}")
         if self.path != "auto":
             items.append(f"path={self.path}")
+        if self.algo != "two-step":
+            items.append(f"algo={self.algo}")
         return ",".join(items)
 
 
@@ -263,13 +335,15 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
 
     Syntax: comma-separated items; the first is the default codec ``CODEC[:GROUP]`` (or
     ``native``); later items are ``GLOB=CODEC`` overrides (first match wins) or
-    ``min_bytes=SIZE`` or ``path=auto|fused|two-step`` (see :class:`CommConfig`). Examples::
+    ``min_bytes=SIZE``, ``path=auto|fused|two-step`` or ``algo=two-step|one-shot`` (see
+    :class:`CommConfig`). Examples::
 
         int4:128
         int4:128,layers.0.*=int8,layers.-1.*=int8      # first and last layer at int8
         int4,*.o_proj=int8:64,min_bytes=256KiB
         native,embed_tokens=int8                       # only the embedding reduce
         weighted-hadamard-int8:128,path=fused          # always compressed on GPU
+        ef+weighted-hadamard-int4:128,algo=one-shot    # one quantization per value
         outlier-int4    (with calibration=FILE)
     """
     if spec is None or isinstance(spec, CommConfig):
@@ -278,22 +352,24 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
     items = [s.strip() for s in str(spec).split(",")]
     if not items[0] or "=" in items[0]:
         raise CodecError(f"bad --comm {spec!r}: it must start with a codec, e.g. int4:128")
-    overrides, min_bytes, path = [], 0, "auto"
+    overrides, min_bytes, path, algo = [], 0, "auto", "two-step"
     for item in items[1:]:
         if "=" not in item:
-            raise CodecError(f"bad --comm item {item!r}: expected GLOB=CODEC, min_bytes=SIZE "
-                             "or path=PATH")
+            raise CodecError(f"bad --comm item {item!r}: expected GLOB=CODEC, min_bytes=SIZE, "
+                             "path=PATH or algo=ALGO")
         key, val = (t.strip() for t in item.split("=", 1))
         if key == "min_bytes":
             min_bytes = _parse_size(val)
         elif key == "path":
             path = val.lower()
+        elif key == "algo":
+            algo = val.lower()
         elif not key:
             raise CodecError(f"bad --comm item {item!r}: empty site pattern")
         else:
             overrides.append((key, val))
     return CommConfig(codec=items[0], overrides=overrides, min_bytes=min_bytes,
-                      calibration=calibration, num_layers=num_layers, path=path)
+                      calibration=calibration, num_layers=num_layers, path=path, algo=algo)
 
 
 # ----------------------------------------------------------------------------- communicator
@@ -330,7 +406,7 @@ class QuantizedCommunicator(WrappingCommunicator):
         for b in self.backends:
             why = b.unsupported(x, codec, self)
             if why is None:
-                return b, codec, b.name
+                return b, codec, (b.label(self) if hasattr(b, "label") else b.name)
             reasons.append(f"{b.name}: {why}")
         raise CodecError(f"no backend can all-reduce {tuple(x.shape)} {x.dtype} at site "
                          f"{site!r} with {codec.spec}: " + "; ".join(reasons))

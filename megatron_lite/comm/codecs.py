@@ -15,7 +15,9 @@ Byte layout (structure of arrays, little-endian, G = n / g groups)::
 * int3 is two bit planes over the whole chunk: ``[low 2 bits of every value, packed as
   int2: n/4 bytes][bit 2 of every value, packed as 1-bit: n/8 bytes]``. Exactly 3 bits per
   value, no value straddles a byte, and a kernel decodes it with two loads and shifts.
-* meta arrays hold bf16 bit patterns. Asymmetric codecs (int4, int3, int2): array 0 is the
+  int5 is the same with a 4-bit plane: ``[low 4 bits, packed as int4: n/2 bytes][bit 4,
+  packed as 1-bit: n/8 bytes]`` (5 bits per value; reference only, no fused kernel).
+* meta arrays hold bf16 bit patterns. Asymmetric codecs (int5, int4, int3, int2): array 0 is the
   step ``s``, array 1 the offset ``m``. Symmetric codecs (int8, int4-sym, fp8): array 0 is
   the group's bound ``A`` (no array 1).
 
@@ -244,16 +246,18 @@ class GroupCodec(Codec):
     def _pack(self, q: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return q.to(torch.int8).view(torch.uint8) if self.kind == "sym" else q
-        if self.bits == 3:
-            return torch.cat([pack_bits(q & 3, 2), pack_bits((q >> 2) & 1, 1)], -1)
+        if self.bits in (3, 5):   # a 2- or 4-bit plane, then the top bit's plane
+            lo = self.bits - 1
+            return torch.cat([pack_bits(q & (2 ** lo - 1), lo), pack_bits((q >> lo) & 1, 1)], -1)
         return pack_bits(q, self.bits)
 
     def _unpack(self, payload: torch.Tensor, n: int) -> torch.Tensor:
         if self.bits == 8:
             return payload.view(torch.int8).to(torch.int32) if self.kind == "sym" else payload
-        if self.bits == 3:
-            lo, hi = payload[..., : n // 4], payload[..., n // 4:]
-            return unpack_bits(lo, 2, n) | (unpack_bits(hi, 1, n) << 2)
+        if self.bits in (3, 5):
+            b = self.bits - 1
+            lo, hi = payload[..., : n * b // 8], payload[..., n * b // 8:]
+            return unpack_bits(lo, b, n) | (unpack_bits(hi, 1, n) << b)
         return unpack_bits(payload, self.bits, n)
 
     # -- quantization ------------------------------------------------------------------
@@ -396,6 +400,7 @@ class MixedCodec(Codec):
 # ----------------------------------------------------------------------------- registry
 _PLAIN = {
     "int8": ("sym", 8),
+    "int5": ("asym", 5),
     "int4": ("asym", 4),
     "int4-sym": ("sym", 4),
     "int3": ("asym", 3),

@@ -45,9 +45,11 @@ State resets at the embedding reduce (the first reduce of every forward) and whe
 the message shape changes (a new forward). The last reduce's error stays (nothing
 follows it).
 
-The wrapped all-reduce is exactly ``comm/allreduce.py``'s two-step algorithm; this module
-only reads its intermediate values (through a recording scheme) to compute the rank's
-own error part, with the same codec reference functions.
+The wrapped all-reduce is exactly ``comm/allreduce.py``'s algorithm (two-step, or
+one-shot with ``algo=one-shot``, where a rank's error part is just its partial's
+quantization error); this module only reads its intermediate values (through a
+recording scheme) to compute the rank's own error part, with the same codec reference
+functions.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron_lite.comm.allreduce import (EMBED_SITE, GroupScheme, QuantizedCommunicator,
-                                          scheme_for, two_step_all_reduce)
+                                          quantized_all_reduce, scheme_for)
 from megatron_lite.comm.communicator import WrappingCommunicator
 
 PREFIX = "ef+"
@@ -88,9 +90,12 @@ class _Recording:
         return getattr(self.inner, name)
 
 
-def own_error(scheme, chunks: torch.Tensor, acc: torch.Tensor, rank: int) -> torch.Tensor:
+def own_error(scheme, chunks: torch.Tensor, acc: Optional[torch.Tensor],
+              rank: int) -> torch.Tensor:
     """This rank's part of the all-reduce error, in chunk layout ``[W, c]`` (fp32):
-    reduce-scatter error of its own W chunks plus all-gather error of chunk ``rank``."""
+    reduce-scatter error of its own W chunks plus all-gather error of chunk ``rank``
+    (``acc``, its reduced chunk; None for the one-shot algorithm, which has no
+    all-gather quantization)."""
     from megatron_lite.comm.outlier import OutlierCodec
     from megatron_lite.comm.rotation import HadamardScheme, fwht
     from megatron_lite.comm.weighting import WeightedScheme
@@ -101,22 +106,26 @@ def own_error(scheme, chunks: torch.Tensor, acc: torch.Tensor, rank: int) -> tor
     x = chunks.float()
     if isinstance(scheme, GroupScheme):
         rs = scheme.rs.decode(scheme.rs.encode(x), c, torch.float32) - x
-        ag = scheme.ag.decode(scheme.ag.encode(acc), c, torch.float32) - acc
+        ag = (None if acc is None else
+              scheme.ag.decode(scheme.ag.encode(acc), c, torch.float32) - acc)
     elif isinstance(scheme, HadamardScheme):
         g = scheme.group_size
         xr = fwht(x, g)
         rs = fwht(scheme._rs.decode(scheme._rs.encode(xr), c, torch.float32) - xr, g)
-        ag = fwht(scheme._ag.decode(scheme._ag.encode(acc), c, torch.float32) - acc, g)
+        ag = (None if acc is None else
+              fwht(scheme._ag.decode(scheme._ag.encode(acc), c, torch.float32) - acc, g))
     elif isinstance(scheme, OutlierCodec):
         rs = torch.stack([scheme.decode_chunk(scheme.encode_chunk(x[j], scheme.rs_step[rank, j]),
                                               c, scheme.rs_step[rank, j], torch.float32) - x[j]
                           for j in range(x.shape[0])])
         st = scheme.ag_step[rank]
-        ag = scheme.decode_chunk(scheme.encode_chunk(acc, st), c, st, torch.float32) - acc
+        ag = (None if acc is None else
+              scheme.decode_chunk(scheme.encode_chunk(acc, st), c, st, torch.float32) - acc)
     else:
         raise TypeError(f"no error feedback for scheme {type(scheme).__name__}")
     rs = rs.clone()
-    rs[rank] += ag
+    if ag is not None:
+        rs[rank] += ag
     # Non-finite groups decode to NaN; feeding NaN forward would poison every later
     # layer, so those positions carry no compensation.
     return torch.nan_to_num(rs, nan=0.0, posinf=0.0, neginf=0.0)
@@ -161,11 +170,19 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
                          if norm is not None and pay is not None else None)
             return y
         rec = _Recording(scheme_for(codec))
-        y = two_step_all_reduce(self.inner.base, x, rec)
+        y = quantized_all_reduce(self.inner.base, x, rec, self.inner.config.algo)
         err = rec.restore(own_error(rec.inner, rec.chunks, rec.acc, self.rank)).float()
         # Pre-norm: the debt is exactly the new error (the payment cancelled the old one).
         self.debt = err if norm is None else self._settle(norm, y, pay, err)
         return y
+
+    def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
+        """What a call does: feedback always runs the portable path of its algorithm
+        (it needs the intermediate values), whatever the inner chain would pick."""
+        backend, codec, why = self.inner.choose(x, site)
+        if backend is None:
+            return why
+        return f"error feedback, portable {self.inner.config.algo} with {codec.spec}"
 
     def _payment(self, x: torch.Tensor, norm) -> torch.Tensor:
         gain, _, lam = norm

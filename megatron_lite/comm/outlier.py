@@ -359,6 +359,10 @@ class OutlierCodec:
         return torch.stack([self.decode_chunk(gathered[j], c, self.ag_step[j], out_dtype)
                             for j in range(self.tp)])
 
+    def finish(self, acc, out_dtype):
+        """One-shot output of the fp32 sums ``acc`` [W, c], saturated as ``decode_chunk``."""
+        return saturate(acc, out_dtype, keep_inf=True)
+
     def rs_error_bound(self, chunks, src):
         return torch.stack([self.chunk_error_bound(chunks[j], self.rs_step[src, j])
                             for j in range(self.tp)])

@@ -46,7 +46,7 @@ import torch
 from megatron_lite.comm.codecs import CodecError, CodecSpec, get_codec, saturate
 
 PREFIX = "hadamard-"
-INNER = ("int8", "int4", "int4-sym", "int3", "int2", "fp8", "int4-int8")
+INNER = ("int8", "int5", "int4", "int4-sym", "int3", "int2", "fp8", "int4-int8")
 NAMES = tuple(PREFIX + n for n in INNER)
 
 
@@ -97,6 +97,10 @@ class HadamardScheme:
     def ag_decode(self, gathered, c, out_dtype):
         y = self._ag.decode(gathered, c, torch.float32)
         return saturate(fwht(y, self.group_size), out_dtype)
+
+    def finish(self, acc, out_dtype):
+        """One-shot output of the fp32 sums ``acc`` (still rotated): unrotate, saturate."""
+        return saturate(fwht(acc, self.group_size), out_dtype)
 
     def kernel_maps(self, x: torch.Tensor):
         """``(group, scale, codec)`` for fused kernels: this scheme is the plain ``codec``

@@ -144,6 +144,10 @@ class WeightedScheme:
         # fp32 here; ``chunk``'s restore divides by s and only then rounds to out_dtype.
         return self.inner.ag_decode(gathered, c, torch.float32)
 
+    def finish(self, acc, out_dtype):
+        # fp32 here, as ag_decode: ``chunk``'s restore unscales, then rounds
+        return self.inner.finish(acc, torch.float32)
+
     # Bounds in the scaled domain (the inner scheme's); two_step's caller divides by s.
     def rs_error_bound(self, chunks, src):
         return self.inner.rs_error_bound(chunks, src)

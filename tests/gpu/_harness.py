@@ -37,12 +37,14 @@ def run_nccl(fn, world: int, *args, timeout: float = 900.0):
     return run_distributed(fn, world, *args, timeout=timeout, backend="nccl")
 
 
-def reference_all_reduce(xs, codec):
-    """The two-step all-reduce of comm/allreduce.py on CPU over simulated ranks: the exact
-    bits every backend must produce for the per-rank inputs ``xs``."""
-    from megatron_lite.comm.allreduce import scheme_for, two_step_all_reduce
+def reference_all_reduce(xs, codec, algo="two-step"):
+    """The quantized all-reduce of comm/allreduce.py (two-step unless ``algo`` says
+    otherwise) on CPU over simulated ranks: the exact bits every backend must produce for
+    the per-rank inputs ``xs``."""
+    from megatron_lite.comm.allreduce import quantized_all_reduce, scheme_for
     from megatron_lite.comm.simulate import run_simulated
-    outs = run_simulated(lambda comm, xs: two_step_all_reduce(comm, xs[comm.rank], scheme_for(codec)),
+    outs = run_simulated(lambda comm, xs: quantized_all_reduce(comm, xs[comm.rank],
+                                                               scheme_for(codec), algo),
                          len(xs), [x.cpu() for x in xs])
     return outs[0]
 

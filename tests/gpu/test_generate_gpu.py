@@ -153,6 +153,9 @@ def _tp2_graphs(rank, world):
     # error feedback (portable two-step path, Python-side state) captured in graphs too
     comms["ef-int4"] = build_communicator(base, "ef+int4:128")
     comms["ef-int4"].set_post_norms(eng.model.post_reduce_norms())
+    # the one-shot algorithm (portable all-gather of every rank's codes), with feedback
+    comms["ef-int4-1shot"] = build_communicator(base, "ef+int4:128,algo=one-shot")
+    comms["ef-int4-1shot"].set_post_norms(eng.model.post_reduce_norms())
     for name, comm in comms.items():
         group.communicator = comm
         eng._graphs = None
@@ -178,3 +181,5 @@ def test_tp2_graphs_over_nccl_and_fused_allreduce():
         assert a["captured"] == 1, name
     # the fused one-shot kernel sums in fp32, NCCL in bf16: tokens agree, bits need not
     assert r0["auto-bf16"]["graphed"] == r0["nccl"]["graphed"]
+    assert r0["ef-int4"]["explain"] == "error feedback, portable two-step with int4:128"
+    assert r0["ef-int4-1shot"]["explain"] == "error feedback, portable one-shot with int4:128"

@@ -1,5 +1,6 @@
 """GPU: the portable two-step all-reduce over NCCL (comm/allreduce.py), with the codecs that
-have no fused kernels (rotated, channel-scaled), equals the CPU reference bit for bit.
+have no fused kernels (rotated, channel-scaled), equals the CPU reference bit for bit; so
+does the portable one-shot algorithm (``algo=one-shot``, which has no fused kernel).
 
 The same torch code runs on CUDA tensors and NCCL here and on CPU over simulated ranks in
 the reference, so any difference would be a device-dependent rounding in a codec.
@@ -34,20 +35,25 @@ def _inputs(world, seed, tokens):
     return [(torch.randn(tokens, H, generator=g) * amp).bfloat16() for _ in range(world)]
 
 
+ONE_SHOT_SPECS = ["int4:128", "hadamard-int4:128", "weighted-hadamard-int4:128", "int8:128"]
+
+
 def _checks(rank, world):
-    from megatron_lite.comm.allreduce import two_step_all_reduce
+    from megatron_lite.comm.allreduce import quantized_all_reduce
     from megatron_lite.comm.communicator import DistCommunicator
     dev = torch.device("cuda", rank)
     comm = DistCommunicator()
     out = []
-    for i, spec in enumerate(SPECS):
+    cases = [(s, "two-step") for s in SPECS] + [(s, "one-shot") for s in ONE_SHOT_SPECS]
+    for i, (spec, algo) in enumerate(cases):
         for tokens in (1, 37, 512):
             xs = _inputs(world, 100 * i + tokens, tokens)
             scheme = _scheme(spec)
-            y = two_step_all_reduce(comm, xs[rank].to(dev), scheme)
-            ref = reference_all_reduce(xs, scheme)
-            err = (y.float().cpu() - sum(x.float() for x in xs)).abs().max().item()
-            out.append((spec, tokens, same_bits(y, ref), err))
+            y = quantized_all_reduce(comm, xs[rank].to(dev), scheme, algo)
+            ref = reference_all_reduce(xs, scheme, algo)
+            exact = sum(x.float() for x in xs)
+            rel = ((y.float().cpu() - exact).norm() / exact.norm()).item()
+            out.append((f"{spec},{algo}", tokens, same_bits(y, ref), rel))
     return out
 
 
@@ -57,8 +63,11 @@ def test_two_step_over_nccl_equals_cpu_reference(world):
         pytest.skip(f"needs {world} GPUs")
     results = run_nccl(_checks, world)
     for spec, tokens, same, err in results[0]:        # the record (pytest -s shows it)
-        print(f"two-step nccl W={world} {spec:28s} tokens={tokens:4d} bitwise={same} "
-              f"max|err|={err:.4g}")
+        print(f"portable nccl W={world} {spec:38s} tokens={tokens:4d} bitwise={same} "
+              f"rel err={err:.4g}")
     for rank_out in results:
         for spec, tokens, same, err in rank_out:
             assert same, (spec, tokens, err)
+    rel = {(s, t): e for s, t, _, e in results[0]}
+    for spec in ("int4:128", "hadamard-int4:128"):   # one quantization per value, not two
+        assert rel[(spec + ",one-shot", 512)] < 0.85 * rel[(spec + ",two-step", 512)], spec
