@@ -12,6 +12,10 @@ from a threshold table measured per GPU kind and world size (``thresholds.py``, 
 from ``tools/bench_allreduce.py --json``). Whatever auto cannot take (no P2P, a CPU
 tensor, a codec without kernels such as outlier-int4, a message above the workspace)
 falls through to the next backend, ultimately the portable two-step path.
+
+``algo=one-shot`` sites skip ``auto`` (its kernels run the two-step algorithm) and are
+served by :class:`OneShotKernelsBackend`: the reference one-shot algorithm with the Triton
+quantize and dequantize-and-sum kernels around NCCL's all-gather (no workspace needed).
 """
 from __future__ import annotations
 
@@ -112,6 +116,68 @@ class FusedTwoShotBackend(Backend):
                                       scale=scale).view(x.shape)
 
 
+def one_shot_kernels_all_reduce(base, x: torch.Tensor, codec, with_error: bool = False):
+    """``comm.allreduce.one_shot_all_reduce`` with the plain codec's encode and the
+    decode-and-sum done by the Triton kernels of :mod:`quant` (bit-exact with the
+    reference codec; the ``hadamard-`` rotation runs inside them, kernels/maps.py);
+    chunking, the ``weighted-`` scaling and the saturations are the reference's own torch
+    ops, so the result is the reference's bits. One quantize launch, one NCCL all-gather,
+    W dequantize-and-sum launches.
+
+    ``with_error``: also return this rank's error part, exactly as error feedback computes
+    it (``comm.feedback.own_error`` of the one-shot algorithm, restored to ``x``'s layout,
+    fp32): one more launch (:func:`quant.error_part`)."""
+    from megatron_lite.comm.allreduce import GroupScheme, scheme_for
+    from megatron_lite.comm.codecs import saturate
+    if isinstance(codec, GroupScheme):   # a plain codec's scheme: take the codec
+        codec = codec.codec
+    scheme = scheme_for(codec)
+    group, scale, plain = kernel_maps(codec, x)
+    w = base.world_size
+    chunks, restore = scheme.chunk(x, w)       # weighted-: already scaled (torch, exact)
+    c = chunks.shape[-1]
+    send = quant.quantize(plain, chunks, rot=group)          # [W, nb]; rotated in-kernel
+    gathered = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
+    base.all_gather_into_tensor(gathered.view(-1), send.view(-1))
+    acc = torch.stack([quant.dequantize(plain, gathered[:, j], c, torch.float32,
+                                        sum_rows=True, rot=group)     # rank order, then
+                       for j in range(w)])                           # rotated back
+    if group:   # scheme.finish after its rotation: saturate (fp32 for weighted-, unscaled next)
+        y = restore(saturate(acc, torch.float32 if scale is not None else x.dtype))
+    else:
+        y = restore(scheme.finish(acc, x.dtype))
+    if not with_error:
+        return y
+    return y, restore(quant.error_part(plain, chunks, send, rot=group)).float()
+
+
+class OneShotKernelsBackend(Backend):
+    """``algo=one-shot`` through :func:`one_shot_kernels_all_reduce` (CUDA tensors; CPU
+    ones under ``TRITON_INTERPRET=1`` for tests). ``path=two-step`` keeps the portable
+    path."""
+
+    name = "one-shot-kernels"
+
+    def unsupported(self, x, codec, comm):
+        cfg = getattr(comm, "config", None)
+        if getattr(cfg, "algo", "two-step") != "one-shot":
+            return "only for algo=one-shot"
+        if getattr(cfg, "path", "auto") == "two-step":
+            return "path=two-step"
+        if not (x.is_cuda or quant.INTERPRET):
+            return "not a CUDA tensor"
+        if x.dtype not in _FLOATS:
+            return f"dtype {x.dtype}"
+        return has_kernels(codec)
+
+    def all_reduce(self, x, codec, comm):
+        return one_shot_kernels_all_reduce(comm.base, x, codec)
+
+    def all_reduce_with_error(self, x, codec, comm):
+        """``(sum, this rank's error part)`` for error feedback (comm/feedback.py)."""
+        return one_shot_kernels_all_reduce(comm.base, x, codec, with_error=True)
+
+
 class AutoBackend(Backend):
     """Size-based choice among one-shot bf16, NCCL and the fused quantized kernel."""
 
@@ -188,7 +254,8 @@ def make_state(group=None, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 
 
 def install_fused(comm, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 1 << 20,
                   table: Optional[Dict] = None, cpu_shm: bool = False):
-    """Put :class:`AutoBackend` in front of ``comm``'s backend chain (collective).
+    """Put :class:`AutoBackend` in front of ``comm``'s backend chain (collective), and
+    :class:`OneShotKernelsBackend` right behind it.
 
     ``comm`` is a QuantizedCommunicator whose base wraps a torch.distributed group. On a
     machine without P2P the workspace is absent and ``auto`` steps aside (its reason
@@ -201,5 +268,6 @@ def install_fused(comm, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 1 <
     else:
         state = make_state(group, max_bytes, oneshot_max_bytes, cpu_shm=cpu_shm)
     auto = AutoBackend(state, table)
+    comm.add_backend(OneShotKernelsBackend(), first=True)   # after auto, before portable
     comm.add_backend(auto, first=True)
     return auto

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import maps
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 KIND_BF16, KIND_ASYM, KIND_SYM, KIND_FP8 = 0, 1, 2, 3
@@ -364,13 +366,15 @@ def _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND: tl.constexpr, BITS: tl.con
 @triton.jit
 def _quantize_kernel(x_ptr, buf_ptr, n, nbytes_row, NG: tl.constexpr, G: tl.constexpr,
                      KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
-                     C2: tl.constexpr):
+                     C2: tl.constexpr, ROT: tl.constexpr, LOG2G: tl.constexpr, RSCALE):
     row = tl.program_id(0)
     t0 = tl.program_id(1) * (NG * G)
     gi = tl.arange(0, NG)
     gmask = (t0 + gi * G) < n
     offs = row.to(tl.int64) * n + t0 + gi[:, None] * G + tl.arange(0, G)[None, :]
     x = load_f32(x_ptr, offs, gmask[:, None])
+    if ROT:                 # hadamard-: rotate each group first (the tile is whole groups)
+        x = maps.fwht_tile(x, NG, G, LOG2G, RSCALE)
     pay, p1, m0, m1 = _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND, BITS, G)
     encode_tile(x, pay, p1, m0, m1, gmask, NG, G, KIND, BITS, QMAX, C2)
 
@@ -378,9 +382,11 @@ def _quantize_kernel(x_ptr, buf_ptr, n, nbytes_row, NG: tl.constexpr, G: tl.cons
 @triton.jit
 def _dequantize_kernel(buf_ptr, out_ptr, n, nbytes_row, rows_per_out, LIM: tl.constexpr,
                        NG: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr,
-                       BITS: tl.constexpr, QMAX: tl.constexpr, SUM: tl.constexpr):
+                       BITS: tl.constexpr, QMAX: tl.constexpr, SUM: tl.constexpr,
+                       ROT: tl.constexpr, LOG2G: tl.constexpr, RSCALE):
     """SUM=False: out[r] = decode(buf[r]). SUM=True: out[o] = sum over the
-    ``rows_per_out`` rows of group o, fp32, in row order (the all-reduce's fixed order)."""
+    ``rows_per_out`` rows of group o, fp32, in row order (the all-reduce's fixed order).
+    ROT: the result (the sum) is rotated back, unclamped."""
     o = tl.program_id(0)
     t0 = tl.program_id(1) * (NG * G)
     gi = tl.arange(0, NG)
@@ -395,8 +401,33 @@ def _dequantize_kernel(buf_ptr, out_ptr, n, nbytes_row, rows_per_out, LIM: tl.co
     else:
         pay, p1, m0, m1 = _tile_ptrs(buf_ptr, o, t0, n, nbytes_row, KIND, BITS, G)
         acc = decode_tile(pay, p1, m0, m1, gmask, LIM, NG, G, KIND, BITS, QMAX)
+    if ROT:
+        acc = maps.fwht_tile(acc, NG, G, LOG2G, RSCALE)
     offs = o.to(tl.int64) * n + t0 + gi[:, None] * G + tl.arange(0, G)[None, :]
     tl.store(out_ptr + offs, cast_out(acc, out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+@triton.jit
+def _error_kernel(x_ptr, buf_ptr, out_ptr, n, nbytes_row, LIM: tl.constexpr,
+                  NG: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+                  QMAX: tl.constexpr, ROT: tl.constexpr, LOG2G: tl.constexpr, RSCALE):
+    """out[r] = nan_to_num(rot(decode(buf[r]) - rot(x[r]))): the quantization error of
+    each row in the original basis, as comm/feedback.own_error computes it."""
+    row = tl.program_id(0)
+    t0 = tl.program_id(1) * (NG * G)
+    gi = tl.arange(0, NG)
+    gmask = (t0 + gi * G) < n
+    offs = row.to(tl.int64) * n + t0 + gi[:, None] * G + tl.arange(0, G)[None, :]
+    x = load_f32(x_ptr, offs, gmask[:, None])
+    if ROT:
+        x = maps.fwht_tile(x, NG, G, LOG2G, RSCALE)
+    pay, p1, m0, m1 = _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND, BITS, G)
+    d = decode_tile(pay, p1, m0, m1, gmask, LIM, NG, G, KIND, BITS, QMAX) - x
+    if ROT:
+        d = maps.fwht_tile(d, NG, G, LOG2G, RSCALE)
+    # torch.nan_to_num(d, 0, 0, 0): NaN and +-Inf (|d| above the fp32 maximum) to 0
+    d = tl.where((d != d) | (tl.abs(d) > 3.4028234663852886e38), 0.0, d)
+    tl.store(out_ptr + offs, d, mask=gmask[:, None])
 
 
 def _launch_opts() -> dict:
@@ -410,9 +441,22 @@ def _tile_groups(kc: KCodec, n: int) -> int:
     return 2048 if kc.kind == KIND_BF16 else 2048 // kc.group
 
 
-def quantize(codec, x: torch.Tensor) -> torch.Tensor:
-    """``codec.encode(x)`` on the GPU (or the interpreter): ``[..., n] -> [..., nbytes]``."""
+def _rotation(kc: KCodec, rot):
+    """(ROT, LOG2G, RSCALE) kernel arguments for a rotation of ``rot`` values (None: none);
+    the rotation group must be the codec's group (hadamard- codecs)."""
+    if rot is None:
+        return {"ROT": False, "LOG2G": 0, "RSCALE": 1.0}
+    if not kc.kind or rot != kc.group:
+        raise ValueError(f"rotation of {rot} values needs a group codec of group {rot}")
+    log2g, rscale = maps.geometry(rot)
+    return {"ROT": True, "LOG2G": log2g, "RSCALE": rscale}
+
+
+def quantize(codec, x: torch.Tensor, rot=None) -> torch.Tensor:
+    """``codec.encode(x)`` on the GPU (or the interpreter): ``[..., n] -> [..., nbytes]``;
+    with ``rot`` = the group size, ``codec.encode(fwht(x, rot))`` (comm/rotation.py)."""
     kc = kcodec(codec)
+    rk = _rotation(kc, rot)
     n = x.shape[-1]
     if kc.kind and n % kc.group:
         raise ValueError(f"chunk length {n} is not a multiple of the group size {kc.group}")
@@ -425,15 +469,19 @@ def quantize(codec, x: torch.Tensor) -> torch.Tensor:
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
     grid = (rows, triton.cdiv(n, ng * g))
-    _quantize_kernel[grid](x, out, n, nb, NG=ng, G=g, **kc.constexprs(), **_launch_opts())
+    _quantize_kernel[grid](x, out, n, nb, NG=ng, G=g, **kc.constexprs(), **rk, **_launch_opts())
     return out
 
 
 def dequantize(codec, buf: torch.Tensor, n: int, out_dtype=torch.float32,
-               sum_rows: bool = False) -> torch.Tensor:
+               sum_rows: bool = False, rot=None) -> torch.Tensor:
     """``codec.decode(buf, n, out_dtype)``; with ``sum_rows`` the leading dim is summed in
-    fp32 in order (rows 0, 1, ...): the all-reduce's reduction, one output row."""
+    fp32 in order (rows 0, 1, ...): the all-reduce's reduction, one output row. With
+    ``rot`` (fp32 output only) the result is ``fwht(result, rot)``, not clamped again."""
     kc = kcodec(codec)
+    rk = _rotation(kc, rot)
+    if rot is not None and out_dtype != torch.float32:
+        raise ValueError("a rotated dequantize returns fp32 (saturate afterwards)")
     nb = kc.nbytes(n)
     if buf.dtype != torch.uint8 or buf.shape[-1] != nb:
         raise ValueError(f"expected {nb} uint8 bytes per row for {n} values, got "
@@ -454,5 +502,28 @@ def dequantize(codec, buf: torch.Tensor, n: int, out_dtype=torch.float32,
     ng = _tile_groups(kc, n)
     grid = (outs, triton.cdiv(n, ng * g))
     _dequantize_kernel[grid](buf, out, n, nb, per, LIM=lim, NG=ng, G=g, KIND=kc.kind,
-                             BITS=kc.bits, QMAX=kc.qmax, SUM=sum_rows, **_launch_opts())
+                             BITS=kc.bits, QMAX=kc.qmax, SUM=sum_rows, **rk, **_launch_opts())
+    return out
+
+
+def error_part(codec, x: torch.Tensor, buf: torch.Tensor, rot=None) -> torch.Tensor:
+    """fp32 ``nan_to_num(rot(codec.decode(buf) - rot(x)))`` for ``buf = quantize(codec, x,
+    rot)``, ``x`` ``[rows, n]``: each row's quantization error in the original basis (the
+    error part of comm/feedback.own_error, bit for bit)."""
+    kc = kcodec(codec)
+    rk = _rotation(kc, rot)
+    n = x.shape[-1]
+    nb = kc.nbytes(n)
+    x, buf = x.contiguous(), buf.contiguous()
+    rows = x.numel() // max(n, 1)
+    if buf.dtype != torch.uint8 or buf.numel() != rows * nb:
+        raise ValueError(f"expected {rows} x {nb} uint8 bytes, got {tuple(buf.shape)} {buf.dtype}")
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out
+    g = kc.group if kc.kind else 1
+    ng = _tile_groups(kc, n)
+    grid = (rows, triton.cdiv(n, ng * g))
+    _error_kernel[grid](x, buf, out, n, nb, LIM=BF16_MAX, NG=ng, G=g, KIND=kc.kind,
+                        BITS=kc.bits, QMAX=kc.qmax, **rk, **_launch_opts())
     return out

@@ -197,6 +197,40 @@ def _dist_body(rank, world, specs, sizes):
                 ok = ok and why.startswith(f"algo={algo}: no fused kernel")
             res.append(["auto", f"path={path},algo={algo}:{want}", n, ok, why or ""])
         auto_p.state.ws.check()
+    # algo=one-shot with the quantize / dequantize-and-sum kernels around the all-gather:
+    # the one-shot reference's bits, for plain and rotated codecs, odd lengths included.
+    for spec in ("int4:128", "hadamard-int4:64", "int3:64", "fp8:128"):
+        q1 = QuantizedCommunicator(base, CommConfig(codec=spec, algo="one-shot"))
+        k.backends.install_fused(q1, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
+                                 table={"oneshot_max": 4096, "fused_min": {"*": 0}},
+                                 cpu_shm=True)
+        for n in (1, 777, 5000):
+            x = torch.randn(n, generator=torch.Generator().manual_seed(n * 7 + rank)
+                            ).to(torch.bfloat16)
+            why = q1.explain(x, site)
+            got = q1.all_reduce(x, site)
+            want = quantized_all_reduce(base, x, scheme_for(get_codec(spec)), "one-shot")
+            res.append(["one-shot-q", spec, n,
+                        why == f"one-shot-kernels with {spec}" and _same(got, want),
+                        int(got.view(torch.int16).sum())])
+        # error feedback through the kernels (sum and error part in one call) gives the
+        # portable feedback's bits over three chained reduces behind post norms
+        from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
+        gains = {f"layers.{i}.mlp.down_proj": (torch.rand(128, generator=torch.Generator()
+                                                          .manual_seed(i)) * 3, 1e-6)
+                 for i in range(3)}
+        ef_k = ErrorFeedbackCommunicator(q1, gains)
+        ef_p = ErrorFeedbackCommunicator(QuantizedCommunicator(
+            base, CommConfig(codec=spec, algo="one-shot")), gains)
+        ok = ef_k.explain(torch.zeros(3, 128), "layers.0.mlp.down_proj") == \
+            f"error feedback, one-shot-kernels with {spec}"
+        for i in range(3):
+            x = torch.randn(3, 128, generator=torch.Generator().manual_seed(50 * i + rank))
+            y = ef_k.all_reduce(x, f"layers.{i}.mlp.down_proj")
+            ok = ok and _same(y, ef_p.all_reduce(x, f"layers.{i}.mlp.down_proj"))
+        # (the debts are per rank; the sums are the same on every rank)
+        res.append(["one-shot-q", "ef+" + spec, 3, ok and _same(ef_k.debt, ef_p.debt),
+                    int(y.view(torch.int32).sum())])
     ws.check()
     return res
 
@@ -244,4 +278,4 @@ def test_fused_allreduce_over_shared_memory(check, world, mode, pack):
     sums = [[r[4] for r in rows if r[0] != "auto"] for rows in ranks]
     assert all(s == sums[0] for s in sums[1:]), sums
     kinds = {r[0] for r in ranks[0]}
-    assert kinds == {"two-shot", "one-shot", "auto"}
+    assert kinds == {"two-shot", "one-shot", "auto", "one-shot-q"}

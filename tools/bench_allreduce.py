@@ -19,7 +19,11 @@ Backends: ``nccl`` (bf16), ``oneshot`` (bf16, fused one-shot), ``fused`` (one-la
 two-shot, every codec; ``bf16`` there is the uncompressed two-shot), ``two-step`` (the
 portable path of comm/allreduce.py over NCCL, torch ops), ``one-shot-q`` (the portable
 quantized one-shot algorithm, ``--comm ...,algo=one-shot``: one quantization per value,
-an all-gather of every rank's codes), ``auto`` (thresholds derived
+an all-gather of every rank's codes), ``one-shot-k`` (the same algorithm with the Triton
+quantize and dequantize-and-sum kernels around NCCL's all-gather, what ``algo=one-shot``
+runs on an NCCL group), ``ef-one-shot-k`` (``ef+CODEC,algo=one-shot`` as the engine runs it:
+error feedback on those kernels, pre-norm rule, every call paying the previous one's
+error; not for ``weighted-`` codecs, which need a calibration file), ``auto`` (thresholds derived
 from this run's nccl/oneshot/fused rows, then measured through the auto dispatch).
 Output: a table, a plot (latency and speed-up vs size) and --json.
 """
@@ -81,9 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--two-step-codecs", default="int4:128,int8:128",
                    help="codecs for the portable two-step backend ('' to skip)")
     p.add_argument("--one-shot-codecs", default="int4:128",
-                   help="codecs for the portable quantized one-shot backend ('' to skip)")
+                   help="codecs for the quantized one-shot backends ('' to skip)")
     p.add_argument("--auto-codec", default="int4:128", help="codec the auto backend serves")
-    p.add_argument("--backends", default="nccl,oneshot,fused,two-step,one-shot-q,auto")
+    p.add_argument("--backends",
+                   default="nccl,oneshot,fused,two-step,one-shot-q,one-shot-k,ef-one-shot-k,auto")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--graph-max", default="64MB",
@@ -104,7 +109,8 @@ def parse_args(argv=None):
     if a.iters < 1 or a.warmup < 0 or a.graph_calls < 1:
         raise BenchError("--iters and --graph-calls must be >= 1, --warmup >= 0")
     a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    bad = set(a.backends) - {"nccl", "oneshot", "fused", "two-step", "one-shot-q", "auto"}
+    bad = set(a.backends) - {"nccl", "oneshot", "fused", "two-step", "one-shot-q",
+                             "one-shot-k", "ef-one-shot-k", "auto"}
     if bad:
         raise BenchError(f"unknown backend(s) {sorted(bad)}")
     if a.channels < 1 or (a.min_b // 2) % a.channels:
@@ -234,7 +240,7 @@ def print_table(rows, world, out=None):
     sizes = sorted({r["bytes"] for r in rows})
     idx = {(r["bytes"], r["backend"], r["codec"]): r for r in rows}
     lines = [f"all-reduce, world {world}: us (speed-up vs NCCL bf16); * = ranks differ, ! = err > 5%"]
-    head = f"{'size':>7} | " + " | ".join(f"{b.replace('one-shot-q', '1shot-q')[:7]}:{c[:10]}".ljust(18) for b, c in variants)
+    head = f"{'size':>7} | " + " | ".join(f"{b.replace('one-shot-', '1shot-')[:7]}:{c[:10]}".ljust(18) for b, c in variants)
     lines += [head, "-" * len(head)]
     for s in sizes:
         cells = []
@@ -371,7 +377,24 @@ def main(argv=None) -> int:
             for c in one_codecs:
                 v.append(("one-shot-q", c.spec, lambda x, c=c: one_shot_all_reduce(
                     base, _shaped(x, c), scheme_for(c)).view(-1)))
+        if "one-shot-k" in args.backends:
+            for c in one_codecs:
+                v.append(("one-shot-k", c.spec, lambda x, c=c:
+                          backends_mod.one_shot_kernels_all_reduce(base, _shaped(x, c), c).view(-1)))
+        if "ef-one-shot-k" in args.backends:
+            for c in one_codecs:
+                if c.spec not in ef_comms:
+                    continue
+                v.append(("ef-one-shot-k", c.spec, lambda x, c=c: ef_comms[c.spec].all_reduce(
+                    x, "layers.0.mlp.down_proj").view(-1)))
         return v
+
+    ef_comms = {}
+    if "ef-one-shot-k" in args.backends:
+        from megatron_lite.comm.allreduce import build_communicator
+        for c in one_codecs:
+            if not c.spec.startswith("weighted-"):
+                ef_comms[c.spec] = build_communicator(base, f"ef+{c.spec},algo=one-shot")
 
     rows, inputs = [], {}
     nccl_us = {}

@@ -49,7 +49,9 @@ The wrapped all-reduce is exactly ``comm/allreduce.py``'s algorithm (two-step, o
 one-shot with ``algo=one-shot``, where a rank's error part is just its partial's
 quantization error); this module only reads its intermediate values (through a
 recording scheme) to compute the rank's own error part, with the same codec reference
-functions.
+functions. A backend of the inner chain that returns the sum and the error part in one
+call (``all_reduce_with_error``: the one-shot Triton kernels on an NCCL group) is used
+instead where it takes the message; it gives the same bits.
 """
 from __future__ import annotations
 
@@ -169,19 +171,35 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
             self.debt = (self._settle(norm, y, pay, None)
                          if norm is not None and pay is not None else None)
             return y
-        rec = _Recording(scheme_for(codec))
-        y = quantized_all_reduce(self.inner.base, x, rec, self.inner.config.algo)
-        err = rec.restore(own_error(rec.inner, rec.chunks, rec.acc, self.rank)).float()
+        fast = self._fast_backend(x, codec)
+        if fast is not None:
+            y, err = fast.all_reduce_with_error(x, codec, self.inner)
+        else:
+            rec = _Recording(scheme_for(codec))
+            y = quantized_all_reduce(self.inner.base, x, rec, self.inner.config.algo)
+            err = rec.restore(own_error(rec.inner, rec.chunks, rec.acc, self.rank)).float()
         # Pre-norm: the debt is exactly the new error (the payment cancelled the old one).
         self.debt = err if norm is None else self._settle(norm, y, pay, err)
         return y
 
+    def _fast_backend(self, x: torch.Tensor, codec):
+        """A backend of the inner chain that returns the sum and this rank's error part
+        in one call (``all_reduce_with_error``: the one-shot kernels on GPU), or None."""
+        for b in self.inner.backends:
+            if hasattr(b, "all_reduce_with_error") and b.unsupported(x, codec, self.inner) is None:
+                return b
+        return None
+
     def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
-        """What a call does: feedback always runs the portable path of its algorithm
-        (it needs the intermediate values), whatever the inner chain would pick."""
+        """What a call does: feedback needs each rank's error part, so it runs a backend
+        that returns it (the one-shot kernels) or else the portable path of its
+        algorithm, whatever the inner chain would pick for a plain sum."""
         backend, codec, why = self.inner.choose(x, site)
         if backend is None:
             return why
+        fast = self._fast_backend(x, codec)
+        if fast is not None:
+            return f"error feedback, {fast.name} with {codec.spec}"
         return f"error feedback, portable {self.inner.config.algo} with {codec.spec}"
 
     def _payment(self, x: torch.Tensor, norm) -> torch.Tensor:

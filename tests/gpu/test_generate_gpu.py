@@ -153,7 +153,8 @@ def _tp2_graphs(rank, world):
     # error feedback (portable two-step path, Python-side state) captured in graphs too
     comms["ef-int4"] = build_communicator(base, "ef+int4:128")
     comms["ef-int4"].set_post_norms(eng.model.post_reduce_norms())
-    # the one-shot algorithm (portable all-gather of every rank's codes), with feedback
+    # the one-shot algorithm (Triton quantize / dequantize-sum around NCCL's all-gather),
+    # with feedback
     comms["ef-int4-1shot"] = build_communicator(base, "ef+int4:128,algo=one-shot")
     comms["ef-int4-1shot"].set_post_norms(eng.model.post_reduce_norms())
     for name, comm in comms.items():
@@ -182,4 +183,5 @@ def test_tp2_graphs_over_nccl_and_fused_allreduce():
     # the fused one-shot kernel sums in fp32, NCCL in bf16: tokens agree, bits need not
     assert r0["auto-bf16"]["graphed"] == r0["nccl"]["graphed"]
     assert r0["ef-int4"]["explain"] == "error feedback, portable two-step with int4:128"
-    assert r0["ef-int4-1shot"]["explain"] == "error feedback, portable one-shot with int4:128"
+    # on NCCL the one-shot kernels return each rank's error part: feedback runs on them
+    assert r0["ef-int4-1shot"]["explain"] == "error feedback, one-shot-kernels with int4:128"

@@ -8,7 +8,8 @@ the reference, so any difference would be a device-dependent rounding in a codec
 import pytest
 import torch
 
-from tests.gpu._harness import gpu_count, needs_cuda, reference_all_reduce, run_nccl, same_bits
+from tests.gpu._harness import (gpu_count, import_kernels, needs_cuda, reference_all_reduce,
+                                run_nccl, same_bits)
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
@@ -39,6 +40,7 @@ ONE_SHOT_SPECS = ["int4:128", "hadamard-int4:128", "weighted-hadamard-int4:128",
 
 
 def _checks(rank, world):
+    import_kernels()
     from megatron_lite.comm.allreduce import quantized_all_reduce
     from megatron_lite.comm.communicator import DistCommunicator
     dev = torch.device("cuda", rank)
@@ -54,6 +56,24 @@ def _checks(rank, world):
             exact = sum(x.float() for x in xs)
             rel = ((y.float().cpu() - exact).norm() / exact.norm()).item()
             out.append((f"{spec},{algo}", tokens, same_bits(y, ref), rel))
+            if algo == "one-shot":   # the Triton quantize / dequantize-sum kernels around NCCL
+                from megatron_lite.kernels.backends import one_shot_kernels_all_reduce
+                yk = one_shot_kernels_all_reduce(comm, xs[rank].to(dev), scheme)
+                out.append((f"{spec},one-shot-kernels", tokens, same_bits(yk, ref), rel))
+                # the error part error feedback books, kernels vs the reference's own_error
+                from megatron_lite.comm.feedback import _Recording, own_error
+                _, ek = one_shot_kernels_all_reduce(comm, xs[rank].to(dev), scheme,
+                                                    with_error=True)
+                rec = _Recording(scheme)
+                quantized_all_reduce(comm, xs[rank].to(dev), rec, "one-shot")
+                er = rec.restore(own_error(rec.inner, rec.chunks, None, rank)).float()
+                out.append((f"{spec},one-shot-kernels error part", tokens, same_bits(ek, er),
+                            ek.norm().item()))
+    from megatron_lite.comm.allreduce import build_communicator
+    qc = build_communicator(comm, "int4:128,algo=one-shot")
+    x = torch.randn(8, H, device=dev, dtype=torch.bfloat16)
+    out.append(("explain " + qc.explain(x, "layers.0.mlp.down_proj"), 8,
+                qc.explain(x, "layers.0.mlp.down_proj") == "one-shot-kernels with int4:128", 0.0))
     return out
 
 
