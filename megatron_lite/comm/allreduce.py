@@ -211,8 +211,10 @@ class CommConfig:
     * ``algo``: ``two-step`` (default; Flash Communication's reduce-scatter + all-gather,
       two quantizations per value) or ``one-shot`` (one quantization per value, all
       ranks gather every partial; about half the error power, ``W / 2`` times the
-      two-step traffic; module docstring). This changes results. There is no fused
-      one-shot quantized kernel: ``one-shot`` runs the portable path on GPU too.
+      two-step traffic; module docstring). This changes results. On an NCCL group it
+      runs the Triton quantize / dequantize-and-sum kernels around NCCL's all-gather
+      (kernels/backends.py ``OneShotKernelsBackend``, same bits); elsewhere, and with
+      ``path=two-step``, the portable torch path.
     * ``calibration``: file for ``outlier-int4`` and the ``weighted-`` codecs (see
       comm/outlier.py, comm/weighting.py).
     """
