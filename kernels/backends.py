@@ -223,7 +223,8 @@ class AutoBackend(Backend):
         if which == "two-step":
             path, algo = comm.config.path, comm.config.algo
             if algo != "two-step":
-                return f"algo={algo}: no fused kernel (the portable path runs it)"
+                return (f"algo={algo}: no fused kernel (the one-shot kernels or the "
+                        "portable path run it)")
             return (f"path={path}" if path == "two-step" else
                     f"path={path}: {self.fused.unsupported(x, codec, None)}")
         if which == "nccl" and has_kernels(codec) is not None:
@@ -268,6 +269,8 @@ def install_fused(comm, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 1 <
     else:
         state = make_state(group, max_bytes, oneshot_max_bytes, cpu_shm=cpu_shm)
     auto = AutoBackend(state, table)
-    comm.add_backend(OneShotKernelsBackend(), first=True)   # after auto, before portable
+    # after auto, before the portable path; once, however often auto is reinstalled
+    comm.backends = [b for b in comm.backends if not isinstance(b, OneShotKernelsBackend)]
+    comm.add_backend(OneShotKernelsBackend(), first=True)
     comm.add_backend(auto, first=True)
     return auto

@@ -218,11 +218,25 @@ def test_one_shot_halves_the_error_power_of_two_step():
     assert all(0.35 < r < 0.65 for r in ratios.values()), ratios
 
 
-def test_one_shot_steps_aside_from_fused_kernels_and_explains():
+def test_one_shot_explain_names_the_algorithm():
     base = make_thread_communicators(1)[0]
     qc = build_communicator(base, "int4:128,algo=one-shot")
     assert qc.config.algo == "one-shot"
     assert qc.explain(torch.zeros(1000), SITE) == "one-shot with int4:128"   # portable path
+
+
+def test_one_shot_bf16_keeps_inf_like_two_step():
+    """The bf16 wire carries Inf verbatim; one-shot's finish must keep it (not saturate
+    it to the largest finite value), as two-step does."""
+    def body(comm, spec):
+        x = torch.full((4, 64), 1.0 + comm.rank)
+        if comm.rank == 1:
+            x[2, 5], x[3, 7] = math.inf, -math.inf
+        return build_communicator(comm, spec).all_reduce(x.to(torch.bfloat16), SITE)
+    for spec in ("bf16", "bf16,algo=one-shot"):
+        y = run_simulated(body, 2, spec)[0].float()
+        assert y[2, 5] == math.inf and y[3, 7] == -math.inf, spec
+        assert (y[:2] == 3.0).all(), spec
 
 
 # ----------------------------------------------------------------------------- config
@@ -265,6 +279,7 @@ def test_parse_comm_arg_and_site_resolution():
     ("int4,path", "path=PATH or algo=ALGO"), ("int4,algo=ring", "expected one of two-step"),
     ("int6,algo=one-shot", "two-stage codec"),
     ("int8,*.o_proj=hadamard-int4-int8:64,algo=one-shot", "two-stage codec"),
+    ("int4,path=fused,algo=one-shot", "path=fused runs the fused two-shot kernel"),
 ])
 def test_bad_comm_args(spec, msg):
     with pytest.raises(CodecError, match=msg):

@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from megatron_lite.comm.codecs import (Codec, CodecError, get_codec,
+from megatron_lite.comm.codecs import (BF16Codec, Codec, CodecError, get_codec,
                                        parse_codec_spec, saturate)
 from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
 
@@ -85,8 +85,10 @@ class GroupScheme:
         return self.ag.decode(gathered, c, out_dtype)
 
     def finish(self, acc, out_dtype):
-        """The one-shot output of the fp32 sums ``acc`` [W, c] (the decode's saturation)."""
-        return saturate(acc, out_dtype)
+        """The one-shot output of the fp32 sums ``acc`` [W, c]: the decode's saturation
+        (the bf16 codec keeps an Inf, as its decode does). A finite sum beyond the bf16
+        range saturates here, where two-step's re-encoding would turn its group to NaN."""
+        return saturate(acc, out_dtype, keep_inf=isinstance(self.codec, BF16Codec))
 
     def rs_error_bound(self, chunks, src):
         return self.rs.error_bound(chunks)
@@ -207,7 +209,8 @@ class CommConfig:
       whenever it takes the message, else the portable two-step path; never
       uncompressed. ``two-step``: always the portable two-step path (torch.distributed
       primitives). Compressed paths give the reference's bits, so ``path`` changes
-      speed, never results; on gloo every path is the two-step one.
+      speed, never results; on gloo every path is the portable one. With
+      ``algo=one-shot`` the size chooser does not apply and ``path=fused`` is refused.
     * ``algo``: ``two-step`` (default; Flash Communication's reduce-scatter + all-gather,
       two quantizations per value) or ``one-shot`` (one quantization per value, all
       ranks gather every partial; about half the error power, ``W / 2`` times the
@@ -240,6 +243,9 @@ class CommConfig:
         if self.algo not in ALGOS:
             raise CodecError(f"algo={self.algo!r}: expected one of {', '.join(ALGOS)}")
         specs = [self.codec] + [c for _, c in self.overrides]
+        if self.algo == "one-shot" and self.path == "fused":
+            raise CodecError("path=fused runs the fused two-shot kernel (algo=two-step); "
+                             "algo=one-shot takes path=auto or path=two-step")
         if self.algo == "one-shot":
             for s in specs:
                 if s and s.split(":")[0].endswith("int4-int8"):
@@ -437,7 +443,7 @@ def build_communicator(base: Communicator, comm=None, calibration: Optional[str]
     dict) lets an outlier calibration file be checked against the model.
 
     ``ef+SPEC``: SPEC's communicator wrapped in error feedback (comm/feedback.py), which
-    runs the portable two-step path. On a sandwich-norm model the caller hands it the
+    runs the portable path of SPEC's algorithm, or the one-shot kernels on an NCCL group. On a sandwich-norm model the caller hands it the
     post-norm gains (``set_post_norms``; the Engine does).
     """
     from megatron_lite.comm.feedback import PREFIX as EF, ErrorFeedbackCommunicator
@@ -465,7 +471,8 @@ def build_communicator(base: Communicator, comm=None, calibration: Optional[str]
 
 def _install_fused(qc: QuantizedCommunicator) -> None:
     """Put megatron_lite.kernels' ``auto`` backend (one-shot bf16 / NCCL / fused two-shot
-    by measured size thresholds) in front of the chain when the base is an NCCL group.
+    by measured size thresholds) and the one-shot kernels backend (``algo=one-shot``) in
+    front of the chain when the base is an NCCL group.
     Collective: every rank builds its communicator at the same point. Without triton,
     symmetric memory or P2P the chain stays as it is (``explain`` says why)."""
     import torch.distributed as dist

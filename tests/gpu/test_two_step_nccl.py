@@ -1,6 +1,7 @@
 """GPU: the portable two-step all-reduce over NCCL (comm/allreduce.py), with the codecs that
 have no fused kernels (rotated, channel-scaled), equals the CPU reference bit for bit; so
-does the portable one-shot algorithm (``algo=one-shot``, which has no fused kernel).
+do the one-shot algorithm (``algo=one-shot``) on the portable path and on its Triton
+kernels around NCCL's all-gather, and the error part those kernels return for feedback.
 
 The same torch code runs on CUDA tensors and NCCL here and on CPU over simulated ranks in
 the reference, so any difference would be a device-dependent rounding in a codec.
