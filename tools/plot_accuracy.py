@@ -14,6 +14,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+
+def _short(spec: str) -> str:
+    """Plot label of a --comm spec: the default codec, ``+1shot`` for the one-shot
+    algorithm, ``+alloc`` for per-site overrides."""
+    items = spec.split(",")
+    opts = [i for i in items[1:] if i.startswith(("algo=", "path=", "min_bytes="))]
+    tag = "+1shot" if "algo=one-shot" in opts else ""
+    return items[0] + tag + ("+alloc" if len(items) - 1 > len(opts) else "")
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("details", nargs="+")
@@ -66,7 +75,7 @@ def main(argv=None) -> int:
                     labelled.add(id(ax))
                     ax.scatter([r["bits_per_value"]], [y], color=color, s=16,
                                label=label if first else None)
-                    short = r["codec"].split(",")[0] + ("+alloc" if "," in r["codec"] else "")
+                    short = _short(r["codec"])
                     ax.annotate(short, (r["bits_per_value"], y), fontsize=6, color=color,
                                 xytext=(2, 2), textcoords="offset points")
     for ax, (title, key) in zip(axes[0], panels):
