@@ -112,38 +112,43 @@ def two_step_all_reduce(comm: Communicator, x: torch.Tensor, scheme) -> torch.Te
     send = scheme.rs_encode(chunks, rank).contiguous()
     recv = torch.empty_like(send)
     comm.all_to_all_single(recv, send)
-    parts = scheme.rs_decode(recv, rank, c)
-    acc = parts[0].clone()
-    for r in range(1, w):  # fixed rank order: the fp32 sum is the same on every backend
-        acc += parts[r]
+    acc = _rank_order_sum(scheme.rs_decode(recv, rank, c))
     mine = scheme.ag_encode(acc, rank).contiguous()
     gathered = torch.empty((w * mine.numel(),), dtype=torch.uint8, device=mine.device)
     comm.all_gather_into_tensor(gathered, mine)
     return restore(scheme.ag_decode(gathered.view(w, -1), c, x.dtype))
 
 
+def _rank_order_sum(parts: torch.Tensor) -> torch.Tensor:
+    """``parts[0] + parts[1] + ...`` in fp32, in this fixed rank order: the sum is the same
+    on every backend and rank."""
+    acc = parts[0].clone()
+    for r in range(1, parts.shape[0]):
+        acc += parts[r]
+    return acc
+
+
+def _check_one_stage(spec) -> None:
+    """One-shot sends one code per value: refuse the two-stage ``int4-int8`` family."""
+    if spec and str(spec).split(":")[0].endswith("int4-int8"):
+        raise CodecError(f"algo=one-shot: {spec} is a two-stage codec (int4 "
+                         "reduce-scatter, int8 all-gather); one-shot has one stage")
+
+
 def one_shot_all_reduce(comm: Communicator, x: torch.Tensor, scheme) -> torch.Tensor:
     """Quantized sum of ``x`` with one quantization per value (module docstring)."""
     if not x.is_floating_point():
         raise CodecError(f"quantized all-reduce needs a float tensor, got {x.dtype}")
-    spec = getattr(scheme, "spec", None) or scheme.codec.spec
-    if str(spec).split(":")[0].endswith("int4-int8"):
-        raise CodecError(f"algo=one-shot: {spec} is a two-stage codec (one code per stage); "
-                         "use a single-stage codec")
+    _check_one_stage(getattr(scheme, "spec", None) or scheme.codec.spec)
     w, rank = comm.world_size, comm.rank
     chunks, restore = scheme.chunk(x, w)
     c = chunks.shape[-1]
     send = scheme.rs_encode(chunks, rank).contiguous()
     gathered = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
     comm.all_gather_into_tensor(gathered.view(-1), send.view(-1))
-    acc = []
-    for j in range(w):
-        parts = scheme.rs_decode(gathered[:, j], j, c)      # [W sources, c]
-        a = parts[0].clone()
-        for r in range(1, w):  # fixed rank order, as in the two-step sum
-            a += parts[r]
-        acc.append(a)
-    return restore(scheme.finish(torch.stack(acc), x.dtype))
+    acc = torch.stack([_rank_order_sum(scheme.rs_decode(gathered[:, j], j, c))  # [W src, c]
+                       for j in range(w)])
+    return restore(scheme.finish(acc, x.dtype))
 
 
 def quantized_all_reduce(comm: Communicator, x: torch.Tensor, scheme,
@@ -248,9 +253,7 @@ class CommConfig:
                              "algo=one-shot takes path=auto or path=two-step")
         if self.algo == "one-shot":
             for s in specs:
-                if s and s.split(":")[0].endswith("int4-int8"):
-                    raise CodecError(f"algo=one-shot: {s} is a two-stage codec (int4 "
-                                     "reduce-scatter, int8 all-gather); one-shot has one stage")
+                _check_one_stage(s)
         for pre in ("outlier-int4", "weighted-"):
             if any(s and s.startswith(pre) for s in specs) and not self.calibration:
                 raise CodecError(f"{pre.rstrip('-')} needs a calibration file "
@@ -443,8 +446,9 @@ def build_communicator(base: Communicator, comm=None, calibration: Optional[str]
     dict) lets an outlier calibration file be checked against the model.
 
     ``ef+SPEC``: SPEC's communicator wrapped in error feedback (comm/feedback.py), which
-    runs the portable path of SPEC's algorithm, or the one-shot kernels on an NCCL group. On a sandwich-norm model the caller hands it the
-    post-norm gains (``set_post_norms``; the Engine does).
+    runs the portable path of SPEC's algorithm, or the one-shot kernels on an NCCL group.
+    On a sandwich-norm model the caller hands it the post-norm gains
+    (``set_post_norms``; the Engine does).
     """
     from megatron_lite.comm.feedback import PREFIX as EF, ErrorFeedbackCommunicator
     if isinstance(comm, str) and comm.strip().lower().startswith(EF):
