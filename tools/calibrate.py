@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-seqs", type=int, default=None,
                    help="windows for the weighted- codecs' channel scales (default 32 "
                         "with an HF directory, 0 with a shard directory; 0 = none)")
+    p.add_argument("--transform", action="store_true",
+                   help="also write the klt codecs' tables: per-rank bases of the partial "
+                        "sums and their coefficient-group error tables (needs the HF "
+                        "checkpoint: the bases are Fisher-weighted; comm/transform.py)")
+    p.add_argument("--transform-seqs", type=int, default=8,
+                   help="sequences for the klt error tables (default 8; the bases use "
+                        "--num-seqs)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -65,6 +72,7 @@ def main(argv=None) -> int:
 
     from megatron_lite.checkpoint.loader import inspect_checkpoint
     from megatron_lite.comm.calibrate import ChannelStats, RecordingCommunicator
+    from megatron_lite.comm.transform import TransformRecorder, TransformStats
     from megatron_lite.comm.outlier import balanced_k, build_calibration, model_fingerprint
     from megatron_lite.errors import MegatronLiteError
     from megatron_lite.eval.data import EvalDataError, load_text_windows
@@ -102,6 +110,15 @@ def main(argv=None) -> int:
             raise EvalDataError("--scale-seqs must be >= 0")
         if args.scale_seqs > args.num_seqs:
             raise EvalDataError(f"--scale-seqs {args.scale_seqs} > --num-seqs {args.num_seqs}")
+        if args.transform and world is not None:
+            raise EvalDataError("--transform runs in simulated TP (run without torchrun): its "
+                                "second pass needs the TP-1 Fisher in the same process")
+        if args.transform and not args.scale_seqs:
+            raise EvalDataError("--transform needs channel statistics (the HF checkpoint "
+                                "and --scale-seqs > 0)")
+        if args.transform and not 1 <= args.transform_seqs <= args.num_seqs:
+            raise EvalDataError(f"--transform-seqs must be in [1, --num-seqs], got "
+                                f"{args.transform_seqs}")
         if args.scale_seqs and is_shards:
             raise EvalDataError("channel scales (--scale-seqs) need the HF checkpoint "
                                 "directory, not a shard directory; or pass --scale-seqs 0")
@@ -124,24 +141,35 @@ def main(argv=None) -> int:
         return _fail(e)
 
     stats = ChannelStats(tp, args.decay)   # shared by simulated ranks; per process otherwise
+    tstats = TransformStats(tp) if args.transform else None
 
-    def rank_main(comm):
+    def record(wrap, wins, desc, merge):
+        def rank_main(comm):
+            engine = load_rank_engine(args.ckpt, wrap(comm))
+            bs = args.batch_size
+            bar = tqdm(total=len(wins), unit="seq", desc=desc, dynamic_ncols=True,
+                       disable=args.no_progress or comm.rank != 0)
+            for lo in range(0, len(wins), bs):
+                ids = torch.tensor([w.ids for w in wins[lo:lo + bs]])
+                # Only the decoder's reduces matter: the LM head runs on one row per sequence.
+                rank_logits(engine, ids, torch.full((ids.shape[0], 1), ids.shape[1] - 1))
+                bar.update(ids.shape[0])
+            bar.close()
+            if world is not None:
+                merge(comm)
+            return None
+        launch(rank_main, tp, simulated=world is None)
+
+    def both(comm):
         rec = RecordingCommunicator(comm, stats)
-        engine = load_rank_engine(args.ckpt, rec)
-        bs = args.batch_size
-        bar = tqdm(total=len(windows), unit="seq", desc="calibrate", dynamic_ncols=True,
-                   disable=args.no_progress or comm.rank != 0)
-        for lo in range(0, len(windows), bs):
-            ids = torch.tensor([w.ids for w in windows[lo:lo + bs]])
-            # Only the decoder's reduces matter: the LM head runs on one row per sequence.
-            rank_logits(engine, ids, torch.full((ids.shape[0], 1), ids.shape[1] - 1))
-            bar.update(ids.shape[0])
-        bar.close()
-        if world is not None:
-            stats.merge_ranks(comm)
-        return None
+        return rec if tstats is None else TransformRecorder(rec, tstats)
 
-    launch(rank_main, tp, simulated=world is None)
+    def merge_both(comm):
+        stats.merge_ranks(comm)
+        if tstats is not None:
+            tstats.merge_ranks(comm)
+
+    record(both, windows, "calibrate", merge_both)
     if rank != 0:
         return 0
     scales, scale_meta = {}, None
@@ -162,6 +190,11 @@ def main(argv=None) -> int:
         del model
         scales = scales_from_statistics(rms, fisher)
         scale_meta = {"exponents": list(EXPONENTS), "num_seqs": len(sw), "tokens": ntok}
+    if tstats is not None:
+        # Pass 2 needs the bases, which need the Fisher (measured above at TP 1).
+        tstats.make_bases(fisher)
+        record(lambda comm: TransformRecorder(comm, tstats), windows[:args.transform_seqs],
+               "klt tables", tstats.merge_ranks)
     calib = build_calibration(
         stats.as_dict(), k=k, tp=tp, model=model_name(args.ckpt, hf_config),
         fingerprint=model_fingerprint(hf_config),
@@ -170,6 +203,11 @@ def main(argv=None) -> int:
                "date": datetime.date.today().isoformat()})
     for site, sc in calib.sites.items():
         sc.channel_scale = scales.get(site)
+        if tstats is not None and site in tstats.bases:
+            sc.klt_weight, sc.klt_basis, sc.klt_errors = tstats.tables(site)
+    if tstats is not None:
+        calib.meta["transform"] = {"num_seqs": len(windows), "table_seqs": args.transform_seqs,
+                                   "groups": list(tstats.groups)}
     if scale_meta:
         calib.meta["channel_scales"] = scale_meta
     calib.save(args.out)

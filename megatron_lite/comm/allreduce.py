@@ -98,8 +98,8 @@ class GroupScheme:
 
 
 def scheme_for(codec) -> "GroupScheme":
-    """The two-step scheme of a codec (outlier codecs are their own scheme)."""
-    return codec if hasattr(codec, "rs_encode") else GroupScheme(codec)
+    """The scheme of a codec (outlier and klt codecs are their own scheme)."""
+    return codec if hasattr(codec, "rs_encode") or hasattr(codec, "encode_partial") else GroupScheme(codec)
 
 
 def two_step_all_reduce(comm: Communicator, x: torch.Tensor, scheme) -> torch.Tensor:
@@ -141,6 +141,16 @@ def one_shot_all_reduce(comm: Communicator, x: torch.Tensor, scheme) -> torch.Te
         raise CodecError(f"quantized all-reduce needs a float tensor, got {x.dtype}")
     _check_one_stage(getattr(scheme, "spec", None) or scheme.codec.spec)
     w, rank = comm.world_size, comm.rank
+    if hasattr(scheme, "encode_partial"):   # klt codecs: each rank's own basis, per row
+        if scheme.world_size != w:
+            raise CodecError(f"{scheme.spec}: calibrated for TP {scheme.world_size}, the "
+                             f"group has {w} ranks")
+        send = scheme.encode_partial(x, rank).contiguous()
+        gathered = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
+        comm.all_gather_into_tensor(gathered.view(-1), send.view(-1))
+        acc = _rank_order_sum(torch.stack([scheme.decode_partial(gathered[r], r)
+                                           for r in range(w)]))
+        return scheme.finish(acc, x.dtype).reshape(x.shape)
     chunks, restore = scheme.chunk(x, w)
     c = chunks.shape[-1]
     send = scheme.rs_encode(chunks, rank).contiguous()
@@ -254,7 +264,10 @@ class CommConfig:
         if self.algo == "one-shot":
             for s in specs:
                 _check_one_stage(s)
-        for pre in ("outlier-int4", "weighted-"):
+        if self.algo != "one-shot" and any(s and s.startswith("klt") for s in specs):
+            raise CodecError("the klt codecs code each rank's partial in its own basis: "
+                             "they need algo=one-shot")
+        for pre in ("outlier-int4", "weighted-", "klt"):
             if any(s and s.startswith(pre) for s in specs) and not self.calibration:
                 raise CodecError(f"{pre.rstrip('-')} needs a calibration file "
                                  "(--calibration FILE)")
@@ -291,7 +304,7 @@ class CommConfig:
         spec = self.spec_for(site)
         if spec is None:
             return None
-        per_site = spec.startswith(("outlier-int4", "weighted-"))
+        per_site = spec.startswith(("outlier-int4", "weighted-", "klt"))
         key = (spec, site) if per_site else (spec, None)
         if key not in self._codecs:
             if per_site:

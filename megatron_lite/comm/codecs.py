@@ -17,6 +17,8 @@ Byte layout (structure of arrays, little-endian, G = n / g groups)::
   value, no value straddles a byte, and a kernel decodes it with two loads and shifts.
   int5 is the same with a 4-bit plane: ``[low 4 bits, packed as int4: n/2 bytes][bit 4,
   packed as 1-bit: n/8 bytes]`` (5 bits per value; reference only, no fused kernel).
+  6 and 7 bits (only inside the ``klt`` codecs, comm/transform.py) follow the same rule:
+  planes of 4, 2 and 1 bits, low bits first (6 = 4 + 2, 7 = 4 + 2 + 1).
 * meta arrays hold bf16 bit patterns. Asymmetric codecs (int5, int4, int3, int2): array 0 is the
   step ``s``, array 1 the offset ``m``. Symmetric codecs (int8, int4-sym, fp8): array 0 is
   the group's bound ``A`` (no array 1).
@@ -114,6 +116,12 @@ def unpack_bits(buf: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int32, device=buf.device) * bits
     q = (buf.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return q.reshape(*buf.shape[:-1], buf.shape[-1] * per)[..., :n]
+
+
+def _planes(bits: int) -> Tuple[int, ...]:
+    """Bit-plane widths of a b-bit code, low bits first: 3 -> (2, 1), 5 -> (4, 1),
+    6 -> (4, 2), 7 -> (4, 2, 1) (1, 2, 4, 8: one plane)."""
+    return tuple(p for p in (8, 4, 2, 1) if bits & p)
 
 
 def saturate(y: torch.Tensor, out_dtype: torch.dtype, keep_inf: bool = False) -> torch.Tensor:
@@ -245,19 +253,24 @@ class GroupCodec(Codec):
 
     def _pack(self, q: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
-            return q.to(torch.int8).view(torch.uint8) if self.kind == "sym" else q
-        if self.bits in (3, 5):   # a 2- or 4-bit plane, then the top bit's plane
-            lo = self.bits - 1
-            return torch.cat([pack_bits(q & (2 ** lo - 1), lo), pack_bits((q >> lo) & 1, 1)], -1)
+            return q.to(torch.int8).view(torch.uint8) if self.kind == "sym" else q.to(torch.uint8)
+        if self.bits in (3, 5, 6, 7):   # bit planes, low bits first (module docstring)
+            out, lo = [], 0
+            for b in _planes(self.bits):
+                out.append(pack_bits((q >> lo) & (2 ** b - 1), b))
+                lo += b
+            return torch.cat(out, -1)
         return pack_bits(q, self.bits)
 
     def _unpack(self, payload: torch.Tensor, n: int) -> torch.Tensor:
         if self.bits == 8:
             return payload.view(torch.int8).to(torch.int32) if self.kind == "sym" else payload
-        if self.bits in (3, 5):
-            b = self.bits - 1
-            lo, hi = payload[..., : n * b // 8], payload[..., n * b // 8:]
-            return unpack_bits(lo, b, n) | (unpack_bits(hi, 1, n) << b)
+        if self.bits in (3, 5, 6, 7):
+            q, lo, at = 0, 0, 0
+            for b in _planes(self.bits):
+                q = q | (unpack_bits(payload[..., at: at + n * b // 8], b, n) << lo)
+                lo, at = lo + b, at + n * b // 8
+            return q
         return unpack_bits(payload, self.bits, n)
 
     # -- quantization ------------------------------------------------------------------
@@ -414,6 +427,7 @@ CODEC_NAMES += tuple("hadamard-" + n for n in tuple(_PLAIN) + ("int4-int8",))
 # Static channel scales from measured sensitivity before a plain or rotated codec
 # (comm/weighting.py; same bits per value, needs a calibration file with scales).
 CODEC_NAMES += tuple("weighted-" + n for n in CODEC_NAMES[1:] if n != "outlier-int4")
+CODEC_NAMES += tuple(f"klt{b}" for b in range(2, 9))   # comm/transform.py
 
 
 @dataclass(frozen=True)
@@ -475,6 +489,9 @@ def get_codec(spec, calibration=None, site: Optional[str] = None) -> Codec:
     if cs.name.startswith("weighted-"):
         from megatron_lite.comm import weighting  # per-site state, like outlier-int4
         return weighting.weighted_codec(cs, calibration, site)
+    if cs.name.startswith("klt"):
+        from megatron_lite.comm import transform  # per-site, per-rank state
+        return transform.transform_codec(cs, calibration, site)
     from megatron_lite.comm import outlier  # outlier-int4: per-site state
     return outlier.outlier_codec(cs, calibration, site)
 
@@ -485,6 +502,9 @@ def codec_bits(spec) -> float:
     if cs.name == "outlier-int4":
         from megatron_lite.comm import outlier
         return outlier.nominal_bits(cs)
+    if cs.name.startswith("klt"):          # the budget; a built codec has its exact figure
+        from megatron_lite.comm import transform
+        return transform.budget_bits(cs.name)
     if cs.name.startswith("weighted-"):   # the wire format is the inner codec's
         return get_codec(CodecSpec(cs.name[len("weighted-"):], cs.group_size)).bits_per_value
     return get_codec(cs).bits_per_value

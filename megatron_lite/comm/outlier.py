@@ -40,7 +40,10 @@ metadata entry ``megatron_lite`` holding JSON: ``{"format": "megatron_lite.calib
 "k_per_rank": kw, "sites": [...], ...}``. Optional, for the ``weighted-`` codecs
 (comm/weighting.py): ``{site}.channel_scale`` (fp32 [H], finite, positive) and a metadata
 entry ``"channel_scales": {"exponents": [a, b], "num_seqs": n, "tokens": t}``; files
-without them still load (only ``weighted-`` codecs then refuse them).
+without them still load (only ``weighted-`` codecs then refuse them). Optional, for the
+``klt`` codecs (comm/transform.py): ``{site}.klt_weight`` (fp32 [H], positive),
+``{site}.klt_basis`` (fp32 [W, H, H]) and ``{site}.klt_errors_g{G}`` (fp32 [W, H/G, 9],
+one per group size) and a metadata entry ``"transform": {"num_seqs": n, ...}``.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
@@ -83,6 +86,9 @@ class SiteCalibration:
     rs_scale: torch.Tensor      # fp32 [W, H]: static step of rank r's partial sums
     ag_scale: torch.Tensor      # fp32 [H]: static step of the reduced sums
     channel_scale: Optional[torch.Tensor] = None   # fp32 [H]: weighted- codecs' scales
+    klt_weight: Optional[torch.Tensor] = None      # fp32 [H]: klt codecs' weight d
+    klt_basis: Optional[torch.Tensor] = None       # fp32 [W, H, H]: per-rank bases
+    klt_errors: Dict[int, torch.Tensor] = field(default_factory=dict)  # G -> [W, H/G, 9]
 
 
 class Calibration:
@@ -121,6 +127,11 @@ class Calibration:
             tensors[f"{name}.ag_scale"] = sc.ag_scale.float().contiguous()
             if sc.channel_scale is not None:
                 tensors[f"{name}.channel_scale"] = sc.channel_scale.float().contiguous()
+            if sc.klt_basis is not None:
+                tensors[f"{name}.klt_weight"] = sc.klt_weight.float().contiguous()
+                tensors[f"{name}.klt_basis"] = sc.klt_basis.float().contiguous()
+                for g, t in sc.klt_errors.items():
+                    tensors[f"{name}.klt_errors_g{g}"] = t.float().contiguous()
         meta = dict(self.meta, format=CALIB_FORMAT, version=CALIB_VERSION,
                     sites=sorted(self.sites))
         d = os.path.dirname(os.path.abspath(path))
@@ -172,6 +183,15 @@ def load_calibration(path) -> Calibration:
             cs = sc.channel_scale = cs.float()
             ok = ok and tuple(cs.shape) == (h,) and bool(torch.isfinite(cs).all()) and bool(
                 (cs > 0).all())
+        if f"{name}.klt_basis" in tensors:
+            sc.klt_weight = tensors.get(f"{name}.klt_weight")
+            sc.klt_basis = tensors[f"{name}.klt_basis"].float()
+            sc.klt_errors = {int(k.rsplit("_g", 1)[1]): v.float() for k, v in tensors.items()
+                             if k.startswith(f"{name}.klt_errors_g")}
+            ok = ok and sc.klt_weight is not None and tuple(sc.klt_weight.shape) == (h,) and (
+                tuple(sc.klt_basis.shape) == (w, h, h)) and all(
+                tuple(t.shape) == (w, h // g, 9) for g, t in sc.klt_errors.items()) and bool(
+                torch.isfinite(sc.klt_basis).all()) and bool((sc.klt_weight > 0).all())
         if not ok:
             raise CalibrationError(f"{path}: site {name!r} has inconsistent shapes or indices "
                                    f"(tp {w}, hidden {h}, k_per_rank {kw})")

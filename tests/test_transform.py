@@ -1,0 +1,303 @@
+"""klt codecs (comm/transform.py): per-rank calibrated transform coding, one-shot only.
+
+Tables come from TransformStats on synthetic low-rank partial sums (as a row-parallel
+shard's partials are: x_r = a_r B_r with a narrow B_r), or from the real calibrate CLI
+on a tiny model.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from megatron_lite.comm.allreduce import (CodecError, build_communicator, one_shot_all_reduce,
+                                          parse_comm_arg)
+from megatron_lite.comm.codecs import (CodecSpec, GroupCodec, codec_bits, pack_bits,
+                                       parse_codec_spec)
+from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
+from megatron_lite.comm.outlier import CalibrationError, load_calibration
+from megatron_lite.comm.simulate import run_simulated
+from megatron_lite.comm.transform import (MAX_BITS, TransformScheme, TransformStats, allocate,
+                                          basis, coefficient_weight)
+from tests._dist import run_distributed
+from tests.test_calibrate import planted_dir, run_main, text_file  # noqa: F401  (fixtures)
+
+H = 128
+SITES = ("layers.0.self_attn.o_proj", "layers.0.mlp.down_proj")
+
+
+def _sampler(world, seed=0):
+    """Per-rank partial sums of rank 12 + 8 r, with a decaying spectrum (row-parallel
+    shards' partials live in their weight's column space)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = [torch.randn(12 + 8 * r, H, generator=g)
+           * torch.linspace(3.0, 0.2, 12 + 8 * r)[:, None] for r in range(world)]
+
+    def sample(rows):
+        return [torch.randn(rows, m.shape[0], generator=g) @ m for m in mix]
+    return sample
+
+
+def _tables(world, groups=(32, 64), seed=0):
+    sample = _sampler(world, seed)
+    st = TransformStats(world, groups)
+    for site in SITES:
+        for r, x in enumerate(sample(400)):
+            st.update(site, r, x)
+    fisher = torch.rand(H, generator=torch.Generator().manual_seed(seed + 1)) + 0.05
+    st.make_bases({s: fisher for s in SITES})
+    for site in SITES:
+        for r, x in enumerate(sample(200)):
+            st.update(site, r, x)
+    return st, sample, fisher
+
+
+def _scheme(spec, st, site=SITES[0]):
+    d, q, errs = st.tables(site)
+    cs = parse_codec_spec(spec)
+    return TransformScheme(cs, d, q, errs[cs.group_size])
+
+
+# --------------------------------------------------------------------------- pieces
+@pytest.mark.parametrize("bits", [1, 6, 7])
+def test_group_codec_bit_planes_for_6_and_7_bits(bits):
+    c = GroupCodec(f"int{bits}", bits, "asym", 32)
+    x = torch.randn(3, 256) * 5
+    buf = c.encode(x)
+    assert buf.dtype == torch.uint8 and buf.shape == (3, 256 * bits // 8 + 2 * 2 * 8)
+    y = c.decode(buf, 256)
+    assert ((y - x).abs() <= c.error_bound(x)).all()
+    assert c.bits_per_value == bits + 1.0
+    # layout: bit planes of 4, 2 and 1 bits, low bits first, each packed LSB-first
+    q = torch.randint(0, 2 ** bits, (2, 64), dtype=torch.int32)
+    planes, lo = [], 0
+    for p in {1: (1,), 6: (4, 2), 7: (4, 2, 1)}[bits]:
+        planes.append(pack_bits((q >> lo) & (2 ** p - 1), p))
+        lo += p
+    want = torch.cat(planes, -1)
+    assert torch.equal(c._pack(q), want) and torch.equal(c._unpack(want, 64), q)
+
+
+def test_basis_is_orthonormal_sorted_and_signed():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(500, 24, generator=g) @ torch.randn(24, H, generator=g)
+    cov = (a.T.double() @ a.double()) / 500
+    d = coefficient_weight(torch.rand(H, generator=g))
+    q = basis(cov, d)
+    assert torch.allclose(q.T @ q, torch.eye(H), atol=1e-5)
+    lam = torch.diagonal(q.double().T @ (cov * d.double()[:, None] * d.double()) @ q.double())
+    assert (lam[1:] <= lam[:-1] + 1e-9 * lam[0]).all()
+    assert lam[24:].max() < 1e-9 * lam[0]                      # rank 24: the rest is empty
+    top = q.abs().argmax(0)
+    assert (q[top, torch.arange(H)] > 0).all()
+    # weight: geometric mean 1, floor and range
+    w = coefficient_weight(torch.tensor([0.0, 1.0, 4.0, 16.0]))
+    assert abs(float(w.log().mean())) < 1e-6 and (w > 0).all()
+    with pytest.raises(CodecError, match="non-negative"):
+        coefficient_weight(torch.tensor([1.0, -1.0]))
+
+
+def test_allocation_is_the_exact_knapsack_optimum():
+    torch.manual_seed(0)
+    for _ in range(40):
+        ng, group = 3, 32
+        e = torch.rand(ng, MAX_BITS + 1).cumsum(1).flip(1) * torch.rand(ng, 1) * 10
+        e[:, 1] = e[:, 0] * torch.rand(ng) * 2                 # 1 bit may be worse than 0
+        budget = float(torch.rand(1) * 6 + 0.5)
+        bits = allocate(e, group, budget)
+
+        def cost(bb):
+            return sum(0 if b == 0 else group * b + 32 for b in bb)
+        assert cost(bits) <= budget * ng * group
+        opt = min(sum(float(e[g, b]) for g, b in enumerate(bb))
+                  for bb in itertools.product(range(MAX_BITS + 1), repeat=ng)
+                  if cost(bb) <= budget * ng * group)
+        got = sum(float(e[g, b]) for g, b in enumerate(bits))
+        assert got <= opt * (1 + 1e-12) + 1e-12
+
+
+# --------------------------------------------------------------------------- the codec
+def test_scheme_bits_layout_and_gain_over_a_group_codec():
+    st, sample, fisher = _tables(2)
+    sch = _scheme("klt4:32", st)
+    assert sch.bits_per_value <= 4.25 and sch.bits_per_value == 8 * sch.row_bytes / H
+    assert codec_bits("klt4:32") == 4.25 and codec_bits("klt3:64") == 3.25
+    # the low-energy tail gets no bits; the top groups more than 4
+    for r in range(2):
+        assert sch.bits[r][0] > 4 and sch.bits[r][-1] == 0, sch.bits
+    xs = sample(64)
+    int4 = GroupCodec("int4", 4, "asym", 128)                  # the same 4.25 bits/value
+    for r, x in enumerate(xs):
+        buf = sch.encode_partial(x.reshape(4, 16, H), r)
+        assert buf.dtype == torch.uint8 and buf.shape == (64, sch.row_bytes)
+        y = sch.decode_partial(buf, r)
+        e_klt = ((y - x) ** 2 * fisher).sum()
+        e_int4 = ((int4.decode(int4.encode(x), H) - x) ** 2 * fisher).sum()
+        assert e_klt < 0.1 * e_int4, (r, float(e_klt / e_int4))
+        err = sch.own_error(x, r)
+        assert torch.equal(err, y - x)
+
+
+def test_non_finite_rows_stay_loud_and_alone():
+    st, sample, _ = _tables(2)
+    sch = _scheme("klt4:64", st)
+    x = sample(4)[1].clone()
+    x[1, 7] = float("nan")
+    x[2, 0] = float("inf")
+    y = sch.decode_partial(sch.encode_partial(x, 1), 1)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.isfinite(y[[0, 3]]).all()
+    err = sch.own_error(x, 1)
+    assert torch.isfinite(err).all() and (err[1] == 0).all()
+
+
+def _one_shot(comm, sch, xs, dtype):
+    return one_shot_all_reduce(comm, xs[comm.rank].to(dtype), sch)
+
+
+def _one_shot_real(rank, world, sch, xs, dtype):
+    from megatron_lite.comm.communicator import DistCommunicator
+    return _one_shot(DistCommunicator(), sch, xs, dtype)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_one_shot_gloo_equals_simulation_and_the_definition(world):
+    st, sample, _ = _tables(world, seed=world)
+    sch = _scheme("klt4:32", st)
+    xs = torch.stack(sample(10)).reshape(world, 2, 5, H)
+    for dtype in (torch.float32, torch.bfloat16):
+        sim = run_simulated(_one_shot, world, sch, xs, dtype)
+        real = run_distributed(_one_shot_real, world, sch, xs, dtype)
+        acc = sch.decode_partial(sch.encode_partial(xs[0].to(dtype), 0), 0)
+        for r in range(1, world):
+            acc = acc + sch.decode_partial(sch.encode_partial(xs[r].to(dtype), r), r)
+        want = acc.to(dtype).reshape(2, 5, H)
+        for y in sim + real:
+            assert y.dtype == dtype and torch.equal(y, want)
+        exact = xs.sum(0)
+        assert (want.float() - exact).norm() < 0.05 * exact.norm()
+
+
+def test_config_and_scheme_refusals(tmp_path):
+    st, sample, _ = _tables(2)
+    sch = _scheme("klt4:32", st)
+    with pytest.raises(CodecError, match="need algo=one-shot"):
+        parse_comm_arg("klt4:64", calibration="x.safetensors")
+    with pytest.raises(CodecError, match="needs a calibration file"):
+        parse_comm_arg("klt4:64,algo=one-shot")
+    with pytest.raises(CodecError, match="unknown codec"):
+        parse_codec_spec("klt9")
+    with pytest.raises(CodecError, match="channels"):
+        sch.encode_partial(torch.randn(2, 64), 0)
+    with pytest.raises(Exception, match="calibrated for TP 2, the group has 3 ranks"):
+        run_simulated(_one_shot, 3, sch, torch.randn(3, 2, H), torch.float32)
+    with pytest.raises(CodecError, match="needs algo=one-shot"):
+        sch.chunk(torch.randn(2, H), 2)
+    d, q, errs = st.tables(SITES[0])
+    with pytest.raises(CodecError, match="does not divide"):
+        TransformScheme(CodecSpec("klt4", 256), d, q, errs[32])
+
+
+# --------------------------------------------------------------------- the real tools
+def _two_sites(comm, spec, calib, xs):
+    c = build_communicator(comm, spec, calibration=calib)
+    c.all_reduce(xs[0][comm.rank], "embed_tokens")
+    return [c.all_reduce(xs[i + 1][comm.rank], s) for i, s in enumerate(SITES_TINY)]
+
+
+def _two_sites_real(rank, world, spec, calib, xs):
+    from megatron_lite.comm.communicator import DistCommunicator
+    return _two_sites(DistCommunicator(), spec, calib, xs)
+
+
+SITES_TINY = ("layers.0.self_attn.o_proj", "layers.0.mlp.down_proj")
+
+
+def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, tmp_path,  # noqa: F811
+                                                         capsys):
+    out = tmp_path / "klt.safetensors"
+    common = ["--ckpt", planted_dir, "--text", text_file, "--tp", "2", "--num-seqs", "8",
+              "--seq-len", "48", "--no-progress", "--scale-seqs", "4"]
+    rc, err = run_main("calibrate", common + ["--out", out, "--transform",
+                                              "--transform-seqs", "4"], capsys)
+    assert rc == 0, err
+    calib = load_calibration(str(out))
+    assert calib.meta["transform"]["table_seqs"] == 4
+    sc = calib.sites["layers.1.mlp.down_proj"]
+    assert sc.klt_basis.shape == (2, 64, 64) and sorted(sc.klt_errors) == [32, 64]
+    assert torch.allclose(sc.klt_basis[0].T @ sc.klt_basis[0], torch.eye(64), atol=1e-5)
+    assert calib.sites["embed_tokens"].klt_basis is None
+
+    # bad input: one line, nothing written
+    bad = tmp_path / "bad.safetensors"
+    for extra, msg in [(["--transform", "--scale-seqs", "0"], "--transform needs channel"),
+                       (["--transform", "--transform-seqs", "0"], "--transform-seqs")]:
+        rc, err = run_main("calibrate", common + ["--out", bad] + extra, capsys)
+        assert rc == 1 and msg in err and len(err.strip().splitlines()) == 1, err
+        assert not bad.exists()
+
+    js = tmp_path / "e.json"
+    base = ["--ckpt", planted_dir, "--tp", "2", "--text", text_file, "--window", "32",
+            "--max-tokens", "124", "--no-progress", "--json", js, "--calibration", out]
+    rc, err = run_main("evaluate", base + ["--comm", "int4:64,algo=one-shot",
+                                           "--comm", "klt4:32,algo=one-shot",
+                                           "--comm", "ef+klt4:32,algo=one-shot"], capsys)
+    assert rc == 0, err
+    rows = {r["codec"]: r for r in json.loads(js.read_text())["rows"]}
+    k4 = rows["klt4:32,algo=one-shot"]
+    assert 3.5 <= k4["bits_per_value"] <= 4.25      # hidden 64: two groups of 32
+    assert k4["kl"] < 0.5 * rows["int4:64,algo=one-shot"]["kl"]
+    assert 0 < rows["ef+klt4:32,algo=one-shot"]["kl"] < 0.05
+
+    # A file without tables is refused in one line; two-step is refused.
+    plain = tmp_path / "plain.safetensors"
+    assert run_main("calibrate", common + ["--out", plain], capsys)[0] == 0
+    js.unlink()
+    rc, err = run_main("evaluate", base[:-1] + [plain, "--comm", "klt4:64,algo=one-shot"],
+                       capsys)
+    assert rc == 1 and "no transform tables" in err and len(err.strip().splitlines()) == 1, err
+    rc, err = run_main("evaluate", base + ["--comm", "klt4:64"], capsys)
+    assert rc == 1 and "need algo=one-shot" in err, err
+    assert not js.exists()
+    cfg = parse_comm_arg("klt4:128,algo=one-shot", calibration=str(out))
+    with pytest.raises(CalibrationError, match="no transform tables for group size 128"):
+        cfg.codec_for("layers.0.mlp.down_proj")
+
+    # Real gloo ranks equal simulated ranks bit for bit, with and without feedback; the
+    # feedback's second reduce pays the first one's error.
+    torch.manual_seed(0)
+    xs = torch.randn(3, 2, 6, 64)
+    for spec in ("klt4:32,algo=one-shot", "ef+klt4:32,algo=one-shot"):
+        sim = run_simulated(_two_sites, 2, spec, str(out), xs)
+        real = run_distributed(_two_sites_real, 2, spec, str(out), xs)
+        for r in sim[1:] + real:
+            assert all(torch.equal(a, b) for a, b in zip(r, sim[0])), spec
+    # Feedback (pre-norm rule): rank r's second message is x2_r minus its own coding
+    # error of the first; the second sum is exactly the klt sum of those messages.
+    plain_y = run_simulated(_two_sites, 2, "klt4:32,algo=one-shot", str(out), xs)[0]
+    ef_y = run_simulated(_two_sites, 2, "ef+klt4:32,algo=one-shot", str(out), xs)[0]
+    assert torch.equal(ef_y[0], plain_y[0])
+    cfg = parse_comm_arg("klt4:32,algo=one-shot", calibration=str(out))
+    s1, s2 = (cfg.codec_for(s) for s in SITES_TINY)
+    want = sum(s2.decode_partial(s2.encode_partial(xs[2][r] - s1.own_error(xs[1][r], r), r), r)
+               for r in range(2))
+    assert torch.equal(ef_y[1], want.reshape(ef_y[1].shape))
+    assert not torch.equal(ef_y[1], plain_y[1])
+
+
+def test_ef_on_klt_explains_its_path(planted_dir, text_file, tmp_path, capsys):  # noqa: F811
+    from megatron_lite.comm.simulate import make_thread_communicators
+    out = tmp_path / "klt.safetensors"
+    rc, err = run_main("calibrate", ["--ckpt", planted_dir, "--text", text_file, "--tp", "2",
+                                     "--num-seqs", "4", "--seq-len", "48", "--no-progress",
+                                     "--scale-seqs", "2", "--transform", "--transform-seqs",
+                                     "2", "--out", out], capsys)
+    assert rc == 0, err
+    c = build_communicator(make_thread_communicators(2)[0], "ef+klt4:64,algo=one-shot",
+                           calibration=str(out))
+    assert isinstance(c, ErrorFeedbackCommunicator)
+    x = torch.zeros(3, 64)
+    assert c.explain(x, "layers.0.mlp.down_proj") == \
+        "error feedback, portable one-shot with klt4:64"
