@@ -301,3 +301,19 @@ def test_ef_on_klt_explains_its_path(planted_dir, text_file, tmp_path, capsys): 
     x = torch.zeros(3, 64)
     assert c.explain(x, "layers.0.mlp.down_proj") == \
         "error feedback, portable one-shot with klt4:64"
+
+
+def test_bench_synthetic_klt_source_and_scheme():
+    """tools/bench_allreduce.py times klt codecs with a synthetic basis (it has no
+    calibration file): the allocation mixes widths, messages drawn from its source code
+    well, and the one-shot sum over threads equals the definition."""
+    from tests.test_calibrate import load_tool
+    bench = load_tool("bench_allreduce")
+    sch = bench.bench_codec("klt4:64", 512, 3)
+    assert len({b for b in sch.bits[0]}) >= 3 and sch.bits_per_value <= 4.25
+    x = torch.randn(3, 16 * 512)
+    msgs = torch.stack([bench.klt_input(x[r], sch, r) for r in range(3)])
+    ys = run_simulated(lambda c: one_shot_all_reduce(c, bench._shaped(msgs[c.rank], sch), sch), 3)
+    exact = msgs.sum(0).view(-1, 512)
+    assert all(torch.equal(y, ys[0]) for y in ys)
+    assert (ys[0] - exact).norm() < 0.1 * exact.norm()      # int4:128 one-shot: ~0.10

@@ -23,7 +23,9 @@ an all-gather of every rank's codes), ``one-shot-k`` (the same algorithm with th
 quantize and dequantize-and-sum kernels around NCCL's all-gather, what ``algo=one-shot``
 runs on an NCCL group), ``ef-one-shot-k`` (``ef+CODEC,algo=one-shot`` as the engine runs it:
 error feedback on those kernels, pre-norm rule, every call paying the previous one's
-error; not for ``weighted-`` codecs, which need a calibration file), ``auto`` (thresholds derived
+error; not for ``weighted-`` codecs, which need a calibration file; ``klt`` codecs in
+--one-shot-codecs run on ``one-shot-q`` only, with a synthetic per-rank basis and inputs
+drawn from its source, :func:`synthetic_klt`), ``auto`` (thresholds derived
 from this run's nccl/oneshot/fused rows, then measured through the auto dispatch).
 Output: a table, a plot (latency and speed-up vs size) and --json.
 """
@@ -85,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--two-step-codecs", default="int4:128,int8:128",
                    help="codecs for the portable two-step backend ('' to skip)")
     p.add_argument("--one-shot-codecs", default="int4:128",
-                   help="codecs for the quantized one-shot backends ('' to skip)")
+                   help="codecs for the quantized one-shot backends ('' to skip; klt "
+                        "codecs: one-shot-q only, synthetic basis over --channels)")
     p.add_argument("--auto-codec", default="int4:128", help="codec the auto backend serves")
     p.add_argument("--backends",
                    default="nccl,oneshot,fused,two-step,one-shot-q,one-shot-k,ef-one-shot-k,auto")
@@ -121,12 +124,14 @@ def parse_args(argv=None):
     return a
 
 
-def bench_codec(spec: str, channels: int):
+def bench_codec(spec: str, channels: int, world: int = 1):
     """The codec of ``spec``; ``weighted-`` codecs get random static channel scales (seed 0,
     the same on every rank, log-uniform in [1/4, 4]): their speed does not depend on the
     values of the scales, and a benchmark has no calibration file."""
     from megatron_lite.comm.codecs import get_codec, parse_codec_spec
     cs = parse_codec_spec(spec)
+    if cs.name.startswith("klt"):
+        return synthetic_klt(cs, channels, world)
     if not cs.name.startswith("weighted-"):
         return get_codec(cs)
     from megatron_lite.comm.weighting import WeightedScheme
@@ -134,8 +139,40 @@ def bench_codec(spec: str, channels: int):
     return WeightedScheme(cs, torch.exp((torch.rand(channels, generator=g) * 2 - 1) * math.log(4)))
 
 
+def synthetic_klt(cs, channels: int, world: int):
+    """A ``kltN`` scheme without a calibration file (seed 0, the same on every rank): per
+    rank a random orthogonal basis, unit weights, and error tables of a Gaussian source
+    whose coefficient variances decay as exp(-6 i / channels) (so the allocation mixes
+    widths, as a real file's does). Its speed depends on the shapes and the allocation,
+    not on the basis values; :func:`klt_input` draws messages from that source so the
+    error check means something."""
+    from megatron_lite.comm.transform import MAX_BITS, TransformScheme
+    g = torch.Generator().manual_seed(0)
+    q = torch.stack([torch.linalg.qr(torch.randn(channels, channels, generator=g))[0]
+                     for _ in range(world)])
+    lam = torch.exp(-6.0 * torch.arange(channels, dtype=torch.float64) / channels)
+    grp = lam.view(-1, cs.group_size).sum(1)
+    # relative error of a b-bit min/max group code on Gaussian values ~ 2.7 * 4^-b
+    rel = torch.tensor([1.0] + [min(1.0, 2.7 * 4.0 ** -b) for b in range(1, MAX_BITS + 1)],
+                       dtype=torch.float64)
+    errors = (grp[:, None] * rel[None, :]).expand(world, -1, -1).contiguous()
+    sch = TransformScheme(cs, torch.ones(channels), q, errors)
+    sch.source_scale, sch.source_basis = lam.sqrt().float(), q
+    return sch
+
+
+def klt_input(x: torch.Tensor, codec, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s message from the synthetic source of :func:`synthetic_klt`: the
+    random values as coefficients, scaled and rotated back to channels."""
+    z = x.view(-1, codec.hidden).float() * codec.source_scale.to(x.device)
+    return (z @ codec.source_basis[rank].to(x.device).T).to(x.dtype).view(-1)
+
+
 def _shaped(x: torch.Tensor, codec) -> torch.Tensor:
-    """weighted- codecs scale the last dim: view the flat message as [-1, channels]."""
+    """weighted- codecs scale the last dim: view the flat message as [-1, channels] (klt
+    codecs: [-1, hidden])."""
+    if hasattr(codec, "encode_partial"):       # klt: rows of its hidden size
+        return x.view(-1, codec.hidden)
     scale = getattr(codec, "scale", None)
     return x.view(-1, scale.numel()) if scale is not None else x
 
@@ -325,7 +362,9 @@ def main(argv=None) -> int:
         two_codecs = [bench_codec(c, args.channels) for c in args.two_step_codecs.split(",")
                       if c.strip()]
         one_codecs = [bench_codec(c, args.channels) for c in args.one_shot_codecs.split(",")
-                      if c.strip()]
+                      if c.strip() and not c.strip().startswith("klt")]
+        klt_codecs = [bench_codec(c, args.channels, world)
+                      for c in args.one_shot_codecs.split(",") if c.strip().startswith("klt")]
         auto_codec = get_codec(args.auto_codec)
     except CodecError as e:
         if rank == 0:
@@ -377,6 +416,9 @@ def main(argv=None) -> int:
             for c in one_codecs:
                 v.append(("one-shot-q", c.spec, lambda x, c=c: one_shot_all_reduce(
                     base, _shaped(x, c), scheme_for(c)).view(-1)))
+            for c in klt_codecs:
+                v.append(("one-shot-q", c.spec, lambda x, c=c: one_shot_all_reduce(
+                    base, _shaped(x, c), c).view(-1), lambda x, c=c: klt_input(x, c, rank)))
         if "one-shot-k" in args.backends:
             for c in one_codecs:
                 v.append(("one-shot-k", c.spec, lambda x, c=c:
@@ -399,8 +441,12 @@ def main(argv=None) -> int:
     rows, inputs = [], {}
     nccl_us = {}
 
-    def measure(nbytes, backend, spec, fn):
+    def measure(nbytes, backend, spec, fn, prep=None):
         x, ref = inputs[nbytes]
+        if prep is not None:             # a variant with its own source (klt codecs)
+            x = prep(x)
+            ref = x.float()
+            dist.all_reduce(ref)
         out = fn(x)
         torch.cuda.synchronize()
         rel, same = check(out, ref)
@@ -427,9 +473,9 @@ def main(argv=None) -> int:
     bar = tqdm(sizes, desc="sizes", disable=rank != 0)
     for nbytes in bar:
         make_inputs(nbytes)
-        for backend, spec, fn in variants_for(nbytes):
+        for backend, spec, fn, *prep in variants_for(nbytes):
             bar.set_postfix_str(f"{backend} {spec}")
-            measure(nbytes, backend, spec, fn)
+            measure(nbytes, backend, spec, fn, *prep)
         if state.ws is not None:
             state.ws.check()
         if "auto" not in args.backends:
