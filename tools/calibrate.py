@@ -20,6 +20,13 @@ which measures every row-parallel output's per-channel RMS and diagonal Fisher; 
 then carries ``s_c = F_c^(1/4) / rms_c^(1/2)`` per site. They depend on the model only, so
 this needs an HF directory (a shard directory holds one TP size's shards): with a shard
 directory the default is ``--scale-seqs 0``, and then the file has no channel scales.
+
+Tables for the ``klt`` codecs (``--transform``; ``megatron_lite/comm/transform.py``):
+the first pass also sums, per site and rank, the second moment of the partial sums; with
+the Fisher from the channel-scale pass every rank gets its basis, and a second pass over
+``--transform-seqs`` (default 8) windows measures the coded error of every coefficient
+group at 0-8 bits. Simulated TP only (the second pass needs the TP-1 Fisher in the same
+process). The file grows by W x H x H fp32 per site (236 MB for Gemma-3-270M at TP 4).
 """
 from __future__ import annotations
 

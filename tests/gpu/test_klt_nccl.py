@@ -3,7 +3,9 @@
 Their transform is a dense matmul, whose bits depend on the BLAS: so the claims checked
 here are that every rank holds bitwise the same sum, that it equals the definition
 computed on the same GPU (each partial encoded with its rank's basis, all decoded and
-summed in rank order), and that it agrees with the CPU reference to matmul rounding.
+summed in rank order), and that it agrees with the CPU reference to within a few codes
+moved by one step (2 x H200: 0 and 1.9e-4 of the sum's norm at 1 and 37 tokens, against
+a coding error of 5.4e-3 and 6.0e-3).
 """
 import pytest
 import torch
@@ -69,4 +71,6 @@ def test_klt_one_shot_over_nccl(world):
         assert all(same_bits(y, ys[0]) for y in ys)
         assert all(r[i][2] for r in res)
         assert rel < 0.05
-        assert rel_cpu < 1e-2 * max(rel, 1e-3)
+        # matmul rounding differs between cuBLAS and the CPU BLAS: a coefficient on a
+        # rounding boundary may take the neighbouring code (one step), nothing more
+        assert rel_cpu < 0.1 * rel
