@@ -119,6 +119,10 @@ def parse_args(argv=None):
     if a.channels < 1 or (a.min_b // 2) % a.channels:
         raise BenchError(f"--channels {a.channels} must divide the smallest message "
                          f"({a.min_b // 2} values)")
+    for opt in ("codecs", "two_step_codecs"):
+        if any(c.strip().startswith("klt") for c in getattr(a, opt).split(",")):
+            raise BenchError(f"--{opt.replace('_', '-')}: klt codecs run one-shot only "
+                             "(--one-shot-codecs)")
     if "nccl" not in a.backends:
         raise BenchError("the nccl backend is the baseline and cannot be skipped")
     return a

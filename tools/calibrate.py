@@ -24,8 +24,8 @@ directory the default is ``--scale-seqs 0``, and then the file has no channel sc
 Tables for the ``klt`` codecs (``--transform``; ``megatron_lite/comm/transform.py``):
 the first pass also sums, per site and rank, the second moment of the partial sums; with
 the Fisher from the channel-scale pass every rank gets its basis, and a second pass over
-``--transform-seqs`` (default 8) windows measures the coded error of every coefficient
-group at 0-8 bits. Simulated TP only (the second pass needs the TP-1 Fisher in the same
+``--transform-seqs`` (default min(8, ``--num-seqs``)) windows measures the coded error
+of every coefficient group at 0-8 bits. Simulated TP only (the second pass needs the TP-1 Fisher in the same
 process). The file grows by W x H x H fp32 per site (236 MB for Gemma-3-270M at TP 4).
 """
 from __future__ import annotations
@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the klt codecs' tables: per-rank bases of the partial "
                         "sums and their coefficient-group error tables (needs the HF "
                         "checkpoint: the bases are Fisher-weighted; comm/transform.py)")
-    p.add_argument("--transform-seqs", type=int, default=8,
-                   help="sequences for the klt error tables (default 8; the bases use "
-                        "--num-seqs)")
+    p.add_argument("--transform-seqs", type=int, default=None,
+                   help="sequences for the klt error tables (default min(8, --num-seqs); "
+                        "the bases use --num-seqs)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -123,6 +123,8 @@ def main(argv=None) -> int:
         if args.transform and not args.scale_seqs:
             raise EvalDataError("--transform needs channel statistics (the HF checkpoint "
                                 "and --scale-seqs > 0)")
+        if args.transform_seqs is None:
+            args.transform_seqs = min(8, args.num_seqs)
         if args.transform and not 1 <= args.transform_seqs <= args.num_seqs:
             raise EvalDataError(f"--transform-seqs must be in [1, --num-seqs], got "
                                 f"{args.transform_seqs}")
@@ -171,12 +173,7 @@ def main(argv=None) -> int:
         rec = RecordingCommunicator(comm, stats)
         return rec if tstats is None else TransformRecorder(rec, tstats)
 
-    def merge_both(comm):
-        stats.merge_ranks(comm)
-        if tstats is not None:
-            tstats.merge_ranks(comm)
-
-    record(both, windows, "calibrate", merge_both)
+    record(both, windows, "calibrate", stats.merge_ranks)   # torchrun: --transform refused
     if rank != 0:
         return 0
     scales, scale_meta = {}, None
@@ -201,7 +198,7 @@ def main(argv=None) -> int:
         # Pass 2 needs the bases, which need the Fisher (measured above at TP 1).
         tstats.make_bases(fisher)
         record(lambda comm: TransformRecorder(comm, tstats), windows[:args.transform_seqs],
-               "klt tables", tstats.merge_ranks)
+               "klt tables", None)
     calib = build_calibration(
         stats.as_dict(), k=k, tp=tp, model=model_name(args.ckpt, hf_config),
         fingerprint=model_fingerprint(hf_config),
@@ -214,7 +211,7 @@ def main(argv=None) -> int:
             sc.klt_weight, sc.klt_basis, sc.klt_errors = tstats.tables(site)
     if tstats is not None:
         calib.meta["transform"] = {"num_seqs": len(windows), "table_seqs": args.transform_seqs,
-                                   "groups": list(tstats.groups)}
+                                   "groups": sorted(next(iter(tstats.errors.values())))}
     if scale_meta:
         calib.meta["channel_scales"] = scale_meta
     calib.save(args.out)

@@ -19,9 +19,10 @@ Byte layout (structure of arrays, little-endian, G = n / g groups)::
   packed as 1-bit: n/8 bytes]`` (5 bits per value; reference only, no fused kernel).
   6 and 7 bits (only inside the ``klt`` codecs, comm/transform.py) follow the same rule:
   planes of 4, 2 and 1 bits, low bits first (6 = 4 + 2, 7 = 4 + 2 + 1).
-* meta arrays hold bf16 bit patterns. Asymmetric codecs (int5, int4, int3, int2): array 0 is the
-  step ``s``, array 1 the offset ``m``. Symmetric codecs (int8, int4-sym, fp8): array 0 is
-  the group's bound ``A`` (no array 1).
+* meta arrays hold bf16 bit patterns. Asymmetric codecs (int5, int4, int3, int2, and the
+  1- to 8-bit widths inside ``klt``; 8-bit codes one byte each): array 0 is the step
+  ``s``, array 1 the offset ``m``. Symmetric codecs (int8, int4-sym, fp8): array 0 is the
+  group's bound ``A`` (no array 1).
 
 Arithmetic (all fp32, every division and product IEEE round-to-nearest-even, ``rint`` is
 round-half-to-even; a kernel must use correctly rounded division, e.g. ``div_rn``)::

@@ -128,6 +128,9 @@ class Calibration:
             if sc.channel_scale is not None:
                 tensors[f"{name}.channel_scale"] = sc.channel_scale.float().contiguous()
             if sc.klt_basis is not None:
+                if sc.klt_weight is None or not sc.klt_errors:
+                    raise CalibrationError(f"site {name!r}: klt tables incomplete (a basis "
+                                           "needs its weight and error tables)")
                 tensors[f"{name}.klt_weight"] = sc.klt_weight.float().contiguous()
                 tensors[f"{name}.klt_basis"] = sc.klt_basis.float().contiguous()
                 for g, t in sc.klt_errors.items():
@@ -184,19 +187,44 @@ def load_calibration(path) -> Calibration:
             ok = ok and tuple(cs.shape) == (h,) and bool(torch.isfinite(cs).all()) and bool(
                 (cs > 0).all())
         if f"{name}.klt_basis" in tensors:
-            sc.klt_weight = tensors.get(f"{name}.klt_weight")
-            sc.klt_basis = tensors[f"{name}.klt_basis"].float()
-            sc.klt_errors = {int(k.rsplit("_g", 1)[1]): v.float() for k, v in tensors.items()
-                             if k.startswith(f"{name}.klt_errors_g")}
-            ok = ok and sc.klt_weight is not None and tuple(sc.klt_weight.shape) == (h,) and (
-                tuple(sc.klt_basis.shape) == (w, h, h)) and all(
-                tuple(t.shape) == (w, h // g, 9) for g, t in sc.klt_errors.items()) and bool(
-                torch.isfinite(sc.klt_basis).all()) and bool((sc.klt_weight > 0).all())
+            _load_klt(path, name, tensors, sc, w, h)
         if not ok:
             raise CalibrationError(f"{path}: site {name!r} has inconsistent shapes or indices "
                                    f"(tp {w}, hidden {h}, k_per_rank {kw})")
         sites[name] = sc
     return Calibration(meta, sites)
+
+
+def _load_klt(path, name: str, tensors: dict, sc: SiteCalibration, w: int, h: int) -> None:
+    """The klt tables of one site (comm/transform.py), checked: weight finite and positive,
+    basis finite, one error table per group size that divides H, finite, non-negative."""
+    from megatron_lite.comm.codecs import GROUP_SIZES
+    weight, basis = tensors.get(f"{name}.klt_weight"), tensors[f"{name}.klt_basis"].float()
+    errors, why = {}, None
+    pre = f"{name}.klt_errors_g"
+    for k, v in tensors.items():
+        if k.startswith(pre):
+            g = k[len(pre):]
+            if not g.isdigit() or int(g) not in GROUP_SIZES or h % int(g):
+                why = f"error table {k!r} names no group size that divides hidden {h}"
+                break
+            errors[int(g)] = v.float()
+    if why is None and (weight is None or tuple(weight.shape) != (h,)
+                        or not bool(torch.isfinite(weight).all()) or not bool((weight > 0).all())):
+        why = "klt_weight is missing or not a finite positive [hidden] vector"
+    if why is None and (tuple(basis.shape) != (w, h, h) or not bool(torch.isfinite(basis).all())):
+        why = f"klt_basis is not a finite [{w}, {h}, {h}] tensor"
+    if why is None and not errors:
+        why = "klt tables incomplete: no error table"
+    if why is None:
+        for g, t in errors.items():
+            if tuple(t.shape) != (w, h // g, 9) or not bool(torch.isfinite(t).all()) or bool(
+                    (t < 0).any()):
+                why = f"klt error table for group size {g} is not finite, non-negative [{w}, {h // g}, 9]"
+                break
+    if why is not None:
+        raise CalibrationError(f"{path}: site {name!r}: {why}")
+    sc.klt_weight, sc.klt_basis, sc.klt_errors = weight.float(), basis, errors
 
 
 def balanced_k(k: int, hidden: int, tp: int) -> int:

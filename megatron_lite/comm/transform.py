@@ -56,9 +56,10 @@ kind of device (as the tests check), not across devices. A non-finite value in a
 and the inverse transform spreads that NaN over the whole row: a poisoned row stays
 loud, as in the group codecs.
 
-Cost: the decode basis of every rank, ``W * H * H`` fp32 per site on every rank, and
-two dense ``H``-wide products per message (the encode product can be folded into the
-row-parallel weight, the decode one cannot). No Triton kernel: on GPU it runs the
+Cost: the decode basis of every rank, ``W * H * H`` fp32 per site on every rank (plus
+the loaded calibration file until it is dropped), and per message row one ``H x k``
+encode product and ``W`` decode products (``k`` the coded coefficients; the encode
+product could be folded into the row-parallel weight, the decode ones cannot). No Triton kernel: on GPU it runs the
 portable one-shot path (torch matmuls around NCCL's all-gather).
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ def coefficient_weight(fisher: torch.Tensor) -> torch.Tensor:
     if f.dim() != 1 or not torch.isfinite(f).all() or (f < 0).any():
         raise CodecError("Fisher statistics must be a finite non-negative 1-D tensor")
     med = f.median()
-    f = f.clamp_min(float(med) * FLOOR if med > 0 else 1.0)
+    f = f.clamp_min(float((med if med > 0 else f.max().clamp_min(1e-30)) * FLOOR))
     d = f.sqrt()
     d = d / d.log().mean().exp()
     return d.clamp(1 / SCALE_RANGE, SCALE_RANGE).float()
@@ -181,6 +182,12 @@ class TransformScheme:
         self.budget = budget_bits(cs.name)
         self.weight = weight.float().contiguous()
         self.bits = [allocate(errors[r], g, self.budget) for r in range(w)]
+        for b in self.bits:
+            # A rank whose calibration partials were all zero (a dead shard) would code
+            # nothing, and a NaN in its message would vanish: it keeps one 2-bit group,
+            # which carries the NaN (and costs 2 G + 32 bits, well inside any budget).
+            if not any(b):
+                b[0] = 2
         # per rank: coded coefficient indices (in wire order) and the codecs of the row
         self._cols, self._parts, nbytes = [], [], []
         for r in range(w):
@@ -277,7 +284,8 @@ def transform_codec(cs: CodecSpec, calibration, site: Optional[str]) -> Transfor
 class TransformStats:
     """Accumulates, per site and rank, the second moment of the partial sums (pass 1) or
     the coefficient-group error tables in a given basis (pass 2). One instance serves the
-    simulated ranks of one process; real ranks merge with :meth:`merge_ranks`."""
+    simulated ranks of one process (tools/calibrate.py runs ``--transform`` simulated
+    only: pass 2 needs the TP-1 Fisher in the same process)."""
 
     def __init__(self, world_size: int, groups: Sequence[int] = GROUP_SIZES):
         self.world_size, self.groups = world_size, tuple(groups)
@@ -308,17 +316,6 @@ class TransformStats:
                 t[rank] += group_errors(z, g)
         self.rows[site][rank] += xs.shape[0]
 
-    def merge_ranks(self, comm) -> None:
-        """Real multi-process run: gather every rank's rows (a collective)."""
-        if comm.world_size == 1:
-            return
-        r = comm.rank
-        for site in sorted(self.rows):
-            tabs = [self.cov[site]] if self.bases is None else list(self.errors[site].values())
-            for t in tabs:
-                t.copy_(comm.all_gather(t[r:r + 1].contiguous(), dim=0))
-            self.rows[site] = comm.all_gather(self.rows[site][r:r + 1].contiguous(), dim=0)
-
     def make_bases(self, fisher: Dict[str, torch.Tensor]) -> None:
         """End pass 1: weights and per-rank bases from the moments and the Fisher."""
         self.bases = {}
@@ -331,7 +328,8 @@ class TransformStats:
             self.rows[site] = torch.zeros_like(self.rows[site])
 
     def tables(self, site: str):
-        """``(weight, bases, {G: errors})`` of a site after pass 2."""
+        """``(weight, bases, {G: errors})`` of a site after pass 2 (group sizes that
+        divide H only)."""
         d, q = self.bases[site]
         return d, q, {g: t.float() for g, t in self.errors[site].items()}
 
