@@ -364,17 +364,26 @@ def _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND: tl.constexpr, BITS: tl.con
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, buf_ptr, n, nbytes_row, NG: tl.constexpr, G: tl.constexpr,
-                     KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
-                     C2: tl.constexpr, ROT: tl.constexpr, LOG2G: tl.constexpr, RSCALE):
+def _load_row_tile(x_ptr, n, NG: tl.constexpr, G: tl.constexpr, ROT: tl.constexpr,
+                   LOG2G: tl.constexpr, RSCALE):
+    """This program's tile of whole groups: ``(row, t0, gmask, offs, x)``, x in fp32 and,
+    for hadamard- codecs, already rotated group by group."""
     row = tl.program_id(0)
     t0 = tl.program_id(1) * (NG * G)
     gi = tl.arange(0, NG)
     gmask = (t0 + gi * G) < n
     offs = row.to(tl.int64) * n + t0 + gi[:, None] * G + tl.arange(0, G)[None, :]
     x = load_f32(x_ptr, offs, gmask[:, None])
-    if ROT:                 # hadamard-: rotate each group first (the tile is whole groups)
+    if ROT:
         x = maps.fwht_tile(x, NG, G, LOG2G, RSCALE)
+    return row, t0, gmask, offs, x
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, buf_ptr, n, nbytes_row, NG: tl.constexpr, G: tl.constexpr,
+                     KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
+                     C2: tl.constexpr, ROT: tl.constexpr, LOG2G: tl.constexpr, RSCALE):
+    row, t0, gmask, offs, x = _load_row_tile(x_ptr, n, NG, G, ROT, LOG2G, RSCALE)
     pay, p1, m0, m1 = _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND, BITS, G)
     encode_tile(x, pay, p1, m0, m1, gmask, NG, G, KIND, BITS, QMAX, C2)
 
@@ -413,14 +422,7 @@ def _error_kernel(x_ptr, buf_ptr, out_ptr, n, nbytes_row, LIM: tl.constexpr,
                   QMAX: tl.constexpr, ROT: tl.constexpr, LOG2G: tl.constexpr, RSCALE):
     """out[r] = nan_to_num(rot(decode(buf[r]) - rot(x[r]))): the quantization error of
     each row in the original basis, as comm/feedback.own_error computes it."""
-    row = tl.program_id(0)
-    t0 = tl.program_id(1) * (NG * G)
-    gi = tl.arange(0, NG)
-    gmask = (t0 + gi * G) < n
-    offs = row.to(tl.int64) * n + t0 + gi[:, None] * G + tl.arange(0, G)[None, :]
-    x = load_f32(x_ptr, offs, gmask[:, None])
-    if ROT:
-        x = maps.fwht_tile(x, NG, G, LOG2G, RSCALE)
+    row, t0, gmask, offs, x = _load_row_tile(x_ptr, n, NG, G, ROT, LOG2G, RSCALE)
     pay, p1, m0, m1 = _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND, BITS, G)
     d = decode_tile(pay, p1, m0, m1, gmask, LIM, NG, G, KIND, BITS, QMAX) - x
     if ROT:
