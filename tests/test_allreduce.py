@@ -276,7 +276,7 @@ def test_parse_comm_arg_and_site_resolution():
     ("int4,layers.0.*", "expected GLOB=CODEC"), ("int4,*.o_proj=int7", "unknown codec"),
     ("int4,min_bytes=lots", "bad size"), ("int4,=int8", "empty site pattern"),
     ("outlier-int4", "needs a calibration file"), ("int4,path=fast", "expected one of auto"),
-    ("int4,path", "path=PATH or algo=ALGO"), ("int4,algo=ring", "expected one of two-step"),
+    ("int4,path", "algo=ALGO or budget=site|model"), ("int4,algo=ring", "expected one of two-step"),
     ("int6,algo=one-shot", "two-stage codec"),
     ("int8,*.o_proj=hadamard-int4-int8:64,algo=one-shot", "two-stage codec"),
     ("int4,path=fused,algo=one-shot", "path=fused runs the fused two-shot kernel"),

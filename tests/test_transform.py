@@ -20,7 +20,7 @@ from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
 from megatron_lite.comm.outlier import CalibrationError, load_calibration
 from megatron_lite.comm.simulate import run_simulated
 from megatron_lite.comm.transform import (MAX_BITS, TransformScheme, TransformStats, allocate,
-                                          basis, coefficient_weight)
+                                          basis, coefficient_weight, loss_scale, model_budgets)
 from tests._dist import run_distributed
 from tests.test_calibrate import planted_dir, run_main, text_file  # noqa: F401  (fixtures)
 
@@ -55,7 +55,7 @@ def _tables(world, groups=(32, 64), seed=0):
 
 
 def _scheme(spec, st, site=SITES[0]):
-    d, q, errs = st.tables(site)
+    d, q, errs, _ = st.tables(site)
     cs = parse_codec_spec(spec)
     return TransformScheme(cs, d, q, errs[cs.group_size])
 
@@ -118,6 +118,58 @@ def test_allocation_is_the_exact_knapsack_optimum(group):
                   if cost(bb) <= budget * ng * group)
         got = sum(float(e[g, b]) for g, b in enumerate(bits))
         assert got <= opt * (1 + 1e-12) + 1e-12
+
+
+def _site_curve(errors, group, units):
+    """Least summed error of a site's ranks at a cap of ``units`` 32-bit units (brute force)."""
+    w, ng, _ = errors.shape
+    tot = 0.0
+    for r in range(w):
+        tot += min(sum(float(errors[r, g, b]) for g, b in enumerate(bb))
+                   for bb in itertools.product(range(MAX_BITS + 1), repeat=ng)
+                   if sum(0 if b == 0 else (group * b + 32) // 32 for b in bb) <= units)
+    return tot
+
+
+def test_model_budgets_are_the_exact_optimum_over_sites():
+    """Three sites (TP 2, two groups of 32 each): model_budgets' split of the summed
+    budget equals the brute-force optimum over every split, stays within the budget, and
+    keeps a 2-bit group per site; a site whose errors weigh more (its loss scale) gets
+    more bits."""
+    group, budget = 32, 3.25
+    g = torch.Generator().manual_seed(3)
+    for trial in range(4):
+        tables = {}
+        for i in range(3):
+            e = torch.rand(2, 2, MAX_BITS + 1, generator=g).cumsum(-1).flip(-1).double()
+            e = e * 4.0 ** -torch.arange(MAX_BITS + 1, dtype=torch.float64)  # ~4x per bit
+            tables[f"layers.{i}.mlp.down_proj"] = (e, float(10 ** (3 * torch.rand(1, generator=g))))
+        got = model_budgets(tables, group, budget)
+        units = {s: round(b * 64 / 32) for s, b in got.items()}      # H = 64
+        assert all(abs(got[s] * 64 / 32 - units[s]) < 1e-9 for s in got)
+        total = int(budget * 64 / 32) * 3
+        assert sum(units.values()) <= total and min(units.values()) >= (2 * group + 32) // 32
+        names = sorted(tables)
+        curves = {s: [_site_curve(tables[s][0], group, u) * tables[s][1]
+                      for u in range(total + 1)] for s in names}
+        best = min(sum(curves[s][u] for s, u in zip(names, us))
+                   for us in itertools.product(range(3, total + 1), repeat=3)
+                   if sum(us) <= total)
+        mine = sum(curves[s][units[s]] for s in names)
+        assert mine <= best * (1 + 1e-9), (trial, mine, best)
+    # scale one site's errors up: its share grows, the others' shrink or stay
+    base = model_budgets(tables, group, budget)
+    heavy = dict(tables)
+    s0 = names[0]
+    heavy[s0] = (tables[s0][0], tables[s0][1] * 1e4)
+    more = model_budgets(heavy, group, budget)
+    assert more[s0] > base[s0] and all(more[s] <= base[s] for s in names[1:])
+    with pytest.raises(CodecError, match="below one 2-bit group"):
+        model_budgets(tables, group, 0.5)
+    # the loss scale: F = scale * d**2 (d normalised to geometric mean 1)
+    f = torch.rand(64, generator=g) + 0.01
+    assert torch.allclose(loss_scale(f) * coefficient_weight(f).double() ** 2, f.double(),
+                          rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- the codec
@@ -188,7 +240,7 @@ def test_uneven_ranks_pad_and_a_dead_rank_still_carries_nan():
     """Ranks with different row lengths pad to the longest in the all-gather; a rank whose
     calibration saw only zeros keeps one 2-bit group, so its NaN stays loud."""
     st, sample, _ = _tables(3, seed=9)
-    d, q, errs = st.tables(SITES[0])
+    d, q, errs, _ = st.tables(SITES[0])
     e = errs[32].clone()
     e[1] *= torch.tensor([1.0, 1e-6, 1e-6, 1e-6]).double()[:, None].float()  # little to code
     e[2] = 0.0                                                   # a dead shard
@@ -212,6 +264,12 @@ def test_config_and_scheme_refusals(tmp_path):
         parse_comm_arg("klt4:64", calibration="x.safetensors")
     with pytest.raises(CodecError, match="needs a calibration file"):
         parse_comm_arg("klt4:64,algo=one-shot")
+    with pytest.raises(CodecError, match="budget=model .* needs a klt codec"):
+        parse_comm_arg("int4:64,budget=model")
+    with pytest.raises(CodecError, match="budget='bits': expected one of site, model"):
+        parse_comm_arg("klt4:64,algo=one-shot,budget=bits", calibration="x.safetensors")
+    cfg = parse_comm_arg("klt4:64,algo=one-shot,budget=model", calibration="x.safetensors")
+    assert str(cfg) == "klt4:64,algo=one-shot,budget=model"
     with pytest.raises(CodecError, match="unknown codec"):
         parse_codec_spec("klt9")
     with pytest.raises(CodecError, match="channels"):
@@ -220,7 +278,7 @@ def test_config_and_scheme_refusals(tmp_path):
         run_simulated(_one_shot, 3, sch, torch.randn(3, 2, H), torch.float32)
     with pytest.raises(CodecError, match="needs algo=one-shot"):
         sch.chunk(torch.randn(2, H), 2)
-    d, q, errs = st.tables(SITES[0])
+    d, q, errs, _ = st.tables(SITES[0])
     with pytest.raises(CodecError, match="does not divide"):
         TransformScheme(CodecSpec("klt4", 256), d, q, errs[32])
 
@@ -255,6 +313,8 @@ def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, 
     assert torch.allclose(sc.klt_basis[0].T @ sc.klt_basis[0], torch.eye(64), atol=1e-5)
     assert calib.sites["embed_tokens"].klt_basis is None
     assert calib.meta["transform"]["groups"] == [32, 64]          # the sizes dividing 64
+    scales = {s: c.klt_loss_scale for s, c in calib.sites.items() if c.klt_basis is not None}
+    assert len(scales) == 6 and all(0 < v < float("inf") for v in scales.values())
 
     # corrupt tables are refused at load, in one line naming the site and the problem
     from safetensors import safe_open
@@ -271,10 +331,13 @@ def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, 
     no_err = {k: v for k, v in tens.items() if not k.startswith(f"{site}.klt_errors")}
     bad_key = dict(no_err)
     bad_key[f"{site}.klt_errors_g48"] = tens[f"{site}.klt_errors_g32"]
+    neg_scale = dict(tens)
+    neg_scale[f"{site}.klt_loss_scale"] = -tens[f"{site}.klt_loss_scale"]
     for i, (t, msg) in enumerate([(nan_err, "group size 32 is not finite"),
                                   (inf_w, "klt_weight is missing or not a finite"),
                                   (no_err, "klt tables incomplete"),
-                                  (bad_key, "names no group size")]):
+                                  (bad_key, "names no group size"),
+                                  (neg_scale, "klt_loss_scale is not one finite positive")]):
         path = tmp_path / f"corrupt{i}.safetensors"
         save_file(t, str(path), metadata=meta)
         with pytest.raises(CalibrationError, match=msg):
@@ -293,7 +356,9 @@ def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, 
             "--max-tokens", "124", "--no-progress", "--json", js, "--calibration", out]
     rc, err = run_main("evaluate", base + ["--comm", "int4:64,algo=one-shot",
                                            "--comm", "klt4:32,algo=one-shot",
-                                           "--comm", "ef+klt4:32,algo=one-shot"], capsys)
+                                           "--comm", "ef+klt4:32,algo=one-shot",
+                                           "--comm", "klt4:32,algo=one-shot,budget=model"],
+                       capsys)
     assert rc == 0, err
     rows = {r["codec"]: r for r in json.loads(js.read_text())["rows"]}
     k4 = rows["klt4:32,algo=one-shot"]
@@ -301,6 +366,24 @@ def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, 
     assert k4["kl"] < 0.05 * rows["int4:64,algo=one-shot"]["kl"]
     # measured: int4:64 one-shot 0.187, klt4:32 0.0032, ef+klt4:32 0.0024
     assert 0 < rows["ef+klt4:32,algo=one-shot"]["kl"] < k4["kl"]
+    # budget=model: the run's mean stays within the budget, the sites' shares differ,
+    # and the predicted (table) loss is no more than with one budget per site
+    km = rows["klt4:32,algo=one-shot,budget=model"]
+    assert km["bits_per_value"] <= 4.25 and km["kl"] > 0
+    cfg_m = parse_comm_arg("klt4:32,algo=one-shot,budget=model", calibration=str(out))
+    cfg_s = parse_comm_arg("klt4:32,algo=one-shot", calibration=str(out))
+    shares = cfg_m.model_budgets("klt4:32")
+    assert len(shares) == 6 and len(set(shares.values())) > 1
+    assert sum(shares.values()) / 6 <= 4.25 + 1e-9
+
+    def predicted(cfg):
+        tot = 0.0
+        for s in shares:
+            sch, sc = cfg.codec_for(s), calib.sites[s]
+            tot += sc.klt_loss_scale * sum(float(sc.klt_errors[32][r, g, b])
+                                           for r in range(2) for g, b in enumerate(sch.bits[r]))
+        return tot
+    assert predicted(cfg_m) <= predicted(cfg_s)
 
     # A file without tables is refused in one line; two-step is refused.
     plain = tmp_path / "plain.safetensors"
@@ -315,12 +398,21 @@ def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, 
     cfg = parse_comm_arg("klt4:128,algo=one-shot", calibration=str(out))
     with pytest.raises(CalibrationError, match="no transform tables for group size 128"):
         cfg.codec_for("layers.0.mlp.down_proj")
+    # budget=model with a file from before the loss scales: one line, nothing written
+    old = tmp_path / "old.safetensors"
+    save_file({k: v for k, v in tens.items() if not k.endswith("klt_loss_scale")}, str(old),
+              metadata=meta)
+    rc, err = run_main("evaluate", base[:-1] + [old, "--comm",
+                                                "klt4:32,algo=one-shot,budget=model"], capsys)
+    assert rc == 1 and "budget=model needs" in err and "rerun tools/calibrate.py" in err, err
+    assert len(err.strip().splitlines()) == 1 and not js.exists()
 
     # Real gloo ranks equal simulated ranks bit for bit, with and without feedback; the
     # feedback's second reduce pays the first one's error.
     torch.manual_seed(0)
     xs = torch.randn(3, 2, 6, 64)
-    for spec in ("klt4:32,algo=one-shot", "ef+klt4:32,algo=one-shot"):
+    for spec in ("klt4:32,algo=one-shot", "ef+klt4:32,algo=one-shot",
+                 "klt4:32,algo=one-shot,budget=model"):
         sim = run_simulated(_two_sites, 2, spec, str(out), xs)
         real = run_distributed(_two_sites_real, 2, spec, str(out), xs)
         for r in sim[1:] + real:

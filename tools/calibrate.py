@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     for site, sc in calib.sites.items():
         sc.channel_scale = scales.get(site)
         if tstats is not None and site in tstats.bases:
-            sc.klt_weight, sc.klt_basis, sc.klt_errors = tstats.tables(site)
+            (sc.klt_weight, sc.klt_basis, sc.klt_errors,
+             sc.klt_loss_scale) = tstats.tables(site)
     if tstats is not None:
         calib.meta["transform"] = {"num_seqs": len(windows), "table_seqs": args.transform_seqs,
                                    "groups": sorted(next(iter(tstats.errors.values())))}

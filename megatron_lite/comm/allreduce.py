@@ -36,11 +36,11 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_lite.comm.codecs import (BF16Codec, Codec, CodecError, get_codec,
+from megatron_lite.comm.codecs import (BF16Codec, Codec, CodecError, codec_bits, get_codec,
                                        parse_codec_spec, saturate)
 from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
 
@@ -48,6 +48,9 @@ NATIVE = "native"   # the base communicator's own all-reduce (NCCL / gloo), unco
 EMBED_SITE = "embed_tokens"
 PATHS = ("auto", "fused", "two-step")   # CommConfig.path
 ALGOS = ("two-step", "one-shot")        # CommConfig.algo
+BUDGETS = ("site", "model")             # CommConfig.budget
+# codecs whose state is per site and comes from a calibration file
+CALIBRATED = ("outlier-int4", "weighted-", "klt")
 
 
 # ----------------------------------------------------------------------------- schemes
@@ -233,8 +236,15 @@ class CommConfig:
       runs the Triton quantize / dequantize-and-sum kernels around NCCL's all-gather
       (kernels/backends.py ``OneShotKernelsBackend``, same bits); elsewhere, and with
       ``path=two-step``, the portable torch path.
-    * ``calibration``: file for ``outlier-int4`` and the ``weighted-`` codecs (see
-      comm/outlier.py, comm/weighting.py).
+    * ``budget`` (the klt codecs only): ``site`` (default) spends ``kltN``'s N + 1/4 bits
+      per value at every site; ``model`` spends them on average over all the sites that
+      use that codec, each site getting the share that removes the most loss (Fisher-
+      weighted error, from the calibration tables: comm/transform.py ``model_budgets``).
+      Messages then differ in size between sites; the run's mean bits per value stays
+      within N + 1/4. Needs a calibration file with loss scales (written since
+      2026-11-30's fourth session).
+    * ``calibration``: file for ``outlier-int4`` and the ``weighted-`` and ``klt`` codecs
+      (see comm/outlier.py, comm/weighting.py, comm/transform.py).
     """
 
     codec: Optional[str] = None
@@ -244,6 +254,7 @@ class CommConfig:
     num_layers: Optional[int] = None
     path: str = "auto"
     algo: str = "two-step"
+    budget: str = "site"
 
     def __post_init__(self):
         # Validate everything now: a typo must fail before any compute.
@@ -267,12 +278,18 @@ class CommConfig:
         if self.algo != "one-shot" and any(s and s.startswith("klt") for s in specs):
             raise CodecError("the klt codecs code each rank's partial in its own basis: "
                              "they need algo=one-shot")
-        for pre in ("outlier-int4", "weighted-", "klt"):
+        if self.budget not in BUDGETS:
+            raise CodecError(f"budget={self.budget!r}: expected one of {', '.join(BUDGETS)}")
+        if self.budget == "model" and not any(s and s.startswith("klt") for s in specs):
+            raise CodecError("budget=model shares the bits of a klt codec between sites: "
+                             "it needs a klt codec")
+        for pre in CALIBRATED:
             if any(s and s.startswith(pre) for s in specs) and not self.calibration:
                 raise CodecError(f"{pre.rstrip('-')} needs a calibration file "
                                  "(--calibration FILE)")
         self._codecs = {}
         self._calib = None
+        self._budgets: Dict[str, Dict[str, float]] = {}    # klt spec -> site -> budget
 
     @classmethod
     def from_spec(cls, spec: Optional[str], calibration: Optional[str] = None,
@@ -304,17 +321,41 @@ class CommConfig:
         spec = self.spec_for(site)
         if spec is None:
             return None
-        per_site = spec.startswith(("outlier-int4", "weighted-", "klt"))
+        per_site = spec.startswith(CALIBRATED)
         key = (spec, site) if per_site else (spec, None)
         if key not in self._codecs:
             if per_site:
-                from megatron_lite.comm.outlier import load_calibration
-                if self._calib is None:
-                    self._calib = load_calibration(self.calibration)
-                self._codecs[key] = get_codec(spec, self._calib, site)
+                calib = self.calibration_data()
+                budget = None
+                if self.budget == "model" and spec.startswith("klt"):
+                    budget = self.model_budgets(spec).get(site)
+                self._codecs[key] = get_codec(spec, calib, site, budget=budget)
             else:
                 self._codecs[key] = get_codec(spec)
         return self._codecs[key]
+
+    def model_budgets(self, spec: str) -> Dict[str, float]:
+        """``budget=model``: bits per value of every calibrated site that uses the klt
+        codec ``spec`` (cached; the same on every rank, a pure function of the file)."""
+        if spec not in self._budgets:
+            from megatron_lite.comm.outlier import CalibrationError
+            from megatron_lite.comm.transform import model_budgets
+            calib = self.calibration_data()
+            cs = parse_codec_spec(spec)
+            tables = {}
+            for site in calib.sites:
+                if site == EMBED_SITE or self.spec_for(site) != spec:
+                    continue
+                sc = calib.site(site)
+                if sc.klt_loss_scale is None or cs.group_size not in sc.klt_errors:
+                    raise CalibrationError(
+                        f"budget=model needs the klt tables for group size {cs.group_size} "
+                        f"and loss scales at site {site!r}: rerun tools/calibrate.py "
+                        "--transform")
+                tables[site] = (sc.klt_errors[cs.group_size], sc.klt_loss_scale)
+            self._budgets[spec] = model_budgets(tables, cs.group_size,
+                                                codec_bits(spec))
+        return self._budgets[spec]
 
     def calibration_data(self):
         """The loaded calibration (None if the config needs none)."""
@@ -332,6 +373,8 @@ class CommConfig:
             items.append(f"path={self.path}")
         if self.algo != "two-step":
             items.append(f"algo={self.algo}")
+        if self.budget != "site":
+            items.append(f"budget={self.budget}")
         return ",".join(items)
 
 
@@ -359,8 +402,8 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
 
     Syntax: comma-separated items; the first is the default codec ``CODEC[:GROUP]`` (or
     ``native``); later items are ``GLOB=CODEC`` overrides (first match wins) or
-    ``min_bytes=SIZE``, ``path=auto|fused|two-step`` or ``algo=two-step|one-shot`` (see
-    :class:`CommConfig`). Examples::
+    ``min_bytes=SIZE``, ``path=auto|fused|two-step``, ``algo=two-step|one-shot`` or
+    ``budget=site|model`` (see :class:`CommConfig`). Examples::
 
         int4:128
         int4:128,layers.0.*=int8,layers.-1.*=int8      # first and last layer at int8
@@ -368,6 +411,7 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
         native,embed_tokens=int8                       # only the embedding reduce
         weighted-hadamard-int8:128,path=fused          # always compressed on GPU
         ef+weighted-hadamard-int4:128,algo=one-shot    # one quantization per value
+        klt4:64,algo=one-shot,budget=model             # (with calibration=FILE)
         outlier-int4    (with calibration=FILE)
     """
     if spec is None or isinstance(spec, CommConfig):
@@ -376,11 +420,11 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
     items = [s.strip() for s in str(spec).split(",")]
     if not items[0] or "=" in items[0]:
         raise CodecError(f"bad --comm {spec!r}: it must start with a codec, e.g. int4:128")
-    overrides, min_bytes, path, algo = [], 0, "auto", "two-step"
+    overrides, min_bytes, path, algo, budget = [], 0, "auto", "two-step", "site"
     for item in items[1:]:
         if "=" not in item:
             raise CodecError(f"bad --comm item {item!r}: expected GLOB=CODEC, min_bytes=SIZE, "
-                             "path=PATH or algo=ALGO")
+                             "path=PATH, algo=ALGO or budget=site|model")
         key, val = (t.strip() for t in item.split("=", 1))
         if key == "min_bytes":
             min_bytes = _parse_size(val)
@@ -388,12 +432,15 @@ def parse_comm_arg(spec: Optional[str], calibration: Optional[str] = None,
             path = val.lower()
         elif key == "algo":
             algo = val.lower()
+        elif key == "budget":
+            budget = val.lower()
         elif not key:
             raise CodecError(f"bad --comm item {item!r}: empty site pattern")
         else:
             overrides.append((key, val))
     return CommConfig(codec=items[0], overrides=overrides, min_bytes=min_bytes,
-                      calibration=calibration, num_layers=num_layers, path=path, algo=algo)
+                      calibration=calibration, num_layers=num_layers, path=path, algo=algo,
+                      budget=budget)
 
 
 # ----------------------------------------------------------------------------- communicator

@@ -469,11 +469,13 @@ def parse_codec_spec(spec: str) -> CodecSpec:
     return CodecSpec(name, g)
 
 
-def get_codec(spec, calibration=None, site: Optional[str] = None) -> Codec:
+def get_codec(spec, calibration=None, site: Optional[str] = None,
+              budget: Optional[float] = None) -> Codec:
     """Codec object for a spec string (or CodecSpec).
 
-    ``outlier-int4`` needs per-site calibration state: pass ``calibration`` (a path or a
-    loaded :class:`megatron_lite.comm.outlier.Calibration`) and ``site``.
+    ``outlier-int4``, ``weighted-`` and ``klt`` need per-site calibration state: pass
+    ``calibration`` (a path or a loaded :class:`megatron_lite.comm.outlier.Calibration`)
+    and ``site``. ``budget`` (klt only): the site's bits per value instead of N + 1/4.
     """
     cs = parse_codec_spec(spec)
     if cs.name == "bf16":
@@ -492,7 +494,7 @@ def get_codec(spec, calibration=None, site: Optional[str] = None) -> Codec:
         return weighting.weighted_codec(cs, calibration, site)
     if cs.name.startswith("klt"):
         from megatron_lite.comm import transform  # per-site, per-rank state
-        return transform.transform_codec(cs, calibration, site)
+        return transform.transform_codec(cs, calibration, site, budget)
     from megatron_lite.comm import outlier  # outlier-int4: per-site state
     return outlier.outlier_codec(cs, calibration, site)
 

@@ -43,7 +43,9 @@ entry ``"channel_scales": {"exponents": [a, b], "num_seqs": n, "tokens": t}``; f
 without them still load (only ``weighted-`` codecs then refuse them). Optional, for the
 ``klt`` codecs (comm/transform.py): ``{site}.klt_weight`` (fp32 [H], positive),
 ``{site}.klt_basis`` (fp32 [W, H, H]) and ``{site}.klt_errors_g{G}`` (fp32 [W, H/G, 9],
-one per group size) and a metadata entry ``"transform": {"num_seqs": n, ...}``.
+one per group size), ``{site}.klt_loss_scale`` (float64 [1], positive; what ``budget=model``
+needs; files from before 2026-11-30's fourth session lack it) and a metadata entry
+``"transform": {"num_seqs": n, ...}``.
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ class SiteCalibration:
     klt_weight: Optional[torch.Tensor] = None      # fp32 [H]: klt codecs' weight d
     klt_basis: Optional[torch.Tensor] = None       # fp32 [W, H, H]: per-rank bases
     klt_errors: Dict[int, torch.Tensor] = field(default_factory=dict)  # G -> [W, H/G, 9]
+    klt_loss_scale: Optional[float] = None         # tables -> Fisher-weighted (loss) units
 
 
 class Calibration:
@@ -135,6 +138,9 @@ class Calibration:
                 tensors[f"{name}.klt_basis"] = sc.klt_basis.float().contiguous()
                 for g, t in sc.klt_errors.items():
                     tensors[f"{name}.klt_errors_g{g}"] = t.float().contiguous()
+                if sc.klt_loss_scale is not None:
+                    tensors[f"{name}.klt_loss_scale"] = torch.tensor(
+                        [float(sc.klt_loss_scale)], dtype=torch.float64)
         meta = dict(self.meta, format=CALIB_FORMAT, version=CALIB_VERSION,
                     sites=sorted(self.sites))
         d = os.path.dirname(os.path.abspath(path))
@@ -222,9 +228,15 @@ def _load_klt(path, name: str, tensors: dict, sc: SiteCalibration, w: int, h: in
                     (t < 0).any()):
                 why = f"klt error table for group size {g} is not finite, non-negative [{w}, {h // g}, 9]"
                 break
+    scale = tensors.get(f"{name}.klt_loss_scale")
+    if why is None and scale is not None and (
+            tuple(scale.shape) != (1,) or not math.isfinite(float(scale[0]))
+            or not float(scale[0]) > 0):
+        why = "klt_loss_scale is not one finite positive number"
     if why is not None:
         raise CalibrationError(f"{path}: site {name!r}: {why}")
     sc.klt_weight, sc.klt_basis, sc.klt_errors = weight.float(), basis, errors
+    sc.klt_loss_scale = None if scale is None else float(scale[0])
 
 
 def balanced_k(k: int, hidden: int, tp: int) -> int:

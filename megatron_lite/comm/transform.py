@@ -37,6 +37,19 @@ Bit allocation (when a codec is built): per rank, the group widths ``b_g`` minim
 solved exactly (:func:`allocate`). So ``kltN`` uses at most the wire budget of
 ``intN:128`` (N + 0.25 bits per value) and ``bits_per_value`` is its exact figure.
 
+``budget=model`` (CommConfig): the N + 1/4 bits per value are a budget for the whole
+model instead of for each site. The error tables are in the site's normalised units;
+times the site's ``loss_scale`` (``F = loss_scale * d**2``) they are Fisher-weighted
+squared errors, i.e. (to second order) loss increases, comparable across sites. Each
+site's best error as a function of its budget is the sum of its ranks' knapsack optima;
+:func:`model_budgets` splits the model's budget between the sites to minimise the sum
+(Lagrangian plus a greedy remainder, which matched an exact dynamic programme on
+Gemma-3-270M's 36 sites). Why it pays: the sites are far from equally hard. At TP 4 on
+Gemma-3-270M an ``o_proj`` partial spans 256 dimensions, so 8 bits on each fit in 3.4
+bits per value and the rest of its share went to zero coefficients, while the middle
+layers' ``down_proj`` carry most of the loss; the split moves ``o_proj`` to 2.2-2.8 and
+``down_proj`` to 4.8-6.7 bits per value, and cut KL 3.5-4.3 times (docs/accuracy.md).
+
 Definition (bit-exact reference), rank r, message rows ``x`` [..., H]::
 
     encode  z = fl32(fl32(x) * d) @ Q_r[:, coded]        (torch fp32 matmul)
@@ -77,6 +90,7 @@ PREFIX = "klt"
 NAMES = tuple(f"klt{b}" for b in range(2, 9))
 MAX_BITS = 8
 META_BITS = 32                    # bf16 step + bf16 offset of a coded group
+UNIT = 32                         # every cost is a multiple of 32 bits (G >= 32)
 FLOOR = 1e-6                      # Fisher floor, fraction of the site's median (as weighting)
 SCALE_RANGE = 2.0 ** 20           # d within +-SCALE_RANGE of its geometric mean
 
@@ -90,16 +104,28 @@ def budget_bits(name: str) -> float:
     return int(str(name)[len(PREFIX):]) + 0.25
 
 
-def coefficient_weight(fisher: torch.Tensor) -> torch.Tensor:
-    """fp32 ``d = sqrt(F)`` per channel, floored and normalised (module docstring)."""
+def _weight_and_scale(fisher: torch.Tensor) -> Tuple[torch.Tensor, float]:
     f = fisher.double()
     if f.dim() != 1 or not torch.isfinite(f).all() or (f < 0).any():
         raise CodecError("Fisher statistics must be a finite non-negative 1-D tensor")
     med = f.median()
     f = f.clamp_min(float((med if med > 0 else f.max().clamp_min(1e-30)) * FLOOR))
     d = f.sqrt()
-    d = d / d.log().mean().exp()
-    return d.clamp(1 / SCALE_RANGE, SCALE_RANGE).float()
+    gm = d.log().mean().exp()
+    return (d / gm).clamp(1 / SCALE_RANGE, SCALE_RANGE).float(), float(gm) ** 2
+
+
+def coefficient_weight(fisher: torch.Tensor) -> torch.Tensor:
+    """fp32 ``d = sqrt(F)`` per channel, floored and normalised (module docstring)."""
+    return _weight_and_scale(fisher)[0]
+
+
+def loss_scale(fisher: torch.Tensor) -> float:
+    """The factor that turns a site's error tables (squared error in the normalised
+    ``d``-weighted space) into Fisher-weighted squared error, i.e. loss units comparable
+    across sites: ``F = loss_scale * d**2`` (the square of the floored ``sqrt(F)``'s
+    geometric mean)."""
+    return _weight_and_scale(fisher)[1]
 
 
 def basis(cov: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -132,20 +158,21 @@ def group_errors(z: torch.Tensor, group: int) -> torch.Tensor:
     return out
 
 
-def allocate(errors: torch.Tensor, group: int, budget: float) -> List[int]:
-    """Bits per coefficient group (0..8) with the least summed error whose cost fits in
-    ``budget`` bits per value (module docstring). ``errors``: ``[groups, MAX_BITS + 1]``.
+def _unit_costs(group: int) -> List[int]:
+    """Cost of a group coded with 0..8 bits, in 32-bit units (``G * b + 32 * [b > 0]``)."""
+    return [0] + [(group * b + META_BITS) // UNIT for b in range(1, MAX_BITS + 1)]
 
-    Exact: every cost ``G * b + 32 * [b > 0]`` is a multiple of 32 bits (G >= 32), so a
-    knapsack over the groups in 32-bit units (dynamic programming, vectorised over the
-    budget) finds the optimum; ties go to the fewer bits."""
+
+def _knapsack(errors: torch.Tensor, group: int, cap: int):
+    """``(best, choice)``: ``best[c]`` the least summed error of the groups at a cost of at
+    most ``c`` units (c = 0..cap), ``choice[g, c]`` group g's bits in that optimum.
+    Dynamic programming over the groups, vectorised over the capacity; ties go to the
+    fewer bits."""
     ng = errors.shape[0]
     e = errors.double()
-    unit = 32
-    cost = [0] + [(group * b + META_BITS) // unit for b in range(1, MAX_BITS + 1)]
-    cap = int(math.floor(budget * ng * group / unit + 1e-9))
+    cost = _unit_costs(group)
     inf = torch.tensor(float("inf"), dtype=torch.float64)
-    best = torch.zeros(cap + 1, dtype=torch.float64)      # least error at cost <= c
+    best = torch.zeros(cap + 1, dtype=torch.float64)
     choice = torch.zeros(ng, cap + 1, dtype=torch.long)
     for g in range(ng):
         new = torch.full((cap + 1,), float("inf"), dtype=torch.float64)
@@ -159,6 +186,19 @@ def allocate(errors: torch.Tensor, group: int, budget: float) -> List[int]:
             new = torch.where(better, cand, new)
             pick = torch.where(better, torch.full_like(pick, b), pick)
         best, choice[g] = new, pick
+    return best, choice
+
+
+def allocate(errors: torch.Tensor, group: int, budget: float) -> List[int]:
+    """Bits per coefficient group (0..8) with the least summed error whose cost fits in
+    ``budget`` bits per value (module docstring). ``errors``: ``[groups, MAX_BITS + 1]``.
+
+    Exact: every cost ``G * b + 32 * [b > 0]`` is a multiple of 32 bits (G >= 32), so a
+    knapsack over the groups in 32-bit units finds the optimum."""
+    ng = errors.shape[0]
+    cost = _unit_costs(group)
+    cap = int(math.floor(budget * ng * group / UNIT + 1e-9))
+    _, choice = _knapsack(errors, group, cap)
     bits, c = [0] * ng, cap
     for g in range(ng - 1, -1, -1):
         bits[g] = int(choice[g, c])
@@ -166,11 +206,76 @@ def allocate(errors: torch.Tensor, group: int, budget: float) -> List[int]:
     return bits
 
 
+def model_budgets(tables: Dict[str, Tuple[torch.Tensor, float]], group: int,
+                  budget: float) -> Dict[str, float]:
+    """``budget=model``: per-site budgets (bits per value) that spend ``budget`` bits per
+    value on average over the sites of ``tables`` where the loss gains most.
+
+    ``tables``: per site ``(errors [W, H/G, 9], loss_scale)`` (the calibration's tables
+    and :func:`loss_scale`). A site's error at a budget of ``c`` units is the sum over its
+    ranks of the per-rank knapsack optimum (:func:`_knapsack`) times its loss scale, so
+    errors of different sites are in the same (Fisher-weighted) units; the sites'
+    budgets then minimise the summed error subject to the summed cost. That second
+    knapsack is solved by its Lagrangian (bisection on the price of a unit; exact on the
+    convex hull of every site's error curve), then the units left over go greedily where
+    they remove the most error per unit. Every site keeps at least one 2-bit group (the
+    dead-rank rule of :class:`TransformScheme`) and at most 8 bits for every group."""
+    if not tables:
+        return {}
+    cost = _unit_costs(group)
+    names = sorted(tables)
+    curves, caps = [], []
+    for s in names:
+        errors, scale = tables[s]
+        w, ng, _ = errors.shape
+        top = ng * cost[MAX_BITS]
+        curve = sum(_knapsack(errors[r], group, top)[0] for r in range(w)) * float(scale)
+        curve[:cost[2]] = float("inf")           # the floor of one 2-bit group
+        curves.append(curve)
+        caps.append(int(math.floor(budget * ng * group / UNIT + 1e-9)))
+    total = sum(caps)
+    if total < len(names) * cost[2]:
+        raise CodecError(f"budget {budget} bits per value is below one 2-bit group per site")
+
+    def pick(mu: float) -> List[int]:
+        return [int(torch.argmin(c + mu * torch.arange(c.numel(), dtype=torch.float64)))
+                for c in curves]
+
+    finite = torch.cat([c[torch.isfinite(c)] for c in curves])
+    lo, hi = 0.0, float(finite.max() - finite.min()) + 1.0   # at hi every site takes its floor
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if sum(pick(mid)) > total:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    units = pick(hi)
+    left = total - sum(units)
+    while left > 0:                              # greedy fill of the remainder
+        gain, where = 0.0, None
+        for i, c in enumerate(curves):
+            u = units[i]
+            ahead = c[u + 1:u + 1 + left]
+            if ahead.numel():
+                per_unit = (c[u] - ahead) / torch.arange(1, ahead.numel() + 1,
+                                                         dtype=torch.float64)
+                k = int(torch.argmax(per_unit))
+                if float(per_unit[k]) > gain:
+                    gain, where = float(per_unit[k]), (i, u + 1 + k)
+        if where is None:
+            break
+        left -= where[1] - units[where[0]]
+        units[where[0]] = where[1]
+    return {s: u * UNIT / tables[s][0].shape[1] / group for s, u in zip(names, units)}
+
+
 class TransformScheme:
     """One-shot scheme of ``kltN:G`` at one site (module docstring)."""
 
     def __init__(self, cs: CodecSpec, weight: torch.Tensor, bases: torch.Tensor,
-                 errors: torch.Tensor):
+                 errors: torch.Tensor, budget: Optional[float] = None):
         self.spec, self.name, self.group_size = str(cs), cs.name, cs.group_size
         w, h, _ = bases.shape
         g = cs.group_size
@@ -179,7 +284,8 @@ class TransformScheme:
         if tuple(weight.shape) != (h,) or tuple(errors.shape) != (w, h // g, MAX_BITS + 1):
             raise CodecError(f"{cs.name}: calibration shapes do not fit (hidden {h}, TP {w})")
         self.world_size, self.hidden = w, h
-        self.budget = budget_bits(cs.name)
+        # budget=model hands each site its share (model_budgets); else N + 1/4
+        self.budget = budget_bits(cs.name) if budget is None else float(budget)
         self.weight = weight.float().contiguous()
         self.bits = [allocate(errors[r], g, self.budget) for r in range(w)]
         for b in self.bits:
@@ -262,8 +368,10 @@ class TransformScheme:
                 f"calibrated basis, TP {self.world_size}>")
 
 
-def transform_codec(cs: CodecSpec, calibration, site: Optional[str]) -> TransformScheme:
-    """The scheme of ``kltN:G`` at ``site`` from the calibration's transform tables."""
+def transform_codec(cs: CodecSpec, calibration, site: Optional[str],
+                    budget: Optional[float] = None) -> TransformScheme:
+    """The scheme of ``kltN:G`` at ``site`` from the calibration's transform tables;
+    ``budget`` (bits per value) replaces ``N + 1/4`` (``budget=model``: model_budgets)."""
     from megatron_lite.comm.outlier import CalibrationError, load_calibration
     if calibration is None or site is None:
         raise CodecError(f"{cs.name} needs a calibration file with transform tables "
@@ -277,7 +385,7 @@ def transform_codec(cs: CodecSpec, calibration, site: Optional[str]) -> Transfor
     if errors is None:
         raise CalibrationError(f"calibration has no transform tables for group size "
                                f"{cs.group_size} (it has {sorted(sc.klt_errors)})")
-    return TransformScheme(cs, sc.klt_weight, sc.klt_basis, errors)
+    return TransformScheme(cs, sc.klt_weight, sc.klt_basis, errors, budget)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -293,6 +401,7 @@ class TransformStats:
         self.rows: Dict[str, torch.Tensor] = {}          # [W] rows seen
         self.errors: Dict[str, Dict[int, torch.Tensor]] = {}   # G -> [W, H/G, 9]
         self.bases: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
+        self.scales: Dict[str, float] = {}               # site -> loss_scale
         import threading
         self._lock = threading.Lock()
 
@@ -322,16 +431,16 @@ class TransformStats:
         for site, cov in self.cov.items():
             if site not in fisher:
                 raise CodecError(f"no Fisher statistics for site {site!r}")
-            d = coefficient_weight(fisher[site])
+            d, self.scales[site] = _weight_and_scale(fisher[site])
             n = self.rows[site].clamp_min(1).double()[:, None, None]
             self.bases[site] = (d, torch.stack([basis(c, d) for c in cov / n]))
             self.rows[site] = torch.zeros_like(self.rows[site])
 
     def tables(self, site: str):
-        """``(weight, bases, {G: errors})`` of a site after pass 2 (group sizes that
-        divide H only)."""
+        """``(weight, bases, {G: errors}, loss_scale)`` of a site after pass 2 (group
+        sizes that divide H only)."""
         d, q = self.bases[site]
-        return d, q, {g: t.float() for g, t in self.errors[site].items()}
+        return d, q, {g: t.float() for g, t in self.errors[site].items()}, self.scales[site]
 
 
 class TransformRecorder(WrappingCommunicator):

@@ -29,7 +29,7 @@ def _scheme(world):
             st.update("s", r, torch.randn(800, m.shape[0], generator=g) @ m)
         if p == 0:
             st.make_bases({"s": torch.rand(H, generator=g) + 0.05})
-    d, q, errs = st.tables("s")
+    d, q, errs, _ = st.tables("s")
     return TransformScheme(parse_codec_spec("klt4:64"), d, q, errs[64]), mix
 
 
