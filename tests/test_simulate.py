@@ -1,6 +1,7 @@
 """Simulated TP (megatron_lite/comm/simulate.py): the thread communicator's primitives,
 failure handling (no hangs), and a whole TP model run on simulated ranks equal bit for bit
 to the same model on real gloo ranks, for several comm configs."""
+import threading
 import time
 
 import pytest
@@ -84,6 +85,37 @@ def test_missing_rank_times_out():
     with pytest.raises(SimulationError):
         run_simulated(_skips_collective, 2, timeout=1.0)
     assert time.time() - t0 < 30
+
+
+def _slow_but_steady(comm):
+    total = torch.zeros(2)
+    for _ in range(4):
+        time.sleep(0.3)  # every rank works 0.3 s between collectives: waits stay short
+        total += comm.all_reduce(torch.ones(2))
+    return total
+
+
+def test_run_may_outlast_timeout():
+    # ``timeout`` bounds one wait at a collective, not the run (a long evaluation must
+    # not be killed for being long).
+    t0 = time.time()
+    out = run_simulated(_slow_but_steady, 2, timeout=0.5)
+    assert time.time() - t0 > 1.0
+    assert all(torch.equal(o, torch.full((2,), 8.0)) for o in out)
+
+
+def _stuck_outside_collective(comm):
+    if comm.rank == 0:
+        threading.Event().wait(30.0)  # never reaches the collective
+        return None
+    return comm.all_reduce(torch.ones(2))
+
+
+def test_rank_stuck_outside_collective_is_given_up_on():
+    t0 = time.time()
+    with pytest.raises(SimulationError, match="sim-rank0 did not stop within 1 s"):
+        run_simulated(_stuck_outside_collective, 2, timeout=1.0)
+    assert time.time() - t0 < 10
 
 
 def test_thread_count_restored():

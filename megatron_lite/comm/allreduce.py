@@ -275,12 +275,13 @@ class CommConfig:
         if self.algo == "one-shot":
             for s in specs:
                 _check_one_stage(s)
-        if self.algo != "one-shot" and any(s and s.startswith("klt") for s in specs):
+        has_klt = any(s and s.startswith("klt") for s in specs)
+        if self.algo != "one-shot" and has_klt:
             raise CodecError("the klt codecs code each rank's partial in its own basis: "
                              "they need algo=one-shot")
         if self.budget not in BUDGETS:
             raise CodecError(f"budget={self.budget!r}: expected one of {', '.join(BUDGETS)}")
-        if self.budget == "model" and not any(s and s.startswith("klt") for s in specs):
+        if self.budget == "model" and not has_klt:
             raise CodecError("budget=model shares the bits of a klt codec between sites: "
                              "it needs a klt codec")
         for pre in CALIBRATED:

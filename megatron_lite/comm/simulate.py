@@ -10,8 +10,10 @@ bit for bit (tests/test_allreduce.py checks it against gloo).
 ``run_simulated(fn, world_size, *args)`` calls ``fn(comm, *args)`` on every simulated
 rank and returns the per-rank results. An exception on any rank aborts the barrier, so
 the other ranks stop at their next collective instead of hanging; the first real error
-is re-raised in the caller. Barrier waits time out (``timeout`` seconds) as a last
-resort against a rank that never reaches a collective.
+is re-raised in the caller. ``timeout`` bounds one wait at a collective, not the run:
+a rank that never reaches a collective breaks the barrier after ``timeout`` seconds, and
+a rank still busy ``timeout`` seconds after the barrier broke is given up on. A healthy
+run may take as long as it needs (an evaluation on a shared CPU can take hours).
 
 torch runs each thread's ops in a shared intra-op pool; by default ``run_simulated``
 gives every rank ``max(1, threads // world_size)`` threads for the duration of the run.
@@ -19,6 +21,7 @@ gives every rank ``max(1, threads // world_size)`` threads for the duration of t
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -111,6 +114,24 @@ def make_thread_communicators(world_size: int, timeout: float = 300.0) -> List[T
     return [ThreadCommunicator(r, hub) for r in range(world_size)]
 
 
+def _join(threads: List[threading.Thread], hub: _Hub, errors: list, timeout: float) -> None:
+    """Wait for every rank with no limit on the run's length. Once a rank has failed or
+    the barrier broke, the others get ``timeout`` more seconds to stop (a rank stuck
+    outside any collective never sees the broken barrier)."""
+    deadline = None
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.2)
+        if deadline is None and (hub.barrier.broken or any(e is not None for e in errors)):
+            deadline = time.monotonic() + timeout
+        if deadline is not None and time.monotonic() > deadline:
+            if any(t.is_alive() for t in threads):
+                hub.barrier.abort()
+                stuck = [t.name for t in threads if t.is_alive()]
+                raise SimulationError(f"simulated ranks {', '.join(stuck)} did not stop within "
+                                      f"{timeout:.0f} s of a peer failing")
+
+
 def run_simulated(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0,
                   num_threads: Optional[int] = None, wrap: Optional[Callable] = None) -> list:
     """Run ``fn(comm, *args)`` on ``world_size`` simulated ranks; return their results.
@@ -139,13 +160,9 @@ def run_simulated(fn: Callable[..., Any], world_size: int, *args, timeout: float
                    for r in range(world_size)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join(timeout + 60.0)
+        _join(threads, comms[0].hub, errors, timeout)
     finally:
         torch.set_num_threads(prev)
-    if any(t.is_alive() for t in threads):
-        comms[0].hub.barrier.abort()
-        raise SimulationError(f"simulated ranks did not finish within {timeout + 60:.0f} s")
     real = [(r, e) for r, e in enumerate(errors) if e is not None
             and not isinstance(e, SimulationError)]
     if real:

@@ -189,6 +189,14 @@ def _knapsack(errors: torch.Tensor, group: int, cap: int):
     return best, choice
 
 
+def _cap_units(budget: float, groups: int, group: int) -> int:
+    """32-bit units that ``budget`` bits per value buys for ``groups`` groups of
+    ``group`` values. allocate and model_budgets must agree on it exactly (the model
+    split hands each site units the per-site knapsack then spends); the 1e-9 keeps a
+    budget such as 4.25 from losing a unit to float rounding."""
+    return int(math.floor(budget * groups * group / UNIT + 1e-9))
+
+
 def allocate(errors: torch.Tensor, group: int, budget: float) -> List[int]:
     """Bits per coefficient group (0..8) with the least summed error whose cost fits in
     ``budget`` bits per value (module docstring). ``errors``: ``[groups, MAX_BITS + 1]``.
@@ -197,7 +205,7 @@ def allocate(errors: torch.Tensor, group: int, budget: float) -> List[int]:
     knapsack over the groups in 32-bit units finds the optimum."""
     ng = errors.shape[0]
     cost = _unit_costs(group)
-    cap = int(math.floor(budget * ng * group / UNIT + 1e-9))
+    cap = _cap_units(budget, ng, group)
     _, choice = _knapsack(errors, group, cap)
     bits, c = [0] * ng, cap
     for g in range(ng - 1, -1, -1):
@@ -232,14 +240,15 @@ def model_budgets(tables: Dict[str, Tuple[torch.Tensor, float]], group: int,
         curve = sum(_knapsack(errors[r], group, top)[0] for r in range(w)) * float(scale)
         curve[:cost[2]] = float("inf")           # the floor of one 2-bit group
         curves.append(curve)
-        caps.append(int(math.floor(budget * ng * group / UNIT + 1e-9)))
+        caps.append(_cap_units(budget, ng, group))
     total = sum(caps)
     if total < len(names) * cost[2]:
         raise CodecError(f"budget {budget} bits per value is below one 2-bit group per site")
 
+    ranges = [torch.arange(c.numel(), dtype=torch.float64) for c in curves]
+
     def pick(mu: float) -> List[int]:
-        return [int(torch.argmin(c + mu * torch.arange(c.numel(), dtype=torch.float64)))
-                for c in curves]
+        return [int(torch.argmin(c + mu * r)) for c, r in zip(curves, ranges)]
 
     finite = torch.cat([c[torch.isfinite(c)] for c in curves])
     lo, hi = 0.0, float(finite.max() - finite.min()) + 1.0   # at hi every site takes its floor

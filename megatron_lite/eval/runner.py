@@ -72,11 +72,14 @@ def rank_logits(engine, ids: torch.Tensor, rows: Optional[torch.Tensor] = None) 
 
 
 def launch(fn: Callable[[Communicator], Any], tp: int, simulated: bool,
-           timeout: float = 3600.0) -> List[Any]:
+           timeout: float = 1800.0) -> List[Any]:
     """Run ``fn(comm)`` on every rank of TP ``tp``.
 
-    Simulated: returns every rank's result. Real (torchrun): joins the process group,
-    runs this rank only and returns ``[result]``; the caller checks ``comm.rank``.
+    Simulated: returns every rank's result; ``timeout`` bounds one rank's wait for its
+    peers at a collective, not the run (a 1570-item task run on a shared 2-core CPU took
+    over an hour and was killed by the old whole-run limit on 2026-11-30). Real
+    (torchrun): joins the process group, runs this rank only and returns ``[result]``;
+    the caller checks ``comm.rank``.
     """
     if simulated:
         from megatron_lite.comm.simulate import run_simulated
