@@ -15,6 +15,7 @@ CUDA graph; every rank decodes the same bytes in the same order, so ranks agree 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -24,11 +25,13 @@ import triton.language as tl
 
 try:
     from . import maps, quant, sync
+    from .thresholds import blocks_per_sm
     from .workspace import MAX_BLOCKS, SymmWorkspace
 except ImportError:  # pragma: no cover - loaded as a top-level module
     import maps  # type: ignore
     import quant  # type: ignore
     import sync  # type: ignore
+    from thresholds import blocks_per_sm  # type: ignore
     from workspace import MAX_BLOCKS, SymmWorkspace  # type: ignore
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -238,16 +241,20 @@ def two_shot_pull() -> bool:
     return mode == "pull"
 
 
-# Blocks per SM for the two-shot grid. Blocks only ever wait for the blocks of the same
-# index on other ranks (dispatched in index order everywhere), so a grid larger than what
-# is resident at once cannot deadlock; but on 4 x H200 (tests/gpu/sweep_grid.py,
-# 2026-11-21) 2 and 4 blocks per SM were 1% and 9% slower (geomean) than 1.
-BLOCKS_PER_SM = int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0)) or 1
+# Blocks per SM for the two-shot grid: MEGATRON_LITE_BLOCKS_PER_SM if set, else by message
+# size from the measured table (kernels/thresholds.py ``blocks_per_sm``). Blocks only ever
+# wait for the blocks of the same index on other ranks (dispatched in index order
+# everywhere), so a grid larger than what is resident at once cannot deadlock, and the
+# grid does not change the bytes (every tile is coded alike whichever block owns it;
+# tests/gpu/sweep_grid.py checks 1 to 8 blocks per SM bitwise).
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def two_shot_plan(n: int, world: int, group: int, device: torch.device):
+def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: int = 0):
     """(tile, chunk, tiles, grid): the largest tile that still gives every SM a tile;
-    up to BLOCKS_PER_SM blocks per SM share the tiles."""
+    up to ``blocks_per_sm`` blocks per SM (for an ``nbytes`` message) share the tiles."""
     sms = min(_num_sms(device), MAX_BLOCKS)
     per_rank = -(-n // world)
     tile = TWO_SHOT_TILES[-1]
@@ -258,7 +265,8 @@ def two_shot_plan(n: int, world: int, group: int, device: torch.device):
     tile = max(tile, group)
     chunk = -(-per_rank // tile) * tile
     tiles = chunk // tile
-    bpsm = int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0)) or BLOCKS_PER_SM
+    bpsm = (int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0))
+            or blocks_per_sm(_device_name(device), world, nbytes))
     return tile, chunk, tiles, min(tiles, bpsm * _num_sms(device), MAX_BLOCKS)
 
 
@@ -300,7 +308,8 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
         out = torch.empty_like(x)
     if n == 0:
         return out
-    tile, chunk, tiles, grid = two_shot_plan(n, ws.world, group, x.device)
+    tile, chunk, tiles, grid = two_shot_plan(n, ws.world, group, x.device,
+                                              n * x.element_size())
     need = tiles * max(rs.nbytes(tile), ag.nbytes(tile))
     if need > ws.layout.slot:
         raise ValueError(f"message of {n} values needs {need} B per rank slot, workspace has "

@@ -285,3 +285,25 @@ def test_fused_allreduce_over_shared_memory(check, world, mode, pack):
     assert all(s == sums[0] for s in sums[1:]), sums
     kinds = {r[0] for r in ranks[0]}
     assert kinds == {"two-shot", "one-shot", "auto", "one-shot-k"}
+
+
+def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
+    # The two-shot grid's blocks per SM come from kernels/thresholds.py by message size
+    # (4 from 8 MB up on 2 x H200, 1 elsewhere); MEGATRON_LITE_BLOCKS_PER_SM overrides.
+    _kernels()                                                     # import path of a checkout
+    from megatron_lite.kernels import fused_allreduce as fa
+    from megatron_lite.kernels.thresholds import blocks_per_sm
+    assert blocks_per_sm("NVIDIA H200", 2, (8 << 20) - 1) == 1
+    assert blocks_per_sm("NVIDIA H200", 2, 8 << 20) == 4
+    assert blocks_per_sm("NVIDIA H200", 4, 256 << 20) == 1      # not measured: 1
+    assert blocks_per_sm("NVIDIA H100 80GB HBM3", 2, 256 << 20) == 1
+    monkeypatch.delenv("MEGATRON_LITE_BLOCKS_PER_SM", raising=False)
+    monkeypatch.setattr(fa, "_device_name", lambda device: "NVIDIA H200")
+    cpu, sms = torch.device("cpu"), fa._num_sms(torch.device("cpu"))
+    big, small = 8 << 20, 4 << 20                                 # bf16 bytes
+    plan = fa.two_shot_plan(big // 2, 2, 128, cpu, big)
+    assert plan[2] >= 4 * sms and plan[3] == 4 * sms
+    assert fa.two_shot_plan(small // 2, 2, 128, cpu, small)[3] == sms
+    assert fa.two_shot_plan(big // 2, 4, 128, cpu, big)[3] == sms
+    monkeypatch.setenv("MEGATRON_LITE_BLOCKS_PER_SM", "2")
+    assert fa.two_shot_plan(big // 2, 2, 128, cpu, big)[3] == 2 * sms

@@ -5,7 +5,8 @@ on this machine; prints BEST=<mode>,<bpsm>.
 Times the fused kernel (CUDA-graph replays, median of 30) for a few codecs and sizes at
 1, 2 and 4 blocks per SM, pushing and pulling; the grid size is a host-side choice and the
 mode a compile-time one read per call. The sub-byte packing (MEGATRON_LITE_PACK) is fixed
-per process. Before timing, every pull output is checked bitwise against the push output.
+per process. Before timing, every mode's and grid's output is checked bitwise against the
+first one's. SWEEP_MODES, SWEEP_CODECS, SWEEP_SIZES_MB and SWEEP_BPSM narrow the grid.
 """
 import math
 import os
@@ -34,7 +35,8 @@ def main():
                                                    "int4:128,int8:128,bf16").split(",")]
     sizes = [int(m) << 20 for m in os.environ.get("SWEEP_SIZES_MB", "8,64,128").split(",")]
     bpsms = [int(b) for b in os.environ.get("SWEEP_BPSM", "1,2,4").split(",")]
-    for mode in ("push", "pull"):
+    modes = os.environ.get("SWEEP_MODES", "push,pull").split(",")
+    for mode in modes:
         os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
         fa.prewarm(ws, codecs, [s // 2 for s in sizes], oneshot=False)
     res, same = {}, {}
@@ -43,14 +45,16 @@ def main():
             x = torch.randn(s // 2, device="cuda", generator=torch.Generator("cuda").manual_seed(
                 s + rank)).bfloat16()
             outs = {}
-            for mode in ("push", "pull"):
+            for mode in modes:
                 os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
-                outs[mode] = fa.two_shot_all_reduce(ws, x, c).clone()
-            same[(c.spec, s)] = torch.equal(outs["push"].view(torch.int16),
-                                            outs["pull"].view(torch.int16))
+                for bpsm in bpsms:
+                    os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = str(bpsm)
+                    outs[mode, bpsm] = fa.two_shot_all_reduce(ws, x, c).clone()
+            ref = next(iter(outs.values())).view(torch.int16)
+            same[(c.spec, s)] = all(torch.equal(ref, o.view(torch.int16)) for o in outs.values())
     if rank == 0:
-        print(f"rank 0: pull == push bitwise: {same}", flush=True)
-    for mode in ("push", "pull"):
+        print(f"rank 0: every mode and grid bitwise equal: {same}", flush=True)
+    for mode in modes:
         os.environ["MEGATRON_LITE_TWO_SHOT"] = mode
         for bpsm in bpsms:
             os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = str(bpsm)
@@ -80,7 +84,8 @@ def main():
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     if rank == 0:
         pack = os.environ.get("MEGATRON_LITE_PACK", "split")
-        print(f"pack={pack} world={dist.get_world_size()} pull==push bitwise on every rank: "
+        print(f"pack={pack} world={dist.get_world_size()} pull==push and every grid "
+              f"bitwise on every rank: "
               f"{bool(flags.item())} {same if not flags.item() else ''}")
         for key, us in sorted(res.items()):
             print(f"pack={pack} {key[0]} bpsm={key[1]} {key[2]:>9} {key[3] >> 20:4d}MB "

@@ -43,12 +43,12 @@ def _checks(rank, world):
     from megatron_lite.comm.communicator import DistCommunicator
     fa = k.fused_allreduce
     dev = torch.device("cuda", rank)
-    state = k.backends.make_state(None, max_bytes=8 << 20, oneshot_max_bytes=1 << 20)
+    state = k.backends.make_state(None, max_bytes=16 << 20, oneshot_max_bytes=1 << 20)
     assert state.ws is not None, state.why
     ws = state.ws
     # split the Triton compiles over the ranks (every rank then loads them from the cache)
-    fa.prewarm(ws, [get_codec(c) for c in CODECS], SIZES + [40000, 300000])
-    res = {"fused": [], "pull": [], "wrapped": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
+    fa.prewarm(ws, [get_codec(c) for c in CODECS], SIZES + [40000, 300000, (4 << 20) + 5])
+    res = {"fused": [], "pull": [], "dense": [], "wrapped": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
 
     # 1. fused two-shot == CPU reference, every codec, odd sizes, three dtypes
     for ci, spec in enumerate(CODECS):
@@ -74,6 +74,29 @@ def _checks(rank, world):
                 res["pull"].append((spec, n, same_bits(out, reference_all_reduce(xs, codec))))
     finally:
         del os.environ["MEGATRON_LITE_TWO_SHOT"]
+
+    # 1d. denser grids (more blocks than SMs: kernels/thresholds.py ``blocks_per_sm``) give
+    #     the same bits: forced by MEGATRON_LITE_BLOCKS_PER_SM, then the table's own choice
+    #     for an 8 MB message (4 blocks per SM on 2 x H200)
+    sms = fa._num_sms(dev)
+    for ci, (spec, n, bpsm) in enumerate([("int4:128", (1 << 20) + 3, "4"),
+                                          ("int8:128", (1 << 20) + 3, "8"),
+                                          ("int2:128", 300000, "4"),
+                                          ("int4:128", (4 << 20) + 5, None),
+                                          ("bf16", (4 << 20) + 5, None)]):
+        codec = get_codec(spec)
+        if bpsm is not None:
+            os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = bpsm
+        try:
+            xs = inputs(world, n, torch.bfloat16, seed=700 + ci, specials=True)
+            kq = k.quant.kcodec(codec.rs)                 # the group two_shot_all_reduce uses
+            group = kq.group if kq.kind != k.quant.KIND_BF16 else 128
+            grid = fa.two_shot_plan(n, world, group, dev, 2 * n)[3]
+            out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
+            res["dense"].append((spec, n, bpsm, grid, sms,
+                                 same_bits(out, reference_all_reduce(xs, codec))))
+        finally:
+            os.environ.pop("MEGATRON_LITE_BLOCKS_PER_SM", None)
 
     # 1c. hadamard-/weighted- codecs: the plain codec's kernel with their maps folded in
     #     (FusedTwoShotBackend, kernels/maps.py) == CPU reference
@@ -216,6 +239,15 @@ def test_fused_two_shot_pull_matches_reference(world):
     for r in results(world):
         bad = [c for c in r["pull"] if not c[2]]
         assert not bad and len(r["pull"]) == 5 * len(SIZES), bad
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dense_grids_match_reference(world):
+    for r in results(world):
+        bad = [c for c in r["dense"] if not c[5]]
+        assert not bad and len(r["dense"]) == 5, bad
+        forced = [c for c in r["dense"] if c[2] is not None]
+        assert all(c[3] > c[4] for c in forced), forced      # more blocks than SMs ran
 
 
 @pytest.mark.parametrize("world", [2, 4])
