@@ -252,9 +252,11 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: int = 0):
+def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: int = 0,
+                  mapped: bool = False):
     """(tile, chunk, tiles, grid): the largest tile that still gives every SM a tile;
-    up to ``blocks_per_sm`` blocks per SM (for an ``nbytes`` message) share the tiles."""
+    up to ``blocks_per_sm`` blocks per SM (for an ``nbytes`` message, with or without
+    the maps of a ``hadamard-``/``weighted-`` codec) share the tiles."""
     sms = min(_num_sms(device), MAX_BLOCKS)
     per_rank = -(-n // world)
     tile = TWO_SHOT_TILES[-1]
@@ -266,7 +268,7 @@ def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: 
     chunk = -(-per_rank // tile) * tile
     tiles = chunk // tile
     bpsm = (int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0))
-            or blocks_per_sm(_device_name(device), world, nbytes))
+            or blocks_per_sm(_device_name(device), world, nbytes, mapped))
     return tile, chunk, tiles, min(tiles, bpsm * _num_sms(device), MAX_BLOCKS)
 
 
@@ -308,15 +310,15 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
         out = torch.empty_like(x)
     if n == 0:
         return out
+    mapped = rot is not None or scale is not None
     tile, chunk, tiles, grid = two_shot_plan(n, ws.world, group, x.device,
-                                              n * x.element_size())
+                                              n * x.element_size(), mapped)
     need = tiles * max(rs.nbytes(tile), ag.nbytes(tile))
     if need > ws.layout.slot:
         raise ValueError(f"message of {n} values needs {need} B per rank slot, workspace has "
                          f"{ws.layout.slot} B")
     lay = ws.layout
     lim = quant.FP16_MAX if x.dtype == torch.float16 else quant.BF16_MAX
-    mapped = rot is not None or scale is not None
     if rot is not None and rot != group:
         raise ValueError(f"rotation groups of {rot} need a codec with group {rot}, got {group}")
     if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device

@@ -295,6 +295,8 @@ def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
     from megatron_lite.kernels.thresholds import blocks_per_sm
     assert blocks_per_sm("NVIDIA H200", 2, (8 << 20) - 1) == 1
     assert blocks_per_sm("NVIDIA H200", 2, 8 << 20) == 4
+    assert blocks_per_sm("NVIDIA H200", 2, 8 << 20, mapped=True) == 1   # maps: from 16 MB
+    assert blocks_per_sm("NVIDIA H200", 2, 16 << 20, mapped=True) == 4
     assert blocks_per_sm("NVIDIA H200", 4, 256 << 20) == 1      # not measured: 1
     assert blocks_per_sm("NVIDIA H100 80GB HBM3", 2, 256 << 20) == 1
     monkeypatch.delenv("MEGATRON_LITE_BLOCKS_PER_SM", raising=False)
@@ -304,6 +306,7 @@ def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
     plan = fa.two_shot_plan(big // 2, 2, 128, cpu, big)
     assert plan[2] >= 4 * sms and plan[3] == 4 * sms
     assert fa.two_shot_plan(small // 2, 2, 128, cpu, small)[3] == sms
+    assert fa.two_shot_plan(big // 2, 2, 128, cpu, big, mapped=True)[3] == sms
     assert fa.two_shot_plan(big // 2, 4, 128, cpu, big)[3] == sms
     monkeypatch.setenv("MEGATRON_LITE_BLOCKS_PER_SM", "2")
     assert fa.two_shot_plan(big // 2, 2, 128, cpu, big)[3] == 2 * sms

@@ -118,6 +118,20 @@ def _checks(rank, world):
             ok = out is not None and same_bits(out, reference_all_reduce(xs, codec))
             res["wrapped"].append((codec.spec, rows * h, str(dtype), why, ok))
 
+    # 1e. the maps folded into the kernel on a forced dense grid (4 blocks per SM)
+    os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = "4"
+    try:
+        for ci, codec in enumerate((wrapped[0], wrapped[4])):
+            xs = [x.view(3000, h) for x in inputs(world, 3000 * h, torch.bfloat16,
+                                                  seed=950 + ci, specials=True)]
+            kq = k.quant.kcodec(k.backends.kernel_maps(codec, xs[rank].to(dev))[2].rs)
+            grid = fa.two_shot_plan(3000 * h, world, kq.group, dev, 2 * 3000 * h, True)[3]
+            out = fused.all_reduce(xs[rank].to(dev), codec, None)
+            res["dense"].append((codec.spec, 3000 * h, "4", grid, sms,
+                                 same_bits(out, reference_all_reduce(xs, codec))))
+    finally:
+        os.environ.pop("MEGATRON_LITE_BLOCKS_PER_SM", None)
+
     # 2. one-shot == fp32 sum in rank order, rounded once
     for n in SIZES[:5] + [1 << 18]:    # 1 MB fp32: the one-shot buffer's size
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -245,7 +259,7 @@ def test_fused_two_shot_pull_matches_reference(world):
 def test_dense_grids_match_reference(world):
     for r in results(world):
         bad = [c for c in r["dense"] if not c[5]]
-        assert not bad and len(r["dense"]) == 5, bad
+        assert not bad and len(r["dense"]) == 7, bad
         forced = [c for c in r["dense"] if c[2] is not None]
         assert all(c[3] > c[4] for c in forced), forced      # more blocks than SMs ran
 
