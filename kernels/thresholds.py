@@ -5,8 +5,9 @@ kernel; ``fused_min`` (bytes per codec name, ``"*"`` for any other codec): messa
 least this large use the fused two-shot kernel with the site's codec; everything in
 between goes to NCCL. ``dense_min`` (bytes, optional): messages at least this large run
 the fused two-shot kernel with ``dense_bpsm`` blocks per SM instead of 1
-(``dense_min_mapped`` for the codecs whose maps are folded into the kernel). Entries come from ``tools/bench_allreduce.py --json`` runs (the
-tool prints the derived entry; see docs/benchmarks.md for the run each one came from).
+(``dense_min_mapped`` for the codecs whose maps are folded into the kernel). Entries
+come from ``tools/bench_allreduce.py --json`` runs (the tool prints the derived entry;
+see docs/benchmarks.md for the run each one came from).
 """
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def _checks(rank, world):
     finally:
         del os.environ["MEGATRON_LITE_TWO_SHOT"]
 
-    # 1d. denser grids (more blocks than SMs: kernels/thresholds.py ``blocks_per_sm``) give
+    # 1c. denser grids (more blocks than SMs: kernels/thresholds.py ``blocks_per_sm``) give
     #     the same bits: forced by MEGATRON_LITE_BLOCKS_PER_SM, then the table's own choice
     #     for an 8 MB message (4 blocks per SM on 2 x H200)
     sms = fa._num_sms(dev)
@@ -98,7 +98,7 @@ def _checks(rank, world):
         finally:
             os.environ.pop("MEGATRON_LITE_BLOCKS_PER_SM", None)
 
-    # 1c. hadamard-/weighted- codecs: the plain codec's kernel with their maps folded in
+    # 1d. hadamard-/weighted- codecs: the plain codec's kernel with their maps folded in
     #     (FusedTwoShotBackend, kernels/maps.py) == CPU reference
     from megatron_lite.comm.codecs import CodecSpec
     from megatron_lite.comm.weighting import WeightedScheme
