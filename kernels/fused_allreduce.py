@@ -272,6 +272,17 @@ def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: 
     return tile, chunk, tiles, min(tiles, bpsm * _num_sms(device), MAX_BLOCKS)
 
 
+def two_shot_group(codec) -> int:
+    """The group size that sets the two-shot kernel's tiles for ``codec``: its stages'
+    common group (128 for the bf16 pass-through). Stages with different groups are
+    refused: both are coded on the same tiles."""
+    groups = {k.group for k in (quant.kcodec(codec.rs), quant.kcodec(codec.ag))
+              if k.kind != quant.KIND_BF16}
+    if len(groups) > 1:
+        raise ValueError(f"{codec.spec}: the two stages use different group sizes {groups}")
+    return groups.pop() if groups else 128
+
+
 def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Tensor = None,
                         _warmup_only: bool = False, rot: Optional[int] = None,
                         scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -300,10 +311,7 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
     whole groups, with zeros), so the result equals it bit for bit.
     """
     rs, ag = quant.kcodec(codec.rs), quant.kcodec(codec.ag)
-    groups = {k.group for k in (rs, ag) if k.kind != quant.KIND_BF16}
-    if len(groups) > 1:
-        raise ValueError(f"{codec.spec}: the two stages use different group sizes {groups}")
-    group = groups.pop() if groups else 128
+    group = two_shot_group(codec)
     x = x.contiguous()
     n = x.numel()
     if out is None:
@@ -358,9 +366,7 @@ def prewarm(ws: SymmWorkspace, codecs, numels, dtype=torch.bfloat16, oneshot: bo
         if oneshot and n * x.element_size() <= ws.layout.oneshot_max_bytes:
             jobs[("oneshot", one_shot_block(n, x.device))] = ("oneshot", n, None)
         for codec in codecs:
-            rs, ag = quant.kcodec(codec.rs), quant.kcodec(codec.ag)
-            group = max(rs.group, ag.group) if (rs.kind or ag.kind) else 128
-            tile = two_shot_plan(n, ws.world, group, x.device)[0]
+            tile = two_shot_plan(n, ws.world, two_shot_group(codec), x.device)[0]
             jobs[(codec.spec, tile)] = ("two", n, codec)
     done = 0
     saved = ws.counters.clone()

@@ -89,9 +89,7 @@ def _checks(rank, world):
             os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = bpsm
         try:
             xs = inputs(world, n, torch.bfloat16, seed=700 + ci, specials=True)
-            kq = k.quant.kcodec(codec.rs)                 # the group two_shot_all_reduce uses
-            group = kq.group if kq.kind != k.quant.KIND_BF16 else 128
-            grid = fa.two_shot_plan(n, world, group, dev, 2 * n)[3]
+            grid = fa.two_shot_plan(n, world, fa.two_shot_group(codec), dev, 2 * n)[3]
             out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
             res["dense"].append((spec, n, bpsm, grid, sms,
                                  same_bits(out, reference_all_reduce(xs, codec))))
@@ -124,8 +122,9 @@ def _checks(rank, world):
         for ci, codec in enumerate((wrapped[0], wrapped[4])):
             xs = [x.view(3000, h) for x in inputs(world, 3000 * h, torch.bfloat16,
                                                   seed=950 + ci, specials=True)]
-            kq = k.quant.kcodec(k.backends.kernel_maps(codec, xs[rank].to(dev))[2].rs)
-            grid = fa.two_shot_plan(3000 * h, world, kq.group, dev, 2 * 3000 * h, True)[3]
+            plain = k.backends.kernel_maps(codec, xs[rank].to(dev))[2]
+            grid = fa.two_shot_plan(3000 * h, world, fa.two_shot_group(plain), dev,
+                                    2 * 3000 * h, True)[3]
             out = fused.all_reduce(xs[rank].to(dev), codec, None)
             res["dense"].append((codec.spec, 3000 * h, "4", grid, sms,
                                  same_bits(out, reference_all_reduce(xs, codec))))
