@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -36,13 +37,9 @@ def _run_child(check: str, timeout: float = 900, **variant):
 
 # ----------------------------------------------------------------------------- child side
 def _kernels():
-    try:
-        import megatron_lite.kernels  # noqa: F401
-    except ImportError:  # a source checkout: kernels/ installs as megatron_lite.kernels
-        import megatron_lite
-        megatron_lite.__path__.append(REPO)
-    import megatron_lite.kernels as k
-    return k
+    from megatron_lite.kernels import backends, fused_allreduce, maps, quant, workspace
+    return types.SimpleNamespace(backends=backends, fused_allreduce=fused_allreduce,
+                                 maps=maps, quant=quant, workspace=workspace)
 
 
 def _same(a, b):
@@ -242,13 +239,11 @@ def _dist_body(rank, world, specs, sizes):
 
 
 def child_fused(world: int, specs, sizes):
-    sys.path.insert(0, REPO)
     from tests._dist import run_distributed
     return run_distributed(_dist_body, world, specs, sizes)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     what = sys.argv[1]
     if what == "quant":
         result = child_quant()

@@ -100,13 +100,6 @@ def test_fused_kernels_serve_the_rotated_codec_through_its_maps():
     rotations of kernels/maps.py (bit-exactness: tests/test_kernels_interpret.py), never
     as the inner codec alone (that would silently skip the rotation)."""
     pytest.importorskip("triton")
-    import os
-
-    import megatron_lite
-    try:
-        import megatron_lite.kernels  # noqa: F401
-    except ImportError:  # a source checkout: kernels/ installs as megatron_lite.kernels
-        megatron_lite.__path__.append(os.path.dirname(os.path.dirname(__file__)))
     from megatron_lite.kernels.backends import has_kernels, kernel_maps
     assert has_kernels(get_codec("int4:128")) is None
     assert has_kernels(get_codec("hadamard-int4:128")) is None

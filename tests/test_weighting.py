@@ -125,13 +125,6 @@ def test_fused_kernels_serve_weighted_codecs_through_their_maps():
     (bit-exactness: tests/test_kernels_interpret.py); it must not take the inner codec
     alone, which would skip the scaling."""
     pytest.importorskip("triton")
-    import os
-
-    import megatron_lite
-    try:
-        import megatron_lite.kernels  # noqa: F401
-    except ImportError:
-        megatron_lite.__path__.append(os.path.dirname(os.path.dirname(__file__)))
     from megatron_lite.kernels.backends import has_kernels, kernel_maps, plain_codec
     s = torch.linspace(0.5, 2.0, 128)
     scheme = WeightedScheme(parse_codec_spec("weighted-int4:128"), s)

@@ -53,12 +53,6 @@ class BenchError(Exception):
 
 def _import_kernels():
     """megatron_lite.kernels, also from a source checkout that was not pip-installed."""
-    try:
-        import megatron_lite.kernels  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, REPO)
-        import megatron_lite
-        megatron_lite.__path__.append(REPO)  # kernels/ installs as megatron_lite.kernels
     from megatron_lite.kernels import backends, fused_allreduce
     return backends, fused_allreduce
 
@@ -348,8 +342,6 @@ def main(argv=None) -> int:
         print("error: run under torchrun on a machine with CUDA GPUs", file=sys.stderr)
         return 2
     from tqdm import tqdm
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)    # run from a checkout: tools/ is sys.path[0]
     from megatron_lite.comm.allreduce import (one_shot_all_reduce, scheme_for,
                                               two_step_all_reduce)
     from megatron_lite.comm.codecs import CodecError, get_codec

@@ -38,7 +38,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from megatron_lite.errors import report_error  # noqa: E402
 from megatron_lite.inference.benchmark import (  # noqa: E402
     Clock, check_mode, graph_matches_eager, measure_hbm_GBps, nccl_version,
@@ -138,18 +137,6 @@ def _workspace_bytes(auto) -> int:
         return 0
 
 
-def _kernels_importable() -> None:
-    """In a source checkout (PYTHONPATH=., no pip install) the top-level kernels/ is not yet
-    ``megatron_lite.kernels``: extend the package path so comm/allreduce.py finds it too."""
-    try:
-        import megatron_lite.kernels  # noqa: F401
-    except ImportError:
-        import megatron_lite
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if repo not in megatron_lite.__path__:
-            megatron_lite.__path__.append(repo)
-
-
 def _fused_auto(comm, max_bytes: int):
     """The ``auto`` backend (kernels/backends.py) in ``comm``'s chain, installed here if the
     chain does not have it yet or its workspace cannot take ``max_bytes`` messages (the
@@ -161,7 +148,6 @@ def _fused_auto(comm, max_bytes: int):
             if getattr(b.state, "ws", None) is None or _workspace_bytes(b) >= max_bytes:
                 return b
             chain.remove(b)   # too small: replace it by one with a larger workspace
-    _kernels_importable()
     try:
         from megatron_lite.kernels.backends import install_fused
     except ImportError:
@@ -357,7 +343,6 @@ def main(argv=None) -> int:
     from megatron_lite.models.random_init import streamed_weight_bytes, total_weight_bytes
     from megatron_lite.parallel_state import initialize_model_parallel
 
-    _kernels_importable()
     group = initialize_model_parallel()
     rank, tp = group.rank, group.world_size
     device, dtype = _resolve_device_dtype(None, args.dtype)

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from megatron_lite.inference.benchmark import Clock, max_over_ranks, write_json  # noqa: E402
 from megatron_lite.models.random_init import resolve_shape, shape_names  # noqa: E402
 

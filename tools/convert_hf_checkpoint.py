@@ -7,11 +7,7 @@
 
 The logic lives in megatron_lite/checkpoint/convert.py; see ``--help``.
 """
-import os
 import sys
-
-# Runnable from a source checkout without `pip install -e .` (as the bench tools are).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lite.checkpoint.convert import main
 

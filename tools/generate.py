@@ -21,8 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-# Runnable from a source checkout without `pip install -e .` (as the bench tools are).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.errors import report_error  # noqa: E402
 
 

@@ -547,7 +547,7 @@ def _install_fused(qc: QuantizedCommunicator) -> None:
     if dist.get_backend(qc.base.process_group) != "nccl":
         return
     try:
-        from megatron_lite.kernels import install_fused
+        from megatron_lite.kernels.backends import install_fused
     except ImportError:
         return
     install_fused(qc)

@@ -3,7 +3,6 @@ compute the CPU reference of a quantized all-reduce from every rank's input."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -17,15 +16,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def import_kernels():
     """``megatron_lite.kernels`` (the repo's ``kernels/``), installed or not."""
-    try:
-        import megatron_lite.kernels  # noqa: F401
-    except ImportError:
-        if REPO not in sys.path:
-            sys.path.insert(0, REPO)
-        import megatron_lite
-        megatron_lite.__path__.append(REPO)
-    import megatron_lite.kernels as k
-    return k
+    import types
+
+    from megatron_lite.kernels import backends, fused_allreduce, maps, quant, sync, workspace
+    return types.SimpleNamespace(backends=backends, fused_allreduce=fused_allreduce, maps=maps,
+                                 quant=quant, sync=sync, workspace=workspace)
 
 
 def gpu_count() -> int:
