@@ -16,28 +16,20 @@ CUDA graph; every rank decodes the same bytes in the same order, so ranks agree 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-try:
-    from . import maps, quant, sync
-    from .thresholds import blocks_per_sm
-    from .workspace import MAX_BLOCKS, SymmWorkspace
-except ImportError:  # pragma: no cover - loaded as a top-level module
-    import maps  # type: ignore
-    import quant  # type: ignore
-    import sync  # type: ignore
-    from thresholds import blocks_per_sm  # type: ignore
-    from workspace import MAX_BLOCKS, SymmWorkspace  # type: ignore
+from . import maps, quant, sync
+from .config import INTERPRET, KernelPlan, kernel_config
+from .thresholds import blocks_per_sm
+from .workspace import MAX_BLOCKS, SymmWorkspace
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ~tens of seconds of polling on a GPU (a peer still compiling its first call must not
-# trip it); far fewer polls under the (slow) interpreter.
-SPIN_LIMIT = int(os.environ.get("MEGATRON_LITE_SPIN_LIMIT", 0)) or ((1 << 16) if INTERPRET else (1 << 26))
+# trip it); far fewer polls under the (slow) interpreter (config.py).
+SPIN_LIMIT = kernel_config().spin_limit
 
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -140,7 +132,7 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      RC2: tl.constexpr, AKIND: tl.constexpr, ABITS: tl.constexpr,
                      AQMAX: tl.constexpr, AC2: tl.constexpr, R_PAY: tl.constexpr,
                      R_TB: tl.constexpr, A_PAY: tl.constexpr, A_TB: tl.constexpr,
-                     OUT_LIM: tl.constexpr, SPIN: tl.constexpr, PULL: tl.constexpr,
+                     OUT_LIM: tl.constexpr, SPIN: tl.constexpr,
                      s_ptr, H, RSCALE, ROT: tl.constexpr, LOG2G: tl.constexpr,
                      HAS_S: tl.constexpr, LIM_ROT: tl.constexpr, FLIM: tl.constexpr):
     """Quantized two-shot all-reduce in one launch (see ``two_shot_all_reduce``)."""
@@ -157,7 +149,6 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
     my_slot = rank * slot
 
     # 1. quantize chunk j's tiles of this block and store them in rank j's recv[me]
-    #    (push), or in my own recv[j] for rank j to load (pull)
     for t in range(b, tiles, nb):
         for j in tl.static_range(W):
             offs = j * chunk + t * TILE + lane
@@ -166,11 +157,8 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                 x = x * tl.load(s_ptr + offs % H, mask=offs < N, other=1.0)
             if ROT:                         # hadamard-: a tile is NG whole groups
                 x = maps.fwht_tile(x, NG, G, LOG2G, RSCALE)
-            if PULL:
-                dst = ws_ptr + recv_off + j * slot + t * R_TB
-            else:
-                dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
-                       + recv_off + my_slot + t * R_TB)
+            dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
+                   + recv_off + my_slot + t * R_TB)
             _put_tile(x, dst, gall, R_PAY, NG, G, RKIND, RBITS, RQMAX, RC2)
     sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, 2, rank, b, epoch,
                        status_ptr, W, MAXB, SPIN)
@@ -178,38 +166,21 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
     # 2. reduce my chunk: decode every rank's copy, sum in rank order, requantize, and
     #    store the result in every rank's gather[me] (mine included: all decode it)
     for t in range(b, tiles, nb):
-        if PULL:
-            src0 = sync.peer_base(ws_ptr, 0, d0, d1, d2, d3, d4, d5, d6, d7) \
-                + recv_off + my_slot + t * R_TB
-        else:
-            src0 = ws_ptr + recv_off + t * R_TB
+        src0 = ws_ptr + recv_off + t * R_TB
         acc = _get_tile(src0, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
         for s in tl.static_range(1, W):
-            if PULL:
-                p = sync.peer_base(ws_ptr, s, d0, d1, d2, d3, d4, d5, d6, d7) \
-                    + recv_off + my_slot + t * R_TB
-            else:
-                p = src0 + s * slot
-            acc += _get_tile(p, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
-        if PULL:
-            _put_tile(acc, ws_ptr + gather_off + my_slot + t * A_TB, gall, A_PAY, NG, G,
-                      AKIND, ABITS, AQMAX, AC2)
-        else:
-            for j in tl.static_range(W):
-                dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
-                       + gather_off + my_slot + t * A_TB)
-                _put_tile(acc, dst, gall, A_PAY, NG, G, AKIND, ABITS, AQMAX, AC2)
+            acc += _get_tile(src0 + s * slot, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
+        for j in tl.static_range(W):
+            dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
+                   + gather_off + my_slot + t * A_TB)
+            _put_tile(acc, dst, gall, A_PAY, NG, G, AKIND, ABITS, AQMAX, AC2)
     sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, 3, rank, b, epoch,
                        status_ptr, W, MAXB, SPIN)
 
     # 3. decode every owner's reduced tiles into the output
     for t in range(b, tiles, nb):
         for o in tl.static_range(W):
-            if PULL:
-                p = sync.peer_base(ws_ptr, o, d0, d1, d2, d3, d4, d5, d6, d7) \
-                    + gather_off + o * slot + t * A_TB
-            else:
-                p = ws_ptr + gather_off + o * slot + t * A_TB
+            p = ws_ptr + gather_off + o * slot + t * A_TB
             y = _get_tile(p, gall, OUT_LIM, A_PAY, NG, G, AKIND, ABITS, AQMAX)
             offs = o * chunk + t * TILE + lane
             if ROT:                         # back from the rotated basis (whole groups)
@@ -224,25 +195,8 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
 TWO_SHOT_TILES = (4096, 2048, 1024, 512)
 
 
-def two_shot_pull() -> bool:
-    """Data movement of the two-shot kernel: ``push`` (default) or ``pull``
-    (``MEGATRON_LITE_TWO_SHOT``).
-
-    push: each stage stores its encoded tiles into the peers' buffers (remote stores);
-    pull: each stage stores them into the local buffer and the consumers load them from
-    the peers (remote loads), which the design notes measured faster for plain copies
-    (310 vs 160-210 GB/s). Both synchronise through the same per-block flags and give the
-    same bytes (interpreter tests). push stays the default because it is the variant
-    measured and tested on GPUs (docs/benchmarks.md); pull has run only under the
-    interpreter so far, and ``tests/gpu/sweep_grid.py`` is the measurement that decides."""
-    mode = os.environ.get("MEGATRON_LITE_TWO_SHOT", "push")
-    if mode not in ("pull", "push"):
-        raise ValueError(f"MEGATRON_LITE_TWO_SHOT must be 'pull' or 'push', got {mode!r}")
-    return mode == "pull"
-
-
-# Blocks per SM for the two-shot grid: MEGATRON_LITE_BLOCKS_PER_SM if set, else by message
-# size from the measured table (kernels/thresholds.py ``blocks_per_sm``). Blocks only ever
+# Blocks per SM for the two-shot grid: the caller's override, else MEGATRON_LITE_BLOCKS_PER_SM
+# (config.py), else by message size from the measured table (thresholds.py). Blocks only ever
 # wait for the blocks of the same index on other ranks (dispatched in index order
 # everywhere), so a grid larger than what is resident at once cannot deadlock, and the
 # grid does not change the bytes (every tile is coded alike whichever block owns it;
@@ -253,10 +207,11 @@ def _device_name(device: torch.device) -> str:
 
 
 def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: int = 0,
-                  mapped: bool = False):
+                  mapped: bool = False, bpsm: Optional[int] = None):
     """(tile, chunk, tiles, grid): the largest tile that still gives every SM a tile;
-    up to ``blocks_per_sm`` blocks per SM (for an ``nbytes`` message, with or without
-    the maps of a ``hadamard-``/``weighted-`` codec) share the tiles."""
+    up to ``bpsm`` blocks per SM (default: the configured or measured figure for an
+    ``nbytes`` message, with or without the maps of a ``hadamard-``/``weighted-`` codec)
+    share the tiles."""
     sms = min(_num_sms(device), MAX_BLOCKS)
     per_rank = -(-n // world)
     tile = TWO_SHOT_TILES[-1]
@@ -267,68 +222,57 @@ def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: 
     tile = max(tile, group)
     chunk = -(-per_rank // tile) * tile
     tiles = chunk // tile
-    bpsm = (int(os.environ.get("MEGATRON_LITE_BLOCKS_PER_SM", 0))
+    bpsm = (bpsm or kernel_config().blocks_per_sm
             or blocks_per_sm(_device_name(device), world, nbytes, mapped))
     return tile, chunk, tiles, min(tiles, bpsm * _num_sms(device), MAX_BLOCKS)
 
 
-def two_shot_group(codec) -> int:
-    """The group size that sets the two-shot kernel's tiles for ``codec``: its stages'
-    common group (128 for the bf16 pass-through). Stages with different groups are
-    refused: both are coded on the same tiles."""
-    groups = {k.group for k in (quant.kcodec(codec.rs), quant.kcodec(codec.ag))
-              if k.kind != quant.KIND_BF16}
-    if len(groups) > 1:
-        raise ValueError(f"{codec.spec}: the two stages use different group sizes {groups}")
-    return groups.pop() if groups else 128
-
-
-def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Tensor = None,
-                        _warmup_only: bool = False, rot: Optional[int] = None,
-                        scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
+                        out: torch.Tensor = None, _warmup_only: bool = False,
+                        bpsm: Optional[int] = None) -> torch.Tensor:
     """Quantized sum over the workspace's ranks in ONE kernel launch.
 
-    ``rot`` / ``scale`` (the ``hadamard-`` / ``weighted-`` codecs around the plain
-    ``codec``, kernels/backends.kernel_maps): stage 1 scales the loaded fp32 tile by
+    ``plan`` (config.KernelPlan, from the scheme's ``kernel_plan``): the wire codecs of
+    the two stages and the maps around them. ``plan.rot`` / ``plan.scale`` (the
+    ``hadamard-`` / ``weighted-`` codecs): stage 1 scales the loaded fp32 tile by
     ``scale`` (on the last dim, ``scale.numel()`` channels) and rotates each group of
     ``rot`` values; step 3 rotates back, saturates, divides by ``scale`` and saturates
-    again, exactly as comm/rotation.py and comm/weighting.py do around the two-step path
-    (kernels/maps.py). The sum in between runs in the mapped basis.
+    again, exactly as comm/codecs/hadamard.py and weighted.py do around the two-step
+    path (kernels/maps.py). The sum in between runs in the mapped basis. ``bpsm``
+    overrides the grid's blocks per SM (sweeps and tests; same bytes at any grid).
 
     Block b of every rank owns tiles b, b+grid, ... of every chunk (chunk j = values
     ``[j*chunk, (j+1)*chunk)``, reduced by rank j):
 
-    1. quantize the tiles of each chunk j with ``codec.rs`` and store them into rank j's
+    1. quantize the tiles of each chunk j with ``plan.rs`` and store them into rank j's
        ``recv[me]``; barrier, release flag (2, me, b) on every rank; acquire the W flags
        (2, *, b) of its own rank;
     2. decode ``recv[0..W-1]`` of its tiles, sum in fp32 in rank order, requantize with
-       ``codec.ag`` and store into every rank's ``gather[me]``; flags (3, *, b) likewise;
+       ``plan.ag`` and store into every rank's ``gather[me]``; flags (3, *, b) likewise;
     3. decode ``gather[0..W-1]`` into the output.
 
     Flags are per block, so no grid-wide barrier is needed: block b only ever waits for
     the blocks b of the other ranks. Group boundaries fall on the same global indices as
-    in ``comm.allreduce.two_step_all_reduce`` (chunks are padded to whole tiles instead of
+    in ``comm/algorithms.py``'s ``two_step_all_reduce`` (chunks are padded to whole tiles instead of
     whole groups, with zeros), so the result equals it bit for bit.
     """
-    rs, ag = quant.kcodec(codec.rs), quant.kcodec(codec.ag)
-    group = two_shot_group(codec)
+    rs, ag, rot, scale = plan.rs, plan.ag, plan.rot, plan.scale
+    group = plan.group
     x = x.contiguous()
     n = x.numel()
     if out is None:
         out = torch.empty_like(x)
     if n == 0:
         return out
-    mapped = rot is not None or scale is not None
+    mapped = plan.mapped
     tile, chunk, tiles, grid = two_shot_plan(n, ws.world, group, x.device,
-                                              n * x.element_size(), mapped)
+                                              n * x.element_size(), mapped, bpsm)
     need = tiles * max(rs.nbytes(tile), ag.nbytes(tile))
     if need > ws.layout.slot:
         raise ValueError(f"message of {n} values needs {need} B per rank slot, workspace has "
                          f"{ws.layout.slot} B")
     lay = ws.layout
     lim = quant.FP16_MAX if x.dtype == torch.float16 else quant.BF16_MAX
-    if rot is not None and rot != group:
-        raise ValueError(f"rotation groups of {rot} need a codec with group {rot}, got {group}")
     if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
                               or n % scale.numel()):
         raise ValueError("scale must be fp32 on the message's device and divide its length")
@@ -345,7 +289,7 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
         R_PAY=rs.nbytes(tile) - 2 * rs.n_meta * (tile // group), R_TB=rs.nbytes(tile),
         A_PAY=ag.nbytes(tile) - 2 * ag.n_meta * (tile // group), A_TB=ag.nbytes(tile),
         # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
-        OUT_LIM=quant.BF16_MAX if mapped else lim, SPIN=SPIN_LIMIT, PULL=two_shot_pull(),
+        OUT_LIM=quant.BF16_MAX if mapped else lim, SPIN=SPIN_LIMIT,
         s_ptr=scale if scale is not None else ws.status,
         H=scale.numel() if scale is not None else 1, RSCALE=rscale, ROT=rot is not None,
         LOG2G=log2g, HAS_S=scale is not None,
@@ -354,10 +298,10 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, codec, out: torch.Te
     return out
 
 
-def prewarm(ws: SymmWorkspace, codecs, numels, dtype=torch.bfloat16, oneshot: bool = True) -> int:
-    """Compile every kernel variant that ``numels`` x ``codecs`` will launch, splitting the
-    variants over the ranks (rank r compiles variants r, r+W, ...) so W processes do not
-    all compile the same kernels; a ``dist.barrier`` afterwards lets every rank load the
+def prewarm(ws: SymmWorkspace, plans, numels, dtype=torch.bfloat16, oneshot: bool = True) -> int:
+    """Compile every kernel variant that ``numels`` x ``plans`` (KernelPlans) will launch,
+    splitting the variants over the ranks (rank r compiles variants r, r+W, ...) so W
+    processes do not all compile the same kernels; a ``dist.barrier`` afterwards lets every rank load the
     rest from Triton's on-disk cache. Returns how many variants this rank compiled."""
     import torch.distributed as dist
     x = torch.empty(max(numels), dtype=dtype, device=ws.device)
@@ -365,12 +309,12 @@ def prewarm(ws: SymmWorkspace, codecs, numels, dtype=torch.bfloat16, oneshot: bo
     for n in numels:
         if oneshot and n * x.element_size() <= ws.layout.oneshot_max_bytes:
             jobs[("oneshot", one_shot_block(n, x.device))] = ("oneshot", n, None)
-        for codec in codecs:
-            tile = two_shot_plan(n, ws.world, two_shot_group(codec), x.device)[0]
-            jobs[(codec.spec, tile)] = ("two", n, codec)
+        for plan in plans:
+            tile = two_shot_plan(n, ws.world, plan.group, x.device)[0]
+            jobs[(repr((plan.rs, plan.ag)), tile)] = ("two", n, plan)
     done = 0
     saved = ws.counters.clone()
-    for i, (_, (kind, n, codec)) in enumerate(sorted(jobs.items(), key=lambda kv: str(kv[0]))):
+    for i, (_, (kind, n, plan)) in enumerate(sorted(jobs.items(), key=lambda kv: str(kv[0]))):
         if i % ws.world != ws.rank:
             continue
         done += 1
@@ -383,7 +327,7 @@ def prewarm(ws: SymmWorkspace, codecs, numels, dtype=torch.bfloat16, oneshot: bo
                 W=ws.world, MAXB=MAX_BLOCKS, BLOCK=block, SPIN=SPIN_LIMIT, num_warps=4,
                 grid=(1,))
         else:
-            two_shot_all_reduce(ws, xs, codec, out=xs, _warmup_only=True)
+            two_shot_all_reduce(ws, xs, plan, out=xs, _warmup_only=True)
     ws.counters.copy_(saved)
     if dist.is_initialized():
         dist.barrier()

@@ -1,6 +1,6 @@
 """The fixed linear maps around a plain codec, as Triton helpers of the fused two-shot
 kernel (kernels/fused_allreduce.py): ``hadamard-`` (block Walsh-Hadamard rotation,
-comm/rotation.py) and ``weighted-`` (static channel scales, comm/weighting.py).
+comm/codecs/hadamard.py) and ``weighted-`` (static channel scales, comm/codecs/weighted.py).
 
 The two-step sum is linear, so it runs in the mapped basis: stage 1 of the kernel maps
 each loaded tile, ``fwht(fl32(x) * s)`` (zeros past the message stay zeros, as the

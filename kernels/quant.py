@@ -1,4 +1,5 @@
-"""Triton quantize / dequantize(+sum) kernels for the codecs of ``megatron_lite.comm.codecs``.
+"""Triton quantize / dequantize(+sum) kernels for the group codecs of
+``megatron_lite/comm/codecs/group.py`` (described to them as ``config.KernelCodec``).
 
 The arithmetic is a line-by-line copy of the reference (see that module's docstring), so
 integer codes and bf16 metadata match it bit for bit and decoded values match exactly:
@@ -18,57 +19,16 @@ tile as ``[payload][meta0][meta1]`` and reuses them unchanged.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from . import maps
+from .config import INTERPRET, KIND_BF16, KernelCodec  # noqa: F401  (KIND_* for callers)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-KIND_BF16, KIND_ASYM, KIND_SYM, KIND_FP8 = 0, 1, 2, 3
 BF16_MAX = 3.3895313892515355e38
 FP16_MAX = 65504.0
 _RND = 12582912.0  # 1.5 * 2^23
-
-
-@dataclass(frozen=True)
-class KCodec:
-    """Compile-time description of one wire codec (``codecs.BF16Codec`` or ``GroupCodec``)."""
-
-    kind: int
-    bits: int
-    group: int
-    qmax: int
-    c2: float      # fl32(2 / qmax), the asymmetric step factor
-    n_meta: int
-
-    def nbytes(self, n: int) -> int:
-        """Encoded bytes of a chunk of ``n`` values (same as the reference's)."""
-        if self.kind == KIND_BF16:
-            return 2 * n
-        return n * self.bits // 8 + 2 * self.n_meta * (n // self.group)
-
-    def constexprs(self, prefix: str = "") -> dict:
-        return {prefix + "KIND": self.kind, prefix + "BITS": self.bits,
-                prefix + "QMAX": self.qmax, prefix + "C2": self.c2}
-
-
-def kcodec(codec) -> KCodec:
-    """KCodec for a reference codec object; raises ValueError for codecs without kernels."""
-    from megatron_lite.comm.codecs import BF16Codec, GroupCodec
-    if isinstance(codec, BF16Codec):
-        return KCodec(KIND_BF16, 16, 1, 0, 0.0, 0)
-    if isinstance(codec, GroupCodec) and codec.bits == 5:
-        raise ValueError(f"no Triton kernel for codec {codec.spec!r} (int5 is reference-only)")
-    if isinstance(codec, GroupCodec):
-        kind = {"asym": KIND_ASYM, "sym": KIND_SYM, "fp8": KIND_FP8}[codec.kind]
-        c2 = float(torch.tensor(2.0 / codec.qmax, dtype=torch.float32)) if kind == KIND_ASYM else 0.0
-        return KCodec(kind, codec.bits, codec.group_size, codec.qmax, c2, codec.n_meta)
-    raise ValueError(f"no Triton kernel for codec {getattr(codec, 'spec', codec)!r}")
 
 
 # ----------------------------------------------------------------------------- bit helpers
@@ -147,16 +107,11 @@ def e4m3_decode(c):
     return s * val
 
 
-# How sub-byte codes are (un)packed: "sum" (shift each code into place and reduce over the
-# codes of a byte) or "split" (pairwise tl.split / tl.join, meant to keep the pairs in
-# registers instead of the layout conversions the reduction costs). Same bytes either way
-# (interpreter tests; on 2 x H200 tests/gpu/sweep_grid.py found pull == push bit for bit
-# with both). "split" is the default since 2026-11-22: on 2 x H200 the fused int4:128
-# two-shot took 269 us at 128 MB with it against 691 us with "sum" (4 blocks/SM; 486 vs
-# 729 us at 1 block/SM), docs/benchmarks.md. Not measured at world 4.
-PACK_SPLIT = tl.constexpr(os.environ.get("MEGATRON_LITE_PACK", "split") == "split")
-
-
+# Sub-byte codes are (un)packed pairwise with tl.split / tl.join, which keeps the pairs in
+# registers. (Shifting each code into place and reducing over a byte's codes gives the
+# same bytes but goes through layout conversions: on 2 x H200 the fused int4:128
+# two-shot took 691 us at 128 MB that way against 269 us with pairs, 4 blocks/SM;
+# docs/notebook/2026-11-22-packing.md.)
 @triton.jit
 def _pair(c, NG: tl.constexpr, K: tl.constexpr, SH: tl.constexpr):
     """[NG, 2K] -> [NG, K]: element 2i | element 2i+1 << SH."""
@@ -175,39 +130,27 @@ def pack(c, NG: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
     """codes [NG, G] (int32 in [0, 2^BITS)) -> bytes [NG, G*BITS//8], LSB first."""
     if BITS == 8:
         r = c.to(tl.uint8)
-    elif PACK_SPLIT:
-        if BITS == 4:
-            r = _pair(c, NG, G // 2, 4).to(tl.uint8)
-        elif BITS == 2:
-            r = _pair(_pair(c, NG, G // 2, 2), NG, G // 4, 4).to(tl.uint8)
-        else:
-            r = _pair(_pair(_pair(c, NG, G // 2, 1), NG, G // 4, 2), NG, G // 8, 4).to(tl.uint8)
+    elif BITS == 4:
+        r = _pair(c, NG, G // 2, 4).to(tl.uint8)
+    elif BITS == 2:
+        r = _pair(_pair(c, NG, G // 2, 2), NG, G // 4, 4).to(tl.uint8)
     else:
-        PER: tl.constexpr = 8 // BITS
-        c3 = tl.reshape(c, (NG, G // PER, PER))
-        sh = (tl.arange(0, PER) * BITS)[None, None, :]
-        r = tl.sum(c3 << sh, axis=2).to(tl.uint8)
+        r = _pair(_pair(_pair(c, NG, G // 2, 1), NG, G // 4, 2), NG, G // 8, 4).to(tl.uint8)
     return r
 
 
 @triton.jit
 def unpack(b, NG: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
     """bytes [NG, G*BITS//8] -> codes [NG, G] int32."""
+    bi = b.to(tl.int32)
     if BITS == 8:
-        r = b.to(tl.int32)
-    elif PACK_SPLIT:
-        bi = b.to(tl.int32)
-        if BITS == 4:
-            r = _unpair(bi, NG, G // 2, 4)
-        elif BITS == 2:
-            r = _unpair(_unpair(bi, NG, G // 4, 4), NG, G // 2, 2)
-        else:
-            r = _unpair(_unpair(_unpair(bi, NG, G // 8, 4), NG, G // 4, 2), NG, G // 2, 1)
+        r = bi
+    elif BITS == 4:
+        r = _unpair(bi, NG, G // 2, 4)
+    elif BITS == 2:
+        r = _unpair(_unpair(bi, NG, G // 4, 4), NG, G // 2, 2)
     else:
-        PER: tl.constexpr = 8 // BITS
-        sh = (tl.arange(0, PER) * BITS)[None, None, :]
-        c3 = (b.to(tl.int32)[:, :, None] >> sh) & ((1 << BITS) - 1)
-        r = tl.reshape(c3, (NG, G))
+        r = _unpair(_unpair(_unpair(bi, NG, G // 8, 4), NG, G // 4, 2), NG, G // 2, 1)
     return r
 
 
@@ -421,7 +364,7 @@ def _error_kernel(x_ptr, buf_ptr, out_ptr, n, nbytes_row, LIM: tl.constexpr,
                   NG: tl.constexpr, G: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
                   QMAX: tl.constexpr, ROT: tl.constexpr, LOG2G: tl.constexpr, RSCALE):
     """out[r] = nan_to_num(rot(decode(buf[r]) - rot(x[r]))): the quantization error of
-    each row in the original basis, as comm/feedback.own_error computes it."""
+    each row in the original basis, as ``Scheme.own_error`` computes it."""
     row, t0, gmask, offs, x = _load_row_tile(x_ptr, n, NG, G, ROT, LOG2G, RSCALE)
     pay, p1, m0, m1 = _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND, BITS, G)
     d = decode_tile(pay, p1, m0, m1, gmask, LIM, NG, G, KIND, BITS, QMAX) - x
@@ -437,13 +380,13 @@ def _launch_opts() -> dict:
     return {} if INTERPRET else {"enable_fp_fusion": False}
 
 
-def _tile_groups(kc: KCodec, n: int) -> int:
+def _tile_groups(kc: KernelCodec, n: int) -> int:
     """Groups per program: a fixed 2048-value tile (a short row masks its tail), so the
     compiled variant depends on the codec only, not on the row length."""
     return 2048 if kc.kind == KIND_BF16 else 2048 // kc.group
 
 
-def _rotation(kc: KCodec, rot):
+def _rotation(kc: KernelCodec, rot):
     """(ROT, LOG2G, RSCALE) kernel arguments for a rotation of ``rot`` values (None: none);
     the rotation group must be the codec's group (hadamard- codecs)."""
     if rot is None:
@@ -454,10 +397,10 @@ def _rotation(kc: KCodec, rot):
     return {"ROT": True, "LOG2G": log2g, "RSCALE": rscale}
 
 
-def quantize(codec, x: torch.Tensor, rot=None) -> torch.Tensor:
-    """``codec.encode(x)`` on the GPU (or the interpreter): ``[..., n] -> [..., nbytes]``;
-    with ``rot`` = the group size, ``codec.encode(fwht(x, rot))`` (comm/rotation.py)."""
-    kc = kcodec(codec)
+def quantize(kc: KernelCodec, x: torch.Tensor, rot=None) -> torch.Tensor:
+    """The reference ``codec.encode(x)`` of the codec ``kc`` describes, on the GPU (or the
+    interpreter): ``[..., n] -> [..., nbytes]``; with ``rot`` = the group size,
+    ``codec.encode(fwht(x, rot))`` (comm/codecs/hadamard.py)."""
     rk = _rotation(kc, rot)
     n = x.shape[-1]
     if kc.kind and n % kc.group:
@@ -475,12 +418,11 @@ def quantize(codec, x: torch.Tensor, rot=None) -> torch.Tensor:
     return out
 
 
-def dequantize(codec, buf: torch.Tensor, n: int, out_dtype=torch.float32,
+def dequantize(kc: KernelCodec, buf: torch.Tensor, n: int, out_dtype=torch.float32,
                sum_rows: bool = False, rot=None) -> torch.Tensor:
     """``codec.decode(buf, n, out_dtype)``; with ``sum_rows`` the leading dim is summed in
     fp32 in order (rows 0, 1, ...): the all-reduce's reduction, one output row. With
     ``rot`` (fp32 output only) the result is ``fwht(result, rot)``, not clamped again."""
-    kc = kcodec(codec)
     rk = _rotation(kc, rot)
     if rot is not None and out_dtype != torch.float32:
         raise ValueError("a rotated dequantize returns fp32 (saturate afterwards)")
@@ -508,11 +450,10 @@ def dequantize(codec, buf: torch.Tensor, n: int, out_dtype=torch.float32,
     return out
 
 
-def error_part(codec, x: torch.Tensor, buf: torch.Tensor, rot=None) -> torch.Tensor:
-    """fp32 ``nan_to_num(rot(codec.decode(buf) - rot(x)))`` for ``buf = quantize(codec, x,
+def error_part(kc: KernelCodec, x: torch.Tensor, buf: torch.Tensor, rot=None) -> torch.Tensor:
+    """fp32 ``nan_to_num(rot(codec.decode(buf) - rot(x)))`` for ``buf = quantize(kc, x,
     rot)``, ``x`` ``[rows, n]``: each row's quantization error in the original basis (the
-    error part of comm/feedback.own_error, bit for bit)."""
-    kc = kcodec(codec)
+    error part of ``Scheme.own_error``, bit for bit)."""
     rk = _rotation(kc, rot)
     n = x.shape[-1]
     nb = kc.nbytes(n)

@@ -1,17 +1,20 @@
 """Quantized all-reduce (two-step and one-shot) on real gloo ranks (world sizes 2, 3, 4):
 ranks bitwise identical, error within the analytic bound of the algorithm, equal bit for
-bit to the thread simulation; plus CommConfig parsing and site resolution."""
+bit to the thread simulation; plus CommSpec parsing and site resolution."""
 import math
 
 import pytest
 import torch
 
-from megatron_lite.comm.allreduce import (CommConfig, QuantizedCommunicator,
-                                          build_communicator, parse_comm_arg, scheme_for)
-from megatron_lite.comm.codecs import CodecError
+from megatron_lite.comm.algorithms import Algo
+from megatron_lite.comm.build import build_communicator
+from megatron_lite.comm.calibration import CalibrationError
+from megatron_lite.comm.codecs import CodecError, CodecSpec
 from megatron_lite.comm.communicator import DistCommunicator
-from megatron_lite.comm.outlier import CalibrationError, build_calibration
+from megatron_lite.comm.router import QuantizedCommunicator, SiteCodecs
 from megatron_lite.comm.simulate import make_thread_communicators, run_simulated
+from megatron_lite.comm.spec import CommSpec, Path, format_comm, parse_comm
+from megatron_lite.lab.calibration import build_calibration
 from tests._dist import run_distributed
 
 H = 192  # hidden size divisible by 2, 3 and 4
@@ -162,13 +165,13 @@ def test_two_step_gloo_matches_simulation_and_bound(world, tmp_path):
             assert torch.equal(_bits(sim[r][i]), _bits(y)), ("simulation differs",) + tag
         xs = [_input(i, r, world, spec, dtype, shape, special) for r in range(world)]
         exact = sum(x.double() for x in xs)
-        cfg = parse_comm_arg(spec, calibration=calib)
-        codec = cfg.codec_for(SITE)
-        if cfg.algo == "one-shot":
-            want, bound = _one_shot_by_hand(scheme_for(codec), xs, world, dtype)
+        cfg = parse_comm(spec, calibration=calib if "outlier" in spec else None)
+        sch = SiteCodecs(cfg).scheme_for(SITE)
+        if cfg.algo == Algo.ONE_SHOT:
+            want, bound = _one_shot_by_hand(sch, xs, world, dtype)
             assert torch.equal(_bits(want), _bits(y)), ("one-shot by hand differs",) + tag
         else:
-            bound = _two_step_bound(scheme_for(codec), xs, world, y)
+            bound = _two_step_bound(sch, xs, world, y)
         fin = torch.isfinite(bound) & torch.isfinite(y)
         err = (y.double() - exact).abs()
         assert (err[fin] <= bound[fin]).all(), tag + ((err[fin] / bound[fin]).max().item(),)
@@ -177,8 +180,7 @@ def test_two_step_gloo_matches_simulation_and_bound(world, tmp_path):
         else:  # the NaN/Inf spread stays inside whole groups, identical on every rank
             assert not fin.all() and fin.float().mean() > 0.5, tag
             if not spec.startswith("outlier"):
-                g = codec.ag.group_size
-                sch = scheme_for(codec)
+                g = sch.ag.group_size
                 bad = sch.chunk((~fin).float(), world)[0].reshape(-1, g).sum(1)
                 real_n = sch.chunk(torch.ones(shape), world)[0].reshape(-1, g).sum(1)
                 assert ((bad == 0) | (bad == real_n)).all(), tag  # zero padding aside
@@ -221,7 +223,7 @@ def test_one_shot_halves_the_error_power_of_two_step():
 def test_one_shot_explain_names_the_algorithm():
     base = make_thread_communicators(1)[0]
     qc = build_communicator(base, "int4:128,algo=one-shot")
-    assert qc.config.algo == "one-shot"
+    assert qc.spec.algo == Algo.ONE_SHOT
     assert qc.explain(torch.zeros(1000), SITE) == "one-shot with int4:128"   # portable path
 
 
@@ -240,35 +242,44 @@ def test_one_shot_bf16_keeps_inf_like_two_step():
 
 
 # ----------------------------------------------------------------------------- config
-def test_parse_comm_arg_and_site_resolution():
-    cfg = parse_comm_arg("int4:128,layers.0.*=int8,layers.-1.*=native,*.o_proj=int8:64,"
-                         "min_bytes=64KiB", num_layers=4)
+def test_parse_comm_and_site_resolution():
+    cfg = parse_comm("int4:128,layers.0.*=int8,layers.-1.*=native,*.o_proj=int8:64,"
+                     "min_bytes=64KiB")
     assert cfg.min_bytes == 65536
-    assert cfg.spec_for("layers.0.mlp.down_proj") == "int8:128"     # first match wins
-    assert cfg.spec_for("layers.3.mlp.down_proj") is None           # layers.-1 -> native
-    assert cfg.spec_for("layers.2.self_attn.o_proj") == "int8:64"
-    assert cfg.spec_for("layers.2.mlp.down_proj") == "int4:128"
-    assert cfg.spec_for("embed_tokens") is None                     # embedding stays native
-    assert cfg.spec_for(None) is None
+    sites = SiteCodecs(cfg, num_layers=4)
+    spec_for = lambda s: None if sites.codec_for(s) is None else str(sites.codec_for(s))  # noqa
+    assert spec_for("layers.0.mlp.down_proj") == "int8:128"     # first match wins
+    assert spec_for("layers.3.mlp.down_proj") is None           # layers.-1 -> native
+    assert spec_for("layers.2.self_attn.o_proj") == "int8:64"
+    assert spec_for("layers.2.mlp.down_proj") == "int4:128"
+    assert spec_for("embed_tokens") is None                     # embedding stays native
+    assert spec_for(None) is None
     assert str(cfg) == ("int4:128,layers.0.*=int8:128,layers.-1.*=native,*.o_proj=int8:64,"
                         "min_bytes=65536")
-    assert parse_comm_arg(str(cfg), num_layers=4).overrides == cfg.overrides
+    assert parse_comm(str(cfg)) == cfg
     with pytest.raises(CodecError, match="needs num_layers"):
-        parse_comm_arg("int4,layers.-1.*=int8").spec_for(SITE)
-    emb = parse_comm_arg("native,embed_tokens=int8")
-    assert emb.spec_for("embed_tokens") == "int8:128" and emb.spec_for(SITE) is None
-    assert CommConfig.from_spec("int6").spec_for(SITE) == "int4-int8:128"
-    assert CommConfig(codec="int4", overrides=[("*.down_proj", "int2:32")]).spec_for(SITE) \
-        == "int2:32"
-    assert cfg.path == "auto"                                       # default: size chooser
-    forced = parse_comm_arg("weighted-hadamard-int8:128,path=Fused", calibration="c.st")
-    assert forced.path == "fused" and str(forced) == "weighted-hadamard-int8:128,path=fused"
-    assert parse_comm_arg(str(forced), calibration="c.st").path == "fused"
-    assert parse_comm_arg("int4,path=two-step").path == "two-step"
-    assert cfg.algo == "two-step"                                   # default algorithm
-    one = parse_comm_arg("hadamard-int4:128,algo=One-Shot,path=two-step")
-    assert one.algo == "one-shot" and str(one) == "hadamard-int4:128,path=two-step,algo=one-shot"
-    assert parse_comm_arg(str(one)).algo == "one-shot"
+        SiteCodecs(parse_comm("int4,layers.-1.*=int8"))
+    emb = SiteCodecs(parse_comm("native,embed_tokens=int8"))
+    assert str(emb.codec_for("embed_tokens")) == "int8:128" and emb.codec_for(SITE) is None
+    assert str(SiteCodecs(parse_comm("int6")).codec_for(SITE)) == "int4-int8:128"
+    typed = CommSpec(codec=CodecSpec("int4", 128),
+                     overrides=(("*.down_proj", CodecSpec("int2", 32)),))
+    assert str(SiteCodecs(typed).codec_for(SITE)) == "int2:32"
+    assert cfg.path == Path.AUTO                                # default: size chooser
+    forced = parse_comm("weighted-hadamard-int8:128,path=Fused", calibration="c.st")
+    assert forced.path == Path.FUSED
+    assert str(forced) == "weighted-hadamard-int8:128,path=fused,calibration=c.st"
+    assert format_comm(forced, with_calibration=False) == "weighted-hadamard-int8:128,path=fused"
+    assert parse_comm(str(forced)) == forced
+    assert parse_comm("int4,path=two-step").path == Path.TWO_STEP
+    assert cfg.algo == Algo.TWO_STEP                            # default algorithm
+    one = parse_comm("hadamard-int4:128,algo=One-Shot,path=two-step")
+    assert one.algo == Algo.ONE_SHOT
+    assert str(one) == "hadamard-int4:128,path=two-step,algo=one-shot"
+    assert parse_comm(str(one)) == one
+    assert parse_comm("auto") == parse_comm("bf16") and parse_comm("none").is_native
+    ef = parse_comm("ef+hadamard-int4:128,algo=one-shot")
+    assert ef.error_feedback and parse_comm(str(ef)) == ef
 
 
 @pytest.mark.parametrize("spec,msg", [
@@ -276,14 +287,14 @@ def test_parse_comm_arg_and_site_resolution():
     ("int4,layers.0.*", "expected GLOB=CODEC"), ("int4,*.o_proj=int7", "unknown codec"),
     ("int4,min_bytes=lots", "bad size"), ("int4,=int8", "empty site pattern"),
     ("outlier-int4", "needs a calibration file"), ("int4,path=fast", "expected one of auto"),
-    ("int4,path", "algo=ALGO or budget=site|model"), ("int4,algo=ring", "expected one of two-step"),
+    ("int4,path", "budget=site|model or calibration=FILE"), ("int4,algo=ring", "expected one of two-step"),
     ("int6,algo=one-shot", "two-stage codec"),
     ("int8,*.o_proj=hadamard-int4-int8:64,algo=one-shot", "two-stage codec"),
     ("int4,path=fused,algo=one-shot", "path=fused runs the fused two-shot kernel"),
 ])
 def test_bad_comm_args(spec, msg):
     with pytest.raises(CodecError, match=msg):
-        parse_comm_arg(spec)
+        parse_comm(spec)
 
 
 def test_build_communicator_and_routing(tmp_path):
@@ -316,4 +327,4 @@ def test_build_communicator_and_routing(tmp_path):
                            hf_config={"model_type": "llama", "hidden_size": H})
     qc = build_communicator(twos[0], "outlier-int4", calibration=path)
     with pytest.raises(CalibrationError, match="no site"):
-        qc.config.codec_for("layers.9.mlp.down_proj")
+        qc.sites.scheme_for("layers.9.mlp.down_proj")

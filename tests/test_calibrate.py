@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.comm.calibrate import ChannelStats, RecordingCommunicator
-from megatron_lite.comm.outlier import CalibrationError, load_calibration
+from megatron_lite.comm.calibration import CalibrationError, load_calibration
+from megatron_lite.lab.calibration import ChannelStats, RecordingCommunicator
 from megatron_lite.comm.simulate import run_simulated
 from tests._dist import run_distributed
 from tests.conftest import make_char_tokenizer, run_tool

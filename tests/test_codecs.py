@@ -1,4 +1,5 @@
-"""Reference codecs (megatron_lite/comm/codecs.py, comm/outlier.py): bit counts, byte
+"""Reference codecs (megatron_lite/comm/codecs/group.py, outlier.py) and the calibration
+file (comm/calibration.py): bit counts, byte
 layout, error bounds over fuzzed inputs, exactness of constant groups, round-half-even,
 NaN/Inf rules, bad specs, and the outlier calibration file."""
 import json
@@ -8,10 +9,10 @@ import os
 import pytest
 import torch
 
+from megatron_lite.comm.calibration import CalibrationError, load_calibration, model_fingerprint
 from megatron_lite.comm.codecs import (BF16_MAX, FP16_MAX, GROUP_SIZES, CodecError,
-                                       get_codec, parse_codec_spec)
-from megatron_lite.comm.outlier import (CalibrationError, build_calibration,
-                                        load_calibration, model_fingerprint)
+                                       get_codec, get_scheme, parse_codec_spec)
+from megatron_lite.lab.calibration import build_calibration
 
 PLAIN = ["int8", "int5", "int4", "int4-sym", "int3", "int2", "fp8"]
 BITS = {"int8": (8, 1), "int5": (5, 2), "int4": (4, 2), "int4-sym": (4, 1), "int3": (3, 2),
@@ -48,10 +49,11 @@ def test_bits_table_values():
     assert get_codec("int3:128").bits_per_value == 3.25
     assert get_codec("int5:128").bits_per_value == 5.25
     assert get_codec("bf16").bits_per_value == 16
-    mixed = get_codec("int4-int8:128")
+    mixed = get_scheme("int4-int8:128")
     assert mixed.rs.spec == "int4:128" and mixed.ag.spec == "int8:128"
-    assert mixed.bits_per_value == (4.25 + 8.125) / 2
-    assert get_codec("int6").spec == "int4-int8:128"
+    assert mixed.bits_per_value == (4.25 + 8.125) / 2 and mixed.traits.two_stage
+    assert get_scheme("int6").spec == "int4-int8:128"
+    assert get_scheme("int4:128").bits_per_value == 4.25 and not get_scheme("int4").traits.two_stage
 
 
 # ----------------------------------------------------------------------------- layout
@@ -292,9 +294,9 @@ def test_bad_codec_input():
     with pytest.raises(CodecError, match="expected 68 uint8 bytes"):
         c.decode(torch.zeros(67, dtype=torch.uint8), 128)
     with pytest.raises(CodecError, match="calibration"):
-        get_codec("outlier-int4")
-    with pytest.raises(CodecError, match="two-step scheme"):
-        get_codec("int4-int8").encode(torch.randn(128))
+        get_scheme("outlier-int4")
+    with pytest.raises(CodecError, match="not a one-stage group codec"):
+        get_codec("int4-int8")
 
 
 # ----------------------------------------------------------------------------- outlier
@@ -346,7 +348,7 @@ def test_outlier_codec_chunks(spec):
     w, h, t = 4, 128, 5
     cal = build_calibration({"s": _toy_stats(w, h, [3, 64, 65, 127, 9])}, k=5, tp=w,
                             model="toy", fingerprint="x")
-    c = get_codec(spec, cal, "s")
+    c = get_scheme(spec, cal, "s")
     assert cal.k_per_rank == 2 and c.nn == 30
     # every chunk holds 2 outlier channels at its end, and perm is a permutation
     assert sorted(c.perm.tolist()) == list(range(h))
@@ -379,4 +381,4 @@ def test_outlier_codec_chunks(spec):
     # nominal figure of the paper: k = H/64 -> 4.1875 bits
     big = build_calibration({"s": _toy_stats(4, 4096, [1])}, k=64, tp=4, model="m",
                             fingerprint="x")
-    assert get_codec("outlier-int4", big, "s").bits_per_value == 4.1875
+    assert get_scheme("outlier-int4", big, "s").bits_per_value == 4.1875

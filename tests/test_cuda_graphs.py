@@ -1,5 +1,6 @@
-"""CPU-runnable parts of issue 5: graph buckets, the Engine hook's CPU behaviour, the causal
-prefill fast path, random-weight models, and tools/bench_generate.py end to end on gloo.
+"""CPU-runnable parts of the generation benchmarks: graph buckets, the Engine hook's CPU
+behaviour, the causal prefill fast path, random-weight models, and tools/bench_generate.py
+end to end on gloo.
 
 The CUDA-graph capture/replay itself is tested in tests/gpu/test_generate_gpu.py.
 """
@@ -15,15 +16,15 @@ import torch
 from megatron_lite.comm.communicator import Communicator, DistCommunicator
 from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder, bucket_for
 from megatron_lite.models import decoder as decoder_mod
-from megatron_lite.models.random_init import (INIT_STD, TEST_SHAPES, random_model,
+from megatron_lite.lab.random_init import (INIT_STD, TEST_SHAPES, random_model,
                                               resolve_shape, streamed_weight_bytes,
                                               total_weight_bytes)
 from megatron_lite.parallel_state import TPGroup
 from tests._dist import run_distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import bench_generate as bench  # noqa: E402
+from tests.test_calibrate import load_tool
+
+bench = load_tool("bench_generate")
 
 
 def _group(rank=0, world=1) -> TPGroup:
@@ -164,7 +165,7 @@ def test_skip_reduce_returns_its_input_and_gathers_for_real():
 
 def test_comm_removed_ratio():
     rows = [dict(phase="prefill", batch=1, tokens=8192, comm=c, ms=ms)
-            for c, ms in (("nccl-bf16", 100.0), ("int4", 70.0), ("none", 60.0),
+            for c, ms in (("native", 100.0), ("int4", 70.0), ("skip-reduce", 60.0),
                           ("int8", 110.0))]
     rows.append(dict(phase="decode", batch=1, tokens=1024, comm="int4", ms=1.0))
     got = {r["comm"]: r["ratio"] for r in bench.comm_removed(rows)}
@@ -172,7 +173,8 @@ def test_comm_removed_ratio():
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--random-weights", "tiny", "--comm", "int7"], "unknown comm mode"),
+    (["--random-weights", "tiny", "--comm", "int7"], "--comm 'int7': unknown codec"),
+    (["--random-weights", "tiny", "--comm", "weighted-int8"], "needs a calibration file"),
     (["--random-weights", "tiny", "--prefill", "8k"], "bad prefill case"),
     (["--random-weights", "nope"], "unknown shape 'nope'"),
     (["--decode-batches", "1"], "give --ckpt DIR or --random-weights"),
@@ -191,7 +193,8 @@ def _bench_rank(rank, world, out_dir):
     from megatron_lite import parallel_state
     path = os.path.join(out_dir, "r.json")
     try:
-        bench.main(["--random-weights", "tiny", "--prefill", "32x1,16x2",
+        bench.main(["--random-weights", "tiny", "--prefill", "32x1,16x2", "--comm", "auto",
+                    "--comm", "int8:128", "--comm", "int4:128",
                     "--decode-batches", "1,3", "--context", "40", "--decode-steps", "3",
                     "--repeats", "2", "--check-tokens", "4", "--check-long-mib", "0.1",
                     "--json", path])
@@ -203,32 +206,33 @@ def _bench_rank(rank, world, out_dir):
 def test_bench_end_to_end_on_gloo(tmp_path):
     res = run_distributed(_bench_rank, 2, str(tmp_path))[0]
     assert res["tp"] == 2 and res["shape"] == "tiny" and res["device"] == "cpu"
-    assert "auto-bf16" in res["skipped"]     # no fused kernels over gloo
-    modes = ["nccl-bf16", "int8", "int4", "none"]
+    assert not res["skipped"]
+    modes = ["native", "auto", "int8:128", "int4:128", "skip-reduce"]
     want = {(ph, b, t, c) for c in modes for ph, b, t in
             [("prefill", 1, 32), ("prefill", 2, 16), ("decode", 1, 40), ("decode", 3, 40)]}
     got = {(r["phase"], r["batch"], r["tokens"], r["comm"]) for r in res["rows"]}
     assert got == want
     assert all(r["ms"] > 0 for r in res["rows"])
-    for mode in ("nccl-bf16", "int8", "int4"):
+    for mode in ("native", "auto", "int8:128", "int4:128"):
         assert res["checks"][mode]["ranks_identical"] is True
         assert res["checks"][mode]["logits_finite"] is True
     # int8 is close to the bf16 sum; int4 further, but still far below the logits' scale
-    c8, c4 = res["checks"]["int8"], res["checks"]["int4"]
+    c8, c4 = res["checks"]["int8:128"], res["checks"]["int4:128"]
     assert c8["logits_max_abs_diff_vs_nccl"] < c4["logits_max_abs_diff_vs_nccl"]
     assert c4["logits_max_abs_diff_vs_nccl"] < 0.5 * c4["logits_scale"]
     # the long check prompt: 0.1 MiB / (2 B x 256 hidden) = 204 tokens, every rank equal
     assert c8["long_prompt_tokens"] == 204 and c8["long_logits_finite"]
     assert 0 < c8["long_logits_rel_err_vs_nccl"] < c4["long_logits_rel_err_vs_nccl"] < 0.5
-    assert res["backends"]["int4"]["prefill_8k"].startswith("two-step")
-    assert {r["comm"] for r in res["ttft_comm_removed"]} <= {"int8", "int4"}
+    assert res["backends"]["int4:128"]["prefill_8k"] == "two-step with int4:128"
+    assert res["backends"]["native"]["prefill_8k"].startswith("native")
+    assert {r["comm"] for r in res["ttft_comm_removed"]} <= {"auto", "int8:128", "int4:128"}
     assert res["tpot_floor_ms"] > 0
 
 
 def test_plot_from_json(tmp_path):
     rows = [dict(phase=ph, batch=b, tokens=t, comm=c, ms=ms)
             for ph, b, t in (("prefill", 1, 512), ("decode", 1, 1024))
-            for c, ms in (("nccl-bf16", 2.0), ("int4", 1.5))]
+            for c, ms in (("native", 2.0), ("int4", 1.5))]
     ours = dict(device="x", tp=2, shape="tiny", context=1024, rows=rows)
     hf = dict(device="x", tp=2, shape="tiny", rows=[dict(rows[0], comm="hf-tp", ms=9.0)])
     paths = []

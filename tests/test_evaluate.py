@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from megatron_lite.eval import data as D
-from megatron_lite.eval import metrics as M
-from megatron_lite.eval import report as R
-from megatron_lite.eval.evaluator import run_study, summarize
+from megatron_lite.lab.eval import data as D
+from megatron_lite.lab.eval import metrics as M
+from megatron_lite.lab.eval import report as R
+from megatron_lite.lab.eval.evaluator import run_study, summarize
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 3,
           "a b c d e the fox and the dog sat on a mat while the cat ran away."]
@@ -268,7 +268,7 @@ def test_markdown_and_plot(tmp_path):
 def test_allocate_is_the_knapsack_optimum_on_a_small_case():
     import itertools
 
-    from megatron_lite.eval.sensitivity import allocate, comm_string
+    from megatron_lite.lab.eval.sensitivity import allocate, comm_string
     bits = {"c3": 3.0, "c4": 4.0, "c8": 8.0}
     sens = {"a": {"c3": 4.0, "c4": 1.0, "c8": 0.0},       # sensitive: wants c8
             "b": {"c3": 0.2, "c4": 0.05, "c8": 0.0},
@@ -372,9 +372,9 @@ SWITCH_SPECS = ["bf16", "int4:32", "hadamard-int4:32", "ef+int4:32"]
 
 
 def _logits_all_codecs(comm, ckpt, ids, rows):
-    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.build import build_communicator
     from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
-    from megatron_lite.eval.runner import CodecSwitch, load_rank_engine, rank_logits
+    from megatron_lite.lab.eval.runner import CodecSwitch, load_rank_engine, rank_logits
     comms = [ErrorFeedbackCommunicator(build_communicator(comm, s[3:])) if s.startswith("ef+")
              else build_communicator(comm, s) for s in SWITCH_SPECS]
     switch = CodecSwitch(comm, comms)

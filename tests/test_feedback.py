@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lite.comm.allreduce import build_communicator
+from megatron_lite.comm.build import build_communicator
 from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
 from megatron_lite.comm.simulate import make_thread_communicators, run_simulated
 from tests._dist import run_distributed
@@ -126,17 +126,16 @@ def test_norm_aware_feedback_cancels_through_sandwich_norms(spec, dtype):
 def _prenorm_by_hand(comm, spec, xs):
     """The pre-norm rule written out: the second message carries minus this rank's
     error part of the first reduce."""
-    from megatron_lite.comm.allreduce import quantized_all_reduce, scheme_for
-    from megatron_lite.comm.feedback import _Recording, own_error
+    from megatron_lite.comm.algorithms import Algo, Trace, quantized_all_reduce
     q = build_communicator(comm, spec)
-    algo = q.config.algo
-    codec = q.config.codec_for("layers.0.mlp.down_proj")
-    rec = _Recording(scheme_for(codec))
-    y1 = quantized_all_reduce(q.base, xs[1][comm.rank], rec, algo)
-    assert (rec.acc is None) == (algo == "one-shot")    # one-shot: no all-gather requant
-    carry = -rec.restore(own_error(rec.inner, rec.chunks, rec.acc, comm.rank)).float()
+    algo = q.spec.algo
+    scheme = q.sites.scheme_for("layers.0.mlp.down_proj")
+    trace = Trace()
+    y1 = quantized_all_reduce(q.base, xs[1][comm.rank], scheme, algo, trace)
+    assert (trace.acc is None) == (algo == Algo.ONE_SHOT)   # one-shot: no all-gather requant
+    carry = -trace.restore(scheme.own_error(trace.chunks, trace.acc, comm.rank)).float()
     x2 = (xs[2][comm.rank].float() + carry).to(xs.dtype)
-    return y1, quantized_all_reduce(q.base, x2, scheme_for(codec), algo)
+    return y1, quantized_all_reduce(q.base, x2, scheme, algo)
 
 
 @pytest.mark.parametrize("spec", ["int4:32", "hadamard-int4:64", "hadamard-int4:64,algo=one-shot"])
@@ -211,7 +210,7 @@ def test_ef_explains_its_portable_path():
 
 
 def test_ef_spec_needs_a_quantizing_codec():
-    from megatron_lite.comm.allreduce import CodecError
+    from megatron_lite.comm.codecs import CodecError
     base = make_thread_communicators(1)[0]
     with pytest.raises(CodecError, match="needs a quantizing codec"):
         build_communicator(base, "ef+native")

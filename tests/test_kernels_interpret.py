@@ -37,7 +37,8 @@ def _run_child(check: str, timeout: float = 900, **variant):
 
 # ----------------------------------------------------------------------------- child side
 def _kernels():
-    from megatron_lite.kernels import backends, fused_allreduce, maps, quant, workspace
+    from megatron_lite.comm import fused as backends
+    from megatron_lite.kernels import fused_allreduce, maps, quant, workspace
     return types.SimpleNamespace(backends=backends, fused_allreduce=fused_allreduce,
                                  maps=maps, quant=quant, workspace=workspace)
 
@@ -74,8 +75,9 @@ def child_quant():
         for dtype in (torch.float32, torch.bfloat16):
             n = 2048 + 3 * max(g, 32)
             x = _hostile(5, n, dtype, seed=len(out))
+            kc = codec.kernel_codec()
             ref = codec.encode(x)
-            got = k.quant.quantize(codec, x)
+            got = k.quant.quantize(kc, x)
             if spec == "bf16":
                 enc = _same(ref.view(torch.bfloat16), got.view(torch.bfloat16))
             else:
@@ -83,46 +85,46 @@ def child_quant():
                 enc = (torch.equal(ref[:, :npay], got[:, :npay])
                        and _same(ref[:, npay:].contiguous().view(torch.bfloat16),
                                  got[:, npay:].contiguous().view(torch.bfloat16)))
-            dec = all(_same(codec.decode(ref, n, od), k.quant.dequantize(codec, ref, n, od))
+            dec = all(_same(codec.decode(ref, n, od), k.quant.dequantize(kc, ref, n, od))
                       for od in (torch.float32, torch.bfloat16))
             parts = codec.decode(ref, n, torch.float32)
             acc = parts[0].clone()
             for r in range(1, parts.shape[0]):
                 acc += parts[r]
-            summed = _same(acc, k.quant.dequantize(codec, ref, n, torch.float32, sum_rows=True))
+            summed = _same(acc, k.quant.dequantize(kc, ref, n, torch.float32, sum_rows=True))
             out.append([spec, str(dtype), enc, dec, summed])
     return out
 
 
 def _dist_body(rank, world, specs, sizes):
     k = _kernels()
-    from megatron_lite.comm.allreduce import (CommConfig, QuantizedCommunicator,
-                                              quantized_all_reduce, scheme_for,
-                                              two_step_all_reduce)
-    from megatron_lite.comm.codecs import get_codec
+    from megatron_lite.comm.algorithms import Algo, quantized_all_reduce, two_step_all_reduce
+    from megatron_lite.comm.codecs import get_scheme
     from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.comm.router import QuantizedCommunicator
+    from megatron_lite.comm.spec import parse_comm
     fa = k.fused_allreduce
     state = k.backends.make_state(None, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
                                   cpu_shm=True)
     ws, base, res = state.ws, DistCommunicator(), []
     for i, spec in enumerate(specs):
-        codec = get_codec(spec)
+        codec = get_scheme(spec)
         for n in sizes:
             g = torch.Generator().manual_seed(1000 * i + 17 * n + rank)
             x = (torch.randn(n, generator=g) * (rank + 1)).to(torch.bfloat16)
             if n > 600 and rank == world - 1:
                 x[300] = math.nan
-            got = fa.two_shot_all_reduce(ws, x, codec)
-            want = two_step_all_reduce(base, x, scheme_for(codec))
+            got = fa.two_shot_all_reduce(ws, x, codec.kernel_plan(x))
+            want = two_step_all_reduce(base, x, codec)
             res.append(["two-shot", spec, n, _same(got, want), int(got.view(torch.int16).sum())])
     # hadamard-/weighted- codecs: the plain codec's kernel with their maps folded in
-    # (kernels/backends.kernel_maps, kernels/maps.py), against the two-step reference.
+    # (Scheme.kernel_plan, kernels/maps.py), against the two-step reference.
     from megatron_lite.comm.codecs import CodecSpec
-    from megatron_lite.comm.weighting import WeightedScheme
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
     fused = k.backends.FusedTwoShotBackend(state)
     h = 192
     scale = torch.rand(h, generator=torch.Generator().manual_seed(5)) * 8 + 0.05
-    wrapped = [get_codec("hadamard-int8:64"), get_codec("hadamard-int4:128"),
+    wrapped = [get_scheme("hadamard-int8:64"), get_scheme("hadamard-int4:128"),
                WeightedScheme(CodecSpec("weighted-int8", 64), scale),
                WeightedScheme(CodecSpec("weighted-hadamard-int4", 64), scale)]
     for i, codec in enumerate(wrapped):
@@ -134,7 +136,7 @@ def _dist_body(rank, world, specs, sizes):
                 x[3, 10] = math.nan
             if rows == 30 and rank == world - 1:
                 x[20, 150] = -math.inf
-            assert k.backends.has_kernels(codec) is None
+            assert k.backends.no_kernel(codec, x) is None
             assert fused.unsupported(x, codec, None) is None
             got = fused.all_reduce(x, codec, None)
             want = two_step_all_reduce(base, x, codec)
@@ -152,42 +154,42 @@ def _dist_body(rank, world, specs, sizes):
         res.append(["one-shot", "bf16", n, _same(got, acc.to(torch.bfloat16)),
                     int(got.view(torch.int16).sum())])
     # auto in front of the two-step chain (tables given: the CPU has none measured)
-    qc = QuantizedCommunicator(base, CommConfig(codec="int4:128"))
+    qc = QuantizedCommunicator(base, parse_comm("int4:128"))
     auto = k.backends.install_fused(qc, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
                                     table={"oneshot_max": 4096, "fused_min": {"int4": 20000}},
                                     cpu_shm=True)
     for n, want in ((1000, "oneshot"), (5000, "nccl"), (30000, "fused")):
         x = torch.randn(n, generator=torch.Generator().manual_seed(n * 3 + rank)).to(torch.bfloat16)
-        choice = auto.choose(x, qc.config.codec_for("layers.0.mlp.down_proj"))
+        choice = auto.choose(x, qc.sites.scheme_for("layers.0.mlp.down_proj"), qc)
         got = qc.all_reduce(x, "layers.0.mlp.down_proj")
         acc = x.float()
         torch.distributed.all_reduce(acc)
         err = ((got.float() - acc).norm() / acc.norm()).item()
         if want == "fused":   # quantized: must be the two-step result, bit for bit
-            ok = _same(got, two_step_all_reduce(base, x, scheme_for(get_codec("int4:128"))))
+            ok = _same(got, two_step_all_reduce(base, x, get_scheme("int4:128")))
         else:                 # bf16 paths: one rounding of the exact sum
             ok = err < 1e-2
         res.append(["auto", want, n, choice == want and ok, round(err, 5)])
     # path=fused: the fused kernel where auto would send bf16 (one-shot, NCCL) or where it
     # would pick it anyway; beyond the workspace, the portable two-step path. Both give
     # the two-step reference's bits. path=two-step: always the portable path.
-    site, ref = "layers.0.mlp.down_proj", scheme_for(get_codec("int4:128"))
+    site, ref = "layers.0.mlp.down_proj", get_scheme("int4:128")
     # algo=one-shot: no fused kernel runs it, so auto steps aside on every path and size
     # (path=fused is refused with it); path=two-step keeps the portable one-shot path.
     for path, algo, cases in (("fused", "two-step", ((1000, "fused"), (5000, "fused"),
-                                                     (30000, "fused"), (200000, "two-step"))),
-                              ("two-step", "two-step", ((1000, "two-step"), (30000, "two-step"))),
-                              ("two-step", "one-shot", ((1000, "two-step"), (30000, "two-step"))),
-                              ("auto", "one-shot", ((1000, "two-step"), (30000, "two-step")))):
-        qp = QuantizedCommunicator(base, CommConfig(codec="int4:128", path=path, algo=algo))
+                                                     (30000, "fused"), (200000, "portable"))),
+                              ("two-step", "two-step", ((1000, "portable"), (30000, "portable"))),
+                              ("two-step", "one-shot", ((1000, "portable"), (30000, "portable"))),
+                              ("auto", "one-shot", ((1000, "portable"), (30000, "portable")))):
+        qp = QuantizedCommunicator(base, parse_comm(f"int4:128,path={path},algo={algo}"))
         auto_p = k.backends.install_fused(qp, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
                                           table={"oneshot_max": 4096,
                                                  "fused_min": {"int4": 20000}}, cpu_shm=True)
         for n, want in cases:
             x = torch.randn(n, generator=torch.Generator().manual_seed(n * 5 + rank)
                             ).to(torch.bfloat16)
-            choice = auto_p.choose(x, qp.config.codec_for(site), qp)
-            why = auto_p.unsupported(x, qp.config.codec_for(site), qp)
+            choice = auto_p.choose(x, qp.sites.scheme_for(site), qp)
+            why = auto_p.unsupported(x, qp.sites.scheme_for(site), qp)
             got = qp.all_reduce(x, site)
             ok = (choice == want and (why is None) == (want == "fused")
                   and _same(got, quantized_all_reduce(base, x, ref, algo)))
@@ -200,7 +202,7 @@ def _dist_body(rank, world, specs, sizes):
     # algo=one-shot with the quantize / dequantize-and-sum kernels around the all-gather:
     # the one-shot reference's bits, for plain and rotated codecs, odd lengths included.
     for spec in ("int4:128", "hadamard-int4:64", "int3:64", "fp8:128"):
-        q1 = QuantizedCommunicator(base, CommConfig(codec=spec, algo="one-shot"))
+        q1 = QuantizedCommunicator(base, parse_comm(f"{spec},algo=one-shot"))
         k.backends.install_fused(q1, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
                                  table={"oneshot_max": 4096, "fused_min": {"*": 0}},
                                  cpu_shm=True)
@@ -209,7 +211,7 @@ def _dist_body(rank, world, specs, sizes):
                             ).to(torch.bfloat16)
             why = q1.explain(x, site)
             got = q1.all_reduce(x, site)
-            want = quantized_all_reduce(base, x, scheme_for(get_codec(spec)), "one-shot")
+            want = quantized_all_reduce(base, x, get_scheme(spec), Algo.ONE_SHOT)
             res.append(["one-shot-k", spec, n,
                         why == f"one-shot-kernels with {spec}" and _same(got, want),
                         int(got.view(torch.int16).sum())])
@@ -221,7 +223,7 @@ def _dist_body(rank, world, specs, sizes):
                  for i in range(3)}
         ef_k = ErrorFeedbackCommunicator(q1, gains)
         ef_p = ErrorFeedbackCommunicator(QuantizedCommunicator(
-            base, CommConfig(codec=spec, algo="one-shot")), gains)
+            base, parse_comm(f"{spec},algo=one-shot")), gains)
         ok = ef_k.explain(torch.zeros(3, 128), "layers.0.mlp.down_proj") == \
             f"error feedback, one-shot-kernels with {spec}"
         for i in range(3):
@@ -256,21 +258,16 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- tests
-# Both sub-byte packings (kernels/quant.py PACK_SPLIT) must give the reference's bytes.
-@pytest.mark.parametrize("pack", ["split", "sum"])
-def test_quant_kernels_match_reference_bitwise(pack):
-    rows = _run_child("quant", MEGATRON_LITE_PACK=pack)
+def test_quant_kernels_match_reference_bitwise():
+    rows = _run_child("quant")
     assert len(rows) == 22
     bad = [r for r in rows if not all(r[2:])]
     assert not bad, bad
 
 
-# push (default) and pull data movement of the two-shot kernel, each with one packing.
-@pytest.mark.parametrize("check,world,mode,pack", [("fused2", 2, "pull", "split"),
-                                                   ("fused3", 3, "pull", "split"),
-                                                   ("fused2", 2, "push", "sum")])
-def test_fused_allreduce_over_shared_memory(check, world, mode, pack):
-    ranks = _run_child(check, MEGATRON_LITE_TWO_SHOT=mode, MEGATRON_LITE_PACK=pack)
+@pytest.mark.parametrize("check,world", [("fused2", 2), ("fused3", 3)])
+def test_fused_allreduce_over_shared_memory(check, world):
+    ranks = _run_child(check)
     assert len(ranks) == world
     for rows in ranks:
         bad = [r for r in rows if not r[3]]
@@ -294,7 +291,9 @@ def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
     assert blocks_per_sm("NVIDIA H200", 2, 16 << 20, mapped=True) == 4
     assert blocks_per_sm("NVIDIA H200", 4, 256 << 20) == 1      # not measured: 1
     assert blocks_per_sm("NVIDIA H100 80GB HBM3", 2, 256 << 20) == 1
+    from megatron_lite.kernels.config import kernel_config
     monkeypatch.delenv("MEGATRON_LITE_BLOCKS_PER_SM", raising=False)
+    kernel_config.cache_clear()
     monkeypatch.setattr(fa, "_device_name", lambda device: "NVIDIA H200")
     cpu, sms = torch.device("cpu"), fa._num_sms(torch.device("cpu"))
     big, small = 8 << 20, 4 << 20                                 # bf16 bytes
@@ -303,5 +302,16 @@ def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
     assert fa.two_shot_plan(small // 2, 2, 128, cpu, small)[3] == sms
     assert fa.two_shot_plan(big // 2, 2, 128, cpu, big, mapped=True)[3] == sms
     assert fa.two_shot_plan(big // 2, 4, 128, cpu, big)[3] == sms
+    assert fa.two_shot_plan(big // 2, 2, 128, cpu, big, bpsm=2)[3] == 2 * sms   # override
+    # the knob is read once per process (kernels/config.py), checked when read
     monkeypatch.setenv("MEGATRON_LITE_BLOCKS_PER_SM", "2")
-    assert fa.two_shot_plan(big // 2, 2, 128, cpu, big)[3] == 2 * sms
+    kernel_config.cache_clear()
+    try:
+        assert fa.two_shot_plan(big // 2, 2, 128, cpu, big)[3] == 2 * sms
+        monkeypatch.setenv("MEGATRON_LITE_BLOCKS_PER_SM", "many")
+        kernel_config.cache_clear()
+        with pytest.raises(ValueError, match="MEGATRON_LITE_BLOCKS_PER_SM must be"):
+            kernel_config()
+    finally:
+        monkeypatch.delenv("MEGATRON_LITE_BLOCKS_PER_SM")
+        kernel_config.cache_clear()

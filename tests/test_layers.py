@@ -161,7 +161,7 @@ def _sites_worker(rank, ws, hf_cfg, sd):
     comm = RecordingCommunicator()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     native = Engine.from_hf_state_dict(hf_cfg, sd, comm=comm, device="cpu").logits(ids)
-    # a --comm spec wraps the group's communicator (comm/allreduce.py); the model is unchanged
+    # a --comm spec wraps the group's communicator (comm/build.py); the model is unchanged
     quant = Engine.from_hf_state_dict(hf_cfg, sd, comm="int8:32", device="cpu").logits(ids)
     return comm.sites, native, quant
 

@@ -126,9 +126,9 @@ TEXT = ("The river rises in the hills north of the town and flows south through 
 
 
 def _kl_per_codec(comm, ckpt, ids, specs):
-    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.build import build_communicator
     from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
-    from megatron_lite.eval.runner import CodecSwitch, load_rank_engine, rank_logits
+    from megatron_lite.lab.eval.runner import CodecSwitch, load_rank_engine, rank_logits
     comms = []
     for s in specs:
         ef = s.startswith("ef") and "+" in s

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from megatron_lite.comm.allreduce import build_communicator, scheme_for, two_step_all_reduce
-from megatron_lite.comm.codecs import CodecError, codec_bits, get_codec, parse_codec_spec
-from megatron_lite.comm.rotation import NAMES, fwht
+from megatron_lite.comm.algorithms import two_step_all_reduce
+from megatron_lite.comm.build import build_communicator
+from megatron_lite.comm.codecs import CodecError, codec_bits, get_scheme, names, parse_codec_spec
+from megatron_lite.comm.codecs.hadamard import fwht
 from megatron_lite.comm.simulate import run_simulated
 from tests._dist import run_distributed
 
@@ -35,7 +36,8 @@ def test_fwht_is_the_normalised_hadamard_matrix_and_its_own_inverse(g):
 
 
 def test_specs_bits_and_bad_input():
-    assert "hadamard-int4" in NAMES and "hadamard-int4-int8" in NAMES
+    assert "hadamard-int4" in names() and "hadamard-int4-int8" in names()
+    assert get_scheme("hadamard-int4-int8:64").traits.two_stage
     assert codec_bits("hadamard-int4:128") == 4.25
     assert codec_bits("hadamard-int3:64") == codec_bits("int3:64")
     assert codec_bits("hadamard-int4-int8:128") == codec_bits("int4-int8:128")
@@ -49,7 +51,7 @@ def test_specs_bits_and_bad_input():
 
 
 def _one_rank(comm, spec, parts):
-    return two_step_all_reduce(comm, parts[comm.rank], scheme_for(get_codec(spec)))
+    return two_step_all_reduce(comm, parts[comm.rank], get_scheme(spec))
 
 
 def _real(rank, world_size, spec, parts):
@@ -76,7 +78,7 @@ def test_two_step_matches_gloo_bitwise_and_beats_plain_on_spiky_data(spec):
 
 def test_codec_error_bound_and_non_finite_groups():
     torch.manual_seed(1)
-    sch = get_codec("hadamard-int4:64")
+    sch = get_scheme("hadamard-int4:64")
     x = torch.randn(2, 256) * torch.logspace(-3, 3, 256)
     chunks, restore = sch.chunk(x, 2)
     enc = sch.rs_encode(chunks, 0)
@@ -96,16 +98,14 @@ def test_codec_error_bound_and_non_finite_groups():
 
 
 def test_fused_kernels_serve_the_rotated_codec_through_its_maps():
-    """The fused backend takes a rotated codec as its plain inner codec between the
+    """The fused kernels take a rotated codec as its plain inner codec between the
     rotations of kernels/maps.py (bit-exactness: tests/test_kernels_interpret.py), never
     as the inner codec alone (that would silently skip the rotation)."""
-    pytest.importorskip("triton")
-    from megatron_lite.kernels.backends import has_kernels, kernel_maps
-    assert has_kernels(get_codec("int4:128")) is None
-    assert has_kernels(get_codec("hadamard-int4:128")) is None
-    assert kernel_maps(get_codec("int4:128"), torch.zeros(256))[:2] == (None, None)
-    group, scale, plain = kernel_maps(get_codec("hadamard-int4:128"), torch.zeros(256))
-    assert (group, scale, plain.spec) == (128, None, "int4:128")
+    plain = get_scheme("int4:128").kernel_plan(torch.zeros(256))
+    rot = get_scheme("hadamard-int4:128").kernel_plan(torch.zeros(256))
+    assert (plain.rot, plain.scale) == (None, None) and not plain.mapped
+    assert (rot.rot, rot.scale, rot.rs, rot.ag) == (128, None, plain.rs, plain.ag) and rot.mapped
+    assert rot.rs == get_scheme("int4:128").rs.kernel_codec()
 
 
 def test_quantized_communicator_routes_hadamard_codec():

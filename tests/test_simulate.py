@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from megatron_lite.comm.allreduce import build_communicator
+from megatron_lite.comm.build import build_communicator
 from megatron_lite.comm.communicator import DistCommunicator
-from megatron_lite.comm.outlier import build_calibration
+from megatron_lite.lab.calibration import build_calibration
 from megatron_lite.comm.simulate import SimulationError, run_simulated
 from tests._dist import run_distributed
 

@@ -1,4 +1,5 @@
-"""klt codecs (comm/transform.py): per-rank calibrated transform coding, one-shot only.
+"""klt codecs (comm/codecs/klt.py, calibration: lab/transform.py): per-rank calibrated
+transform coding, one-shot only, with an exact (thread- and BLAS-independent) product.
 
 Tables come from TransformStats on synthetic low-rank partial sums (as a row-parallel
 shard's partials are: x_r = a_r B_r with a narrow B_r), or from the real calibrate CLI
@@ -12,15 +13,17 @@ import json
 import pytest
 import torch
 
-from megatron_lite.comm.allreduce import (CodecError, build_communicator, one_shot_all_reduce,
-                                          parse_comm_arg)
-from megatron_lite.comm.codecs import (CodecSpec, GroupCodec, codec_bits, pack_bits,
-                                       parse_codec_spec)
+from megatron_lite.comm.algorithms import one_shot_all_reduce, two_step_all_reduce
+from megatron_lite.comm.build import build_communicator
+from megatron_lite.comm.calibration import CalibrationError, load_calibration
+from megatron_lite.comm.codecs import CodecError, CodecSpec, GroupCodec, codec_bits, parse_codec_spec
+from megatron_lite.comm.codecs.klt import (MAX_BITS, TransformScheme, allocate, exact_matmul,
+                                           model_budgets)
 from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
-from megatron_lite.comm.outlier import CalibrationError, load_calibration
+from megatron_lite.comm.router import SiteCodecs
 from megatron_lite.comm.simulate import run_simulated
-from megatron_lite.comm.transform import (MAX_BITS, TransformScheme, TransformStats, allocate,
-                                          basis, coefficient_weight, loss_scale, model_budgets)
+from megatron_lite.comm.spec import format_comm, parse_comm
+from megatron_lite.lab.transform import TransformStats, basis, coefficient_weight, loss_scale
 from tests._dist import run_distributed
 from tests.test_calibrate import planted_dir, run_main, text_file  # noqa: F401  (fixtures)
 
@@ -58,6 +61,61 @@ def _scheme(spec, st, site=SITES[0]):
     d, q, errs, _ = st.tables(site)
     cs = parse_codec_spec(spec)
     return TransformScheme(cs, d, q, errs[cs.group_size])
+
+
+def _own_error(sch, x, rank):
+    """Rank ``rank``'s error part of the one-shot sum of message ``x``, in x's layout."""
+    chunks, restore = sch.chunk(x, sch.world_size)
+    return restore(sch.own_error(chunks, None, rank))
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_exact_product_is_the_same_on_any_thread_count_and_blocking(restore_threads):
+    """exact_matmul's slice products are exact in fp64, so neither the BLAS's blocking nor
+    the thread count can change a bit: the whole product, row by row and column by column,
+    on 1, 2 and 4 threads, are equal; and it is the correctly rounded product to within
+    the dropped tail (2^-42 of a row's max)."""
+    g = torch.Generator().manual_seed(5)
+    for m, k, n in [(300, 640, 200), (37, 96, 640), (5, 2048, 64)]:
+        a = torch.randn(m, k, generator=g) * torch.logspace(-6, 6, k)
+        b = torch.randn(k, n, generator=g) / k ** 0.5
+        outs = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            outs.append(exact_matmul(a, b))
+            outs.append(torch.cat([exact_matmul(a[i:i + 7], b) for i in range(0, m, 7)]))
+        outs.append(torch.cat([exact_matmul(a, b[:, j:j + 5]) for j in range(0, n, 5)], 1))
+        for o in outs[1:]:
+            assert torch.equal(o, outs[0]), (m, k, n)
+        ref = a.double() @ b.double()
+        tail = a.double().abs().amax(1, keepdim=True) * b.double().abs().sum(0) * 2.0 ** -40
+        assert ((outs[0].double() - ref).abs() <= ref.abs() * 2.0 ** -24 + tail).all()
+    # non-finite rows stay non-finite, the others are untouched
+    a = torch.randn(3, 64, generator=g)
+    a[1, 5] = float("nan")
+    a[2, 0] = float("inf")
+    y = exact_matmul(a, torch.randn(64, 8, generator=g))
+    assert torch.isnan(y[1:]).all() and torch.isfinite(y[0]).all()
+
+
+def test_klt_bytes_and_sums_do_not_depend_on_the_thread_count(restore_threads):
+    st, sample, _ = _tables(2, seed=11)
+    sch = _scheme("klt4:32", st)
+    xs = sample(40)
+    got = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        bufs = [sch.encode_partial(x, r) for r, x in enumerate(xs)]
+        got.append((bufs, [sch.decode_partial(b, r) for r, b in enumerate(bufs)]))
+    for bufs, dec in got[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(bufs, got[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(dec, got[0][1]))
 
 
 # --------------------------------------------------------------------------- pieces
@@ -190,7 +248,7 @@ def test_scheme_bits_layout_and_gain_over_a_group_codec():
         e_klt = ((y - x) ** 2 * fisher).sum()
         e_int4 = ((int4.decode(int4.encode(x), H) - x) ** 2 * fisher).sum()
         assert e_klt < 0.1 * e_int4, (r, float(e_klt / e_int4))
-        err = sch.own_error(x, r)
+        err = _own_error(sch, x, r)
         assert torch.equal(err, y - x)
 
 
@@ -203,7 +261,7 @@ def test_non_finite_rows_stay_loud_and_alone():
     y = sch.decode_partial(sch.encode_partial(x, 1), 1)
     assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
     assert torch.isfinite(y[[0, 3]]).all()
-    err = sch.own_error(x, 1)
+    err = _own_error(sch, x, 1)
     assert torch.isfinite(err).all() and (err[1] == 0).all()
 
 
@@ -260,24 +318,24 @@ def test_uneven_ranks_pad_and_a_dead_rank_still_carries_nan():
 def test_config_and_scheme_refusals(tmp_path):
     st, sample, _ = _tables(2)
     sch = _scheme("klt4:32", st)
-    with pytest.raises(CodecError, match="need algo=one-shot"):
-        parse_comm_arg("klt4:64", calibration="x.safetensors")
+    with pytest.raises(CodecError, match="needs algo=one-shot"):
+        parse_comm("klt4:64", calibration="x.safetensors")
     with pytest.raises(CodecError, match="needs a calibration file"):
-        parse_comm_arg("klt4:64,algo=one-shot")
+        parse_comm("klt4:64,algo=one-shot")
     with pytest.raises(CodecError, match="budget=model .* needs a klt codec"):
-        parse_comm_arg("int4:64,budget=model")
+        parse_comm("int4:64,budget=model")
     with pytest.raises(CodecError, match="budget='bits': expected one of site, model"):
-        parse_comm_arg("klt4:64,algo=one-shot,budget=bits", calibration="x.safetensors")
-    cfg = parse_comm_arg("klt4:64,algo=one-shot,budget=model", calibration="x.safetensors")
-    assert str(cfg) == "klt4:64,algo=one-shot,budget=model"
+        parse_comm("klt4:64,algo=one-shot,budget=bits", calibration="x.safetensors")
+    cfg = parse_comm("klt4:64,algo=one-shot,budget=model", calibration="x.safetensors")
+    assert format_comm(cfg, with_calibration=False) == "klt4:64,algo=one-shot,budget=model"
     with pytest.raises(CodecError, match="unknown codec"):
         parse_codec_spec("klt9")
     with pytest.raises(CodecError, match="channels"):
         sch.encode_partial(torch.randn(2, 64), 0)
     with pytest.raises(Exception, match="calibrated for TP 2, the group has 3 ranks"):
         run_simulated(_one_shot, 3, sch, torch.randn(3, 2, H), torch.float32)
-    with pytest.raises(CodecError, match="needs algo=one-shot"):
-        sch.chunk(torch.randn(2, H), 2)
+    with pytest.raises(Exception, match="needs algo=one-shot"):
+        run_simulated(lambda c: two_step_all_reduce(c, torch.randn(2, H), sch), 2)
     d, q, errs, _ = st.tables(SITES[0])
     with pytest.raises(CodecError, match="does not divide"):
         TransformScheme(CodecSpec("klt4", 256), d, q, errs[32])
@@ -370,16 +428,16 @@ def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, 
     # and the predicted (table) loss is no more than with one budget per site
     km = rows["klt4:32,algo=one-shot,budget=model"]
     assert km["bits_per_value"] <= 4.25 and km["kl"] > 0
-    cfg_m = parse_comm_arg("klt4:32,algo=one-shot,budget=model", calibration=str(out))
-    cfg_s = parse_comm_arg("klt4:32,algo=one-shot", calibration=str(out))
-    shares = cfg_m.model_budgets("klt4:32")
+    cfg_m = SiteCodecs(parse_comm("klt4:32,algo=one-shot,budget=model", calibration=str(out)))
+    cfg_s = SiteCodecs(parse_comm("klt4:32,algo=one-shot", calibration=str(out)))
+    shares = cfg_m.model_budgets(parse_codec_spec("klt4:32"))
     assert len(shares) == 6 and len(set(shares.values())) > 1
     assert sum(shares.values()) / 6 <= 4.25 + 1e-9
 
     def predicted(cfg):
         tot = 0.0
         for s in shares:
-            sch, sc = cfg.codec_for(s), calib.sites[s]
+            sch, sc = cfg.scheme_for(s), calib.sites[s]
             tot += sc.klt_loss_scale * sum(float(sc.klt_errors[32][r, g, b])
                                            for r in range(2) for g, b in enumerate(sch.bits[r]))
         return tot
@@ -393,11 +451,11 @@ def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, 
                        capsys)
     assert rc == 1 and "no transform tables" in err and len(err.strip().splitlines()) == 1, err
     rc, err = run_main("evaluate", base + ["--comm", "klt4:64"], capsys)
-    assert rc == 1 and "need algo=one-shot" in err, err
+    assert rc == 1 and "needs algo=one-shot" in err, err
     assert not js.exists()
-    cfg = parse_comm_arg("klt4:128,algo=one-shot", calibration=str(out))
+    cfg = SiteCodecs(parse_comm("klt4:128,algo=one-shot", calibration=str(out)))
     with pytest.raises(CalibrationError, match="no transform tables for group size 128"):
-        cfg.codec_for("layers.0.mlp.down_proj")
+        cfg.scheme_for("layers.0.mlp.down_proj")
     # budget=model with a file from before the loss scales: one line, nothing written
     old = tmp_path / "old.safetensors"
     save_file({k: v for k, v in tens.items() if not k.endswith("klt_loss_scale")}, str(old),
@@ -422,9 +480,9 @@ def test_calibrate_transform_then_evaluate_and_feedback(planted_dir, text_file, 
     plain_y = run_simulated(_two_sites, 2, "klt4:32,algo=one-shot", str(out), xs)[0]
     ef_y = run_simulated(_two_sites, 2, "ef+klt4:32,algo=one-shot", str(out), xs)[0]
     assert torch.equal(ef_y[0], plain_y[0])
-    cfg = parse_comm_arg("klt4:32,algo=one-shot", calibration=str(out))
-    s1, s2 = (cfg.codec_for(s) for s in SITES_TINY)
-    want = sum(s2.decode_partial(s2.encode_partial(xs[2][r] - s1.own_error(xs[1][r], r), r), r)
+    cfg = SiteCodecs(parse_comm("klt4:32,algo=one-shot", calibration=str(out)))
+    s1, s2 = (cfg.scheme_for(s) for s in SITES_TINY)
+    want = sum(s2.decode_partial(s2.encode_partial(xs[2][r] - _own_error(s1, xs[1][r], r), r), r)
                for r in range(2))
     assert torch.equal(ef_y[1], want.reshape(ef_y[1].shape))
     assert not torch.equal(ef_y[1], plain_y[1])
@@ -444,19 +502,3 @@ def test_ef_on_klt_explains_its_path(planted_dir, text_file, tmp_path, capsys): 
     x = torch.zeros(3, 64)
     assert c.explain(x, "layers.0.mlp.down_proj") == \
         "error feedback, portable one-shot with klt4:64"
-
-
-def test_bench_synthetic_klt_source_and_scheme():
-    """tools/bench_allreduce.py times klt codecs with a synthetic basis (it has no
-    calibration file): the allocation mixes widths, messages drawn from its source code
-    well, and the one-shot sum over threads equals the definition."""
-    from tests.test_calibrate import load_tool
-    bench = load_tool("bench_allreduce")
-    sch = bench.bench_codec("klt4:64", 512, 3)
-    assert len({b for b in sch.bits[0]}) >= 3 and sch.bits_per_value <= 4.25
-    x = torch.randn(3, 16 * 512)
-    msgs = torch.stack([bench.klt_input(x[r], sch, r) for r in range(3)])
-    ys = run_simulated(lambda c: one_shot_all_reduce(c, bench._shaped(msgs[c.rank], sch), sch), 3)
-    exact = msgs.sum(0).view(-1, 512)
-    assert all(torch.equal(y, ys[0]) for y in ys)
-    assert (ys[0] - exact).norm() < 0.1 * exact.norm()      # int4:128 one-shot: ~0.10

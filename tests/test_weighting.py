@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lite.comm.allreduce import (CommConfig, build_communicator, scheme_for,
-                                          two_step_all_reduce)
-from megatron_lite.comm.codecs import CodecError, CodecSpec, codec_bits, get_codec, parse_codec_spec
-from megatron_lite.comm.outlier import CalibrationError, load_calibration
+from megatron_lite.comm.algorithms import two_step_all_reduce
+from megatron_lite.comm.build import build_communicator
+from megatron_lite.comm.calibration import CalibrationError, load_calibration
+from megatron_lite.comm.codecs import (CodecError, CodecSpec, NoKernelError, codec_bits,
+                                       get_scheme, parse_codec_spec)
+from megatron_lite.comm.codecs.weighted import WeightedScheme
 from megatron_lite.comm.simulate import run_simulated
-from megatron_lite.comm.weighting import (SCALE_RANGE, WeightedScheme, channel_scales,
-                                          channel_statistics)
+from megatron_lite.comm.spec import parse_comm
+from megatron_lite.lab.calibration import SCALE_RANGE, channel_scales, channel_statistics
 from tests._dist import run_distributed
 from tests.test_calibrate import _text, planted_dir, run_main, text_file  # noqa: F401
 
@@ -47,9 +49,9 @@ def test_specs_bits_and_bad_input():
         with pytest.raises(CodecError, match=msg):
             parse_codec_spec(spec)
     with pytest.raises(CodecError, match="needs a calibration file"):
-        CommConfig(codec="weighted-int4:128")
+        parse_comm("weighted-int4:128")
     with pytest.raises(CodecError, match="needs a calibration file"):
-        get_codec("weighted-int8:128")
+        get_scheme("weighted-int8:128")
     with pytest.raises(CodecError, match="positive"):
         WeightedScheme(CodecSpec("weighted-int8", 128), torch.tensor([1.0, 0.0]))
 
@@ -69,7 +71,7 @@ def test_unit_scales_are_the_inner_codec_bit_for_bit(inner):
     parts = torch.randn(2, 5, 128) * torch.logspace(-2, 2, 128)
     cs = parse_codec_spec("weighted-" + inner)
     w = run_simulated(_one_rank, 2, WeightedScheme(cs, torch.ones(128)), parts)
-    p = run_simulated(_one_rank, 2, scheme_for(get_codec(inner)), parts)
+    p = run_simulated(_one_rank, 2, get_scheme(inner), parts)
     assert torch.equal(w[0], p[0]) and torch.equal(w[1], p[0])
 
 
@@ -90,7 +92,7 @@ def test_two_step_gloo_equals_simulated_and_shaping_lowers_weighted_error(world,
     for y in sim[1:] + real:
         assert torch.equal(y, sim[0])
     exact = parts.sum(0)
-    plain = run_simulated(_one_rank, world, scheme_for(get_codec(inner)), parts)[0]
+    plain = run_simulated(_one_rank, world, get_scheme(inner), parts)[0]
     err_w = (sim[0] - exact).pow(2).mean()
     err_p = (plain - exact).pow(2).mean()
     assert err_w < 0.5 * err_p, (err_w, err_p)
@@ -121,21 +123,22 @@ def test_non_finite_and_bf16_inputs():
 
 
 def test_fused_kernels_serve_weighted_codecs_through_their_maps():
-    """The fused backend runs the plain inner codec between kernels/maps.py's scaling maps
-    (bit-exactness: tests/test_kernels_interpret.py); it must not take the inner codec
+    """The fused kernels run the plain inner codec between kernels/maps.py's scaling maps
+    (bit-exactness: tests/test_kernels_interpret.py); they must not take the inner codec
     alone, which would skip the scaling."""
-    pytest.importorskip("triton")
-    from megatron_lite.kernels.backends import has_kernels, kernel_maps, plain_codec
     s = torch.linspace(0.5, 2.0, 128)
     scheme = WeightedScheme(parse_codec_spec("weighted-int4:128"), s)
-    assert has_kernels(scheme) is None and plain_codec(scheme).spec == "int4:128"
-    group, scale, plain = kernel_maps(scheme, torch.zeros(3, 128))
-    assert group is None and torch.equal(scale, s) and plain.spec == "int4:128"
+    plan = scheme.kernel_plan(torch.zeros(3, 128))
+    assert plan.rot is None and torch.equal(plan.scale, s) and plan.mapped
+    assert plan.rs == get_scheme("int4:128").rs.kernel_codec()
     rot = WeightedScheme(parse_codec_spec("weighted-hadamard-int8:64"), s)
-    group, scale, plain = kernel_maps(rot, torch.zeros(3, 128))
-    assert group == 64 and torch.equal(scale, s) and plain.spec == "int8:64"
+    plan = rot.kernel_plan(torch.zeros(3, 128))
+    assert plan.rot == 64 and torch.equal(plan.scale, s)
+    assert plan.rs == get_scheme("int8:64").rs.kernel_codec()
     with pytest.raises(CodecError, match="channels"):
-        kernel_maps(scheme, torch.zeros(3, 64))          # scales of another width
+        scheme.kernel_plan(torch.zeros(3, 64))          # scales of another width
+    with pytest.raises(NoKernelError, match="int5"):    # int5 is reference-only
+        WeightedScheme(parse_codec_spec("weighted-int5:128"), s).kernel_plan(torch.zeros(128))
 
 
 def _hf_statistics(hf_dir, batches):
@@ -167,7 +170,7 @@ def _hf_statistics(hf_dir, batches):
 @pytest.mark.parametrize("name", ["llama", "gemma3_text"])
 def test_channel_statistics_match_hf_autograd(name, tiny_hf_dir):
     from megatron_lite.comm.communicator import Communicator
-    from megatron_lite.eval.runner import load_rank_engine
+    from megatron_lite.lab.eval.runner import load_rank_engine
     d = tiny_hf_dir(name)
     torch.manual_seed(0)
     batches = [torch.randint(3, 250, (2, 24)), torch.randint(3, 250, (1, 30))]
@@ -285,7 +288,7 @@ def _ef_two_reduces(comm, calib, xs, ef):
 def test_error_feedback_composes_with_weighting():
     """ef+weighted-*: the carried error is computed in the scaled domain and unscaled by the
     scheme's restore; the stream then carries (about) the last error only."""
-    from megatron_lite.comm.outlier import build_calibration
+    from megatron_lite.lab.calibration import build_calibration
     torch.manual_seed(4)
     w, h = 2, 128
     sites = ["layers.0.self_attn.o_proj", "layers.0.mlp.down_proj"]
@@ -304,27 +307,3 @@ def test_error_feedback_composes_with_weighting():
     plain = run_simulated(_ef_two_reduces, w, calib, xs, False)[0]
     resid_plain = (plain[0] + plain[1]) - exact.sum(0)
     assert resid.pow(2).mean() < 0.75 * resid_plain.pow(2).mean()
-
-
-def test_bench_allreduce_weighted_codecs_and_channels():
-    """tools/bench_allreduce.py builds weighted- codecs with deterministic random scales
-    (the same on every rank) and refuses a channel count that does not divide a message."""
-    import importlib.util
-    import os
-    spec = importlib.util.spec_from_file_location(
-        "bench_allreduce", os.path.join(os.path.dirname(__file__), "..", "tools",
-                                        "bench_allreduce.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    a = bench.bench_codec("weighted-hadamard-int4:128", 256)
-    b = bench.bench_codec("weighted-hadamard-int4:128", 256)
-    assert isinstance(a, WeightedScheme) and torch.equal(a.scale, b.scale)
-    assert a.scale.min() >= 0.25 - 1e-6 and a.scale.max() <= 4 + 1e-6
-    assert a.bits_per_value == 4.25
-    assert bench._shaped(torch.zeros(1024), a).shape == (4, 256)
-    plain = bench.bench_codec("int8:128", 256)
-    assert plain.bits_per_value == 8.125 and bench._shaped(torch.zeros(1024), plain).shape == (1024,)
-    with pytest.raises(CodecError):
-        bench.bench_codec("weighted-int9:128", 256)
-    with pytest.raises(bench.BenchError, match="--channels 3000"):
-        bench.parse_args(["--channels", "3000"])

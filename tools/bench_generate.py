@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end speed of the TP engine: TTFT and TPOT per all-reduce mode (issue 5).
+"""End-to-end speed of the TP engine: TTFT and TPOT per ``--comm`` spec.
 
     torchrun --nproc_per_node=4 tools/bench_generate.py --random-weights llama3-8b \\
         --json docs/benchmarks/generate_llama3-8b_tp4.json
@@ -7,7 +7,7 @@
     python tools/bench_generate.py --plot out.png --from-json a.json [hf.json ...]
 
 TP is the torchrun world size. Weights are a checkpoint (``--ckpt``) or random bf16 weights
-of a serving shape made on the device (``--random-weights``, models/random_init.py).
+of a serving shape made on the device (``--random-weights``, lab/random_init.py).
 
 * **TTFT** (phase "prefill"): prompt -> first token (prefill + greedy pick), CUDA-event
   median of ``--repeats`` runs after a warm-up, ranks aligned by a barrier before each run;
@@ -17,17 +17,18 @@ of a serving shape made on the device (``--random-weights``, models/random_init.
   input; median over ``--decode-steps`` steps, each between two CUDA events. The position
   stays at ``--context`` (every step reads the same number of cache slots; the cache holds
   random values, so nothing is timed on zeros). Without CUDA it runs eagerly (CPU smoke).
-* **Comm modes**: ``nccl-bf16`` (torch.distributed all-reduce), ``auto-bf16`` (the size
-  chooser of comm/allreduce.py: fused one-shot for small messages, NCCL for large),
-  ``int8`` / ``int4`` (group 128, two-step quantized, fused where the kernels exist) and
-  ``none``: every TP sum returns its input unsummed (wrong output; the lower bound on time).
-  The LM head's logits all-gather runs in every mode.
+* **Comm**: every ``--comm SPEC`` (repeatable; the grammar of every tool, comm/spec.py),
+  as the engine runs it: the fused kernels where the size chooser takes a message on an
+  NCCL group, the portable path elsewhere. ``native`` (the backend's own all-reduce) is
+  always measured first, as the baseline. ``--lower-bound`` adds ``skip-reduce``: every
+  TP sum returns its input unsummed (wrong output; the lower bound on time). The LM
+  head's logits all-gather runs in every row. Rows are labelled by the spec as given.
 
-Before timing, each mode generates a few greedy tokens and checks that every rank holds
+Before timing, each spec generates a few greedy tokens and checks that every rank holds
 the same tokens and logits (hash all-gather), that the logits are finite, and compares
-with nccl-bf16 (tokens and logits; auto-bf16 should agree token for token). Failed checks
-are printed and recorded in the JSON; the timing still runs, so one bad mode does not
-lose the others' numbers.
+with native (tokens and logits; the uncompressed ``auto`` should agree token for token).
+Failed checks are printed and recorded in the JSON; the timing still runs, so one bad
+spec does not lose the others' numbers.
 """
 from __future__ import annotations
 
@@ -39,13 +40,13 @@ import sys
 from pathlib import Path
 
 from megatron_lite.errors import report_error  # noqa: E402
-from megatron_lite.inference.benchmark import (  # noqa: E402
+from megatron_lite.lab.benchmark import (  # noqa: E402
     Clock, check_mode, graph_matches_eager, measure_hbm_GBps, nccl_version,
     time_decode, time_prefill, write_json)
 
-MODES = ("nccl-bf16", "auto-bf16", "int8", "int4", "none")
-# Modes whose all-reduce is not the plain bf16 sum: their tokens may legitimately differ.
-_LOSSY = ("int8", "int4")
+NATIVE = "native"
+LOWER_BOUND = "skip-reduce"
+DEFAULT_COMMS = ("auto", "int8:128", "int4:128")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-weights", metavar="SHAPE",
                      help="random bf16 weights of a serving shape (llama3-8b, llama3-70b, "
                           "llama2-13b, gemma2-27b; tiny for CPU runs) or a config.json")
-    p.add_argument("--comm", default=",".join(MODES),
-                   help=f"comma list of modes among {', '.join(MODES)} (default: all)")
+    p.add_argument("--comm", action="append", metavar="SPEC",
+                   help="an all-reduce setting in --comm syntax (repeatable; native is "
+                        f"always measured first; default: {' '.join(DEFAULT_COMMS)})")
+    p.add_argument("--calibration", help="calibration file for calibrated codecs "
+                                         "(default: none)")
+    p.add_argument("--lower-bound", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time skip-reduce: TP sums not summed, the lower bound on "
+                        "time (default: on)")
     p.add_argument("--prefill", default="512x1,2048x1,8192x1,1024x8",
                    help="comma list of TOKENSxBATCH prompts for TTFT")
     p.add_argument("--decode-batches", default="1,16,64")
@@ -70,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the checks also prefill one prompt whose TP sums are this many MiB "
                         "(0: skip)")
     p.add_argument("--eager-decode", action="store_true",
-                   help="also time eager (no CUDA graph) decode at batch 1, nccl-bf16")
+                   help="also time eager (no CUDA graph) decode at batch 1, native")
     p.add_argument("--profile", action="store_true",
-                   help="profile the kernels of a batch-1 decode step (nccl-bf16, auto-bf16)")
+                   help="profile the kernels of a batch-1 decode step (native and auto)")
     p.add_argument("--hbm-gib", type=float, default=2.0,
                    help="size of the device-to-device copy that measures HBM bandwidth")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
@@ -130,55 +137,15 @@ def _skip_reduce_communicator(base):
     return SkipReduceCommunicator(base)
 
 
-def _workspace_bytes(auto) -> int:
-    try:
-        return 2 * auto.state.ws.layout.max_elems
-    except AttributeError:
-        return 0
-
-
-def _fused_auto(comm, max_bytes: int):
-    """The ``auto`` backend (kernels/backends.py) in ``comm``'s chain, installed here if the
-    chain does not have it yet or its workspace cannot take ``max_bytes`` messages (the
-    default 64 MiB is less than a 70B layer's 8k-token reduce). Collective. None when the
-    kernels are not importable."""
-    chain = getattr(comm, "backends", [])
-    for b in list(chain):
-        if getattr(b, "name", None) == "auto":
-            if getattr(b.state, "ws", None) is None or _workspace_bytes(b) >= max_bytes:
-                return b
-            chain.remove(b)   # too small: replace it by one with a larger workspace
-    try:
-        from megatron_lite.kernels.backends import install_fused
-    except ImportError:
-        return None
-    return install_fused(comm, max_bytes=max(max_bytes, 64 << 20))
-
-
-def make_communicator(mode: str, base, num_layers: int, max_bytes: int = 64 << 20):
-    """Communicator for a mode, or raise ValueError saying why the mode is unavailable.
-
-    The quantized modes are what a user would run: the site's codec with helper D's
-    ``auto`` chooser in front (fused one-shot bf16 for latency-bound messages, the fused
-    two-shot quantized kernel where it pays, NCCL between), falling back to the portable
-    two-step path where there are no kernels (CPU). ``explain`` records which backend
-    serves each message size."""
-    from megatron_lite.comm import allreduce
-    if mode == "nccl-bf16":
-        return base
-    if mode == "none":
+def make_communicator(label: str, spec, base, num_layers: int, max_bytes: int = 64 << 20):
+    """The communicator of one row: the base for native, the skip-reduce lower bound, or
+    what ``build_communicator`` makes of the spec (the fused kernels' workspace sized for
+    the largest message of the run: a 70B layer's 8k-token reduce exceeds the default)."""
+    from megatron_lite.comm.build import build_communicator
+    if label == LOWER_BOUND:
         return _skip_reduce_communicator(base)
-    specs = {"auto-bf16": "bf16", "int8": "int8:128", "int4": "int4:128"}
-    if mode not in specs:
-        raise ValueError(f"unknown comm mode {mode!r}; choose among {', '.join(MODES)}")
-    comm = allreduce.build_communicator(base, specs[mode], num_layers=num_layers)
-    auto = _fused_auto(comm, max_bytes)
-    if mode == "auto-bf16":
-        state = getattr(auto, "state", None)
-        if auto is None or (state is not None and getattr(state, "ws", None) is None):
-            why = "fused kernels not importable" if auto is None else state.why
-            raise ValueError(f"auto-bf16 unavailable: {why}")
-    return comm
+    return build_communicator(base, spec, num_layers=num_layers,
+                              max_bytes=max(max_bytes, 64 << 20))
 
 
 def explain(comm, examples, hidden: int, dtype, device) -> dict:
@@ -186,19 +153,8 @@ def explain(comm, examples, hidden: int, dtype, device) -> dict:
     import torch
     out = {}
     for label, rows in examples:
-        if not hasattr(comm, "explain"):
-            out[label] = type(comm).__name__
-            continue
         x = torch.empty((rows, hidden), dtype=dtype, device=device)
-        try:
-            out[label] = comm.explain(x, "layers.0.mlp.down_proj")
-            auto = next((b for b in getattr(comm, "backends", [])
-                         if getattr(b, "name", None) == "auto"), None)
-            codec = comm.config.codec_for("layers.0.mlp.down_proj")
-            if auto is not None and auto.unsupported(x, codec, comm) is None:
-                out[label] += f" -> {auto.choose(x, codec)}"   # oneshot / fused / nccl
-        except Exception as e:   # noqa: BLE001
-            out[label] = f"explain failed: {e}"
+        out[label] = comm.explain(x, "layers.0.mlp.down_proj")
     return out
 
 
@@ -224,8 +180,8 @@ def summarize(result: dict) -> str:
             f"{v:10.3f}" if v is not None else f"{'-':>10s}" for v in cells))
     for r in result.get("ttft_comm_removed", []):
         lines.append(f"TTFT {_case_label(r['tokens'], r['batch'])}: comm time removed by "
-                     f"{r['comm']}: {100 * r['ratio']:.0f}%  ((T_nccl - T_{r['comm']}) / "
-                     f"(T_nccl - T_none))")
+                     f"{r['comm']}: {100 * r['ratio']:.0f}%  ((T_native - T_spec) / "
+                     f"(T_native - T_skip-reduce))")
     if result.get("tpot_floor_ms"):
         lines.append(f"weight-streaming floor (batch 1): {result['tpot_floor_ms']:.3f} ms = "
                      f"{result['streamed_weight_bytes_per_gpu'] / 1e9:.2f} GB / "
@@ -238,14 +194,14 @@ def summarize(result: dict) -> str:
 
 
 def comm_removed(rows: list[dict]) -> list[dict]:
-    """(T_nccl - T_x) / (T_nccl - T_none) for every prefill case and quantized mode."""
+    """(T_native - T_x) / (T_native - T_skip) for every prefill case and spec."""
     t = {(r["batch"], r["tokens"], r["comm"]): r["ms"] for r in rows
          if r["phase"] == "prefill"}
     out = []
     for (b, L, c), v in t.items():
-        if c in ("nccl-bf16", "none"):
+        if c in (NATIVE, LOWER_BOUND):
             continue
-        nccl, none = t.get((b, L, "nccl-bf16")), t.get((b, L, "none"))
+        nccl, none = t.get((b, L, NATIVE)), t.get((b, L, LOWER_BOUND))
         if nccl is None or none is None or nccl - none <= 0:
             continue
         out.append(dict(batch=b, tokens=L, comm=c, ratio=(nccl - v) / (nccl - none),
@@ -291,7 +247,7 @@ def plot(results: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 def _build_engine(args, group, device, dtype):
     from megatron_lite import Engine
-    from megatron_lite.models.random_init import random_model, resolve_shape
+    from megatron_lite.lab.random_init import random_model, resolve_shape
     if args.ckpt is not None:
         engine = Engine.from_pretrained(args.ckpt, group=group, dtype=dtype, device=device,
                                         compile=args.compile)
@@ -318,14 +274,22 @@ def main(argv=None) -> int:
         return 0
     if args.ckpt is None and args.random_weights is None:
         _fail("give --ckpt DIR or --random-weights SHAPE (or --from-json to plot)")
-    modes = [m.strip() for m in args.comm.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        _fail(f"unknown comm mode(s) {bad}; choose among {', '.join(MODES)}")
+    from megatron_lite.comm.spec import parse_comm
+    from megatron_lite.errors import MegatronLiteError
+    modes = {NATIVE: parse_comm(NATIVE)}
+    for text in args.comm or DEFAULT_COMMS:
+        try:
+            spec = parse_comm(text, args.calibration)
+        except MegatronLiteError as e:
+            _fail(f"--comm {text!r}: {e}")
+        if not spec.is_native:
+            modes[text.strip()] = spec
+    if args.lower_bound:
+        modes[LOWER_BOUND] = None
     cases = _parse_cases(args.prefill)
     batches = _parse_ints(args.decode_batches, "--decode-batches")
     if args.random_weights is not None:
-        from megatron_lite.models.random_init import resolve_shape, shape_names
+        from megatron_lite.lab.random_init import resolve_shape, shape_names
         try:
             resolve_shape(args.random_weights)
         except ValueError:
@@ -338,9 +302,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     import torch
-    from megatron_lite.errors import MegatronLiteError
     from megatron_lite.inference.engine import _resolve_device_dtype
-    from megatron_lite.models.random_init import streamed_weight_bytes, total_weight_bytes
+    from megatron_lite.lab.random_init import streamed_weight_bytes, total_weight_bytes
     from megatron_lite.parallel_state import initialize_model_parallel
 
     group = initialize_model_parallel()
@@ -408,10 +371,10 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
     sizes = [("decode_b1", 1), ("decode_b64", 64), ("prefill_8k", 8192)]
     # largest TP-sum message (bf16 hidden states of the longest prefill), for the workspace
     max_message = max(t * b for t, b in cases) * cfg.hidden_size * 2
-    for mode in tqdm(modes, desc="comm modes", disable=rank != 0):
+    for mode, spec in tqdm(modes.items(), desc="comm", disable=rank != 0):
         try:
-            comm = make_communicator(mode, base, cfg.num_layers, max_message)
-        except ValueError as e:
+            comm = make_communicator(mode, spec, base, cfg.num_layers, max_message)
+        except (ValueError, OSError) as e:   # e.g. a calibration made for another model
             result["skipped"][mode] = str(e)
             say(f"[{mode}] skipped: {e}")
             continue
@@ -419,14 +382,15 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
         engine._graphs = None   # graphs captured with another communicator must not replay
         result["backends"][mode] = explain(comm, sizes, cfg.hidden_size, dtype, device)
         say(f"[{mode}] backends: {result['backends'][mode]}")
-        if args.check_tokens and mode != "none":
+        if args.check_tokens and mode != LOWER_BOUND:
             report, out = check_mode(engine, check_prompts, args.check_tokens, reference,
                                      long_prompt)
-            if mode == "nccl-bf16":
+            if mode == NATIVE:
                 reference = out
             result["checks"][mode] = report
             ok = report["ranks_identical"] and report["logits_finite"]
-            if mode == "auto-bf16" and "tokens_equal_to_nccl" in report:
+            uncompressed = spec is not None and all(c.name == "bf16" for c in spec.codecs())
+            if uncompressed and "tokens_equal_to_nccl" in report:
                 ok = ok and report["tokens_equal_to_nccl"]
             say(f"[{mode}] check {'ok' if ok else 'FAILED'}: {report}")
         for tokens, batch in cases:
@@ -438,7 +402,7 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
         engine.cache = None
         for batch in batches:
             prof_this = (args.profile and graphs and batch == 1
-                         and mode in ("nccl-bf16", "auto-bf16"))
+                         and mode in (NATIVE, "auto"))
             if prof_this:
                 save()   # keep the rows so far if the profiler brings the process down
             ms, prof = time_decode(engine, batch, args.context, args.decode_steps, clock,
@@ -449,7 +413,7 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
             if prof is not None:
                 result.setdefault("decode_profile_b1", {})[mode] = prof
                 say(f"[{mode}] decode b1 kernels: {prof}")
-            if args.eager_decode and graphs and batch == 1 and mode == "nccl-bf16":
+            if args.eager_decode and graphs and batch == 1 and mode == NATIVE:
                 ms, _ = time_decode(engine, 1, args.context, 20, clock, graph=False)
                 result["rows"].append(dict(phase="decode", batch=1, tokens=args.context,
                                            comm=mode, ms=ms, graph=False, extra=True))

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_lite.inference.benchmark import Clock, max_over_ranks, write_json  # noqa: E402
-from megatron_lite.models.random_init import resolve_shape, shape_names  # noqa: E402
+from megatron_lite.lab.benchmark import Clock, max_over_ranks, write_json  # noqa: E402
+from megatron_lite.lab.random_init import resolve_shape, shape_names  # noqa: E402
 
 
 def _log(rank: int, *a) -> None:

@@ -8,20 +8,20 @@ Runs ``--num-seqs`` (128) windows of ``--seq-len`` (512) tokens of ``--text`` th
 model at TP N (simulated in one process unless launched by torchrun; communication
 uncompressed), records for every all-reduce site the EMA (``--decay``) of each rank's
 per-channel min / max of its partial sum and of the reduced sum
-(``megatron_lite/comm/calibrate.py``), then picks the ``--k`` (default hidden/64) widest
+(``megatron_lite/lab/calibration.py``), then picks the ``--k`` (default hidden/64) widest
 channels per site as bf16 outliers and writes static int4 steps for the rest
-(``megatron_lite/comm/outlier.py``: safetensors + a JSON header naming the model, its
+(``megatron_lite/comm/calibration.py``: safetensors + a JSON header naming the model, its
 fingerprint, TP and k). ``--skip-seqs`` skips leading windows, e.g. to keep calibration
 text disjoint from the windows that tools/evaluate.py scores.
 
-Channel scales for the ``weighted-`` codecs (``megatron_lite/comm/weighting.py``): the first
+Channel scales for the ``weighted-`` codecs (``megatron_lite/comm/codecs/weighted.py``): the first
 ``--scale-seqs`` (default 32) of those windows also run through the model at TP 1 with autograd,
 which measures every row-parallel output's per-channel RMS and diagonal Fisher; the file
 then carries ``s_c = F_c^(1/4) / rms_c^(1/2)`` per site. They depend on the model only, so
 this needs an HF directory (a shard directory holds one TP size's shards): with a shard
 directory the default is ``--scale-seqs 0``, and then the file has no channel scales.
 
-Tables for the ``klt`` codecs (``--transform``; ``megatron_lite/comm/transform.py``):
+Tables for the ``klt`` codecs (``--transform``; ``megatron_lite/comm/codecs/klt.py``):
 the first pass also sums, per site and rank, the second moment of the partial sums; with
 the Fisher from the channel-scale pass every rank gets its basis, and a second pass over
 ``--transform-seqs`` (default min(8, ``--num-seqs``)) windows measures the coded error
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transform", action="store_true",
                    help="also write the klt codecs' tables: per-rank bases of the partial "
                         "sums and their coefficient-group error tables (needs the HF "
-                        "checkpoint: the bases are Fisher-weighted; comm/transform.py)")
+                        "checkpoint: the bases are Fisher-weighted; comm/codecs/klt.py)")
     p.add_argument("--transform-seqs", type=int, default=None,
                    help="sequences for the klt error tables (default min(8, --num-seqs); "
                         "the bases use --num-seqs)")
@@ -77,14 +77,15 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from megatron_lite.checkpoint.loader import inspect_checkpoint
-    from megatron_lite.comm.calibrate import ChannelStats, RecordingCommunicator
-    from megatron_lite.comm.transform import TransformRecorder, TransformStats
-    from megatron_lite.comm.outlier import balanced_k, build_calibration, model_fingerprint
+    from megatron_lite.lab.calibration import ChannelStats, RecordingCommunicator
+    from megatron_lite.lab.transform import TransformRecorder, TransformStats
+    from megatron_lite.comm.calibration import model_fingerprint
+    from megatron_lite.lab.calibration import balanced_k, build_calibration
     from megatron_lite.errors import MegatronLiteError
-    from megatron_lite.eval.data import EvalDataError, load_text_windows
-    from megatron_lite.eval.runner import (launch, load_rank_engine, rank_logits,
+    from megatron_lite.lab.eval.data import EvalDataError, load_text_windows
+    from megatron_lite.lab.eval.runner import (launch, load_rank_engine, rank_logits,
                                            torchrun_world_size)
-    from megatron_lite.eval.study import model_name
+    from megatron_lite.lab.eval.study import model_name
     from megatron_lite.models.config import ModelConfig
 
     world = torchrun_world_size()
@@ -177,9 +178,9 @@ def main(argv=None) -> int:
         return 0
     scales, scale_meta = {}, None
     if args.scale_seqs:
-        from megatron_lite.comm.weighting import (EXPONENTS, channel_statistics,
+        from megatron_lite.lab.calibration import (EXPONENTS, channel_statistics,
                                                   scales_from_statistics)
-        from megatron_lite.eval.runner import load_rank_engine as _load
+        from megatron_lite.lab.eval.runner import load_rank_engine as _load
         from megatron_lite.comm.communicator import Communicator
         model = _load(args.ckpt, Communicator(0, 1)).model
         sw = windows[:args.scale_seqs]

@@ -13,7 +13,7 @@ top-1 agreement of next-token distributions over the same tokens, and accuracy o
 ``--task`` file (cloze ``{"context","target"}``: greedy exact match of all target tokens;
 multiple choice ``{"contexts","continuations","label"}``: arg-max of the per-character
 normalised log-likelihood, acc_norm, reported as primary). Definitions:
-``megatron_lite/eval/metrics.py``.
+``megatron_lite/lab/eval/metrics.py``.
 
 Outputs: a markdown table on stdout (and ``--markdown FILE``) with paired standard errors,
 ``--json FILE`` in the issue's exact schema, ``--details FILE`` with uncertainties and
@@ -67,9 +67,9 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_lite.errors import MegatronLiteError
-    from megatron_lite.eval import report
-    from megatron_lite.eval.runner import torchrun_world_size
-    from megatron_lite.eval.study import StudyArgs, details_doc, execute, prepare
+    from megatron_lite.lab.eval import report
+    from megatron_lite.lab.eval.runner import torchrun_world_size
+    from megatron_lite.lab.eval.study import StudyArgs, details_doc, execute, prepare
 
     world = torchrun_world_size()
     simulated = world is None

@@ -71,7 +71,7 @@ def make_comm(group, spec, calibration):
     """``--comm`` -> the communicator handed to the Engine (None: plain all-reduce)."""
     if not spec:
         return None
-    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.build import build_communicator
     return build_communicator(group.communicator, spec, calibration=calibration)
 
 

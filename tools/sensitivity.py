@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-layer bit allocation from measured sensitivity (megatron_lite/eval/sensitivity.py).
+"""Per-layer bit allocation from measured sensitivity (megatron_lite/lab/eval/sensitivity.py).
 
     python tools/sensitivity.py --ckpt DIR --tp 4 --text calib.txt --skip-seqs 64 \\
         --codec hadamard-int3:128 --codec hadamard-int4:128 --codec hadamard-int8:128 \\
@@ -37,20 +37,21 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from megatron_lite.checkpoint.loader import inspect_checkpoint
-    from megatron_lite.comm.allreduce import parse_comm_arg
-    from megatron_lite.comm.codecs import codec_bits, parse_codec_spec
+    from megatron_lite.comm.codecs import codec_bits, parse_codec_spec, traits
+    from megatron_lite.comm.router import SiteCodecs
+    from megatron_lite.comm.spec import parse_comm
     from megatron_lite.errors import MegatronLiteError, report_error
-    from megatron_lite.eval.data import load_text_windows
-    from megatron_lite.eval.report import atomic_write
-    from megatron_lite.eval.runner import row_parallel_sites, torchrun_world_size
-    from megatron_lite.eval.sensitivity import allocate, comm_string, measure
+    from megatron_lite.lab.eval.data import load_text_windows
+    from megatron_lite.lab.eval.report import atomic_write
+    from megatron_lite.lab.eval.runner import row_parallel_sites, torchrun_world_size
+    from megatron_lite.lab.eval.sensitivity import allocate, comm_string, measure
     from megatron_lite.models.config import ModelConfig
 
     try:
         codecs = [str(parse_codec_spec(c)) for c in args.codec]
-        if any(c.startswith(("outlier", "weighted-")) for c in codecs):
-            raise ValueError("outlier- and weighted- codecs need per-site calibration; "
-                             "not supported here")
+        if any(traits(c).calibrated for c in codecs):
+            raise ValueError("calibrated codecs (outlier-, weighted-, klt) need per-site "
+                             "calibration; not supported here")
         bits = {c: codec_bits(c) for c in codecs}
         hf_config, _ = inspect_checkpoint(args.ckpt, args.tp)
         num_layers = ModelConfig.from_hf(hf_config).num_layers
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         return report_error(e)
     comm = comm_string(choice, row_parallel_sites(num_layers))
-    parse_comm_arg(comm, num_layers=num_layers)   # it must parse
+    SiteCodecs(parse_comm(comm), num_layers=num_layers)   # it must parse and resolve
     print(comm)
     print(f"mean bits/value {mean_bits:.4f}, predicted KL (sum of single-site KLs) "
           f"{pred:.4f}", file=sys.stderr)

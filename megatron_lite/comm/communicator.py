@@ -17,11 +17,16 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 class Communicator:
-    """Abstract TP communicator for one rank of a group of ``world_size`` ranks."""
+    """Abstract TP communicator for one rank of a group of ``world_size`` ranks.
+    ``torch_distributed``: its primitives run on a torch.distributed process group (so
+    NCCL kernels may be installed in front of it)."""
+
+    torch_distributed = False
 
     def __init__(self, rank: int, world_size: int):
         self.rank = rank
         self.world_size = world_size
+        self.process_group = None
 
     # -- the two calls the model makes ------------------------------------------------
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
@@ -40,9 +45,20 @@ class Communicator:
     def barrier(self) -> None:
         raise NotImplementedError
 
+    def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
+        """Which path an ``all_reduce(x, site)`` takes, and why (logs, benchmarks)."""
+        return f"native ({type(self).__name__})"
+
+    # -- what a communicator may want to know about the model ------------------------
+    def set_post_norms(self, post_norms: dict) -> None:
+        """``{site: (gain [H], eps)}``: the norm each site's reduced sum passes through
+        before the residual add (sandwich-norm models). Only error feedback uses it."""
+
 
 class DistCommunicator(Communicator):
     """Plain torch.distributed (NCCL on GPU, gloo on CPU): the uncompressed baseline."""
+
+    torch_distributed = True
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None):
         if process_group is None and not dist.is_initialized():
@@ -91,7 +107,8 @@ class WrappingCommunicator(Communicator):
     def __init__(self, base: Communicator):
         super().__init__(base.rank, base.world_size)
         self.base = base
-        self.process_group = getattr(base, "process_group", None)
+        self.process_group = base.process_group
+        self.torch_distributed = base.torch_distributed
 
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
         return self.base.all_reduce(x, site)
@@ -107,3 +124,9 @@ class WrappingCommunicator(Communicator):
 
     def barrier(self) -> None:
         self.base.barrier()
+
+    def set_post_norms(self, post_norms: dict) -> None:
+        self.base.set_post_norms(post_norms)
+
+    def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
+        return self.base.explain(x, site)

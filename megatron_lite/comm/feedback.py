@@ -45,13 +45,13 @@ State resets at the embedding reduce (the first reduce of every forward) and whe
 the message shape changes (a new forward). The last reduce's error stays (nothing
 follows it).
 
-The wrapped all-reduce is exactly ``comm/allreduce.py``'s algorithm (two-step, or
-one-shot with ``algo=one-shot``, where a rank's error part is just its partial's
-quantization error); this module only reads its intermediate values (through a
-recording scheme) to compute the rank's own error part, with the same codec reference
-functions. A backend of the inner chain that returns the sum and the error part in one
-call (``all_reduce_with_error``: the one-shot Triton kernels on an NCCL group) is used
-instead where it takes the message; it gives the same bits.
+The wrapped all-reduce is exactly comm/algorithms.py's algorithm (two-step, or one-shot
+with ``algo=one-shot``, where a rank's error part is just its partial's quantization
+error); this module reads its intermediate values (a ``Trace``) and asks the scheme for
+the rank's own error part (``Scheme.own_error``, the same codec reference functions). A
+backend of the inner chain that returns the sum and the error part in one call
+(``returns_error``: the one-shot Triton kernels on an NCCL group) is used instead where
+it takes the message; it gives the same bits.
 """
 from __future__ import annotations
 
@@ -59,78 +59,18 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_lite.comm.allreduce import (EMBED_SITE, GroupScheme, QuantizedCommunicator,
-                                          quantized_all_reduce, scheme_for)
+from megatron_lite.comm.algorithms import Trace, quantized_all_reduce
 from megatron_lite.comm.communicator import WrappingCommunicator
+from megatron_lite.comm.router import QuantizedCommunicator
+from megatron_lite.comm.spec import EMBED_SITE
 
-PREFIX = "ef+"
 # lam / median|G| of the norm-aware payment. Chosen on Gemma-3-270M, simulated TP 4,
 # weighted-hadamard-int4:128, KL against bf16 on wiki_passages windows 100-103 / 104-107
-# (disjoint from the calibration and evaluation windows of docs/accuracy.md): without
-# feedback 0.133 / 0.101; DAMPING 0.25 -> - / 0.051, 0.35 -> 0.058 / 0.051,
+# (disjoint from the calibration and evaluation windows of docs/results/accuracy.md):
+# without feedback 0.133 / 0.101; DAMPING 0.25 -> - / 0.051, 0.35 -> 0.058 / 0.051,
 # 0.5 -> 0.064 / 0.047, 0.7 -> 0.064 / -, 1 -> 0.072 / 0.055, 2 -> 0.086 / -. Flat from
 # 0.25 to 0.7.
 DAMPING = 0.5
-
-
-class _Recording:
-    """A scheme proxy that keeps this rank's chunks and its reduced chunk."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.chunks = self.restore = self.acc = None
-
-    def chunk(self, x, world_size):
-        self.chunks, self.restore = self.inner.chunk(x, world_size)
-        return self.chunks, self.restore
-
-    def ag_encode(self, acc, chunk_id):
-        self.acc = acc
-        return self.inner.ag_encode(acc, chunk_id)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def own_error(scheme, chunks: torch.Tensor, acc: Optional[torch.Tensor],
-              rank: int) -> torch.Tensor:
-    """This rank's part of the all-reduce error, in chunk layout ``[W, c]`` (fp32):
-    reduce-scatter error of its own W chunks plus all-gather error of chunk ``rank``
-    (``acc``, its reduced chunk; None for the one-shot algorithm, which has no
-    all-gather quantization)."""
-    from megatron_lite.comm.outlier import OutlierCodec
-    from megatron_lite.comm.rotation import HadamardScheme, fwht
-    from megatron_lite.comm.weighting import WeightedScheme
-    if isinstance(scheme, WeightedScheme):
-        # chunks and acc are in the scaled domain; the caller's restore unscales the error
-        return own_error(scheme.inner, chunks, acc, rank)
-    c = chunks.shape[-1]
-    x = chunks.float()
-    if isinstance(scheme, GroupScheme):
-        rs = scheme.rs.decode(scheme.rs.encode(x), c, torch.float32) - x
-        ag = (None if acc is None else
-              scheme.ag.decode(scheme.ag.encode(acc), c, torch.float32) - acc)
-    elif isinstance(scheme, HadamardScheme):
-        g = scheme.group_size
-        xr = fwht(x, g)
-        rs = fwht(scheme._rs.decode(scheme._rs.encode(xr), c, torch.float32) - xr, g)
-        ag = (None if acc is None else
-              fwht(scheme._ag.decode(scheme._ag.encode(acc), c, torch.float32) - acc, g))
-    elif isinstance(scheme, OutlierCodec):
-        rs = torch.stack([scheme.decode_chunk(scheme.encode_chunk(x[j], scheme.rs_step[rank, j]),
-                                              c, scheme.rs_step[rank, j], torch.float32) - x[j]
-                          for j in range(x.shape[0])])
-        st = scheme.ag_step[rank]
-        ag = (None if acc is None else
-              scheme.decode_chunk(scheme.encode_chunk(acc, st), c, st, torch.float32) - acc)
-    else:
-        raise TypeError(f"no error feedback for scheme {type(scheme).__name__}")
-    rs = rs.clone()
-    if ag is not None:
-        rs[rank] += ag
-    # Non-finite groups decode to NaN; feeding NaN forward would poison every later
-    # layer, so those positions carry no compensation.
-    return torch.nan_to_num(rs, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class ErrorFeedbackCommunicator(WrappingCommunicator):
@@ -140,6 +80,7 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
                  post_norms: Optional[Dict[str, Tuple[torch.Tensor, float]]] = None):
         super().__init__(inner)
         self.inner = inner
+        self.spec = inner.spec
         self.debt: Optional[torch.Tensor] = None
         self.set_post_norms(post_norms or {})
 
@@ -164,46 +105,36 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
             if norm is not None and x.dtype != torch.float32:
                 pay = paid.float() - x.float()   # what the bf16/fp16 message really carries
             x = paid
-        backend, codec, _ = self.inner.choose(x, site)
-        if backend is None:   # native sum: (almost) exact, nothing new to carry
+        plan = self.inner.plan(x, site)
+        if plan.scheme is None:   # native sum: (almost) exact, nothing new to carry
             y = self.inner.base.all_reduce(x, site)
             # behind a norm, the payment moved the stream and is booked
             self.debt = (self._settle(norm, y, pay, None)
                          if norm is not None and pay is not None else None)
             return y
-        fast = self._fast_backend(x, codec)
+        fast = self.inner.error_backend(x, plan.scheme)
         if fast is not None:
-            y, err = fast.all_reduce_with_error(x, codec, self.inner)
-        elif hasattr(codec, "encode_partial"):   # klt: the rank's partial is coded whole
-            y = quantized_all_reduce(self.inner.base, x, codec, self.inner.config.algo)
-            err = codec.own_error(x, self.rank)
+            y, err = fast.all_reduce_with_error(x, plan.scheme, self.inner)
         else:
-            rec = _Recording(scheme_for(codec))
-            y = quantized_all_reduce(self.inner.base, x, rec, self.inner.config.algo)
-            err = rec.restore(own_error(rec.inner, rec.chunks, rec.acc, self.rank)).float()
+            trace = Trace()
+            y = quantized_all_reduce(self.inner.base, x, plan.scheme, self.spec.algo, trace)
+            err = trace.restore(plan.scheme.own_error(trace.chunks, trace.acc,
+                                                      self.rank)).float()
         # Pre-norm: the debt is exactly the new error (the payment cancelled the old one).
         self.debt = err if norm is None else self._settle(norm, y, pay, err)
         return y
-
-    def _fast_backend(self, x: torch.Tensor, codec):
-        """A backend of the inner chain that returns the sum and this rank's error part
-        in one call (``all_reduce_with_error``: the one-shot kernels on GPU), or None."""
-        for b in self.inner.backends:
-            if hasattr(b, "all_reduce_with_error") and b.unsupported(x, codec, self.inner) is None:
-                return b
-        return None
 
     def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
         """What a call does: feedback needs each rank's error part, so it runs a backend
         that returns it (the one-shot kernels) or else the portable path of its
         algorithm, whatever the inner chain would pick for a plain sum."""
-        backend, codec, why = self.inner.choose(x, site)
-        if backend is None:
-            return why
-        fast = self._fast_backend(x, codec)
+        plan = self.inner.plan(x, site)
+        if plan.scheme is None:
+            return plan.why
+        fast = self.inner.error_backend(x, plan.scheme)
         if fast is not None:
-            return f"error feedback, {fast.name} with {codec.spec}"
-        return f"error feedback, portable {self.inner.config.algo} with {codec.spec}"
+            return f"error feedback, {fast.name} with {plan.scheme.spec}"
+        return f"error feedback, portable {self.spec.algo.value} with {plan.scheme.spec}"
 
     def _payment(self, x: torch.Tensor, norm) -> torch.Tensor:
         gain, _, lam = norm

@@ -2,7 +2,7 @@
 
 ``ThreadCommunicator`` implements the Communicator primitives by exchanging tensors
 through a shared slot list guarded by a ``threading.Barrier``. The quantized all-reduce
-(comm/allreduce.py) is written against those primitives only, so a model run on
+(comm/algorithms.py) is written against those primitives only, so a model run on
 simulated ranks performs exactly the arithmetic of the real multi-process run: same
 partial sums, same bytes on the "wire", same fixed-order fp32 sums. Results are equal
 bit for bit (tests/test_allreduce.py checks it against gloo).

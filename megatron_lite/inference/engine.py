@@ -185,8 +185,7 @@ class Engine:
                  max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = (),
                  cuda_graphs: Optional[bool] = None, compile: bool = False):
         self.model, self.cfg, self.group = model, model.cfg, model.group
-        if hasattr(model.group.communicator, "set_post_norms"):   # ef+ (comm/feedback.py)
-            model.group.communicator.set_post_norms(model.post_reduce_norms())
+        model.group.communicator.set_post_norms(model.post_reduce_norms())   # ef+
         # compile: the decode step's model call goes through torch.compile (static shapes;
         # one compile per batch bucket), which fuses the ~30 small elementwise kernels a
         # layer runs between its GEMMs (norms, RoPE, cache writes, activation, residuals).
@@ -219,8 +218,8 @@ class Engine:
         (sharded in memory). All checks run before any weights are read.
 
         ``group``: the TP group (default: ``parallel_state.get_tp_group()``). ``comm``: how
-        it all-reduces: a Communicator or TPGroup to use as is, or a CommConfig / ``--comm``
-        spec string that wraps the group's communicator (comm/allreduce.py).
+        it all-reduces: a Communicator or TPGroup to use as is, or a CommSpec / ``--comm``
+        spec string that wraps the group's communicator (comm/build.py).
         """
         from megatron_lite.checkpoint.loader import load_rank_state
         base = _base_group(group, comm)
@@ -489,10 +488,10 @@ def _base_group(group: Optional[TPGroup], comm) -> TPGroup:
 
 
 def _apply_comm(group: TPGroup, comm, hf_config: dict) -> TPGroup:
-    """Wrap the group's communicator for a CommConfig / spec string (None: unchanged)."""
+    """Wrap the group's communicator for a CommSpec / spec string (None: unchanged)."""
     if comm is None or isinstance(comm, (TPGroup, Communicator)):
         return group
-    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.build import build_communicator
     wrapped = build_communicator(group.communicator, comm,
                                  num_layers=hf_config.get("num_hidden_layers"),
                                  hf_config=hf_config)

@@ -18,7 +18,8 @@ def import_kernels():
     """``megatron_lite.kernels`` (the repo's ``kernels/``), installed or not."""
     import types
 
-    from megatron_lite.kernels import backends, fused_allreduce, maps, quant, sync, workspace
+    from megatron_lite.comm import fused as backends
+    from megatron_lite.kernels import fused_allreduce, maps, quant, sync, workspace
     return types.SimpleNamespace(backends=backends, fused_allreduce=fused_allreduce, maps=maps,
                                  quant=quant, sync=sync, workspace=workspace)
 
@@ -33,13 +34,13 @@ def run_nccl(fn, world: int, *args, timeout: float = 900.0):
 
 
 def reference_all_reduce(xs, codec, algo="two-step"):
-    """The quantized all-reduce of comm/allreduce.py (two-step unless ``algo`` says
+    """The quantized all-reduce of comm/algorithms.py (two-step unless ``algo`` says
     otherwise) on CPU over simulated ranks: the exact bits every backend must produce for
     the per-rank inputs ``xs``."""
-    from megatron_lite.comm.allreduce import quantized_all_reduce, scheme_for
+    from megatron_lite.comm.algorithms import quantized_all_reduce
     from megatron_lite.comm.simulate import run_simulated
-    outs = run_simulated(lambda comm, xs: quantized_all_reduce(comm, xs[comm.rank],
-                                                               scheme_for(codec), algo),
+    outs = run_simulated(lambda comm, xs: quantized_all_reduce(comm, xs[comm.rank], codec,
+                                                               algo),
                          len(xs), [x.cpu() for x in xs])
     return outs[0]
 

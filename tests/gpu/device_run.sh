@@ -20,37 +20,15 @@ for st in $STAGES; do
       ;;
     smoke)
       timeout 150 torchrun --nproc_per_node=2 tools/bench_allreduce.py --min-size 16KB --max-size 64MB \
-        --codecs bf16,int4:128 --two-step-codecs int4:128 --iters 20 \
-        --backends nccl,oneshot,fused,two-step 2>&1 | tee "$OUT/smoke.log" | grep -v "it/s\]" \
+        --comm bf16,path=fused --comm int4:128,path=fused --comm int4:128,path=two-step \
+        --iters 20 2>&1 | tee "$OUT/smoke.log" | grep -v "it/s\]" \
         || { log "smoke failed: stopping"; exit 1; }
       ;;
     sweep)
-      # push/pull x blocks per SM, per packing; the later stages use the fastest.
-      for pack in sum split; do
-        MEGATRON_LITE_PACK=$pack timeout ${T_SWEEP:-150} torchrun --nproc_per_node=${SWEEP_NPROC:-4} \
-          tests/gpu/sweep_grid.py > "$OUT/sweep_$pack.log" 2>&1
-        grep -E "^pack=|^geomean|^BEST|bitwise" "$OUT/sweep_$pack.log" | tail -40
-      done
-      best=$(python3 - "$OUT" <<'PY'
-import ast, re, sys, pathlib
-best = None
-for f in pathlib.Path(sys.argv[1]).glob("sweep_*.log"):
-    pack = f.stem.split("_", 1)[1]
-    text = f.read_text()
-    if "bitwise on every rank: True" not in text:
-        continue
-    m = re.search(r"geomean us: (\{.*\})", text)
-    for key, us in ast.literal_eval(m.group(1)).items() if m else []:
-        if best is None or us < best[0]:
-            best = (us, pack, *key.split(","))
-print("" if best is None else f"{best[1]} {best[2]} {best[3]}")
-PY
-)
-      if [ -n "$best" ]; then
-        set -- $best
-        export MEGATRON_LITE_PACK=$1 MEGATRON_LITE_TWO_SHOT=$2 MEGATRON_LITE_BLOCKS_PER_SM=$3
-        log "using pack=$1 mode=$2 blocks/SM=$3"
-      fi
+      # blocks per SM of the two-shot grid; update kernels/thresholds.py from the result
+      timeout ${T_SWEEP:-150} torchrun --nproc_per_node=${SWEEP_NPROC:-4} \
+        tests/gpu/sweep_grid.py > "$OUT/sweep.log" 2>&1
+      grep -E "^geomean|^BEST|bitwise" "$OUT/sweep.log" | tail -20
       ;;
     bench4)
       timeout ${T_BENCH:-200} torchrun --nproc_per_node=4 tools/bench_allreduce.py \
@@ -63,11 +41,11 @@ PY
       tail -5 "$OUT/bench_w2.log"
       ;;
     gen)
-      # issue 5 decode with and without torch.compile, llama3-8b TP4, batch-1/16 TPOT only
+      # decode with and without torch.compile, llama3-8b TP4, batch-1/16 TPOT only
       for c in "" "--compile"; do
         tag=${c:+_compile}
         timeout ${T_GEN:-240} torchrun --nproc_per_node=4 tools/bench_generate.py $c \
-          --random-weights llama3-8b --comm nccl-bf16,auto-bf16,int4 --prefill 8192x1 \
+          --random-weights llama3-8b --comm auto --comm int4:128 --prefill 8192x1 \
           --decode-batches 1,16 --decode-steps 100 --repeats 3 --profile \
           --json "$OUT/generate_llama3-8b_tp4$tag.json" > "$OUT/gen$tag.log" 2>&1
         grep -v "it/s" "$OUT/gen$tag.log" | tail -25

@@ -1,7 +1,7 @@
 """GPU: the fused all-reduce kernels over torch symmetric memory, at world sizes 2 and 4.
 
 One spawned NCCL job per world size runs every check and returns plain numbers; the
-tests below assert on them. The reference is comm/allreduce.py's two-step algorithm run
+tests below assert on them. The reference is comm/algorithms.py's two-step algorithm run
 on CPU over simulated ranks with the same per-rank inputs, so "equal" means bit for bit.
 """
 import math
@@ -38,73 +38,57 @@ def inputs(world, n, dtype, seed, specials=False):
 def _checks(rank, world):
     import torch.distributed as dist
     k = import_kernels()
-    from megatron_lite.comm.allreduce import CommConfig, QuantizedCommunicator
-    from megatron_lite.comm.codecs import get_codec
+    from megatron_lite.comm.codecs import get_scheme
     from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.comm.router import QuantizedCommunicator
+    from megatron_lite.comm.spec import parse_comm
     fa = k.fused_allreduce
     dev = torch.device("cuda", rank)
     state = k.backends.make_state(None, max_bytes=16 << 20, oneshot_max_bytes=1 << 20)
     assert state.ws is not None, state.why
     ws = state.ws
     # split the Triton compiles over the ranks (every rank then loads them from the cache)
-    fa.prewarm(ws, [get_codec(c) for c in CODECS], SIZES + [40000, 300000, (4 << 20) + 5])
-    res = {"fused": [], "pull": [], "dense": [], "wrapped": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
+    fa.prewarm(ws, [get_scheme(c).kernel_plan(torch.zeros(1)) for c in CODECS],
+               SIZES + [40000, 300000, (4 << 20) + 5])
+    res = {"fused": [], "dense": [], "wrapped": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
 
     # 1. fused two-shot == CPU reference, every codec, odd sizes, three dtypes
     for ci, spec in enumerate(CODECS):
-        codec = get_codec(spec)
+        codec = get_scheme(spec)
         for si, n in enumerate(SIZES):
             for dtype in ((torch.bfloat16, torch.float16, torch.float32) if spec == "int4:128"
                           else (torch.bfloat16,)):
                 xs = inputs(world, n, dtype, seed=ci * 10 + si)
-                out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
+                out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec.kernel_plan(xs[rank]))
                 ref = reference_all_reduce(xs, codec)
                 res["fused"].append((spec, n, str(dtype), same_bits(out, ref)))
 
-    # 1b. the pull variant of the same kernel (MEGATRON_LITE_TWO_SHOT=pull, a compile-time
-    #     switch read per call) gives the same bits
-    import os
-    os.environ["MEGATRON_LITE_TWO_SHOT"] = "pull"
-    try:
-        for ci, spec in enumerate(["bf16", "int8:128", "int4:128", "int3:64", "fp8:128"]):
-            codec = get_codec(spec)
-            for si, n in enumerate(SIZES):
-                xs = inputs(world, n, torch.bfloat16, seed=500 + ci * 10 + si, specials=True)
-                out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
-                res["pull"].append((spec, n, same_bits(out, reference_all_reduce(xs, codec))))
-    finally:
-        del os.environ["MEGATRON_LITE_TWO_SHOT"]
-
     # 1c. denser grids (more blocks than SMs: kernels/thresholds.py ``blocks_per_sm``) give
-    #     the same bits: forced by MEGATRON_LITE_BLOCKS_PER_SM, then the table's own choice
-    #     for an 8 MB message (4 blocks per SM on 2 x H200)
+    #     the same bits: forced by the bpsm override, then the table's own choice for an
+    #     8 MB message (4 blocks per SM on 2 x H200)
     sms = fa._num_sms(dev)
-    for ci, (spec, n, bpsm) in enumerate([("int4:128", (1 << 20) + 3, "4"),
-                                          ("int8:128", (1 << 20) + 3, "8"),
-                                          ("int2:128", 300000, "4"),
+    for ci, (spec, n, bpsm) in enumerate([("int4:128", (1 << 20) + 3, 4),
+                                          ("int8:128", (1 << 20) + 3, 8),
+                                          ("int2:128", 300000, 4),
                                           ("int4:128", (4 << 20) + 5, None),
                                           ("bf16", (4 << 20) + 5, None)]):
-        codec = get_codec(spec)
-        if bpsm is not None:
-            os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = bpsm
-        try:
-            xs = inputs(world, n, torch.bfloat16, seed=700 + ci, specials=True)
-            grid = fa.two_shot_plan(n, world, fa.two_shot_group(codec), dev, 2 * n)[3]
-            out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
-            res["dense"].append((spec, n, bpsm, grid, sms,
-                                 same_bits(out, reference_all_reduce(xs, codec))))
-        finally:
-            os.environ.pop("MEGATRON_LITE_BLOCKS_PER_SM", None)
+        codec = get_scheme(spec)
+        xs = inputs(world, n, torch.bfloat16, seed=700 + ci, specials=True)
+        plan = codec.kernel_plan(xs[rank])
+        grid = fa.two_shot_plan(n, world, plan.group, dev, 2 * n, bpsm=bpsm)[3]
+        out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), plan, bpsm=bpsm)
+        res["dense"].append((spec, n, bpsm, grid, sms,
+                             same_bits(out, reference_all_reduce(xs, codec))))
 
     # 1d. hadamard-/weighted- codecs: the plain codec's kernel with their maps folded in
     #     (FusedTwoShotBackend, kernels/maps.py) == CPU reference
     from megatron_lite.comm.codecs import CodecSpec
-    from megatron_lite.comm.weighting import WeightedScheme
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
     fused = k.backends.FusedTwoShotBackend(state)
     h = 640
     scale = torch.rand(h, generator=torch.Generator().manual_seed(3)) * 8 + 0.05
-    wrapped = [get_codec("hadamard-int8:128"), get_codec("hadamard-int4:128"),
-               get_codec("hadamard-int4-int8:64"),
+    wrapped = [get_scheme("hadamard-int8:128"), get_scheme("hadamard-int4:128"),
+               get_scheme("hadamard-int4-int8:64"),
                WeightedScheme(CodecSpec("weighted-int8", 128), scale),
                WeightedScheme(CodecSpec("weighted-hadamard-int4", 128), scale)]
     for ci, codec in enumerate(wrapped):
@@ -117,19 +101,14 @@ def _checks(rank, world):
             res["wrapped"].append((codec.spec, rows * h, str(dtype), why, ok))
 
     # 1e. the maps folded into the kernel on a forced dense grid (4 blocks per SM)
-    os.environ["MEGATRON_LITE_BLOCKS_PER_SM"] = "4"
-    try:
-        for ci, codec in enumerate((wrapped[0], wrapped[4])):
-            xs = [x.view(3000, h) for x in inputs(world, 3000 * h, torch.bfloat16,
-                                                  seed=950 + ci, specials=True)]
-            plain = k.backends.kernel_maps(codec, xs[rank].to(dev))[2]
-            grid = fa.two_shot_plan(3000 * h, world, fa.two_shot_group(plain), dev,
-                                    2 * 3000 * h, True)[3]
-            out = fused.all_reduce(xs[rank].to(dev), codec, None)
-            res["dense"].append((codec.spec, 3000 * h, "4", grid, sms,
-                                 same_bits(out, reference_all_reduce(xs, codec))))
-    finally:
-        os.environ.pop("MEGATRON_LITE_BLOCKS_PER_SM", None)
+    for ci, codec in enumerate((wrapped[0], wrapped[4])):
+        xs = [x.view(3000, h) for x in inputs(world, 3000 * h, torch.bfloat16,
+                                              seed=950 + ci, specials=True)]
+        plan = codec.kernel_plan(xs[rank].to(dev))
+        grid = fa.two_shot_plan(3000 * h, world, plan.group, dev, 2 * 3000 * h, True, bpsm=4)[3]
+        out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), plan, bpsm=4).view(3000, h)
+        res["dense"].append((codec.spec, 3000 * h, 4, grid, sms,
+                             same_bits(out, reference_all_reduce(xs, codec))))
 
     # 2. one-shot == fp32 sum in rank order, rounded once
     for n in SIZES[:5] + [1 << 18]:    # 1 MB fp32: the one-shot buffer's size
@@ -143,9 +122,9 @@ def _checks(rank, world):
 
     # 3. NaN / Inf on some ranks: same bits as the reference, no hang, ranks identical
     for spec in ("int4:128", "int8:128", "bf16", "fp8:128"):
-        codec = get_codec(spec)
+        codec = get_scheme(spec)
         xs = inputs(world, 40000, torch.bfloat16, seed=7, specials=True)
-        out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec)
+        out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec.kernel_plan(xs[rank]))
         ref = reference_all_reduce(xs, codec)
         gathered = [torch.empty_like(out) for _ in range(world)]
         dist.all_gather(gathered, out)
@@ -160,20 +139,21 @@ def _checks(rank, world):
                             int(torch.isnan(out).sum()), True))
 
     # 4. CUDA graph capture and replay (epochs advance on device: replays stay correct)
-    int4, bf16 = get_codec("int4:128"), get_codec("bf16")
+    int4, bf16 = get_scheme("int4:128"), get_scheme("bf16")
+    p4, p16 = int4.kernel_plan(torch.zeros(1)), bf16.kernel_plan(torch.zeros(1))
     n = 300000
     static_x = torch.zeros(n, dtype=torch.bfloat16, device=dev)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         fa.one_shot_all_reduce(ws, static_x)
-        fa.two_shot_all_reduce(ws, static_x, int4)
+        fa.two_shot_all_reduce(ws, static_x, p4)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         o1 = fa.one_shot_all_reduce(ws, static_x)
-        o2 = fa.two_shot_all_reduce(ws, static_x, int4)
-        o3 = fa.two_shot_all_reduce(ws, static_x, bf16)
+        o2 = fa.two_shot_all_reduce(ws, static_x, p4)
+        o3 = fa.two_shot_all_reduce(ws, static_x, p16)
         o4 = fa.one_shot_all_reduce(ws, static_x)
     for rep in range(3):
         xs = inputs(world, n, torch.bfloat16, seed=50 + rep)
@@ -187,10 +167,10 @@ def _checks(rank, world):
                              same_bits(o2, reference_all_reduce(xs, int4)),
                              same_bits(o3, reference_all_reduce(xs, bf16))))
         # eager calls between replays must not disturb the epochs
-        fa.two_shot_all_reduce(ws, static_x, int4)
+        fa.two_shot_all_reduce(ws, static_x, p4)
 
     # 5. the backend chain: auto in front of QuantizedCommunicator
-    qc = QuantizedCommunicator(DistCommunicator(), CommConfig(codec="int4:128"))
+    qc = QuantizedCommunicator(DistCommunicator(), parse_comm("int4:128"))
     table = {"oneshot_max": 64 << 10, "fused_min": {"int4": 1 << 20}}
     k.backends.install_fused(qc, max_bytes=8 << 20, oneshot_max_bytes=1 << 20, table=table)
     site = "layers.0.mlp.down_proj"
@@ -198,7 +178,7 @@ def _checks(rank, world):
         xs = inputs(world, n, torch.bfloat16, seed=n % 101)
         x = xs[rank].to(dev).view(-1, 8) if n % 8 == 0 else xs[rank].to(dev)
         auto = qc.backends[0]
-        got_choice = auto.choose(x, qc.config.codec_for(site))
+        got_choice = auto.choose(x, qc.sites.scheme_for(site), qc)
         out = qc.all_reduce(x, site)
         if want == "fused":
             ok = same_bits(out.flatten(), reference_all_reduce(xs, int4))
@@ -211,14 +191,14 @@ def _checks(rank, world):
         res["chain"].append((n, want, got_choice, qc.explain(x, site), ok))
     # path=fused / path=two-step: compressed at every size, always the reference's bits
     res["paths"] = []
-    for path, cases in (("fused", ((1000, "fused"), (100000, "fused"), (8 << 20, "two-step"))),
-                        ("two-step", ((1000, "two-step"), (1 << 20, "two-step")))):
-        qp = QuantizedCommunicator(DistCommunicator(), CommConfig(codec="int4:128", path=path))
+    for path, cases in (("fused", ((1000, "fused"), (100000, "fused"), (8 << 20, "portable"))),
+                        ("two-step", ((1000, "portable"), (1 << 20, "portable")))):
+        qp = QuantizedCommunicator(DistCommunicator(), parse_comm(f"int4:128,path={path}"))
         k.backends.install_fused(qp, max_bytes=8 << 20, oneshot_max_bytes=1 << 20, table=table)
         for n, want in cases:
             xs = inputs(world, n, torch.bfloat16, seed=n % 97)
             x = xs[rank].to(dev)
-            choice = qp.backends[0].choose(x, qp.config.codec_for(site), qp)
+            choice = qp.backends[0].choose(x, qp.sites.scheme_for(site), qp)
             out = qp.all_reduce(x, site)
             res["paths"].append((path, n, want, choice, qp.explain(x, site),
                                  same_bits(out, reference_all_reduce(xs, int4))))
@@ -245,13 +225,6 @@ def test_fused_two_shot_matches_reference(world):
     for r in results(world):
         bad = [c for c in r["fused"] if not c[3]]
         assert not bad and len(r["fused"]) >= len(CODECS) * len(SIZES), bad
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_fused_two_shot_pull_matches_reference(world):
-    for r in results(world):
-        bad = [c for c in r["pull"] if not c[2]]
-        assert not bad and len(r["pull"]) == 5 * len(SIZES), bad
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -306,5 +279,5 @@ def test_forced_paths_stay_compressed(world):
     for r in results(world):
         assert len(r["paths"]) == 5 and r["path_status"] == 0
         for path, n, want, choice, why, ok in r["paths"]:
-            backend = "auto" if want == "fused" else "two-step"
+            backend = "auto" if want == "fused" else "two-step"    # portable: the algorithm
             assert ok and choice == want and why.startswith(backend), (path, n, choice, why)

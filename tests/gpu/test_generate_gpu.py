@@ -1,7 +1,7 @@
 """GPU: CUDA-graph decode in the Engine, the causal prefill fast path, and graphs over
 NCCL and the fused all-reduce at TP 2 (issue 5). Skips without CUDA.
 
-Random-weight tiny models (models/random_init.py); weights are scaled up so activations
+Random-weight tiny models (lab/random_init.py); weights are scaled up so activations
 and logits are O(1), so that a wrong mask or a stale cache address shows in the logits.
 """
 import pytest
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu, needs_cuda]
 def _engine(tp_group=None, shape="tiny", cuda_graphs=None, seed=0, compile=False):
     from megatron_lite import Engine
     from megatron_lite.comm.communicator import DistCommunicator
-    from megatron_lite.models.random_init import random_model, resolve_shape
+    from megatron_lite.lab.random_init import random_model, resolve_shape
     from megatron_lite.parallel_state import TPGroup
     group = tp_group or TPGroup(DistCommunicator(None))
     model = random_model(resolve_shape(shape), group, device="cuda", dtype=torch.bfloat16,
@@ -130,11 +130,11 @@ def test_causal_prefill_matches_masked_at_1k_tokens():
 
 
 def _tp2_graphs(rank, world):
-    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.build import build_communicator
     from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.comm.fused import install_fused
     from megatron_lite.parallel_state import TPGroup
     import_kernels()
-    from megatron_lite.kernels.backends import install_fused
     base = DistCommunicator(None)
     group = TPGroup(base)
     eng = _engine(group, cuda_graphs=True)
@@ -147,8 +147,7 @@ def _tp2_graphs(rank, world):
                               ("int4-fused", "int4:128",
                                {"oneshot_max": 0, "fused_min": {"*": 0}})):
         c = build_communicator(base, spec)
-        c.backends = [b for b in c.backends if getattr(b, "name", "") != "auto"]
-        install_fused(c, table=table)
+        install_fused(c, table=table)          # replaces the kernel backends it had
         comms[name] = c
     # error feedback (portable two-step path, Python-side state) captured in graphs too
     comms["ef-int4"] = build_communicator(base, "ef+int4:128")
@@ -166,8 +165,7 @@ def _tp2_graphs(rank, world):
         eng.cuda_graphs = False
         eager = [r.token_ids for r in eng.generate(prompts, max_new_tokens=10)]
         explain = comm.explain(torch.empty(2, eng.cfg.hidden_size, device="cuda",
-                                           dtype=torch.bfloat16), "layers.0.mlp.down_proj") \
-            if hasattr(comm, "explain") else "nccl"
+                                           dtype=torch.bfloat16), "layers.0.mlp.down_proj")
         out[name] = dict(graphed=graphed, eager=eager, captured=captured, explain=explain)
     return out
 

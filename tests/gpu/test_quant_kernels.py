@@ -59,27 +59,29 @@ def test_quantize_dequantize_bitwise(spec, dtype):
     g = getattr(codec, "group_size", 1)
     for n in (g * 3, g * 37, 8192 + 5 * g):
         x = hostile(5, n, dtype, seed=n)
+        kc = codec.kernel_codec()
         ref = codec.encode(x)
-        got = k.quant.quantize(codec, x.cuda()).cpu()
+        got = k.quant.quantize(kc, x.cuda()).cpu()
         for a, b in zip(_split(ref, codec, n), _split(got, codec, n)):
             assert same_bits(a, b) if a.dtype == torch.bfloat16 else torch.equal(a, b), (spec, n)
         for od in ((torch.float32, torch.bfloat16, torch.float16) if spec in FULL
                    else (torch.float32,)):
             want = codec.decode(ref, n, od)
-            have = k.quant.dequantize(codec, ref.cuda(), n, od).cpu()
+            have = k.quant.dequantize(kc, ref.cuda(), n, od).cpu()
             assert same_bits(want, have), (spec, n, od)
         parts = codec.decode(ref, n, torch.float32)
         acc = parts[0].clone()
         for r in range(1, parts.shape[0]):
             acc += parts[r]
-        have = k.quant.dequantize(codec, ref.cuda(), n, torch.float32, sum_rows=True).cpu()
+        have = k.quant.dequantize(kc, ref.cuda(), n, torch.float32, sum_rows=True).cpu()
         assert same_bits(acc, have), (spec, n)
 
 
 def test_quantize_rejects_bad_shapes():
     k = import_kernels()
     from megatron_lite.comm.codecs import get_codec
+    kc = get_codec("int4:128").kernel_codec()
     with pytest.raises(ValueError):
-        k.quant.quantize(get_codec("int4:128"), torch.zeros(100, device="cuda"))
+        k.quant.quantize(kc, torch.zeros(100, device="cuda"))
     with pytest.raises(ValueError):
-        k.quant.dequantize(get_codec("int4:128"), torch.zeros(10, dtype=torch.uint8, device="cuda"), 128)
+        k.quant.dequantize(kc, torch.zeros(10, dtype=torch.uint8, device="cuda"), 128)

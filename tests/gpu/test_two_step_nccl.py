@@ -1,4 +1,4 @@
-"""GPU: the portable two-step all-reduce over NCCL (comm/allreduce.py), with the codecs that
+"""GPU: the portable two-step all-reduce over NCCL (comm/algorithms.py), with the codecs that
 have no fused kernels (rotated, channel-scaled), equals the CPU reference bit for bit; so
 do the one-shot algorithm (``algo=one-shot``) on the portable path and on its Triton
 kernels around NCCL's all-gather, and the error part those kernels return for feedback.
@@ -20,15 +20,15 @@ SPECS = ["int8:128", "int4:128", "hadamard-int4:128", "hadamard-int8:128",
 
 
 def _scheme(spec):
-    from megatron_lite.comm.allreduce import scheme_for
-    from megatron_lite.comm.codecs import get_codec, parse_codec_spec
-    from megatron_lite.comm.weighting import WeightedScheme, channel_scales
+    from megatron_lite.comm.codecs import get_scheme, parse_codec_spec
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
+    from megatron_lite.lab.calibration import channel_scales
     if spec.startswith("weighted-"):
         g = torch.Generator().manual_seed(5)
         rms = torch.logspace(-1, 2, H)[torch.randperm(H, generator=g)]
         fisher = torch.rand(H, generator=g) + 0.01
         return WeightedScheme(parse_codec_spec(spec), channel_scales(rms, fisher))
-    return scheme_for(get_codec(spec))
+    return get_scheme(spec)
 
 
 def _inputs(world, seed, tokens):
@@ -42,8 +42,9 @@ ONE_SHOT_SPECS = ["int4:128", "hadamard-int4:128", "weighted-hadamard-int4:128",
 
 def _checks(rank, world):
     import_kernels()
-    from megatron_lite.comm.allreduce import quantized_all_reduce
+    from megatron_lite.comm.algorithms import Trace, quantized_all_reduce
     from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.comm.fused import one_shot_kernels_all_reduce
     dev = torch.device("cuda", rank)
     comm = DistCommunicator()
     out = []
@@ -58,19 +59,17 @@ def _checks(rank, world):
             rel = ((y.float().cpu() - exact).norm() / exact.norm()).item()
             out.append((f"{spec},{algo}", tokens, same_bits(y, ref), rel))
             if algo == "one-shot":   # the Triton quantize / dequantize-sum kernels around NCCL
-                from megatron_lite.kernels.backends import one_shot_kernels_all_reduce
                 yk = one_shot_kernels_all_reduce(comm, xs[rank].to(dev), scheme)
                 out.append((f"{spec},one-shot-kernels", tokens, same_bits(yk, ref), rel))
-                # the error part error feedback books, kernels vs the reference's own_error
-                from megatron_lite.comm.feedback import _Recording, own_error
+                # the error part error feedback books, kernels vs the scheme's own_error
                 _, ek = one_shot_kernels_all_reduce(comm, xs[rank].to(dev), scheme,
                                                     with_error=True)
-                rec = _Recording(scheme)
-                quantized_all_reduce(comm, xs[rank].to(dev), rec, "one-shot")
-                er = rec.restore(own_error(rec.inner, rec.chunks, None, rank)).float()
+                trace = Trace()
+                quantized_all_reduce(comm, xs[rank].to(dev), scheme, "one-shot", trace)
+                er = trace.restore(scheme.own_error(trace.chunks, None, rank)).float()
                 out.append((f"{spec},one-shot-kernels error part", tokens, same_bits(ek, er),
                             ek.norm().item()))
-    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.build import build_communicator
     qc = build_communicator(comm, "int4:128,algo=one-shot")
     x = torch.randn(8, H, device=dev, dtype=torch.bfloat16)
     out.append(("explain " + qc.explain(x, "layers.0.mlp.down_proj"), 8,

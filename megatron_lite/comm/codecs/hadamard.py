@@ -31,7 +31,7 @@ decodes as NaN (its rule for non-finite groups); so do groups whose rotated valu
 the bf16 range (inputs near 1e38).
 
 Fused kernels. The rotation is a fixed linear map of each group, so the fused two-shot
-kernel of the inner codec runs on the rotated values (:meth:`HadamardScheme.kernel_maps`):
+kernel of the inner codec runs on the rotated values (:meth:`HadamardScheme.kernel_plan`):
 it rotates each loaded tile of whole groups and rotates back after decoding, then
 saturates (kernels/maps.py). The kernel sums in fp32 in rank order like the two-step
 path, so the result equals this reference bit for bit (tests/test_kernels_interpret.py,
@@ -43,11 +43,13 @@ import math
 
 import torch
 
-from megatron_lite.comm.codecs import CodecError, CodecSpec, get_codec, saturate
+from megatron_lite.comm.codecs.base import (CodecError, CodecSpec, NoKernelError, Scheme,
+                                            finite_only, saturate)
+from megatron_lite.comm.codecs.group import WRAPPABLE, plain_scheme
+from megatron_lite.comm.codecs.registry import GROUP, Entry, entry, register
+from megatron_lite.kernels.config import KernelPlan
 
 PREFIX = "hadamard-"
-INNER = ("int8", "int5", "int4", "int4-sym", "int3", "int2", "fp8", "int4-int8")
-NAMES = tuple(PREFIX + n for n in INNER)
 
 
 def fwht(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -69,43 +71,57 @@ def fwht(x: torch.Tensor, group: int) -> torch.Tensor:
     return (y * scale).reshape(*lead, n)
 
 
-class HadamardScheme:
-    """Two-step scheme (comm/allreduce.py interface) of ``hadamard-<inner>``."""
+class HadamardScheme(Scheme):
+    """``hadamard-<inner>``: the inner group codec on block-rotated groups."""
 
     def __init__(self, cs: CodecSpec):
-        inner = get_codec(CodecSpec(cs.name[len(PREFIX):], cs.group_size))
+        if cs.group_size is None:
+            raise CodecError(f"{cs.name} needs a group size")
+        inner = plain_scheme(CodecSpec(cs.name[len(PREFIX):], cs.group_size))
         self.spec, self.name, self.group_size = str(cs), cs.name, cs.group_size
-        self.inner = self.plain = inner          # plain: the codec fused kernels run
-        self._rs, self._ag = inner.rs, inner.ag
+        self.inner = inner                 # chunking and the wire formats are the inner's
+        self.rs, self.ag = inner.rs, inner.ag
         self.bits_per_value = inner.bits_per_value
-        # Reuse the inner codec's flat chunking (zero padding to W * c, c % G == 0).
-        from megatron_lite.comm.allreduce import GroupScheme
-        self._chunker = GroupScheme(inner)
+        self.traits = inner.traits
 
     def chunk(self, x, world_size):
-        return self._chunker.chunk(x, world_size)
+        return self.inner.chunk(x, world_size)
 
     def rs_encode(self, chunks, src):
-        return self._rs.encode(fwht(chunks, self.group_size))
+        return self.rs.encode(fwht(chunks, self.group_size))
 
     def rs_decode(self, recv, chunk_id, c):
-        return self._rs.decode(recv, c, torch.float32)          # stays in the rotated basis
+        return self.rs.decode(recv, c, torch.float32)          # stays in the rotated basis
 
     def ag_encode(self, acc, chunk_id):
-        return self._ag.encode(acc)                            # acc is already rotated
+        return self.ag.encode(acc)                             # acc is already rotated
 
     def ag_decode(self, gathered, c, out_dtype):
-        y = self._ag.decode(gathered, c, torch.float32)
+        y = self.ag.decode(gathered, c, torch.float32)
         return saturate(fwht(y, self.group_size), out_dtype)
 
     def finish(self, acc, out_dtype):
         """One-shot output of the fp32 sums ``acc`` (still rotated): unrotate, saturate."""
         return saturate(fwht(acc, self.group_size), out_dtype)
 
-    def kernel_maps(self, x: torch.Tensor):
-        """``(group, scale, codec)`` for fused kernels: this scheme is the plain ``codec``
-        between a rotation of ``group`` values and its inverse (no channel scales)."""
-        return self.group_size, None, self.plain
+    def own_error(self, chunks, acc, rank):
+        """Errors are made in the rotated basis; the rotation is its own inverse, so
+        rotating them back gives each rank's part in the original basis."""
+        g, c = self.group_size, chunks.shape[-1]
+        xr = fwht(chunks.float(), g)
+        err = fwht(self.rs.decode(self.rs.encode(xr), c, torch.float32) - xr, g).clone()
+        if acc is not None:
+            err[rank] += fwht(self.ag.decode(self.ag.encode(acc), c, torch.float32) - acc, g)
+        return finite_only(err)
+
+    def kernel_plan(self, x):
+        """The inner codec's kernels between a rotation of ``group`` values and its
+        inverse (kernels/maps.py)."""
+        kr, ka = self.rs.kernel_codec(), self.ag.kernel_codec()
+        if kr is None or ka is None:
+            raise NoKernelError(f"no Triton kernel for codec {self.inner.spec!r} inside "
+                                f"{self.spec}")
+        return KernelPlan(kr, ka, rot=self.group_size)
 
     # Error bounds in the original basis: an output value is a unit-norm combination of
     # its group's rotated errors, so |e_i| <= ||e_rot||_2 over the group (Cauchy-Schwarz);
@@ -120,18 +136,18 @@ class HadamardScheme:
         return tot.unsqueeze(-1).expand(-1, g).reshape(*lead, n)
 
     def rs_error_bound(self, chunks, src):
-        return self._bound(self._rs, fwht(chunks, self.group_size), chunks)
+        return self._bound(self.rs, fwht(chunks, self.group_size), chunks)
 
     def ag_error_bound(self, acc, chunk_id):
-        return self._bound(self._ag, acc, acc)
-
-    def __repr__(self) -> str:
-        return f"<codec {self.spec}: {self.bits_per_value:g} bits/value>"
+        return self._bound(self.ag, acc, acc)
 
 
-def hadamard_codec(cs: CodecSpec) -> HadamardScheme:
-    if cs.name not in NAMES:
-        raise CodecError(f"unknown codec {cs.name!r}")
-    if cs.group_size is None:
-        raise CodecError(f"{cs.name} needs a group size")
-    return HadamardScheme(cs)
+def _bits(cs: CodecSpec) -> float:
+    return plain_scheme(CodecSpec(cs.name[len(PREFIX):], cs.group_size)).bits_per_value
+
+
+for _inner in WRAPPABLE:
+    register(Entry(PREFIX + _inner, "hadamard", lambda cs, ctx: HadamardScheme(cs), _bits,
+                   group=GROUP, traits=entry(_inner).traits))
+# The rotated names the weighted- family wraps.
+ROTATED = tuple(PREFIX + n for n in WRAPPABLE)

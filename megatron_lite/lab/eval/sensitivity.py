@@ -34,7 +34,7 @@ def measure(ckpt: str, tp: int, num_layers: int, codecs: Sequence[str], windows,
     on the other ranks of a real (torchrun) run."""
     from tqdm import tqdm
 
-    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.build import build_communicator
     sites = row_parallel_sites(num_layers)
     configs = ["bf16"] + [f"bf16,{s}={c}" for s in sites for c in codecs]
     ids = torch.tensor([w.ids for w in windows])

@@ -1,4 +1,6 @@
-"""Wire codecs for the quantized all-reduce: the bit-exact reference every kernel matches.
+"""The group codecs (bf16, int8, int5, int4, int4-sym, int3, int2, fp8, and Flash
+Communication's two-stage int4-int8): the wire formats and the bit-exact reference every
+kernel matches, with their scheme (flat chunking, comm/algorithms.py).
 
 A codec turns a 1-D chunk of ``n`` floats (``n`` a multiple of the group size ``g``) into
 ``encoded_nbytes(n)`` bytes and back. ``encode``/``decode`` accept leading batch dims
@@ -17,7 +19,7 @@ Byte layout (structure of arrays, little-endian, G = n / g groups)::
   value, no value straddles a byte, and a kernel decodes it with two loads and shifts.
   int5 is the same with a 4-bit plane: ``[low 4 bits, packed as int4: n/2 bytes][bit 4,
   packed as 1-bit: n/8 bytes]`` (5 bits per value; reference only, no fused kernel).
-  6 and 7 bits (only inside the ``klt`` codecs, comm/transform.py) follow the same rule:
+  6 and 7 bits (only inside the ``klt`` codecs, klt.py) follow the same rule:
   planes of 4, 2 and 1 bits, low bits first (6 = 4 + 2, 7 = 4 + 2 + 1).
 * meta arrays hold bf16 bit patterns. Asymmetric codecs (int5, int4, int3, int2, and the
   1- to 8-bit widths inside ``klt``; 8-bit codes one byte each): array 0 is the step
@@ -67,148 +69,32 @@ Why these choices (the full discussion is in docs/codecs.md):
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from megatron_lite.errors import MegatronLiteError
+from megatron_lite.comm.codecs.base import (BF16_MAX, Codec, CodecError, CodecSpec, NoKernelError,
+                                            Scheme, Traits, bf16_bytes, bf16_from_bytes,
+                                            bit_planes, finite_only, non_finite_bound,
+                                            pack_bits, round_down_bf16, round_up_bf16,
+                                            saturate, unpack_bits)
+from megatron_lite.comm.codecs.registry import GROUP, NO_GROUP, Entry, parse_codec_spec, register
+from megatron_lite.kernels.config import (BF16_KERNEL, KIND_ASYM, KIND_FP8, KIND_SYM,
+                                          KernelCodec, KernelPlan)
 
-BF16_MAX = float(torch.finfo(torch.bfloat16).max)  # 3.3895313892515355e38
-FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
-GROUP_SIZES = (32, 64, 128, 256)
-DEFAULT_GROUP_SIZE = 128
 _S_MIN = 2.0 ** -126     # smallest normal fp32: floor of the asymmetric step, keeps 2/s finite
 _TINY = 2.0 ** -64       # symmetric groups with A below this are rescaled by 2^64
 _TINY_SCALE = 2.0 ** 64
 
 
-class CodecError(MegatronLiteError, ValueError):
-    """Bad codec spec or bad codec input (unknown codec, group size that does not fit)."""
-
-
-# ----------------------------------------------------------------------------- bit helpers
-def round_up_bf16(v: torch.Tensor) -> torch.Tensor:
-    """fp32 ``v >= 0`` (finite) rounded toward +inf to a bf16 value, returned as fp32."""
-    b = v.contiguous().view(torch.int32)
-    return ((b + 0xFFFF) & -65536).view(torch.float32)
-
-
-def round_down_bf16(v: torch.Tensor) -> torch.Tensor:
-    """fp32 ``v`` (finite) rounded toward -inf to a bf16 value, returned as fp32."""
-    b = v.contiguous().view(torch.int32)
-    up = (b + 0xFFFF) & -65536    # magnitude up: toward -inf for negatives
-    down = b & -65536             # truncate: toward -inf for non-negatives
-    return torch.where(b < 0, up, down).view(torch.float32)
-
-
-def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes ``q`` (integers in [0, 2^bits), last dim a multiple of 8/bits) LSB-first."""
-    per = 8 // bits
-    q = q.to(torch.int32).reshape(*q.shape[:-1], q.shape[-1] // per, per)
-    shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
-    return (q << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_bits(buf: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``n`` codes as int32."""
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32, device=buf.device) * bits
-    q = (buf.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return q.reshape(*buf.shape[:-1], buf.shape[-1] * per)[..., :n]
-
-
-def _planes(bits: int) -> Tuple[int, ...]:
-    """Bit-plane widths of a b-bit code, low bits first: 3 -> (2, 1), 5 -> (4, 1),
-    6 -> (4, 2), 7 -> (4, 2, 1) (1, 2, 4, 8: one plane)."""
-    return tuple(p for p in (8, 4, 2, 1) if bits & p)
-
-
-def saturate(y: torch.Tensor, out_dtype: torch.dtype, keep_inf: bool = False) -> torch.Tensor:
-    """Clamp fp32 ``y`` to the finite range of the output (NaN passes), then round to it.
-
-    The decoded grid may overshoot the input's max by up to half a step; the input itself
-    was finite in its dtype, so clamping only moves ``y`` closer to it. ``keep_inf``: a
-    value that is already +-Inf (carried verbatim, e.g. bf16 on the wire) stays Inf.
-    """
-    lim = FP16_MAX if out_dtype == torch.float16 else BF16_MAX
-    c = y.clamp(-lim, lim)
-    if keep_inf:
-        c = torch.where(torch.isinf(y), y, c)
-    return c.to(out_dtype)
-
-
-def _bf16_bytes(v: torch.Tensor) -> torch.Tensor:
-    """fp32 values that are exact bf16 (or NaN) -> their bf16 bit patterns as bytes."""
-    return v.to(torch.bfloat16).contiguous().view(torch.uint8)
-
-
-def _bf16_from_bytes(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.bfloat16).float()
-
-
-# ----------------------------------------------------------------------------- codecs
-class Codec:
-    """One wire format. Subclasses define ``bits_per_value`` and the encode/decode pair.
-
-    ``rs``/``ag`` are the codecs of the two steps of the quantized all-reduce
-    (reduce-scatter, all-gather); for a plain codec both are the codec itself.
-    """
-
-    name: str = ""
-    group_size: int = 1
-    bits_per_value: float = 16.0
-
-    @property
-    def spec(self) -> str:
-        return self.name if self.group_size == 1 else f"{self.name}:{self.group_size}"
-
-    @property
-    def rs(self) -> "Codec":
-        return self
-
-    @property
-    def ag(self) -> "Codec":
-        return self
-
-    def encoded_nbytes(self, n: int) -> int:
-        raise NotImplementedError
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def decode(self, buf: torch.Tensor, n: int, out_dtype: torch.dtype = torch.float32
-               ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-element bound on ``|decode(encode(x), n, fp32) - x|`` (inf in non-finite groups)."""
-        raise NotImplementedError
-
-    def _check(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():
-            raise CodecError(f"{self.spec}: input must be a float tensor, got {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] % self.group_size:
-            raise CodecError(f"{self.spec}: chunk length {x.shape[-1] if x.dim() else 0} is not "
-                             f"a multiple of the group size {self.group_size}")
-        return x.float()
-
-    def _check_buf(self, buf: torch.Tensor, n: int) -> None:
-        if buf.dtype != torch.uint8 or buf.shape[-1] != self.encoded_nbytes(n):
-            raise CodecError(f"{self.spec}: expected {self.encoded_nbytes(n)} uint8 bytes for "
-                             f"{n} values, got {tuple(buf.shape)} {buf.dtype}")
-
-    def __repr__(self) -> str:
-        return f"<codec {self.spec}: {self.bits_per_value:g} bits/value>"
-
-
+# ----------------------------------------------------------------------------- wire formats
 class BF16Codec(Codec):
     """No compression: bf16 on the wire (round-to-nearest-even; NaN/Inf pass through
     element by element; finite values saturate to an fp16 output's range)."""
 
     name = "bf16"
     bits_per_value = 16.0
+    carries_inf = True
 
     def encoded_nbytes(self, n: int) -> int:
         return 2 * n
@@ -222,12 +108,17 @@ class BF16Codec(Codec):
         # fp16's 65504 rounds up to bf16 65536: saturate finite values, keep Inf/NaN.
         return saturate(buf.contiguous().view(torch.bfloat16).float(), out_dtype, keep_inf=True)
 
+    def kernel_codec(self) -> KernelCodec:
+        return BF16_KERNEL
+
     def error_bound(self, x):
         # RNE to bf16 (8 significant bits): half an ulp is at most 2^-8 |x| for normals,
         # 2^-134 among the denormals.
         xf = x.float()
         eb = xf.abs() * 2.0 ** -8 + 2.0 ** -134
         return torch.where(xf.abs() <= BF16_MAX, eb, torch.full_like(eb, math.inf))
+
+
 
 
 class GroupCodec(Codec):
@@ -244,6 +135,11 @@ class GroupCodec(Codec):
             self.qmax = 2 ** (bits - 1) - 1
         else:
             self.qmax = 448  # e4m3fn max
+        self._kernel = None
+        if bits in (1, 2, 3, 4, 8):
+            kk = {"asym": KIND_ASYM, "sym": KIND_SYM, "fp8": KIND_FP8}[kind]
+            c2 = float(torch.tensor(2.0 / self.qmax, dtype=torch.float32)) if kind == "asym" else 0.0
+            self._kernel = KernelCodec(kk, bits, group_size, self.qmax, c2, self.n_meta)
 
     # -- layout ------------------------------------------------------------------------
     def encoded_nbytes(self, n: int) -> int:
@@ -257,7 +153,7 @@ class GroupCodec(Codec):
             return q.to(torch.int8).view(torch.uint8) if self.kind == "sym" else q.to(torch.uint8)
         if self.bits in (3, 5, 6, 7):   # bit planes, low bits first (module docstring)
             out, lo = [], 0
-            for b in _planes(self.bits):
+            for b in bit_planes(self.bits):
                 out.append(pack_bits((q >> lo) & (2 ** b - 1), b))
                 lo += b
             return torch.cat(out, -1)
@@ -268,7 +164,7 @@ class GroupCodec(Codec):
             return payload.view(torch.int8).to(torch.int32) if self.kind == "sym" else payload
         if self.bits in (3, 5, 6, 7):
             q, lo, at = 0, 0, 0
-            for b in _planes(self.bits):
+            for b in bit_planes(self.bits):
                 q = q | (unpack_bits(payload[..., at: at + n * b // 8], b, n) << lo)
                 lo, at = lo + b, at + n * b // 8
             return q
@@ -330,13 +226,13 @@ class GroupCodec(Codec):
         metas = [torch.where(finite, meta[0], nan)]
         if self.kind == "asym":
             metas.append(torch.where(finite, meta[1], torch.zeros_like(meta[1])))
-        parts = [self._pack(codes)] + [_bf16_bytes(t) for t in metas]
+        parts = [self._pack(codes)] + [bf16_bytes(t) for t in metas]
         return torch.cat(parts, -1)
 
     def _split(self, buf: torch.Tensor, n: int):
         self._check_buf(buf, n)
         npay, ng = n * self.bits // 8, n // self.group_size
-        metas = [_bf16_from_bytes(buf[..., npay + 2 * ng * i: npay + 2 * ng * (i + 1)])
+        metas = [bf16_from_bytes(buf[..., npay + 2 * ng * i: npay + 2 * ng * (i + 1)])
                  for i in range(self.n_meta)]
         return buf[..., :npay], metas
 
@@ -383,36 +279,85 @@ class GroupCodec(Codec):
             step = (meta[0] / 448.0).unsqueeze(-1)
             eb = ax * (2.0 ** -4 + 2.0 ** -18) + step * 2.0 ** -10
         eb = eb + 2.0 ** -148
-        eb = torch.where(finite.unsqueeze(-1), eb, torch.full_like(eb, math.inf))
-        return eb.reshape(*lead, n)
+        return non_finite_bound(eb, finite.unsqueeze(-1)).reshape(*lead, n)
+
+    def kernel_codec(self) -> Optional[KernelCodec]:
+        """None for int5 (reference only) and the 6/7-bit widths used inside klt."""
+        return self._kernel
 
 
-class MixedCodec(Codec):
-    """Flash Communication's mixed mode: ``rs`` codec for the reduce-scatter, ``ag`` for
-    the all-gather. bits/value is the mean of the two (each value crosses the wire once in
-    each step)."""
+# ----------------------------------------------------------------------------- the scheme
+class GroupScheme(Scheme):
+    """A group codec's all-reduce: flatten, zero-pad to ``W * c`` with ``c`` a multiple of
+    the group size, chunk j = values ``[j*c, (j+1)*c)``. ``rs`` codes the reduce-scatter
+    stage and ``ag`` the all-gather; they differ only for the two-stage int4-int8."""
 
-    def __init__(self, name: str, rs: Codec, ag: Codec):
-        self.name, self._rs, self._ag = name, rs, ag
-        self.group_size = rs.group_size
-        self.bits_per_value = (rs.bits_per_value + ag.bits_per_value) / 2
+    def __init__(self, name: str, rs: Codec, ag: Optional[Codec] = None):
+        self.rs, self.ag = rs, ag or rs
+        self.name, self.group_size = name, rs.group_size
+        self.spec = name if name == "bf16" else f"{name}:{rs.group_size}"
+        # each value crosses the wire once in each step
+        self.bits_per_value = (self.rs.bits_per_value + self.ag.bits_per_value) / 2
+        self.traits = Traits(two_stage=self.ag is not self.rs)
+        self._plan: Optional[KernelPlan] = None
+        kr, ka = self.rs.kernel_codec(), self.ag.kernel_codec()
+        if kr is not None and ka is not None:
+            self._plan = KernelPlan(kr, ka)
 
-    @property
-    def rs(self):
-        return self._rs
+    def chunk(self, x, world_size):
+        n, g = x.numel(), self.group_size
+        c = -(-n // (world_size * g)) * g
+        flat = x.reshape(-1)
+        if c * world_size != n:
+            flat = torch.cat([flat, flat.new_zeros(c * world_size - n)])
+        shape = x.shape
 
-    @property
-    def ag(self):
-        return self._ag
+        def restore(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(-1)[:n].reshape(shape)
+        return flat.view(world_size, c), restore
 
-    def _no_single_format(self, *args, **kwargs):
-        raise CodecError(f"{self.spec} is a two-step scheme: use .rs / .ag for wire formats")
+    def rs_encode(self, chunks, src):
+        return self.rs.encode(chunks)
 
-    encoded_nbytes = encode = decode = error_bound = _no_single_format
+    def rs_decode(self, recv, chunk_id, c):
+        return self.rs.decode(recv, c, torch.float32)
+
+    def ag_encode(self, acc, chunk_id):
+        return self.ag.encode(acc)
+
+    def ag_decode(self, gathered, c, out_dtype):
+        return self.ag.decode(gathered, c, out_dtype)
+
+    def finish(self, acc, out_dtype):
+        """The decode's saturation (the bf16 codec keeps an Inf, as its decode does). A
+        finite sum beyond the bf16 range saturates here, where two-step's re-encoding
+        would turn its group to NaN."""
+        return saturate(acc, out_dtype, keep_inf=self.rs.carries_inf)
+
+    def own_error(self, chunks, acc, rank):
+        c = chunks.shape[-1]
+        x = chunks.float()
+        err = (self.rs.decode(self.rs.encode(x), c, torch.float32) - x).clone()
+        if acc is not None:
+            err[rank] += self.ag.decode(self.ag.encode(acc), c, torch.float32) - acc
+        return finite_only(err)
+
+    def rs_error_bound(self, chunks, src):
+        return self.rs.error_bound(chunks)
+
+    def ag_error_bound(self, acc, chunk_id):
+        return self.ag.error_bound(acc)
+
+    def kernel_plan(self, x):
+        if self._plan is None:
+            raise NoKernelError(f"no Triton kernel for codec {self.spec!r} (int5 is "
+                                "reference-only)")
+        return self._plan
 
 
 # ----------------------------------------------------------------------------- registry
-_PLAIN = {
+# name: (kind, bits) of the one-stage group codecs
+PLAIN = {
     "int8": ("sym", 8),
     "int5": ("asym", 5),
     "int4": ("asym", 4),
@@ -421,98 +366,49 @@ _PLAIN = {
     "int2": ("asym", 2),
     "fp8": ("fp8", 8),
 }
-_ALIASES = {"int6": "int4-int8", "fp8-e4m3": "fp8"}
-CODEC_NAMES = ("bf16",) + tuple(_PLAIN) + ("int4-int8", "outlier-int4")
-# Block-Hadamard rotation before any group codec (comm/rotation.py; same bits per value).
-CODEC_NAMES += tuple("hadamard-" + n for n in tuple(_PLAIN) + ("int4-int8",))
-# Static channel scales from measured sensitivity before a plain or rotated codec
-# (comm/weighting.py; same bits per value, needs a calibration file with scales).
-CODEC_NAMES += tuple("weighted-" + n for n in CODEC_NAMES[1:] if n != "outlier-int4")
-CODEC_NAMES += tuple(f"klt{b}" for b in range(2, 9))   # comm/transform.py
+TWO_STAGE = {"int4-int8": ("int4", "int8")}
 
 
-@dataclass(frozen=True)
-class CodecSpec:
-    """A parsed ``CODEC[:GROUP]`` string. ``group_size`` is None when the codec takes none
-    (bf16) or when outlier-int4 uses static per-channel scales."""
-
-    name: str
-    group_size: Optional[int]
-
-    def __str__(self) -> str:
-        return self.name if self.group_size is None else f"{self.name}:{self.group_size}"
+def make_codec(name: str, group_size: int) -> GroupCodec:
+    """The wire format of a one-stage group codec name."""
+    kind, bits = PLAIN[name]
+    return GroupCodec(name, bits, kind, group_size)
 
 
-_SPEC_RE = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?::\s*([^\s]*)\s*)?$")
-
-
-def parse_codec_spec(spec: str) -> CodecSpec:
-    """``"int4:128"`` -> CodecSpec("int4", 128). Raises CodecError with a one-line reason."""
-    if isinstance(spec, CodecSpec):
-        return spec
-    m = _SPEC_RE.match(str(spec))
-    if not m:
-        raise CodecError(f"bad codec spec {spec!r}: expected CODEC[:GROUP], e.g. int4:128")
-    name = _ALIASES.get(m.group(1).lower(), m.group(1).lower())
-    if name not in CODEC_NAMES:
-        raise CodecError(f"unknown codec {m.group(1)!r}; choose one of {', '.join(CODEC_NAMES)}")
-    group = m.group(2)
-    if group is None:
-        g = None if name in ("bf16", "outlier-int4") else DEFAULT_GROUP_SIZE
-    else:
-        if name == "bf16":
-            raise CodecError("codec bf16 takes no group size")
-        if not group.isdigit() or int(group) not in GROUP_SIZES:
-            raise CodecError(f"group size {group!r} for {name} does not fit: choose one of "
-                             f"{', '.join(map(str, GROUP_SIZES))}")
-        g = int(group)
-    return CodecSpec(name, g)
-
-
-def get_codec(spec, calibration=None, site: Optional[str] = None,
-              budget: Optional[float] = None) -> Codec:
-    """Codec object for a spec string (or CodecSpec).
-
-    ``outlier-int4``, ``weighted-`` and ``klt`` need per-site calibration state: pass
-    ``calibration`` (a path or a loaded :class:`megatron_lite.comm.outlier.Calibration`)
-    and ``site``. ``budget`` (klt only): the site's bits per value instead of N + 1/4.
-    """
+def get_codec(spec) -> Codec:
+    """The wire format of a one-stage group codec spec (``bf16``, ``int4:128``, ...)."""
     cs = parse_codec_spec(spec)
     if cs.name == "bf16":
         return BF16Codec()
-    if cs.name in _PLAIN:
-        kind, bits = _PLAIN[cs.name]
-        return GroupCodec(cs.name, bits, kind, cs.group_size)
-    if cs.name == "int4-int8":
-        return MixedCodec(cs.name, GroupCodec("int4", 4, "asym", cs.group_size),
-                          GroupCodec("int8", 8, "sym", cs.group_size))
-    if cs.name.startswith("hadamard-"):
-        from megatron_lite.comm import rotation
-        return rotation.hadamard_codec(cs)
-    if cs.name.startswith("weighted-"):
-        from megatron_lite.comm import weighting  # per-site state, like outlier-int4
-        return weighting.weighted_codec(cs, calibration, site)
-    if cs.name.startswith("klt"):
-        from megatron_lite.comm import transform  # per-site, per-rank state
-        return transform.transform_codec(cs, calibration, site, budget)
-    from megatron_lite.comm import outlier  # outlier-int4: per-site state
-    return outlier.outlier_codec(cs, calibration, site)
+    if cs.name not in PLAIN:
+        raise CodecError(f"{cs} is not a one-stage group codec (its scheme: get_scheme)")
+    return make_codec(cs.name, cs.group_size)
 
 
-def codec_bits(spec) -> float:
-    """bits/value of a spec without building per-site state (outlier: the nominal figure)."""
-    cs = parse_codec_spec(spec)
-    if cs.name == "outlier-int4":
-        from megatron_lite.comm import outlier
-        return outlier.nominal_bits(cs)
-    if cs.name.startswith("klt"):          # the budget; a built codec has its exact figure
-        from megatron_lite.comm import transform
-        return transform.budget_bits(cs.name)
-    if cs.name.startswith("weighted-"):   # the wire format is the inner codec's
-        return get_codec(CodecSpec(cs.name[len("weighted-"):], cs.group_size)).bits_per_value
-    return get_codec(cs).bits_per_value
+def asym_codec(bits: int, group_size: int) -> GroupCodec:
+    """The asymmetric b-bit group code (b = 1..8; the widths the klt codecs mix)."""
+    return GroupCodec(f"int{bits}", bits, "asym", group_size)
 
 
-def stage_codecs(codec: Codec) -> Tuple[Codec, Codec]:
-    """(reduce-scatter codec, all-gather codec) of a two-step scheme."""
-    return codec.rs, codec.ag
+def plain_scheme(cs: CodecSpec) -> GroupScheme:
+    """The scheme of a plain (unmapped) group codec spec, for the mapped families."""
+    if cs.name == "bf16":
+        return GroupScheme("bf16", BF16Codec())
+    if cs.name in TWO_STAGE:
+        rs, ag = TWO_STAGE[cs.name]
+        return GroupScheme(cs.name, make_codec(rs, cs.group_size), make_codec(ag, cs.group_size))
+    return GroupScheme(cs.name, make_codec(cs.name, cs.group_size))
+
+
+def _bits(cs: CodecSpec) -> float:
+    return plain_scheme(cs).bits_per_value
+
+
+register(Entry("bf16", "group", lambda cs, ctx: plain_scheme(cs), _bits, group=NO_GROUP))
+for _name in PLAIN:
+    register(Entry(_name, "group", lambda cs, ctx: plain_scheme(cs), _bits, group=GROUP))
+for _name in TWO_STAGE:
+    register(Entry(_name, "group", lambda cs, ctx: plain_scheme(cs), _bits, group=GROUP,
+                   traits=Traits(two_stage=True)))
+# The names the mapped families (hadamard-, weighted-) wrap, in registration order.
+WRAPPABLE = tuple(PLAIN) + tuple(TWO_STAGE)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 def write_json(path: Path, obj: dict) -> None:
     """Atomically (re)write a results file (eval/report.atomic_write)."""
-    from megatron_lite.eval.report import atomic_write
+    from megatron_lite.lab.eval.report import atomic_write
     atomic_write(str(path), (json.dumps(obj, indent=1) + "\n").encode())
 
 
@@ -188,7 +188,7 @@ def check_mode(engine, prompts, n_new: int, reference, long_prompt=None) -> tupl
     """Greedy tokens + prefill logits of ``prompts`` (short: decode-sized messages), and the
     last-token logits of ``long_prompt`` [1, L] (its TP sums are large enough for the
     quantized kernels); rank agreement of all of it, and agreement with ``reference``
-    (nccl-bf16's output). Returns (report, this mode's output)."""
+    (native's output). Returns (report, this mode's output)."""
     import torch
     B, T = prompts.shape
     lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)

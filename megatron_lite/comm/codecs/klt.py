@@ -17,14 +17,15 @@ its covariance and gives each coefficient bits by reverse water-filling: at high
 the mean squared error drops by the ratio of the arithmetic to the geometric mean of
 the eigenvalues against spending equal bits, and directions with no energy get none.
 Here the error that matters is the loss increase, to second order the error weighted by
-the diagonal Fisher information ``F`` of the reduced sum (comm/weighting.py), so the
+the diagonal Fisher information ``F`` of the reduced sum (comm/codecs/weighted.py), so the
 coding runs on ``u = d * x_r`` with ``d = sqrt(F)``, where the loss is the plain squared
 error. One-shot is what makes a per-rank basis possible: every rank receives every
 other rank's codes and decodes them in that rank's basis before the fp32 sum. (A basis
 shared by all ranks, which two-step's reduce-scatter would need, gains nothing here:
 docs/accuracy.md.)
 
-Calibration (``tools/calibrate.py --transform``, per site, at the TP size of the run):
+Calibration (``tools/calibrate.py --transform``, per site, at the TP size of the run;
+``megatron_lite.lab.transform`` measures it):
 the weight ``d`` (``sqrt(F)`` floored at ``FLOOR`` x its median, geometric mean 1), per
 rank the eigenvectors ``Q_r`` [H, H] of ``E[u u^T]`` sorted by decreasing eigenvalue
 (each column's largest entry positive), and per rank, for every group size ``G``, the
@@ -37,7 +38,7 @@ Bit allocation (when a codec is built): per rank, the group widths ``b_g`` minim
 solved exactly (:func:`allocate`). So ``kltN`` uses at most the wire budget of
 ``intN:128`` (N + 0.25 bits per value) and ``bits_per_value`` is its exact figure.
 
-``budget=model`` (CommConfig): the N + 1/4 bits per value are a budget for the whole
+``budget=model`` (comm/spec.py): the N + 1/4 bits per value are a budget for the whole
 model instead of for each site. The error tables are in the site's normalised units;
 times the site's ``loss_scale`` (``F = loss_scale * d**2``) they are Fisher-weighted
 squared errors, i.e. (to second order) loss increases, comparable across sites. Each
@@ -52,51 +53,59 @@ layers' ``down_proj`` carry most of the loss; the split moves ``o_proj`` to 2.2-
 
 Definition (bit-exact reference), rank r, message rows ``x`` [..., H]::
 
-    encode  z = fl32(fl32(x) * d) @ Q_r[:, coded]        (torch fp32 matmul)
+    encode  z = fl32(fl32(x) * d) (x) Q_r[:, coded]       ((x): the exact product below)
             the coded groups of each width b (ascending b, coefficient order within)
-            are one row of ``int<b>`` asymmetric group codes, group G (comm/codecs.py:
+            are one row of ``int<b>`` asymmetric group codes, group G (group.py:
             payload planes, then the bf16 step and offset arrays); the row message is
             their concatenation, zero-padded to the longest rank's (all-gather needs
             one size)
     decode  z^ = the codes decoded in fp32 (dropped coefficients 0)
-            x^_r = fl32(z^ @ Q_r[:, coded]^T) / d
+            x^_r = fl32(z^ (x) Q_r[:, coded]^T) / d
     sum     acc = x^_0 + x^_1 + ... in rank order (fp32), then saturate to the dtype
 
-The matmuls are the only non-elementwise steps: their bits depend on the BLAS, so
-ranks agree because every rank decodes every partial with the same code on the same
-kind of device (as the tests check), not across devices. A non-finite value in a row
-(or a coefficient beyond the bf16 range) makes the groups it reaches decode as NaN,
-and the inverse transform spreads that NaN over the whole row: a poisoned row stays
-loud, as in the group codecs.
+    A (x) B, for fp32 A [M, K] and B [K, N], is computed so that no BLAS, thread count
+    or device can change its bits (:func:`exact_matmul`, the slicing of Ozaki et al.,
+    "Error-free transformations of matrix multiplication", Numer. Algorithms 2012):
+    with beta = (53 - ceil(log2 K)) // 2, each row of A (column of B) is cut into two
+    slices of beta bits below its largest magnitude's binade, ``a = a1 + a2 + tail``
+    (tail < 2^-2beta of the row's max: dropped), every slice product ``a_s @ b_t`` is
+    computed in fp64, where it is exact whatever the summation order (K products of
+    2 beta bits on one grid fit 53 bits), and
+    ``fl32(fl64(fl64(a1 @ b1 + a1 @ b2) + a2 @ b1))`` is the result.
+
+A plain fp32 matmul's bits depend on the BLAS's blocking, and so on the thread count:
+ranks with different thread counts would decode the same bytes to different sums. The
+exact product makes every rank, thread count and device (CPU or GPU) agree bit for bit,
+for three fp64 matmuls instead of one fp32 one. A non-finite value in a row (or a
+coefficient beyond the bf16 range) makes the groups it reaches decode as NaN, and the
+inverse transform spreads that NaN over the whole row: a poisoned row stays loud, as in
+the group codecs.
 
 Cost: the decode basis of every rank, ``W * H * H`` fp32 per site on every rank (plus
 the loaded calibration file until it is dropped), and per message row one ``H x k``
 encode product and ``W`` decode products (``k`` the coded coefficients; the encode
 product could be folded into the row-parallel weight, the decode ones cannot). No Triton kernel: on GPU it runs the
-portable one-shot path (torch matmuls around NCCL's all-gather).
+portable one-shot path (torch matmuls around NCCL's all-gather). A research codec: no
+fused kernel, and memory that grows with W H^2 per site.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_lite.comm.communicator import WrappingCommunicator
-from megatron_lite.comm.codecs import (GROUP_SIZES, CodecError, CodecSpec, GroupCodec,
-                                       saturate)
+from megatron_lite.comm.calibration import CalibrationError
+from megatron_lite.comm.codecs.base import (CodecError, CodecSpec, Scheme, Traits, finite_only,
+                                            saturate)
+from megatron_lite.comm.codecs.group import asym_codec
+from megatron_lite.comm.codecs.registry import GROUP, BuildContext, Entry, register
 
 PREFIX = "klt"
 NAMES = tuple(f"klt{b}" for b in range(2, 9))
 MAX_BITS = 8
 META_BITS = 32                    # bf16 step + bf16 offset of a coded group
 UNIT = 32                         # every cost is a multiple of 32 bits (G >= 32)
-FLOOR = 1e-6                      # Fisher floor, fraction of the site's median (as weighting)
-SCALE_RANGE = 2.0 ** 20           # d within +-SCALE_RANGE of its geometric mean
-
-
-def is_transform(name: str) -> bool:
-    return str(name) in NAMES
 
 
 def budget_bits(name: str) -> float:
@@ -104,58 +113,47 @@ def budget_bits(name: str) -> float:
     return int(str(name)[len(PREFIX):]) + 0.25
 
 
-def _weight_and_scale(fisher: torch.Tensor) -> Tuple[torch.Tensor, float]:
-    f = fisher.double()
-    if f.dim() != 1 or not torch.isfinite(f).all() or (f < 0).any():
-        raise CodecError("Fisher statistics must be a finite non-negative 1-D tensor")
-    med = f.median()
-    f = f.clamp_min(float((med if med > 0 else f.max().clamp_min(1e-30)) * FLOOR))
-    d = f.sqrt()
-    gm = d.log().mean().exp()
-    return (d / gm).clamp(1 / SCALE_RANGE, SCALE_RANGE).float(), float(gm) ** 2
+# ----------------------------------------------------------------------------- exact product
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """fp64 ``2^k`` for int64 ``k`` in [-1022, 1023], built from its bits (exact on every
+    device: no pow or ldexp, whose accuracy is not specified everywhere)."""
+    return ((k + 1023) << 52).view(torch.float64)
 
 
-def coefficient_weight(fisher: torch.Tensor) -> torch.Tensor:
-    """fp32 ``d = sqrt(F)`` per channel, floored and normalised (module docstring)."""
-    return _weight_and_scale(fisher)[0]
+def _slices(t: torch.Tensor, dim: int, beta: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp64 ``(t1, t2)``: the two beta-bit slices of fp32 ``t`` along ``dim`` (per row for
+    dim 1, per column for dim 0), each an integer times a power of two shared by the row.
+    Every step is exact: division and multiplication by powers of two, trunc, and a
+    difference of a value and its truncation. NaN/Inf rows give NaN slices."""
+    t64 = t.double()
+    top = t64.abs().amax(dim=dim, keepdim=True)
+    # |t| < 2^e along dim: the binade of the largest magnitude, read from its bits (a zero
+    # row gets a small e; NaN/Inf rows e = 1025, which keeps their slices NaN)
+    e = ((top.view(torch.int64) >> 52) & 0x7FF) - 1022
+    e = e.clamp_min(-200)
+    u1, u2 = _pow2(e - beta), _pow2(e - 2 * beta)
+    hi = torch.trunc(t64 / u1) * u1
+    lo = torch.trunc((t64 - hi) / u2) * u2
+    return hi, lo
 
 
-def loss_scale(fisher: torch.Tensor) -> float:
-    """The factor that turns a site's error tables (squared error in the normalised
-    ``d``-weighted space) into Fisher-weighted squared error, i.e. loss units comparable
-    across sites: ``F = loss_scale * d**2`` (the square of the floored ``sqrt(F)``'s
-    geometric mean)."""
-    return _weight_and_scale(fisher)[1]
+def exact_matmul(a: torch.Tensor, b: torch.Tensor,
+                 b_slices: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """fp32 ``a (x) b`` (module docstring): the same bits on every BLAS, thread count
+    and device. ``b_slices``: ``_slices(b, 0, beta)`` precomputed for ``a.shape[-1]``."""
+    k = a.shape[-1]
+    beta = exact_beta(k)
+    a1, a2 = _slices(a, 1, beta)
+    b1, b2 = b_slices if b_slices is not None else _slices(b, 0, beta)
+    c = a1 @ b1
+    c = c + a1 @ b2
+    c = c + a2 @ b1
+    return c.float()
 
 
-def basis(cov: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """fp32 ``Q`` [H, H]: eigenvectors of ``diag(d) cov diag(d)`` by decreasing
-    eigenvalue, each column's largest-magnitude entry made positive (a fixed sign)."""
-    c = cov.double() * d.double()[:, None] * d.double()[None, :]
-    c = 0.5 * (c + c.T)
-    _, q = torch.linalg.eigh(c)
-    q = q.flip(1)
-    top = q.abs().argmax(0)
-    sign = torch.sign(q[top, torch.arange(q.shape[1])])
-    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).float().contiguous()
-
-
-def _codec(bits: int, group: int) -> GroupCodec:
-    return GroupCodec(f"int{bits}", bits, "asym", group)
-
-
-def group_errors(z: torch.Tensor, group: int) -> torch.Tensor:
-    """float64 ``[H / group, MAX_BITS + 1]``: squared error summed over the rows of ``z``
-    [N, H] (coefficients) of each coefficient group coded with 0..8 bits."""
-    n, h = z.shape
-    zf = z.float()
-    out = torch.empty(h // group, MAX_BITS + 1, dtype=torch.float64)
-    out[:, 0] = zf.double().pow(2).reshape(n, h // group, group).sum((0, 2))
-    for b in range(1, MAX_BITS + 1):
-        c = _codec(b, group)
-        e = (c.decode(c.encode(zf), h) - zf).double().pow(2)
-        out[:, b] = e.reshape(n, h // group, group).sum((0, 2))
-    return out
+def exact_beta(k: int) -> int:
+    """Slice width for a reduction over ``k`` terms: 2 beta + ceil(log2 k) <= 53."""
+    return (53 - max(1, math.ceil(math.log2(max(k, 2))))) // 2
 
 
 def _unit_costs(group: int) -> List[int]:
@@ -280,12 +278,14 @@ def model_budgets(tables: Dict[str, Tuple[torch.Tensor, float]], group: int,
     return {s: u * UNIT / tables[s][0].shape[1] / group for s, u in zip(names, units)}
 
 
-class TransformScheme:
-    """One-shot scheme of ``kltN:G`` at one site (module docstring)."""
+class TransformScheme(Scheme):
+    """One-shot scheme of ``kltN:G`` at one site (module docstring). The message is one
+    chunk (its rows, whole); rank r codes it in its own basis ``Q_r``."""
 
     def __init__(self, cs: CodecSpec, weight: torch.Tensor, bases: torch.Tensor,
                  errors: torch.Tensor, budget: Optional[float] = None):
         self.spec, self.name, self.group_size = str(cs), cs.name, cs.group_size
+        self.traits = Traits(one_shot_only=True, calibrated=True)
         w, h, _ = bases.shape
         g = cs.group_size
         if h % g:
@@ -311,20 +311,25 @@ class TransformScheme:
                 idx = [k for gi, bb in enumerate(self.bits[r]) if bb == b
                        for k in range(gi * g, (gi + 1) * g)]
                 cols += idx
-                parts.append((_codec(b, g), len(idx)))
-                nb += _codec(b, g).encoded_nbytes(len(idx))
+                parts.append((asym_codec(b, g), len(idx)))
+                nb += asym_codec(b, g).encoded_nbytes(len(idx))
             self._cols.append(torch.tensor(cols, dtype=torch.long))
             self._parts.append(parts)
             nbytes.append(nb)
         self.row_bytes = max(nbytes)
         self.bits_per_value = 8.0 * self.row_bytes / h
         self._q = [bases[r][:, self._cols[r]].float().contiguous() for r in range(w)]
-        self._dev: Dict[Tuple[torch.device, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dev: Dict[Tuple[torch.device, int], tuple] = {}
 
     def _on(self, device: torch.device, rank: int):
+        """``(d, Q, slices of Q, slices of Q^T)`` of rank ``rank`` on ``device``."""
         key = (device, rank)
         if key not in self._dev:
-            self._dev[key] = (self.weight.to(device), self._q[rank].to(device))
+            q = self._q[rank].to(device)
+            qt = q.T.contiguous()
+            self._dev[key] = (self.weight.to(device), q,
+                              _slices(q, 0, exact_beta(q.shape[0])),
+                              _slices(qt, 0, exact_beta(qt.shape[0])))
         return self._dev[key]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,8 +340,8 @@ class TransformScheme:
 
     def encode_partial(self, x: torch.Tensor, rank: int) -> torch.Tensor:
         """uint8 ``[rows, row_bytes]``: rank ``rank``'s message for ``x`` [..., H]."""
-        d, q = self._on(x.device, rank)
-        z = (self._rows(x).float() * d) @ q
+        d, q, qs, _ = self._on(x.device, rank)
+        z = exact_matmul(self._rows(x).float() * d, q, qs)
         out, at = [], 0
         for codec, n in self._parts[rank]:
             out.append(codec.encode(z[:, at:at + n].contiguous()))
@@ -348,7 +353,7 @@ class TransformScheme:
 
     def decode_partial(self, buf: torch.Tensor, rank: int) -> torch.Tensor:
         """fp32 ``[rows, H]``: rank ``rank``'s partial sum from its message."""
-        d, q = self._on(buf.device, rank)
+        d, q, _, qts = self._on(buf.device, rank)
         zs, at = [], 0
         for codec, n in self._parts[rank]:
             nb = codec.encoded_nbytes(n)
@@ -356,112 +361,70 @@ class TransformScheme:
             at += nb
         if not zs:
             return torch.zeros(buf.shape[0], self.hidden, device=buf.device)
-        return (torch.cat(zs, -1) @ q.T) / d
+        return exact_matmul(torch.cat(zs, -1), q.T, qts) / d
 
-    def own_error(self, x: torch.Tensor, rank: int) -> torch.Tensor:
-        """fp32, ``x``'s shape: what rank ``rank``'s coding adds to the sum (NaN -> 0,
-        as comm/feedback.py's own_error: a poisoned row carries no compensation)."""
-        xr = self._rows(x).float()
-        err = self.decode_partial(self.encode_partial(x, rank), rank) - xr
-        return torch.nan_to_num(err, nan=0.0, posinf=0.0, neginf=0.0).reshape(x.shape)
+    # -- the one-shot stages: one chunk, the whole message ---------------------------
+    def chunk(self, x, world_size):
+        if world_size != self.world_size:
+            raise CodecError(f"{self.spec}: calibrated for TP {self.world_size}, the group "
+                             f"has {world_size} ranks")
+        self._rows(x)
+        shape = x.shape
+        return x.reshape(1, -1), lambda y: y.reshape(shape)
 
-    def finish(self, acc: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def rs_encode(self, chunks, src):
+        return self.encode_partial(chunks.view(-1, self.hidden), src).reshape(1, -1)
+
+    def rs_decode(self, recv, chunk_id, c):
+        rows = c // self.hidden
+        if rows == 0:    # an empty message (its byte views would sit at odd offsets)
+            return torch.zeros(recv.shape[0], 0, device=recv.device)
+        return torch.stack([self.decode_partial(recv[r].view(rows, self.row_bytes), r)
+                            .reshape(-1) for r in range(recv.shape[0])])
+
+    def finish(self, acc, out_dtype):
         return saturate(acc, out_dtype)
 
-    def chunk(self, x, world_size):
-        raise CodecError(f"{self.spec} codes each rank's partial in its own basis: it needs "
-                         "algo=one-shot")
+    def own_error(self, chunks, acc, rank):
+        """What rank ``rank``'s coding adds to the sum (one-shot: no second stage)."""
+        xr = chunks.view(-1, self.hidden)
+        err = self.decode_partial(self.encode_partial(xr, rank), rank) - xr.float()
+        return finite_only(err).reshape(1, -1)
 
     def __repr__(self) -> str:
         return (f"<codec {self.spec}: {self.bits_per_value:g} bits/value, per-rank "
                 f"calibrated basis, TP {self.world_size}>")
 
 
-def transform_codec(cs: CodecSpec, calibration, site: Optional[str],
-                    budget: Optional[float] = None) -> TransformScheme:
-    """The scheme of ``kltN:G`` at ``site`` from the calibration's transform tables;
-    ``budget`` (bits per value) replaces ``N + 1/4`` (``budget=model``: model_budgets)."""
-    from megatron_lite.comm.outlier import CalibrationError, load_calibration
-    if calibration is None or site is None:
-        raise CodecError(f"{cs.name} needs a calibration file with transform tables "
-                         "(--calibration FILE from tools/calibrate.py --transform) and a site")
-    calib = load_calibration(calibration) if isinstance(calibration, str) else calibration
-    sc = calib.site(site)
+def site_budgets(calibration, sites, cs: CodecSpec) -> Dict[str, float]:
+    """``budget=model`` for the ``sites`` that use ``cs``: :func:`model_budgets` over the
+    calibration's error tables and loss scales."""
+    tables = {}
+    for site in sites:
+        sc = calibration.site(site)
+        if sc.klt_loss_scale is None or cs.group_size not in sc.klt_errors:
+            raise CalibrationError(
+                f"budget=model needs the klt tables for group size {cs.group_size} and "
+                f"loss scales at site {site!r}: rerun tools/calibrate.py --transform")
+        tables[site] = (sc.klt_errors[cs.group_size], sc.klt_loss_scale)
+    return model_budgets(tables, cs.group_size, budget_bits(cs.name))
+
+
+def _build(cs: CodecSpec, ctx: BuildContext) -> TransformScheme:
+    """The scheme of ``kltN:G`` at ``ctx.site`` from the calibration's transform tables;
+    ``ctx.budget`` (bits per value) replaces ``N + 1/4`` (``budget=model``)."""
+    sc = ctx.calibration.site(ctx.site)
     if sc.klt_basis is None:
-        raise CalibrationError(f"calibration has no transform tables for site {site!r}: "
+        raise CalibrationError(f"calibration has no transform tables for site {ctx.site!r}: "
                                "rerun tools/calibrate.py with --transform")
     errors = sc.klt_errors.get(cs.group_size)
     if errors is None:
         raise CalibrationError(f"calibration has no transform tables for group size "
                                f"{cs.group_size} (it has {sorted(sc.klt_errors)})")
-    return TransformScheme(cs, sc.klt_weight, sc.klt_basis, errors, budget)
+    return TransformScheme(cs, sc.klt_weight, sc.klt_basis, errors, ctx.budget)
 
 
-# ----------------------------------------------------------------------------- calibration
-class TransformStats:
-    """Accumulates, per site and rank, the second moment of the partial sums (pass 1) or
-    the coefficient-group error tables in a given basis (pass 2). One instance serves the
-    simulated ranks of one process (tools/calibrate.py runs ``--transform`` simulated
-    only: pass 2 needs the TP-1 Fisher in the same process)."""
-
-    def __init__(self, world_size: int, groups: Sequence[int] = GROUP_SIZES):
-        self.world_size, self.groups = world_size, tuple(groups)
-        self.cov: Dict[str, torch.Tensor] = {}           # [W, H, H] float64 sums
-        self.rows: Dict[str, torch.Tensor] = {}          # [W] rows seen
-        self.errors: Dict[str, Dict[int, torch.Tensor]] = {}   # G -> [W, H/G, 9]
-        self.bases: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
-        self.scales: Dict[str, float] = {}               # site -> loss_scale
-        import threading
-        self._lock = threading.Lock()
-
-    def update(self, site: str, rank: int, x: torch.Tensor) -> None:
-        h = x.shape[-1]
-        xs = x.detach().reshape(-1, h)
-        with self._lock:
-            if site not in self.rows:
-                self.rows[site] = torch.zeros(self.world_size, dtype=torch.long)
-                self.cov[site] = torch.zeros(self.world_size, h, h, dtype=torch.float64)
-                self.errors[site] = {g: torch.zeros(self.world_size, h // g, MAX_BITS + 1,
-                                                    dtype=torch.float64)
-                                     for g in self.groups if h % g == 0}
-        if self.bases is None:
-            xd = xs.double().cpu()
-            self.cov[site][rank] += xd.T @ xd
-        else:
-            d, q = self.bases[site]
-            z = (xs.float().cpu() * d) @ q[rank]
-            for g, t in self.errors[site].items():
-                t[rank] += group_errors(z, g)
-        self.rows[site][rank] += xs.shape[0]
-
-    def make_bases(self, fisher: Dict[str, torch.Tensor]) -> None:
-        """End pass 1: weights and per-rank bases from the moments and the Fisher."""
-        self.bases = {}
-        for site, cov in self.cov.items():
-            if site not in fisher:
-                raise CodecError(f"no Fisher statistics for site {site!r}")
-            d, self.scales[site] = _weight_and_scale(fisher[site])
-            n = self.rows[site].clamp_min(1).double()[:, None, None]
-            self.bases[site] = (d, torch.stack([basis(c, d) for c in cov / n]))
-            self.rows[site] = torch.zeros_like(self.rows[site])
-
-    def tables(self, site: str):
-        """``(weight, bases, {G: errors}, loss_scale)`` of a site after pass 2 (group
-        sizes that divide H only)."""
-        d, q = self.bases[site]
-        return d, q, {g: t.float() for g, t in self.errors[site].items()}, self.scales[site]
-
-
-class TransformRecorder(WrappingCommunicator):
-    """Wraps ``base``; feeds every row-parallel all-reduce's partial sum to ``stats`` (the
-    embedding reduce is not a transform site). The exact sum passes through, as with
-    comm/calibrate.py's recorder."""
-
-    def __init__(self, base, stats: TransformStats):
-        super().__init__(base)
-        self.stats = stats
-
-    def all_reduce(self, x, site=None):
-        if site is not None and site != "embed_tokens":
-            self.stats.update(site, self.rank, x)
-        return self.base.all_reduce(x, site) if self.world_size > 1 else x
+for _name in NAMES:
+    register(Entry(_name, "klt", _build, lambda cs: budget_bits(cs.name), group=GROUP,
+                   traits=Traits(one_shot_only=True, calibrated=True),
+                   model_budgets=site_budgets))

@@ -115,7 +115,7 @@ def resolve_shape(name_or_path: str) -> dict:
     import copy
     import json
     import os
-    from megatron_lite.models.shapes import SHAPES
+    from megatron_lite.lab.shapes import SHAPES
     if name_or_path in SHAPES:
         return copy.deepcopy(SHAPES[name_or_path])
     if name_or_path in TEST_SHAPES:
@@ -128,7 +128,7 @@ def resolve_shape(name_or_path: str) -> dict:
 
 
 def shape_names() -> list[str]:
-    from megatron_lite.models.shapes import SHAPES
+    from megatron_lite.lab.shapes import SHAPES
     return list(SHAPES) + list(TEST_SHAPES)
 
 

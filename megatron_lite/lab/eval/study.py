@@ -3,7 +3,7 @@
 ``prepare`` checks everything a user can get wrong (checkpoint and TP, codec specs,
 calibration file vs model and TP, data files) and tokenizes the inputs, before any model
 is loaded. ``execute`` then loads one model per rank, runs every codec through a
-:class:`~megatron_lite.eval.runner.CodecSwitch`, and returns result rows on the scoring
+:class:`~megatron_lite.lab.eval.runner.CodecSwitch`, and returns result rows on the scoring
 rank (rank 0), ``None`` elsewhere.
 
 Bits per value of a comm config: the mean, over the 2L row-parallel reduces (o_proj and
@@ -54,6 +54,7 @@ class Prepared:
     model_name: str
     hf_config: dict
     codec_names: List[str]
+    specs: list              # CommSpec of each name
     bits: List[float]
     text: Optional[TextWindows]
     tasks: List[Task]
@@ -66,33 +67,34 @@ def model_name(ckpt: str, hf_config: dict) -> str:
     return str(name) if name else os.path.basename(os.path.normpath(ckpt))
 
 
-def comm_bits(cfg, num_layers: int) -> float:
-    """Mean bits/value over the row-parallel sites of a CommConfig (module docstring)."""
+def comm_bits(spec, num_layers: int) -> float:
+    """Mean bits/value over the row-parallel sites of a CommSpec (module docstring);
+    builds every site's scheme, so a bad calibration fails here."""
+    from megatron_lite.comm.router import SiteCodecs
+    codecs = SiteCodecs(spec, num_layers)
     sites = row_parallel_sites(num_layers)
     total = 0.0
     for s in sites:
-        codec = cfg.codec_for(s)
-        total += 16.0 if codec is None else float(codec.bits_per_value)
+        scheme = codecs.scheme_for(s)
+        total += 16.0 if scheme is None else float(scheme.bits_per_value)
     return total / len(sites)
 
 
-def _canonical_comms(specs: List[str], calibration: Optional[str], num_layers: int):
-    """Parsed configs with bf16 first (added if absent); duplicates removed."""
-    from megatron_lite.comm.allreduce import parse_comm_arg
-    from megatron_lite.comm.feedback import PREFIX as EF
-    names, cfgs = [], []
-    for spec in [REFERENCE] + list(specs):
-        ef = str(spec).strip().lower().startswith(EF)
-        cfg = parse_comm_arg(str(spec).strip()[len(EF):] if ef else spec,
-                             calibration=calibration, num_layers=num_layers)
-        name = (EF if ef else "") + str(cfg)
-        if str(cfg) == "native":
+def _canonical_comms(specs: List[str], calibration: Optional[str]):
+    """``(names, CommSpecs)`` with bf16 first (added if absent), duplicates removed;
+    a name is the spec without its calibration file."""
+    from megatron_lite.comm.spec import format_comm, parse_comm
+    names, parsed = [], []
+    for text in [REFERENCE] + list(specs):
+        spec = parse_comm(text, calibration)
+        if spec.is_native:
             raise EvalDataError("--comm native is not a codec: the bf16 reference row is "
                                 "always included")
+        name = format_comm(spec, with_calibration=False)
         if name not in names:
             names.append(name)
-            cfgs.append(cfg)
-    return names, cfgs
+            parsed.append(spec)
+    return names, parsed
 
 
 def prepare(args: StudyArgs) -> Prepared:
@@ -116,11 +118,11 @@ def prepare(args: StudyArgs) -> Prepared:
         raise EvalDataError(f"two task files share a name stem: {stems}")
     hf_config, _ = inspect_checkpoint(args.ckpt, args.tp)
     cfg = ModelConfig.from_hf(hf_config)
-    names, cfgs = _canonical_comms(args.comms, args.calibration, cfg.num_layers)
-    if args.calibration:
-        from megatron_lite.comm.outlier import load_calibration
-        load_calibration(args.calibration).check(tp=args.tp, hf_config=hf_config)
-    bits = [comm_bits(c, cfg.num_layers) for c in cfgs]   # builds every site's codec
+    names, specs = _canonical_comms(args.comms, args.calibration)
+    from megatron_lite.comm.calibration import load_calibration
+    for path in sorted({s.calibration for s in specs if s.calibration}):
+        load_calibration(path).check(tp=args.tp, hf_config=hf_config)
+    bits = [comm_bits(s, cfg.num_layers) for s in specs]   # builds every site's codec
     tok = AutoTokenizer.from_pretrained(args.ckpt)
     text = None
     if args.text:
@@ -130,31 +132,29 @@ def prepare(args: StudyArgs) -> Prepared:
                                 f"{cfg.max_position_embeddings} positions")
     tasks = [load_task(tok, p, args.task_limit) for p in args.tasks]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return Prepared(args, model_name(args.ckpt, hf_config), hf_config, names, bits, text,
-                    tasks, int(pad))
+    return Prepared(args, model_name(args.ckpt, hf_config), hf_config, names, specs, bits,
+                    text, tasks, int(pad))
 
 
 def execute(prep: Prepared) -> Optional[List[dict]]:
     """Run the study on every rank; result rows on rank 0, None on other real ranks."""
-    from megatron_lite.comm.allreduce import build_communicator
+    from megatron_lite.comm.build import build_communicator
     from megatron_lite.models.config import ModelConfig
 
     a = prep.args
     num_layers = ModelConfig.from_hf(prep.hf_config).num_layers
 
     def rank_main(comm):
-        # Configs are parsed per rank: each rank owns its codec caches.
-        # build_communicator wraps "ef+" names in error feedback.
-        comms = [build_communicator(comm, n, calibration=a.calibration, num_layers=num_layers)
-                 for n in prep.codec_names]
+        # Communicators are built per rank: each rank owns its scheme caches.
+        # build_communicator wraps "ef+" specs in error feedback.
+        comms = [build_communicator(comm, s, num_layers=num_layers) for s in prep.specs]
         switch = CodecSwitch(comm, comms)
         engine = load_rank_engine(a.ckpt, switch, a.dtype)
         # The Engine hands the post-norm gains to its own communicator, the switch; the
         # error-feedback communicators behind it need them too.
         norms = engine.model.post_reduce_norms()
         for c in comms:
-            if hasattr(c, "set_post_norms"):
-                c.set_post_norms(norms)
+            c.set_post_norms(norms)
 
         def forward(c, ids, rows):
             switch.active = c

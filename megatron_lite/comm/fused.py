@@ -1,0 +1,284 @@
+"""The kernel backends of the communicator chain (comm/router.py), over megatron_lite.kernels.
+
+``install_fused(comm)`` (collective: every rank calls it at the same point) allocates one
+symmetric workspace for a QuantizedCommunicator and puts, in front of its chain:
+
+* :class:`AutoBackend`, which picks by message size from a threshold table measured per
+  GPU kind and world size (kernels/thresholds.py):
+
+  - ``oneshot``  the one-shot bf16 kernel (latency-bound decode messages; never quantized),
+  - ``nccl``     the base communicator's own all-reduce (uncompressed),
+  - ``fused``    the one-launch two-shot kernel with the site's scheme;
+
+* :class:`OneShotKernelsBackend` for ``algo=one-shot``: the reference one-shot algorithm
+  with the Triton quantize and dequantize-and-sum kernels around NCCL's all-gather (no
+  workspace needed), which also returns each rank's error part for error feedback.
+
+Whatever they cannot take (no P2P, a CPU tensor, a scheme without a kernel plan such as
+outlier-int4 or klt, a message above the workspace) falls through to the portable path.
+Every path gives the reference's bits (tests/test_kernels_interpret.py, tests/gpu/).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.comm.algorithms import Algo
+from megatron_lite.comm.codecs import NoKernelError, Scheme, saturate
+from megatron_lite.comm.router import Backend, QuantizedCommunicator
+from megatron_lite.comm.spec import Path
+from megatron_lite.kernels.config import INTERPRET, KernelPlan
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def kernel_plan(scheme: Scheme, x: torch.Tensor) -> Optional[KernelPlan]:
+    """The scheme's kernel plan for ``x``, or None where it has none."""
+    try:
+        return scheme.kernel_plan(x)
+    except NoKernelError:
+        return None
+
+
+def no_kernel(scheme: Scheme, x: torch.Tensor) -> Optional[str]:
+    """None if the scheme has a kernel plan for ``x``, else the reason."""
+    try:
+        scheme.kernel_plan(x)
+    except NoKernelError as e:
+        return str(e)
+    return None
+
+
+class FusedState:
+    """The workspace of one communicator, or why there is none."""
+
+    def __init__(self, ws=None, why: Optional[str] = None):
+        self.ws, self.why = ws, why
+
+    def unsupported(self, x: torch.Tensor) -> Optional[str]:
+        if self.ws is None:
+            return self.why or "no symmetric workspace"
+        if x.device != self.ws.device:
+            return f"tensor on {x.device}, workspace on {self.ws.device}"
+        if x.dtype not in _FLOATS:
+            return f"dtype {x.dtype} is not bf16/fp16/fp32"
+        return None
+
+
+class OneShotBackend(Backend):
+    """One-shot bf16/fp16/fp32 all-reduce (ignores the scheme: full precision)."""
+
+    name = "oneshot"
+    uses_kernels = True
+
+    def __init__(self, state: FusedState):
+        self.state = state
+
+    def unsupported(self, x, scheme, comm):
+        why = self.state.unsupported(x)
+        if why is None and x.numel() * x.element_size() > self.state.ws.layout.oneshot_max_bytes:
+            why = f"{x.numel() * x.element_size()} B > one-shot buffer"
+        return why
+
+    def all_reduce(self, x, scheme, comm):
+        from megatron_lite.kernels import fused_allreduce as fa
+        return fa.one_shot_all_reduce(self.state.ws, x).view(x.shape)
+
+
+class FusedTwoShotBackend(Backend):
+    """The one-launch quantized two-shot kernel with the call's scheme (its maps folded in)."""
+
+    name = "fused"
+    uses_kernels = True
+
+    def __init__(self, state: FusedState):
+        self.state = state
+
+    def unsupported(self, x, scheme, comm):
+        why = self.state.unsupported(x)
+        if why is None:
+            why = no_kernel(scheme, x)
+        if why is None and x.numel() > self.state.ws.layout.max_elems:
+            why = f"{x.numel()} values > workspace ({self.state.ws.layout.max_elems})"
+        return why
+
+    def all_reduce(self, x, scheme, comm):
+        from megatron_lite.kernels import fused_allreduce as fa
+        return fa.two_shot_all_reduce(self.state.ws, x, scheme.kernel_plan(x)).view(x.shape)
+
+
+def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_error: bool = False):
+    """comm/algorithms.py's one-shot algorithm with the plain codec's encode and the
+    decode-and-sum done by the Triton kernels (bit-exact with the reference codec; the
+    ``hadamard-`` rotation runs inside them, kernels/maps.py); chunking, the ``weighted-``
+    scaling and the saturations are the reference's own torch ops, so the result is the
+    reference's bits. One quantize launch, one NCCL all-gather, W dequantize-and-sum
+    launches.
+
+    ``with_error``: also return this rank's error part, exactly as ``Scheme.own_error``
+    computes it for the one-shot algorithm, restored to ``x``'s layout, fp32 (one more
+    launch, ``quant.error_part``)."""
+    from megatron_lite.kernels import quant
+    plan = scheme.kernel_plan(x)
+    w = base.world_size
+    chunks, restore = scheme.chunk(x, w)       # weighted-: already scaled (torch, exact)
+    c = chunks.shape[-1]
+    send = quant.quantize(plan.rs, chunks, rot=plan.rot)          # [W, nb]; rotated in-kernel
+    gathered = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
+    base.all_gather_into_tensor(gathered.view(-1), send.view(-1))
+    acc = torch.stack([quant.dequantize(plan.rs, gathered[:, j], c, torch.float32,
+                                        sum_rows=True, rot=plan.rot)   # rank order, then
+                       for j in range(w)])                            # rotated back
+    if plan.rot:
+        # the kernel rotated back already: the scheme's finish without its rotation
+        # (fp32 for weighted-, whose restore unscales, then rounds)
+        y = restore(saturate(acc, torch.float32 if plan.scale is not None else x.dtype))
+    else:
+        y = restore(scheme.finish(acc, x.dtype))
+    if not with_error:
+        return y
+    return y, restore(quant.error_part(plan.rs, chunks, send, rot=plan.rot)).float()
+
+
+class OneShotKernelsBackend(Backend):
+    """``algo=one-shot`` through :func:`one_shot_kernels_all_reduce` (CUDA tensors; CPU
+    ones under ``TRITON_INTERPRET=1`` for tests). ``path=two-step`` keeps the portable
+    path."""
+
+    name = "one-shot-kernels"
+    uses_kernels = True
+    returns_error = True
+
+    def unsupported(self, x, scheme, comm):
+        if comm.spec.algo != Algo.ONE_SHOT:
+            return "only for algo=one-shot"
+        if comm.spec.path == Path.TWO_STEP:
+            return "path=two-step"
+        if not (x.is_cuda or INTERPRET):
+            return "not a CUDA tensor"
+        if x.dtype not in _FLOATS:
+            return f"dtype {x.dtype}"
+        return no_kernel(scheme, x)
+
+    def all_reduce(self, x, scheme, comm):
+        return one_shot_kernels_all_reduce(comm.base, x, scheme)
+
+    def all_reduce_with_error(self, x, scheme, comm):
+        """``(sum, this rank's error part)`` for error feedback (comm/feedback.py)."""
+        return one_shot_kernels_all_reduce(comm.base, x, scheme, with_error=True)
+
+
+class AutoBackend(Backend):
+    """Size-based choice among one-shot bf16, NCCL and the fused quantized kernel."""
+
+    name = "auto"
+    uses_kernels = True
+
+    def __init__(self, state: FusedState, table: Optional[Dict] = None):
+        self.state = state
+        self.oneshot = OneShotBackend(state)
+        self.fused = FusedTwoShotBackend(state)
+        self.table = table
+
+    def _table(self) -> Dict:
+        if self.table is None:
+            from megatron_lite.kernels.thresholds import thresholds_for
+            ws = self.state.ws
+            name = torch.cuda.get_device_name(ws.device) if ws.device.type == "cuda" else "cpu"
+            self.table = thresholds_for(name, ws.world)
+        return self.table
+
+    def choose(self, x: torch.Tensor, scheme: Scheme, comm) -> str:
+        """``oneshot`` / ``fused`` / ``nccl`` (uncompressed) or ``portable`` (step aside
+        for the portable path), from the message size and the spec's path."""
+        spec = comm.spec
+        if spec.path == Path.TWO_STEP or spec.algo != Algo.TWO_STEP:
+            return "portable"   # the kernels run the two-step algorithm only
+        if spec.path == Path.FUSED:
+            return "fused" if self.fused.unsupported(x, scheme, None) is None else "portable"
+        nbytes = x.numel() * x.element_size()
+        tab = self._table()
+        if nbytes <= tab["oneshot_max"] and self.oneshot.unsupported(x, scheme, None) is None:
+            return "oneshot"
+        fmin = tab["fused_min"].get(scheme.name, tab["fused_min"].get("*"))
+        if fmin is not None and nbytes >= fmin and self.fused.unsupported(x, scheme, None) is None:
+            return "fused"
+        return "nccl"
+
+    def unsupported(self, x, scheme, comm):
+        why = self.state.unsupported(x)
+        if why is not None:
+            return why
+        which = self.choose(x, scheme, comm)
+        if which == "portable":
+            path, algo = comm.spec.path, comm.spec.algo
+            if algo != Algo.TWO_STEP:
+                return (f"algo={algo.value}: no fused kernel (the one-shot kernels or the "
+                        "portable path run it)")
+            return (f"path={path.value}" if path == Path.TWO_STEP else
+                    f"path={path.value}: {self.fused.unsupported(x, scheme, None)}")
+        if which == "nccl" and no_kernel(scheme, x) is not None:
+            # A scheme without kernels (outlier-int4) keeps its quantized two-step path.
+            return no_kernel(scheme, x)
+        return None
+
+    def describe(self, x, scheme, comm) -> str:
+        return f"auto -> {self.choose(x, scheme, comm)}"
+
+    def all_reduce(self, x, scheme, comm):
+        which = self.choose(x, scheme, comm)
+        if which == "oneshot":
+            return self.oneshot.all_reduce(x, scheme, comm)
+        if which == "fused":
+            return self.fused.all_reduce(x, scheme, comm)
+        return comm.base.all_reduce(x)
+
+
+def make_state(group=None, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 1 << 20,
+               device: Optional[torch.device] = None, cpu_shm: bool = False) -> FusedState:
+    """Allocate the workspace over ``group`` (collective). ``cpu_shm`` builds the /dev/shm
+    stand-in for tests on CPU (kernels then need TRITON_INTERPRET=1)."""
+    from megatron_lite.kernels.workspace import (WorkspaceUnavailable, cuda_workspace,
+                                                 shm_workspace)
+    try:
+        if cpu_shm:
+            return FusedState(shm_workspace(group, max_bytes, oneshot_max_bytes))
+        return FusedState(cuda_workspace(group, max_bytes, oneshot_max_bytes, device))
+    except WorkspaceUnavailable as e:
+        return FusedState(None, str(e))
+
+
+def install_fused(comm: QuantizedCommunicator, max_bytes: int = 128 << 20,
+                  oneshot_max_bytes: int = 1 << 20, table: Optional[Dict] = None,
+                  cpu_shm: bool = False) -> AutoBackend:
+    """Put :class:`AutoBackend` in front of ``comm``'s backend chain (collective), and
+    :class:`OneShotKernelsBackend` right behind it; replaces any kernel backends the
+    chain had. On a machine without P2P the workspace is absent and ``auto`` steps aside
+    (its reason shows in ``comm.explain``). Returns the AutoBackend."""
+    group = comm.process_group
+    if not dist.is_initialized():
+        state = FusedState(None, "torch.distributed is not initialized")
+    elif not cpu_shm and dist.get_backend(group) != "nccl":
+        state = FusedState(None, f"process group backend is {dist.get_backend(group)}, not nccl")
+    else:
+        state = make_state(group, max_bytes, oneshot_max_bytes, cpu_shm=cpu_shm)
+    auto = AutoBackend(state, table)
+    rest = [b for b in comm.backends if not b.uses_kernels]
+    comm.set_backends([auto, OneShotKernelsBackend()] + rest)
+    return auto
+
+
+def install_fused_on_nccl(comm: QuantizedCommunicator, max_bytes: int = 128 << 20) -> None:
+    """``install_fused`` when the base is an NCCL group and triton is importable (the
+    chain stays portable otherwise). Collective: every rank builds its communicator at
+    the same point."""
+    if not comm.base.torch_distributed or not dist.is_initialized():
+        return
+    if dist.get_backend(comm.base.process_group) != "nccl":
+        return
+    if importlib.util.find_spec("triton") is None:
+        return
+    install_fused(comm, max_bytes=max_bytes)

@@ -1,0 +1,210 @@
+"""The quantized communicator: which scheme and which backend carry each all-reduce.
+
+``QuantizedCommunicator.all_reduce(x, site)`` looks up a cached plan for
+``(site, shape, dtype, device)``: the site's scheme (from the CommSpec's codec and
+overrides, built once per site) and the first backend of a flat chain that takes the
+message (vLLM's communicator style: each backend says whether it can take a message and,
+if not, why). A native site, or a message under ``min_bytes``, goes to the base
+communicator uncompressed. Planning runs once per key; a call afterwards costs a dict
+lookup before the backend runs (tools/bench_allreduce.py --host-overhead measures it).
+
+The chain ends with :class:`PortableBackend` (comm/algorithms.py over the Communicator
+primitives: any device, codec and float dtype). On an NCCL group, comm/fused.py puts the
+kernel backends in front of it (``install_fused``); comm/build.py assembles the whole.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from megatron_lite.comm.algorithms import quantized_all_reduce
+from megatron_lite.comm.calibration import Calibration, load_calibration
+from megatron_lite.comm.codecs import CodecError, CodecSpec, Scheme, get_scheme
+from megatron_lite.comm.codecs.registry import entry
+from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
+from megatron_lite.comm.spec import EMBED_SITE, Budget, CommSpec
+
+
+class Backend:
+    """One way to run a quantized all-reduce. ``unsupported`` returns None if the backend
+    can take ``x`` with ``scheme``, else a short reason (shown by ``explain``).
+    ``returns_error``: ``all_reduce_with_error`` also returns this rank's error part
+    (error feedback uses such a backend where it takes the message)."""
+
+    name = "backend"
+    returns_error = False
+    uses_kernels = False      # a kernel backend (comm/fused.py): install_fused replaces it
+
+    def unsupported(self, x: torch.Tensor, scheme: Scheme,
+                    comm: "QuantizedCommunicator") -> Optional[str]:
+        raise NotImplementedError
+
+    def all_reduce(self, x: torch.Tensor, scheme: Scheme,
+                   comm: "QuantizedCommunicator") -> torch.Tensor:
+        raise NotImplementedError
+
+    def all_reduce_with_error(self, x, scheme, comm) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{self.name} does not return error parts")
+
+    def describe(self, x: torch.Tensor, scheme: Scheme, comm: "QuantizedCommunicator") -> str:
+        """What ``explain`` calls this backend's path for ``x``."""
+        return self.name
+
+
+class PortableBackend(Backend):
+    """The algorithms of comm/algorithms.py over the base communicator's primitives."""
+
+    name = "portable"
+
+    def unsupported(self, x, scheme, comm):
+        if not x.is_floating_point():
+            return f"dtype {x.dtype} is not floating point"
+        return None
+
+    def all_reduce(self, x, scheme, comm):
+        return quantized_all_reduce(comm.base, x, scheme, comm.spec.algo)
+
+    def describe(self, x, scheme, comm):
+        return comm.spec.algo.value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one kind of call runs: ``backend`` and ``scheme`` None where the sum stays
+    native; ``why``: the explanation ``explain`` prints."""
+
+    backend: Optional[Backend]
+    scheme: Optional[Scheme]
+    why: str
+
+
+class SiteCodecs:
+    """The scheme of every site under a CommSpec, each built once: the codec from the
+    spec's overrides (first match wins) or its default, with the site's calibrated state.
+    ``num_layers`` resolves negative layer indices in override globs."""
+
+    def __init__(self, spec: CommSpec, num_layers: Optional[int] = None):
+        self.spec, self.num_layers = spec, num_layers
+        if num_layers is None and any(re.search(r"layers\.-\d", p) for p, _ in spec.overrides):
+            raise CodecError("comm override with a negative layer index needs num_layers "
+                             "(the model's layer count)")
+        self.calibration: Optional[Calibration] = (
+            load_calibration(spec.calibration) if spec.calibration else None)
+        self._schemes: Dict[Optional[str], Optional[Scheme]] = {}
+        self._budgets: Dict[CodecSpec, Dict[str, float]] = {}
+
+    def codec_for(self, site: Optional[str]) -> Optional[CodecSpec]:
+        """The codec the spec assigns to a site (None: native)."""
+        if site is None:
+            return None
+        names = [site]
+        m = re.match(r"^layers\.(\d+)\.(.*)$", site)
+        if m and self.num_layers:
+            names.append(f"layers.{int(m.group(1)) - self.num_layers}.{m.group(2)}")
+        for pattern, codec in self.spec.overrides:
+            if any(fnmatch.fnmatchcase(nm, pattern) for nm in names):
+                return codec
+        return None if site == EMBED_SITE else self.spec.codec
+
+    def scheme_for(self, site: Optional[str]) -> Optional[Scheme]:
+        """The site's scheme (calibrated codecs: with the site's state), or None."""
+        if site not in self._schemes:
+            cs = self.codec_for(site)
+            scheme = None
+            if cs is not None:
+                budget = None
+                if self.spec.budget == Budget.MODEL and entry(cs.name).model_budgets:
+                    budget = self.model_budgets(cs).get(site)
+                scheme = get_scheme(cs, self.calibration, site, budget=budget)
+            self._schemes[site] = scheme
+        return self._schemes[site]
+
+    def model_budgets(self, cs: CodecSpec) -> Dict[str, float]:
+        """``budget=model``: bits per value of every site that uses ``cs``, split by the
+        codec's family over the model (the same on every rank: a pure function of the
+        calibration file)."""
+        if cs not in self._budgets:
+            sites = [s for s in self.calibration.sites
+                     if s != EMBED_SITE and self.codec_for(s) == cs]
+            self._budgets[cs] = entry(cs.name).model_budgets(self.calibration, sites, cs)
+        return self._budgets[cs]
+
+
+class QuantizedCommunicator(WrappingCommunicator):
+    """``all_reduce(x, site)`` through the scheme the spec assigns to ``site``.
+
+    Native calls, ``all_gather`` and the primitives go to ``base``. Every rank holds the
+    same spec, so every rank picks the same scheme and backend. ``num_layers`` resolves
+    negative layer indices in override globs; ``hf_config`` (the model's config dict)
+    lets a calibration file be checked against the model.
+    """
+
+    def __init__(self, base: Communicator, spec: CommSpec,
+                 backends: Optional[List[Backend]] = None, num_layers: Optional[int] = None,
+                 hf_config: Optional[dict] = None):
+        super().__init__(base)
+        self.spec = spec
+        self.sites = SiteCodecs(spec, num_layers)
+        if self.sites.calibration is not None:
+            self.sites.calibration.check(tp=base.world_size, hf_config=hf_config)
+        self.backends: List[Backend] = list(backends) if backends else [PortableBackend()]
+        self._plans: Dict[tuple, Plan] = {}
+
+    # -- plans -----------------------------------------------------------------------
+    def add_backend(self, backend: Backend, first: bool = True) -> None:
+        self.backends.insert(0 if first else len(self.backends), backend)
+        self._plans.clear()
+
+    def set_backends(self, backends: List[Backend]) -> None:
+        self.backends = list(backends)
+        self._plans.clear()
+
+    def plan(self, x: torch.Tensor, site: Optional[str] = None) -> Plan:
+        """The cached plan of a call; raises CodecError when no backend takes it."""
+        key = (site, x.shape, x.dtype, x.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(x, site)
+        return plan
+
+    def _make_plan(self, x: torch.Tensor, site: Optional[str]) -> Plan:
+        scheme = self.sites.scheme_for(site)
+        if scheme is None:
+            return Plan(None, None, "native: no codec for this site")
+        nbytes = x.numel() * x.element_size()
+        if nbytes < self.spec.min_bytes:
+            return Plan(None, None, f"native: {nbytes} B < min_bytes {self.spec.min_bytes}")
+        reasons = []
+        for b in self.backends:
+            why = b.unsupported(x, scheme, self)
+            if why is None:
+                return Plan(b, scheme, b.describe(x, scheme, self))
+            reasons.append(f"{b.name}: {why}")
+        raise CodecError(f"no backend can all-reduce {tuple(x.shape)} {x.dtype} at site "
+                         f"{site!r} with {scheme.spec}: " + "; ".join(reasons))
+
+    def error_backend(self, x: torch.Tensor, scheme: Scheme) -> Optional[Backend]:
+        """The first backend that returns error parts and takes the message, or None
+        (cached like the plans)."""
+        key = ("error", id(scheme), x.shape, x.dtype, x.device)
+        if key not in self._plans:
+            self._plans[key] = next((b for b in self.backends if b.returns_error
+                                     and b.unsupported(x, scheme, self) is None), None)
+        return self._plans[key]
+
+    def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
+        """Which backend and codec a call uses, and why (for logs and debugging)."""
+        p = self.plan(x, site)
+        return p.why if p.scheme is None else f"{p.why} with {p.scheme.spec}"
+
+    def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        p = self.plan(x, site)
+        if p.backend is None:
+            return self.base.all_reduce(x, site)
+        return p.backend.all_reduce(x, p.scheme, self)
