@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 from megatron_lite.comm.communicator import Communicator, DistCommunicator
 from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder, bucket_for
 from megatron_lite.models import decoder as decoder_mod
-from megatron_lite.lab.random_init import (INIT_STD, TEST_SHAPES, random_model,
+from megatron_lite.lab.random_init import (INIT_STD, random_model,
                                               resolve_shape, streamed_weight_bytes,
                                               total_weight_bytes)
 from megatron_lite.parallel_state import TPGroup

@@ -285,7 +285,7 @@ def _ef_two_reduces(comm, calib, xs, ef):
     return y1, y2
 
 
-def test_error_feedback_composes_with_weighting():
+def test_error_feedback_composes_with_weighting(tmp_path):
     """ef+weighted-*: the carried error is computed in the scaled domain and unscaled by the
     scheme's restore; the stream then carries (about) the last error only."""
     from megatron_lite.lab.calibration import build_calibration
@@ -297,7 +297,10 @@ def test_error_feedback_composes_with_weighting():
     calib = build_calibration(stats, k=3, tp=w, model="toy", fingerprint="toy")
     scale = torch.logspace(-1, 1, h)[torch.randperm(h)]
     for s in sites:      # one scale for both (with unrelated scales the carry can grow)
-        calib.sites[s].channel_scale = scale
+        calib.sites[s].channel_scale = scale.clone()
+    path = str(tmp_path / "w.safetensors")
+    calib.save(path)
+    calib = path
     xs = torch.randn(2, w, 4, h)
     ys = run_simulated(_ef_two_reduces, w, calib, xs, True)
     for other in ys[1:]:
