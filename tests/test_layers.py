@@ -55,6 +55,31 @@ def test_column_and_row_parallel_linear_equal_the_full_linear(ws):
         torch.testing.assert_close(row_par, ref, rtol=1e-5, atol=1e-5)
 
 
+def _bias_worker(rank, ws):
+    from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    g = _group()
+    x, w, b = _full(0, 3, 5, 16), _full(1, 24, 16), _full(2, 24)
+    col = ColumnParallelLinear(16, 24, group=g, gather_output=True, bias=True)
+    col.weight.data.copy_(w.chunk(ws, 0)[rank])
+    col.bias.data.copy_(b.chunk(ws, 0)[rank])          # split like the output rows
+    row = RowParallelLinear(16, 24, group=g, input_is_parallel=False, site="t", bias=True)
+    row.weight.data.copy_(w.chunk(ws, 1)[rank])
+    row.bias.data.copy_(b)                             # whole on every rank
+    return col(x), row(x), RowParallelLinear(16, 24, group=g).bias
+
+
+@pytest.mark.parametrize("ws", [2, 4])
+def test_parallel_linear_biases_are_split_and_added_once(ws):
+    x, w, b = _full(0, 3, 5, 16), _full(1, 24, 16), _full(2, 24)
+    ref = x @ w.T + b
+    outs = run_distributed(_bias_worker, ws)
+    for col, row, no_bias in outs:
+        torch.testing.assert_close(col, ref)
+        torch.testing.assert_close(row, ref, rtol=1e-5, atol=1e-5)   # b once, not ws times
+        assert torch.equal(row, outs[0][1])
+        assert no_bias is None                                       # bias-free by default
+
+
 def _vocab_worker(rank, ws, ids, table, vocab):
     from megatron_lite.tensor_parallel import ParallelLMHead, VocabParallelEmbedding
     from megatron_lite.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
@@ -218,15 +243,115 @@ def test_tiny_configs_parse_with_expected_features(name):
         "gemma3_text": cfg.qk_norm and len(set(cfg.layer_types)) == 2
         and cfg.rope["sliding_attention"].theta == 10000.0
         and cfg.rope["full_attention"].rope_type == "linear",
+        "llama_attn_bias": cfg.qkv_bias and cfg.o_proj_bias,
+        "qwen2": cfg.qkv_bias and not cfg.o_proj_bias and cfg.sliding_window is None
+        and set(cfg.layer_types) == {"full_attention"} and cfg.num_kv_heads == 2
+        and cfg.rope["full_attention"].theta == 1e6 and not cfg.tie_word_embeddings,
+        "qwen2_sliding": cfg.qkv_bias and cfg.sliding_window == 8 and cfg.tie_word_embeddings
+        and cfg.layer_types == ("full_attention",) + ("sliding_attention",) * 2,
+        "qwen3": cfg.qk_norm and not cfg.qkv_bias and not cfg.o_proj_bias
+        and cfg.head_dim == 24 and cfg.norm_offset == 0 and not cfg.norm_scale_fp32,
+        "mistral": not cfg.qkv_bias and cfg.sliding_window == 8
+        and set(cfg.layer_types) == {"sliding_attention"},
     }
     assert features[name]
 
 
 def test_unknown_model_type_is_one_line():
     with pytest.raises(UnsupportedModelError) as e:
-        ModelConfig.from_hf({"model_type": "mistral"})
+        ModelConfig.from_hf({"model_type": "mamba"})
     msg = str(e.value)
-    assert "\n" not in msg and "mistral" in msg and "gemma3_text" in msg
+    assert "\n" not in msg and "mamba" in msg and "gemma3_text" in msg and "qwen2" in msg
+
+
+# Raw config.json dicts (as on the hub, before transformers fills in defaults): our window
+# rules must give the layer types and window transformers' own config classes derive.
+_QWEN25_CODER_1_5B = dict(   # Qwen/Qwen2.5-Coder-1.5B-Instruct config.json
+    model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+    num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+    max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    sliding_window=32768, use_sliding_window=False, max_window_layers=21,
+    tie_word_embeddings=False, hidden_act="silu", bos_token_id=151643, eos_token_id=151645)
+_SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+              num_attention_heads=4, num_key_value_heads=2)
+RAW_WINDOW_CONFIGS = {
+    "qwen2.5-coder-1.5b": _QWEN25_CODER_1_5B,
+    "qwen2 window on": dict(_SMALL, model_type="qwen2", use_sliding_window=True,
+                            sliding_window=16, max_window_layers=2),
+    "qwen2 window on, no max_window_layers": dict(_SMALL, model_type="qwen2",
+                                                  use_sliding_window=True, sliding_window=16),
+    "qwen2 window on but null": dict(_SMALL, model_type="qwen2", use_sliding_window=True,
+                                     sliding_window=None, max_window_layers=2),
+    "qwen3 window on": dict(_SMALL, model_type="qwen3", use_sliding_window=True,
+                            sliding_window=16, max_window_layers=3, head_dim=8),
+    "qwen3 default": dict(_SMALL, model_type="qwen3"),
+    "mistral default window": dict(_SMALL, model_type="mistral"),
+    "mistral window null": dict(_SMALL, model_type="mistral", sliding_window=None),
+    "mistral window 16": dict(_SMALL, model_type="mistral", sliding_window=16),
+}
+
+
+@pytest.mark.parametrize("key", list(RAW_WINDOW_CONFIGS))
+def test_window_rules_match_transformers_configs(key):
+    from transformers import AutoConfig
+    raw = copy.deepcopy(RAW_WINDOW_CONFIGS[key])
+    d = copy.deepcopy(raw)
+    hf = AutoConfig.for_model(d.pop("model_type"), **d)
+    # transformers' models: qwen2/qwen3 read config.layer_types (a layer slides only if
+    # config.sliding_window is set); MistralModel slides every layer iff sliding_window.
+    want_types = tuple(getattr(hf, "layer_types", None) or
+                       ["sliding_attention" if hf.sliding_window else "full_attention"]
+                       * hf.num_hidden_layers)
+    want_window = hf.sliding_window if "sliding_attention" in want_types else None
+    for config in (raw, hf.to_dict()):   # the raw file and the transformers-normalised one
+        cfg = ModelConfig.from_hf(config)
+        assert cfg.layer_types == want_types
+        assert cfg.sliding_window == want_window
+        # Qwen2Attention: getattr(config, "head_dim", hidden // heads); Qwen3 defaults to 128
+        assert cfg.head_dim == (getattr(hf, "head_dim", None)
+                                or hf.hidden_size // hf.num_attention_heads)
+    if key == "qwen2 window on":   # the test is not vacuous
+        assert want_types == ("full_attention",) * 2 + ("sliding_attention",) * 3
+
+
+def test_qwen25_coder_1_5b_config():
+    cfg = ModelConfig.from_hf(_QWEN25_CODER_1_5B)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (12, 2, 128)
+    assert cfg.qkv_bias and not cfg.o_proj_bias and not cfg.tie_word_embeddings
+    assert cfg.rope["full_attention"].theta == 1e6 and cfg.sliding_window is None
+    # 12 heads, 2 KV heads (replicated at 4), intermediate 8960 = 2^8 * 5 * 7: no 3, 6, 12.
+    assert cfg.valid_tp_sizes() == [1, 2, 4]
+    with pytest.raises(TPSizeError, match="TP size 3 is not a multiple of "
+                                          "num_key_value_heads 2.*valid TP sizes.*1, 2, 4"):
+        cfg.validate_tp(3)
+
+
+@pytest.mark.parametrize("config,match", [
+    (dict(_SMALL, model_type="mistral", sliding_window=16,
+          layer_types=["full_attention", "sliding_attention"] * 2 + ["full_attention"]),
+     "mistral: layer_types .* disagree with sliding_window=16"),
+    (dict(_SMALL, model_type="llama", mlp_bias=True), "llama: mlp_bias=true is not supported"),
+    (dict(_SMALL, model_type="qwen2", use_bidirectional_attention=True),
+     "use_bidirectional_attention=true is not supported"),
+])
+def test_unsupported_features_are_refused_in_one_line(config, match):
+    with pytest.raises(UnsupportedModelError, match=match) as e:
+        ModelConfig.from_hf(config)
+    assert "\n" not in str(e.value)
+
+
+def test_attention_bias_is_read_per_family():
+    # LlamaAttention / Qwen3Attention: attention_bias puts a bias on q, k, v and o_proj;
+    # MistralAttention hard-codes bias=False and Qwen2Attention bias on q, k, v only.
+    def biases(**kw):
+        c = ModelConfig.from_hf(dict(_SMALL, **kw))
+        return c.qkv_bias, c.o_proj_bias
+    assert biases(model_type="llama", attention_bias=True) == (True, True)
+    assert biases(model_type="qwen3", attention_bias=True) == (True, True)
+    assert biases(model_type="qwen3") == (False, False)
+    assert biases(model_type="qwen2") == (True, False)
+    assert biases(model_type="qwen2", attention_bias=True) == (True, False)
+    assert biases(model_type="mistral", attention_bias=True) == (False, False)
 
 
 @pytest.mark.parametrize("change,tp,match", [

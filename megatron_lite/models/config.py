@@ -8,6 +8,11 @@ transformers 5.x). It understands both config generations:
 * transformers >= 5: ``rope_parameters`` (one dict, or for gemma3 a dict keyed by layer type);
 * older files: ``rope_theta`` + ``rope_scaling`` (+ gemma3's ``rope_local_base_freq`` and
   ``sliding_window_pattern``).
+
+Which layers use a sliding window follows one of three transformers rules (``window_rule``):
+``pattern`` (``layer_types``, or gemma's every-``sliding_window_pattern``-th layer global),
+``max_window_layers`` (qwen2/qwen3: with ``use_sliding_window`` the layers from
+``max_window_layers`` on) or ``all`` (mistral: every layer when ``sliding_window`` is set).
 """
 from __future__ import annotations
 
@@ -46,29 +51,45 @@ class RopeConfig:
 
 # transformers defaults per model_type for keys a config.json may omit, plus the numeric
 # conventions of each family (sources: transformers/models/<type>/modeling_<type>.py).
+_LLAMA = dict(
+    act_keys=("hidden_act",), act="silu", theta={FULL: 10000.0}, tie=False,
+    norm_offset=0.0, norm_scale_fp32=False, scale_embeddings=False, sandwich_norms=False,
+    qk_norm=False, query_pre_attn_scalar=None, sliding_window=None, layer_pattern=None,
+    attn_softcap=None, final_softcap=None, eps=1e-6, head_dim=None, window_rule="pattern",
+    bias="attention_bias")
 _FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        act_keys=("hidden_act",), act="silu", theta={FULL: 10000.0}, tie=False,
-        norm_offset=0.0, norm_scale_fp32=False, scale_embeddings=False, sandwich_norms=False,
-        qk_norm=False, query_pre_attn_scalar=None, sliding_window=None, layer_pattern=None,
-        attn_softcap=None, final_softcap=None, eps=1e-6),
+    "llama": _LLAMA,
     "gemma": dict(
         act_keys=("hidden_activation", "hidden_act"), act="gelu_pytorch_tanh",
         theta={FULL: 10000.0}, tie=True, norm_offset=1.0, norm_scale_fp32=True,
         scale_embeddings=True, sandwich_norms=False, qk_norm=False, query_pre_attn_scalar=None,
         sliding_window=None, layer_pattern=None, attn_softcap=None, final_softcap=None,
-        eps=1e-6),
+        eps=1e-6, head_dim=None, window_rule="pattern", bias="attention_bias"),
     "gemma2": dict(
         act_keys=("hidden_activation", "hidden_act"), act="gelu_pytorch_tanh",
         theta={FULL: 10000.0}, tie=True, norm_offset=1.0, norm_scale_fp32=True,
         scale_embeddings=True, sandwich_norms=True, qk_norm=False, query_pre_attn_scalar=256,
-        sliding_window=4096, layer_pattern=2, attn_softcap=50.0, final_softcap=30.0, eps=1e-6),
+        sliding_window=4096, layer_pattern=2, attn_softcap=50.0, final_softcap=30.0, eps=1e-6,
+        head_dim=None, window_rule="pattern", bias="attention_bias"),
     "gemma3_text": dict(
         act_keys=("hidden_activation", "hidden_act"), act="gelu_pytorch_tanh",
         theta={FULL: 1_000_000.0, SLIDING: 10_000.0}, tie=True, norm_offset=1.0,
         norm_scale_fp32=True, scale_embeddings=True, sandwich_norms=True, qk_norm=True,
         query_pre_attn_scalar=256, sliding_window=4096, layer_pattern=6, attn_softcap=None,
-        final_softcap=None, eps=1e-6),
+        final_softcap=None, eps=1e-6, head_dim=None, window_rule="pattern",
+        bias="attention_bias"),
+    # Qwen2 / Qwen2.5: Llama plus a bias on q, k and v only, always (Qwen2Attention builds
+    # q/k/v_proj with bias=True and o_proj with bias=False; it reads no attention_bias).
+    "qwen2": dict(_LLAMA, sliding_window=4096, window_rule="max_window_layers", bias="qkv"),
+    # Qwen3: Llama plus a per-head RMSNorm (Llama-style: weight applied after the cast back)
+    # on q and k before RoPE (Qwen3Attention.forward); Qwen3Config.head_dim defaults to 128,
+    # not hidden / heads.
+    "qwen3": dict(_LLAMA, qk_norm=True, head_dim=128, sliding_window=4096,
+                  window_rule="max_window_layers"),
+    # Mistral: Llama with bias=False hard-coded (MistralAttention); MistralConfig's
+    # sliding_window defaults to 4096, and when set, *every* layer uses it
+    # (MistralModel.forward builds one create_sliding_window_causal_mask for all layers).
+    "mistral": dict(_LLAMA, sliding_window=4096, window_rule="all", bias=None),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 _ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
@@ -91,7 +112,7 @@ class ModelConfig:
     norm_scale_fp32: bool                # Gemma scales by (1+w) in fp32 before the cast back
     scale_embeddings: bool               # Gemma multiplies embeddings by sqrt(hidden)
     sandwich_norms: bool                 # Gemma2/3: norms after attn/MLP too (pre+post FF norms)
-    qk_norm: bool                        # Gemma3: RMSNorm over head_dim on q and k
+    qk_norm: bool                        # Gemma3, Qwen3: RMSNorm over head_dim on q and k
     attn_scale: float                    # softmax scale: query_pre_attn_scalar**-0.5 or head_dim**-0.5
     attn_logit_softcap: Optional[float]
     final_logit_softcap: Optional[float]
@@ -99,6 +120,8 @@ class ModelConfig:
     sliding_window: Optional[int]        # tokens a sliding layer sees, the current one included
     rope: dict[str, RopeConfig] = field(hash=False)   # per layer type
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False               # Qwen2 (always), attention_bias: bias on q, k, v
+    o_proj_bias: bool = False            # attention_bias: bias on o_proj, added after the TP sum
     max_position_embeddings: int = 8192
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
@@ -115,9 +138,16 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported model_type {mt!r}{hint}; supported: {', '.join(_FAMILIES)}")
         fam = _FAMILIES[mt]
-        for key in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
+        for key in ("mlp_bias", "use_bidirectional_attention"):
             if hf.get(key):
                 raise UnsupportedModelError(f"{mt}: {key}=true is not supported")
+        if fam["bias"] == "qkv":
+            qkv_bias, o_bias = True, False
+        elif fam["bias"] == "attention_bias":
+            # LlamaAttention, GemmaAttention, Qwen3Attention: one flag for q, k, v and o.
+            qkv_bias = o_bias = bool(hf.get("attention_bias"))
+        else:
+            qkv_bias = o_bias = False   # mistral: bias=False hard-coded, the key is ignored
 
         def req(key):
             if hf.get(key) is None:
@@ -126,7 +156,7 @@ class ModelConfig:
 
         hidden, heads = int(req("hidden_size")), int(req("num_attention_heads"))
         n_layers = int(req("num_hidden_layers"))
-        head_dim = int(hf.get("head_dim") or hidden // heads)
+        head_dim = int(hf.get("head_dim") or fam["head_dim"] or hidden // heads)
         kv_heads = int(hf.get("num_key_value_heads") or heads)
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads {heads} is not a multiple of "
@@ -140,8 +170,7 @@ class ModelConfig:
         if act not in _ACTIVATIONS:
             raise UnsupportedModelError(f"{mt}: unsupported activation {act!r}")
 
-        layer_types = _layer_types(hf, fam, n_layers)
-        window = hf.get("sliding_window", fam["sliding_window"])
+        layer_types, window = _layer_types(hf, fam, mt, n_layers)
         if SLIDING in layer_types and not window:
             raise ConfigError(f"{mt}: sliding_attention layers but no sliding_window")
         if SLIDING not in layer_types:
@@ -170,6 +199,7 @@ class ModelConfig:
             layer_types=layer_types, sliding_window=int(window) if window else None,
             rope=_rope(hf, fam, set(layer_types)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", fam["tie"])),
+            qkv_bias=qkv_bias, o_proj_bias=o_bias,
             max_position_embeddings=int(hf.get("max_position_embeddings") or 8192),
             bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
             pad_token_id=hf.get("pad_token_id"),
@@ -226,20 +256,42 @@ def _opt_float(v) -> Optional[float]:
     return None if v is None else float(v)
 
 
-def _layer_types(hf, fam, n_layers) -> tuple[str, ...]:
+def _layer_types(hf, fam, mt, n_layers) -> tuple[tuple[str, ...], Optional[int]]:
+    """(per-layer FULL/SLIDING, sliding window) by the family's transformers rule."""
+    window = hf.get("sliding_window", fam["sliding_window"])
     types = hf.get("layer_types")
+    rule = fam["window_rule"]
+    if rule == "max_window_layers":
+        # Qwen2Config/Qwen3Config.__post_init__: the window only exists with
+        # use_sliding_window, and without layer_types the layers i >= max_window_layers slide.
+        window = window if hf.get("use_sliding_window") else None
+        if types is None:
+            first = int(hf["max_window_layers"] if hf.get("max_window_layers") is not None
+                        else 28)
+            types = [SLIDING if window is not None and i >= first else FULL
+                     for i in range(n_layers)]
+    elif rule == "all":
+        # MistralModel ignores layer_types (MistralConfig only warns about them): refuse a
+        # list that says otherwise instead of silently running a different model.
+        derived = [SLIDING if window is not None else FULL] * n_layers
+        if types is not None and list(types) != derived:
+            raise UnsupportedModelError(
+                f"{mt}: layer_types {sorted(set(types))} disagree with sliding_window="
+                f"{window}, which transformers' mistral applies to every layer "
+                "(alternating attention is model_type ministral)")
+        types = derived
     if types is not None:
         if len(types) != n_layers:
             raise ConfigError(f"layer_types has {len(types)} entries for {n_layers} layers")
         bad = set(types) - {FULL, SLIDING}
         if bad:
             raise UnsupportedModelError(f"unsupported layer types {sorted(bad)}")
-        return tuple(types)
+        return tuple(types), window
     pattern = hf.get("sliding_window_pattern") or fam["layer_pattern"]
     if pattern is None:
-        return (FULL,) * n_layers
+        return (FULL,) * n_layers, window
     # transformers' rule for configs without layer_types: every pattern-th layer is global.
-    return tuple(SLIDING if (i + 1) % int(pattern) else FULL for i in range(n_layers))
+    return tuple(SLIDING if (i + 1) % int(pattern) else FULL for i in range(n_layers)), window
 
 
 def _rope_one(params: dict, default_theta: float, max_pos) -> RopeConfig:

@@ -1,9 +1,9 @@
-"""One tensor-parallel decoder for llama, gemma, gemma2 and gemma3_text.
+"""One tensor-parallel decoder for llama, gemma, gemma2, gemma3_text, qwen2, qwen3, mistral.
 
 Every difference between the families is a ModelConfig field; parameter names follow
 docs/architecture.md (HF names without ``model.``, fused ``qkv_proj`` and ``gate_up_proj``).
-Numerics follow transformers 5.x ``modeling_{llama,gemma,gemma2,gemma3}.py`` operation by
-operation, so fp32 logits match HF to ~1e-6 and bf16 runs round where HF rounds.
+Numerics follow transformers 5.x ``modeling_{llama,gemma,gemma2,gemma3,qwen2,qwen3,mistral}.py``
+operation by operation, so fp32 logits match HF to ~1e-6 and bf16 runs round where HF rounds.
 
 Attention reads and writes a static KV cache: layer i gets ``k_cache``/``v_cache`` of shape
 [B, n_kv_local, max_seq, head_dim]. Token t of sequence b sits in cache slot
@@ -137,7 +137,9 @@ class ParallelAttention(nn.Module):
 
     qkv_proj is column-parallel: rank r computes its q heads and its KV heads (an even
     share, or one replicated KV head when tp > num_kv_heads). o_proj is row-parallel over
-    the same q heads and its all-reduce is the attention block's one TP sum.
+    the same q heads and its all-reduce is the attention block's one TP sum. Biases
+    (``qkv_bias``: Qwen2, ``attention_bias``) follow the rows of the fused projection;
+    ``o_proj_bias`` is added once, after the all-reduce.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, device=None,
@@ -148,13 +150,14 @@ class ParallelAttention(nn.Module):
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_logit_softcap
         self.qkv_proj = ColumnParallelLinear(
             cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * self.hd, group=group,
-            output_size_per_partition=(self.nq + 2 * self.nkv) * self.hd, device=device,
-            dtype=dtype)
+            output_size_per_partition=(self.nq + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias,
+            device=device, dtype=dtype)
         self.o_proj = RowParallelLinear(cfg.num_heads * self.hd, cfg.hidden_size, group=group,
                                         site=f"layers.{layer_idx}.self_attn.o_proj",
-                                        device=device, dtype=dtype)
+                                        bias=cfg.o_proj_bias, device=device, dtype=dtype)
         if cfg.qk_norm:
-            # Gemma 3 normalises q and k per head before RoPE (Gemma3Attention.forward).
+            # Gemma 3 and Qwen 3 normalise q and k per head, after the projection (and its
+            # bias) and before RoPE (Gemma3Attention.forward, Qwen3Attention.forward).
             norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
                         scale_in_fp32=cfg.norm_scale_fp32, device=device, dtype=dtype)
             self.q_norm, self.k_norm = RMSNorm(self.hd, **norm), RMSNorm(self.hd, **norm)

@@ -1,4 +1,8 @@
-"""Tensor-parallel layers (Megatron-LM names and contracts), bias-free as in Llama/Gemma.
+"""Tensor-parallel layers (Megatron-LM names and contracts).
+
+Linear layers are bias-free unless built with ``bias=True`` (Qwen2's q/k/v projections,
+``attention_bias``): a column-parallel bias is split like the output rows, a row-parallel
+bias is held whole by every rank and added once, after the TP sum.
 
 Every layer takes its ``TPGroup`` explicitly and owns only this rank's slice of the weight;
 the slicing itself lives in ``megatron_lite.checkpoint.layout``. Parameters are created
@@ -34,11 +38,13 @@ class ColumnParallelLinear(nn.Module):
 
     ``output_size_per_partition`` defaults to output_size / tp; fused projections whose
     slices are not an even split (qkv with replicated KV heads) pass it explicitly.
+    With ``bias`` rank r also holds b_r, the entries of b of its output rows (the layout
+    table slices b exactly as the weight's rows), and computes Y_r = X A_r + b_r.
     """
 
     def __init__(self, input_size: int, output_size: int, *, group: TPGroup,
                  gather_output: bool = False, output_size_per_partition: Optional[int] = None,
-                 device=None, dtype=None):
+                 bias: bool = False, device=None, dtype=None):
         super().__init__()
         self.group = group
         self.input_size, self.output_size = input_size, output_size
@@ -47,16 +53,18 @@ class ColumnParallelLinear(nn.Module):
             output_size, group.world_size, "output_size")
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size,
                                                device=device, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.output_size_per_partition, device=device,
+                                             dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, "
                 f"out_per_partition={self.output_size_per_partition}, "
-                f"gather_output={self.gather_output}")
+                f"gather_output={self.gather_output}, bias={self.bias is not None}")
 
 
 class RowParallelLinear(nn.Module):
@@ -67,11 +75,14 @@ class RowParallelLinear(nn.Module):
     (``input_is_parallel``, e.g. from a ColumnParallelLinear) or is scattered here. The
     partial products are summed by ``reduce_from_tensor_model_parallel_region`` under the
     name ``site`` (e.g. "layers.3.mlp.down_proj"): this is where low-bit comm plugs in.
+    With ``bias`` every rank holds the whole b and adds it to the reduced sum, Y = sum_r
+    X_r A_r + b (as Megatron-LM's RowParallelLinear): added before the reduce it would be
+    counted tp times, and the codecs would carry it.
     """
 
     def __init__(self, input_size: int, output_size: int, *, group: TPGroup,
                  input_is_parallel: bool = True, site: Optional[str] = None,
-                 device=None, dtype=None):
+                 bias: bool = False, device=None, dtype=None):
         super().__init__()
         self.group = group
         self.input_size, self.output_size = input_size, output_size
@@ -80,16 +91,20 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_partition = _divide(input_size, group.world_size, "input_size")
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition,
                                                device=device, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(output_size, device=device, dtype=dtype),
+                                 requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.group)
         partial = F.linear(x, self.weight)
-        return reduce_from_tensor_model_parallel_region(partial, self.group, self.site)
+        y = reduce_from_tensor_model_parallel_region(partial, self.group, self.site)
+        # Every rank adds the same b to bitwise-identical sums: ranks stay identical.
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, in_per_partition={self.input_size_per_partition}, "
-                f"out={self.output_size}, site={self.site!r}")
+                f"out={self.output_size}, site={self.site!r}, bias={self.bias is not None}")
 
 
 def vocab_range(padded_vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
