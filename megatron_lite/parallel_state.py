@@ -113,12 +113,6 @@ def initialize_model_parallel(backend: Optional[str] = None,
     return _TP_GROUP
 
 
-def set_tp_group(group: TPGroup) -> None:
-    """Install a group built elsewhere (e.g. around a quantized or simulated communicator)."""
-    global _TP_GROUP
-    _TP_GROUP = group
-
-
 def get_tp_group() -> TPGroup:
     """The global TP group; initialises it from the environment on first use."""
     return _TP_GROUP if _TP_GROUP is not None else initialize_model_parallel()

@@ -199,7 +199,9 @@ def gguf_to_hf(gguf_path: Path, out: Path, dtype: str = "float32", force: bool =
     gguf_path = Path(gguf_path)
     with atomic_output_dir(out, force=force) as tmp:
         t0 = time.time()
-        _log(f"dequantizing {gguf_path.name} ({gguf_path.stat().st_size / 2**20:.0f} MiB) ...")
+        _log(f"dequantizing {gguf_path.name} ({gguf_path.stat().st_size / 2**20:.0f} MiB); after "
+             "transformers' progress bar it still builds the model, which takes about as long "
+             "again ...")
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name,
             quantization_config=GgufConfig(dequantize=True), dtype=getattr(torch, dtype))

@@ -155,10 +155,6 @@ class QuantizedCommunicator(WrappingCommunicator):
         self._plans: Dict[tuple, Plan] = {}
 
     # -- plans -----------------------------------------------------------------------
-    def add_backend(self, backend: Backend, first: bool = True) -> None:
-        self.backends.insert(0 if first else len(self.backends), backend)
-        self._plans.clear()
-
     def set_backends(self, backends: List[Backend]) -> None:
         self.backends = list(backends)
         self._plans.clear()

@@ -44,12 +44,6 @@ def bucket_for(batch: int, buckets: Sequence[int]) -> Optional[int]:
     return min(fits) if fits else None
 
 
-def cache_key(cache) -> Tuple:
-    """What a captured graph depends on: the address and shape of every cache buffer."""
-    bufs = list(cache.k) + list(cache.v)
-    return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in bufs)
-
-
 class _Graph:
     """One captured decode step at a fixed batch size."""
 
@@ -62,9 +56,8 @@ class CUDAGraphDecoder:
     """Replays ``step_fn(tokens[Bb], positions[Bb]) -> logits[Bb, V]`` from CUDA graphs.
 
     ``step_fn`` must run on ``device`` with static shapes and no host syncs. Call
-    ``bind(key)`` before the first step of a generation (``key``: anything that changes
-    when the state the step reads, the KV cache, is reallocated; see :func:`cache_key`).
-    ``__call__(tokens[B], positions[B])`` returns logits [B, V]: a view into the graph's
+    ``reset()`` when the state the step reads, the KV cache, is reallocated (a graph bakes
+    in its buffers' addresses). ``__call__(tokens[B], positions[B])`` returns logits [B, V]: a view into the graph's
     static output, valid until the next replay of any bucket.
     """
 
@@ -80,19 +73,11 @@ class CUDAGraphDecoder:
         self.warmup = warmup
         self.graphs: Dict[int, _Graph] = {}
         self.pool = None
-        self.key = None
         self.captures = 0   # total captures so far (tests and logs look at it)
-
-    def bind(self, key) -> None:
-        """Use graphs captured for ``key``; drop them all if the key changed."""
-        if key != self.key:
-            self.reset()
-            self.key = key
 
     def reset(self) -> None:
         self.graphs.clear()
         self.pool = None
-        self.key = None
 
     def bucket(self, batch: int) -> Optional[int]:
         return bucket_for(batch, self.buckets)

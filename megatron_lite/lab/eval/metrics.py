@@ -100,10 +100,6 @@ def paired_delta(a: Sequence[float], b: Sequence[float]) -> PairedDelta:
     return PairedDelta(mean, math.sqrt(var / n), n)
 
 
-def binomial_se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
-
-
 def delta_ppl_pct_with_se(ref_window_nll: List[float], window_nll: List[float],
                           window_tokens: List[int]):
     """ΔPPL % and its standard error from per-window NLL sums (windows are the units,

@@ -86,7 +86,7 @@ def markdown_table(rows: List[dict], task_meta: Dict[str, dict]) -> str:
         head += ["PPL", "ΔPPL %", "KL (nats)", "top-1 agree"]
     for name, m in task_meta.items():
         metric = "acc" if m["kind"] == "cloze" else "acc_norm"
-        head += [f"{name} {metric}", f"Δ vs bf16 (pp)", "% of bf16"]
+        head += [f"{name} {metric}", "Δ vs bf16 (pp)", "% of bf16"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = rows[0]
     for r in rows:

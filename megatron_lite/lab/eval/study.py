@@ -14,7 +14,6 @@ row-parallel reduces.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -181,11 +180,6 @@ def details_doc(prep: Prepared, rows: List[dict]) -> dict:
                                "primary": "acc" if t.kind == "cloze" else "acc_norm"}
                       for t in prep.tasks},
             "rows": rows}
-
-
-def load_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 __all__ = ["StudyArgs", "Prepared", "prepare", "execute", "details_doc", "comm_bits",
