@@ -280,9 +280,10 @@ def readme_block(table) -> str:
     for row, spec, bits, bar, cells, speed, verdict in table:
         worst = "-"
         if cells != "-":
-            vals = [c for c in cells.split(", ") if "not measured" not in c]
+            allc = cells.split(", ")
+            vals = [c for c in allc if "not measured" not in c]
             worst = max(vals, key=lambda c: float(c.split("TP ")[1].split()[1].rstrip("%")))
-            worst = worst.split(" ±")[0]
+            worst = f"{worst.split(' ±')[0]} (worst of {len(vals)} of {len(allc)} measured)"
         state = "" if row == "off" or verdict.startswith("holds") else " (misses its bar)"
         rows.append([f"**{row}**{state}", spec, bits, worst, speed])
     return _md_table(["", "`--comm`", "bits/value", "worst ΔPPL measured",
