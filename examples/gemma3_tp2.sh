@@ -14,7 +14,7 @@ mkdir -p out
 torchrun --nproc_per_node=2 tools/generate.py \
     --prompt "The three largest planets of the solar system are" \
     --prompt "Once upon a time" \
-    --max-new-tokens 32 --output-json out/gemma3_tp2.json
+    --max-new-tokens 32 --json out/gemma3_tp2.json
 
 # Sampling: every rank draws the same token from the same seeded generator.
 # Stops at the first "." (the stop string is cut from the output).

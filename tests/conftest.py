@@ -71,6 +71,81 @@ def save_tiny_hf_dir(name: str, out: Path, seed: int = 0, dtype=None) -> Path:
     return out
 
 
+# ------------------------------------------------------------------ global state guard
+# Settings a test can change for the whole process, and so for every test after it: a test
+# that leaves one changed makes results depend on test order. Not counted: variables that
+# pytest sets around every phase, and TORCHINDUCTOR_CACHE_DIR, which torch writes into
+# os.environ the first time anything asks for inductor's cache directory, with the value
+# every later call computes anyway (torch/_inductor/runtime/cache_dir_utils.py).
+_UNCOUNTED_ENV = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"})
+
+
+def _global_state() -> dict:
+    import torch
+    env = {k: v for k, v in os.environ.items() if k not in _UNCOUNTED_ENV}
+    return {"torch.get_num_threads()": torch.get_num_threads(),
+            "torch.get_default_dtype()": torch.get_default_dtype(),
+            "torch.is_grad_enabled()": torch.is_grad_enabled(),
+            "torch.are_deterministic_algorithms_enabled()":
+                torch.are_deterministic_algorithms_enabled(),
+            "os.environ": env}
+
+
+def _state_changes(before: dict, after: dict) -> list[str]:
+    out = []
+    for key, was in before.items():
+        now = after[key]
+        if key != "os.environ":
+            if now != was:
+                out.append(f"{key} is {now!r}, was {was!r}")
+            continue
+        for k in sorted(set(was) | set(now)):
+            if k not in now:
+                out.append(f"os.environ[{k!r}] was removed (was {was[k]!r})")
+            elif k not in was:
+                out.append(f"os.environ[{k!r}] was added ({now[k]!r})")
+            elif now[k] != was[k]:
+                out.append(f"os.environ[{k!r}] is {now[k]!r}, was {was[k]!r}")
+    return out
+
+
+def _restore_global_state(state: dict) -> None:
+    import torch
+    torch.set_num_threads(state["torch.get_num_threads()"])
+    torch.set_default_dtype(state["torch.get_default_dtype()"])
+    torch.set_grad_enabled(state["torch.is_grad_enabled()"])
+    torch.use_deterministic_algorithms(state["torch.are_deterministic_algorithms_enabled()"])
+    env = state["os.environ"]
+    for k in [k for k in os.environ if k not in env and k not in _UNCOUNTED_ENV]:
+        del os.environ[k]
+    os.environ.update(env)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _global_state_at_start():
+    """The process-wide settings before any test or fixture ran (autouse session fixtures
+    are set up first)."""
+    return _global_state()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_global_state(_global_state_at_start, request):
+    """Fail a test after which a process-wide setting differs from the session's start
+    (thread count, default dtype, grad mode, deterministic algorithms, os.environ). The
+    leak is undone first, so the tests after it run in the original state. Changes made
+    by a module- or session-scoped fixture show up on the first test that uses it."""
+    started = _global_state()
+    yield
+    leaks = _state_changes(_global_state_at_start, _global_state())
+    if leaks:
+        inherited = _state_changes(_global_state_at_start, started)
+        _restore_global_state(_global_state_at_start)
+        where = (" (already when the test started: a fixture of wider scope set it)"
+                 if inherited else "")
+        pytest.fail(f"{request.node.nodeid} left global state changed{where}: "
+                    + "; ".join(leaks), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """``tiny_hf_dir(name)`` -> path of a saved tiny HF directory (built once per session)."""

@@ -100,6 +100,14 @@ def test_serving_path_never_imports_the_lab(serving):
     assert not {m: d for m, d in bad.items() if d}
 
 
+def test_nothing_imports_the_cli():
+    """megatron_lite.cli sits on top: the library and the lab never import it."""
+    bad = {m: sorted(d for d in deps if d.startswith("megatron_lite.cli"))
+           for m, deps in GRAPH.items() if not m.startswith("megatron_lite.cli")}
+    assert not {m: d for m, d in bad.items() if d}
+    assert any(m.startswith("megatron_lite.cli.") for m in GRAPH)   # the walk sees it
+
+
 def test_kernels_never_import_the_comm_layer():
     bad = {m: sorted(d for d in deps if d.startswith("megatron_lite.comm"))
            for m, deps in GRAPH.items() if m.startswith("megatron_lite.kernels")}

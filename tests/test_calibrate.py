@@ -211,6 +211,16 @@ def test_evaluate_rejects_calibration_of_other_model_or_tp(planted_dir, text_fil
         rc, err = run_main("evaluate", base + extra + ["--json", js], capsys)
         assert rc == 1 and err.startswith("error:") and msg in err, (extra, err)
         assert len(err.strip().splitlines()) == 1 and not js.exists()
+    # tools/generate.py checks the file against the model and the world size (1 here) before
+    # any weights load, in one line that names the flag.
+    from megatron_lite.cli.generate import main as generate
+    capsys.readouterr()
+    rc = generate(["--ckpt", str(planted_dir), "--prompt", "x", "--comm", "outlier-int4",
+                   "--calibration", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 1 and cap.out == "" and cap.err == (
+        f"error: --comm 'outlier-int4,calibration={out}': calibration was made for TP 2, but "
+        "this run has TP 1; rerun tools/calibrate.py with --tp 1\n")
     # The matching model/TP works end to end and the outlier codec costs little.
     rc, err = run_main("evaluate", base + ["--ckpt", planted_dir, "--tp", "2", "--json", js],
                        capsys)

@@ -431,7 +431,7 @@ def test_sensitivity_under_torchrun_equals_simulated(tiny_hf_dir, tiny_inputs, t
     as simulated TP 2, and only rank 0 allocates (the other rank used to crash there)."""
     from tests.conftest import run_tool
     args = ["--ckpt", tiny_hf_dir("gemma3_text"), "--tp", "2", "--text",
-            tiny_inputs / "text.txt", "--codec", "int4:32", "--codec", "int8:32",
+            tiny_inputs / "text.txt", "--comm", "int4:32", "--comm", "int8:32",
             "--num-seqs", "2", "--seq-len", "32", "--budget", "6", "--no-progress"]
     sim = run_tool(["tools/sensitivity.py"] + args + ["--out", tmp_path / "sim.json"],
                    timeout=600)

@@ -43,17 +43,22 @@ def _engine_tokens(rank, world_size, ckpt, prompts, n):
 
 def _hf_greedy(hf_dir, prompts, n):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = tok(p, return_tensors="pt")["input_ids"]
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 do_sample=False, temperature=None, top_p=None, top_k=None)
-            out.append(gen[0, ids.shape[1]:].tolist())
-    return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)      # the reference runs in this process: restored below
+    try:
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        out = []
+        with torch.no_grad():
+            for p in prompts:
+                ids = tok(p, return_tensors="pt")["input_ids"]
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=n, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None)
+                out.append(gen[0, ids.shape[1]:].tolist())
+        return out
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -39,10 +39,8 @@ import os
 import sys
 from pathlib import Path
 
+from megatron_lite.cli.common import make_parser  # noqa: E402
 from megatron_lite.errors import report_error  # noqa: E402
-from megatron_lite.lab.benchmark import (  # noqa: E402
-    Clock, check_mode, graph_matches_eager, measure_hbm_GBps, nccl_version,
-    time_decode, time_prefill, write_json)
 
 NATIVE = "native"
 LOWER_BOUND = "skip-reduce"
@@ -50,49 +48,60 @@ DEFAULT_COMMS = ("auto", "int8:128", "int4:128")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="TTFT/TPOT of the TP engine per all-reduce mode "
-                                            "(run under torchrun; TP = world size).")
+    p = make_parser(__doc__)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", type=Path, help="shard directory (TP == world size) or HF dir")
+    src.add_argument("--ckpt", type=Path, metavar="DIR",
+                     help="shard directory (its TP == world size) or HF directory "
+                          "(default: --random-weights)")
     src.add_argument("--random-weights", metavar="SHAPE",
                      help="random bf16 weights of a serving shape (llama3-8b, llama3-70b, "
-                          "llama2-13b, gemma2-27b; tiny for CPU runs) or a config.json")
+                          "llama2-13b, gemma2-27b; tiny for CPU runs) or a config.json "
+                          "(default: --ckpt)")
     p.add_argument("--comm", action="append", metavar="SPEC",
-                   help="an all-reduce setting in --comm syntax (repeatable; native is "
-                        f"always measured first; default: {' '.join(DEFAULT_COMMS)})")
-    p.add_argument("--calibration", help="calibration file for calibrated codecs "
-                                         "(default: none)")
+                   help="an all-reduce setting in the --comm grammar of every tool "
+                        "(repeatable; native is always measured first; default: "
+                        f"{' '.join(DEFAULT_COMMS)})")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration file for calibrated codecs (default: none)")
     p.add_argument("--lower-bound", action=argparse.BooleanOptionalAction, default=True,
                    help="also time skip-reduce: TP sums not summed, the lower bound on "
                         "time (default: on)")
-    p.add_argument("--prefill", default="512x1,2048x1,8192x1,1024x8",
+    p.add_argument("--prefill", default="512x1,2048x1,8192x1,1024x8", metavar="CASES",
                    help="comma list of TOKENSxBATCH prompts for TTFT")
-    p.add_argument("--decode-batches", default="1,16,64")
-    p.add_argument("--context", type=int, default=1024, help="context length for TPOT")
-    p.add_argument("--decode-steps", type=int, default=100, help="timed decode steps")
-    p.add_argument("--repeats", type=int, default=5, help="timed prefill runs per case")
-    p.add_argument("--check-tokens", type=int, default=8,
+    p.add_argument("--decode-batches", default="1,16,64", metavar="BATCHES",
+                   help="comma list of batch sizes for TPOT")
+    p.add_argument("--context", type=int, default=1024, metavar="N",
+                   help="context length (tokens in the cache) for TPOT")
+    p.add_argument("--decode-steps", type=int, default=100, metavar="N",
+                   help="timed decode steps per case")
+    p.add_argument("--repeats", type=int, default=5, metavar="N",
+                   help="timed prefill runs per case")
+    p.add_argument("--check-tokens", type=int, default=8, metavar="N",
                    help="greedy tokens generated per mode for the checks (0: skip checks)")
-    p.add_argument("--check-long-mib", type=float, default=16.0,
+    p.add_argument("--check-long-mib", type=float, default=16.0, metavar="MIB",
                    help="the checks also prefill one prompt whose TP sums are this many MiB "
                         "(0: skip)")
     p.add_argument("--eager-decode", action="store_true",
                    help="also time eager (no CUDA graph) decode at batch 1, native")
     p.add_argument("--profile", action="store_true",
                    help="profile the kernels of a batch-1 decode step (native and auto)")
-    p.add_argument("--hbm-gib", type=float, default=2.0,
+    p.add_argument("--hbm-gib", type=float, default=2.0, metavar="GIB",
                    help="size of the device-to-device copy that measures HBM bandwidth")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
-                   help="default: bf16 on GPU, fp32 on CPU")
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (Engine(compile=True)); recorded in "
                         "the JSON")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the results here (rewritten after "
-                                             "each mode, so a cut-off run keeps its rows)")
-    p.add_argument("--plot", type=Path, help="write a bar chart (PNG) of the results")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights and the random prompts")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="write the results here, rewritten after each mode so that a "
+                        "cut-off run keeps its rows (default: none)")
+    p.add_argument("--plot", type=Path, metavar="FILE",
+                   help="write a bar chart (PNG) of the results (default: none)")
     p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
-                   help="only plot these result files (ours and tools/bench_hf_generate.py's)")
+                   help="only plot these result files, ours and tools/bench_hf_generate.py's "
+                        "(needs --plot; default: measure)")
     return p
 
 
@@ -303,6 +312,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     import torch
     from megatron_lite.inference.engine import _resolve_device_dtype
+    from megatron_lite.lab.benchmark import Clock, measure_hbm_GBps, nccl_version, write_json
     from megatron_lite.lab.random_init import streamed_weight_bytes, total_weight_bytes
     from megatron_lite.parallel_state import initialize_model_parallel
 
@@ -353,6 +363,9 @@ def main(argv=None) -> int:
 
 def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, save):
     import torch
+
+    from megatron_lite.lab.benchmark import (check_mode, graph_matches_eager, time_decode,
+                                             time_prefill)
     from tqdm import tqdm
     cfg, device, dtype, rank = engine.cfg, engine.device, engine.dtype, group.rank
     graphs, base = result["cuda_graphs"], group.communicator

@@ -1,7 +1,7 @@
 """HF transformers' own tensor parallelism on a random-weight serving shape: the baseline a
-user would otherwise reach for (issue 5).
+user would otherwise reach for, timed like tools/bench_generate.py times our engine.
 
-    torchrun --nproc_per_node=4 tools/bench_hf_generate.py --shape llama3-8b \
+    torchrun --nproc_per_node=4 tools/bench_hf_generate.py --shape llama3-8b \\
         --json docs/benchmarks/hf_llama3-8b_tp4.json
 
 Rank 0 builds the model from the shape's config on its GPU in bf16, with transformers' own
@@ -17,23 +17,59 @@ tools/bench_generate.py with comm="hf-tp". The loaded model is checked to be rea
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from megatron_lite.lab.benchmark import Clock, max_over_ranks, write_json  # noqa: E402
-from megatron_lite.lab.random_init import resolve_shape, shape_names  # noqa: E402
+from megatron_lite.cli.common import make_parser  # noqa: E402
+from megatron_lite.errors import report_error  # noqa: E402
+from megatron_lite.lab.shapes import SHAPES  # noqa: E402  (a table: no torch)
 
 
 def _log(rank: int, *a) -> None:
     if rank == 0:
         print(*a, flush=True)
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("--shape", default="llama3-8b", metavar="SHAPE",
+                   help=f"serving shape: {', '.join(SHAPES)}, or a CPU test shape of "
+                        "megatron_lite/lab/random_init.py (tiny, ...)")
+    p.add_argument("--prefill", default="512x1,2048x1,8192x1,1024x8", metavar="CASES",
+                   help="comma list of TOKENSxBATCH prefill cases for TTFT")
+    p.add_argument("--decode-batches", default="1,16", metavar="BATCHES",
+                   help="comma list of batch sizes for TPOT")
+    p.add_argument("--context", type=int, default=1024, metavar="N",
+                   help="prompt tokens before the timed decode tokens (TPOT)")
+    p.add_argument("--decode-tokens", type=int, default=16, metavar="N",
+                   help="decode tokens per TPOT measurement")
+    p.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="timed runs per case (median)")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="where rank 0 saves the random checkpoint, reused if there "
+                        "(default: $TMPDIR/hf_random_SHAPE)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write the rows in tools/bench_generate.py's schema (default: none)")
+    return p
+
+
+def _parse_list(text: str, option: str, sep: str = None) -> list:
+    """Comma list of positive integers, or of TOKENSxBATCH pairs (``sep="x"``)."""
+    out = []
+    for item in text.split(","):
+        try:
+            vals = tuple(int(v) for v in item.strip().lower().split(sep)) if sep \
+                else (int(item),)
+        except ValueError:
+            vals = ()
+        if len(vals) != (2 if sep else 1) or min(vals) < 1:
+            want = "TOKENSxBATCH, e.g. 8192x1" if sep else "a positive integer"
+            raise ValueError(f"bad {option} item {item!r}: expected {want}")
+        out.append(vals if sep else vals[0])
+    return out
 
 
 def _load_tp(path: str, dtype):
@@ -62,7 +98,10 @@ def _check_split(model, world: int, device) -> None:
                            f"on {device.type}")
 
 
-def _timed(fn, repeats: int, clock: Clock, device) -> float:
+def _timed(fn, repeats: int, clock, device) -> float:
+    import torch.distributed as dist
+
+    from megatron_lite.lab.benchmark import max_over_ranks
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -76,18 +115,24 @@ def _timed(fn, repeats: int, clock: Clock, device) -> float:
     return max_over_ranks(statistics.median(times), device)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="llama3-8b", choices=shape_names())
-    p.add_argument("--prefill", default="512x1,2048x1,8192x1,1024x8",
-                   help="comma list of TOKENSxBATCH prefill cases")
-    p.add_argument("--decode-batches", default="1,16")
-    p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workdir", default=None, help="where rank 0 saves the random checkpoint")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cases = _parse_list(args.prefill, "--prefill", sep="x")
+        batches = _parse_list(args.decode_batches, "--decode-batches")
+        for name in ("context", "decode_tokens", "repeats"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        from megatron_lite.lab.random_init import resolve_shape, shape_names
+        if args.shape not in shape_names():
+            raise ValueError(f"--shape {args.shape!r}: choose one of {', '.join(shape_names())}")
+    except ValueError as e:
+        return report_error(e, code=2)
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_lite.lab.benchmark import Clock, write_json
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")   # multicast stays off (device notes)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -114,7 +159,8 @@ def main() -> int:
         model.save_pretrained(workdir + ".tmp", safe_serialization=True)
         os.replace(workdir + ".tmp", workdir)
         del model
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     dist.barrier()
     model = _load_tp(workdir, dtype)
     model.eval()
@@ -128,13 +174,12 @@ def main() -> int:
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            attention_mask=torch.ones_like(ids), pad_token_id=0)
 
-    for case in args.prefill.split(","):
-        tokens, batch = (int(v) for v in case.split("x"))
+    for tokens, batch in cases:
         ids = torch.randint(0, vocab, (batch, tokens), device=device, generator=gen)
         ms = _timed(lambda: generate(ids, 1), args.repeats, clock, device)
         rows.append(dict(phase="prefill", batch=batch, tokens=tokens, comm="hf-tp", ms=ms))
         _log(rank, f"prefill  batch {batch:3d} tokens {tokens:5d}: {ms:9.2f} ms")
-    for batch in (int(b) for b in args.decode_batches.split(",")):
+    for batch in batches:
         ids = torch.randint(0, vocab, (batch, args.context), device=device, generator=gen)
         t1 = _timed(lambda: generate(ids, 1), args.repeats, clock, device)
         tn = _timed(lambda: generate(ids, 1 + args.decode_tokens), args.repeats, clock, device)

@@ -6,12 +6,12 @@ task's accuracy relative to bf16, against bits per value, one colour per model/T
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-
+from megatron_lite.cli.common import make_parser  # noqa: E402
+from megatron_lite.errors import report_error  # noqa: E402
 
 
 def _short(spec: str) -> str:
@@ -22,20 +22,26 @@ def _short(spec: str) -> str:
     tag = "+1shot" if "algo=one-shot" in opts else ""
     return items[0] + tag + ("+alloc" if len(items) - 1 > len(opts) else "")
 
+
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("details", nargs="+", metavar="DETAILS",
+                   help="tools/evaluate.py --details files (one colour per model and TP)")
+    p.add_argument("--out", required=True, metavar="FILE", help="PNG file to write")
+    p.add_argument("--max-bits", type=float, default=9.0, metavar="BITS",
+                   help="x-axis limit in bits per value (9 hides the bf16 reference)")
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("details", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-bits", type=float, default=9.0, help="x-axis limit (9: hide bf16)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         docs = []
         for path in args.details:
             with open(path) as f:
                 docs.append(json.load(f))
     except (OSError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -65,6 +65,39 @@ def decode_text(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool = False,
+                  vocab_size: Optional[int] = None) -> list[int]:
+    """A prompt's token ids, the way ``Engine.generate`` encodes it: a list of ids as is;
+    text with the tokenizer's default special tokens (e.g. Gemma's BOS), or with ``chat``
+    as one user turn of the chat template plus the generation prompt.
+
+    The empty string is refused on every model (whether it would give a BOS alone or no
+    token at all depends on the tokenizer), as is an empty id list and an id outside
+    ``[0, vocab_size)``. Raises ValueError.
+    """
+    if not isinstance(prompt, str):
+        ids = [int(t) for t in prompt]
+    else:
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass prompts as token ids")
+        if not prompt:
+            raise ValueError("empty prompt: nothing to condition on")
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("the tokenizer has no chat template; run without chat")
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise ValueError("empty prompt: nothing to condition on")
+    if vocab_size is not None and (max(ids) >= vocab_size or min(ids) < 0):
+        raise ValueError(f"prompt token id out of range [0, {vocab_size})")
+    return list(ids)
+
+
 class IncrementalDetokenizer:
     """Text of a growing token list, decoding only a short window per new token.
 
@@ -344,25 +377,35 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
-        if not isinstance(prompt, str):
-            ids = [int(t) for t in prompt]
-        else:
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass prompts as token ids")
-            if chat:
-                if not getattr(self.tokenizer, "chat_template", None):
-                    raise ValueError("the tokenizer has no chat template; run without chat")
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True,
-                    tokenize=False)
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            else:
-                ids = self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise ValueError("empty prompt: nothing to condition on")
-        if max(ids) >= self.cfg.vocab_size or min(ids) < 0:
-            raise ValueError(f"prompt token id out of range [0, {self.cfg.vocab_size})")
-        return ids
+        """``encode_prompt`` with this engine's tokenizer and vocabulary."""
+        return encode_prompt(self.tokenizer, prompt, chat, self.cfg.vocab_size)
+
+    def cache_len(self, prompt_len: int, max_new_tokens: int) -> int:
+        """KV-cache slots ``generate`` allocates for a batch whose longest prompt has
+        ``prompt_len`` tokens: rounded up to 64, and with compile to a power of two (few
+        cache sizes -> few compiled versions, one per size x batch bucket)."""
+        max_seq = -(-(prompt_len + max_new_tokens) // 64) * 64
+        if self.compiled:
+            max_seq = 1 << (max_seq - 1).bit_length()
+        return min(max_seq, self.max_seq_len)
+
+    @torch.inference_mode()
+    def warm_up_decode(self, batch_size: int, prompt_len: int, max_new_tokens: int) -> float:
+        """Run one decode step at the shapes a ``generate`` call of that batch size,
+        longest prompt and ``max_new_tokens`` will use, so that compiling the step (with
+        ``compile``) and capturing its CUDA graph happen here instead of inside the timed
+        decode loop. Returns the seconds it took. Every rank must call it (the step runs
+        the TP collectives). The cache's contents are left undefined; ``generate``
+        prefills it anew."""
+        rows = self._cache_rows(batch_size)
+        self._ensure_cache(rows, self.cache_len(prompt_len, max_new_tokens))
+        tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._sync()
+        t0 = time.perf_counter()
+        self._decode(tokens, positions)
+        self._sync()
+        return time.perf_counter() - t0
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 32,
                  temperature: float = 0.0, top_k: Optional[int] = None,
@@ -401,10 +444,7 @@ class Engine:
         if T + max_new > self.max_seq_len:
             raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new}) exceeds "
                              f"max_seq_len {self.max_seq_len}")
-        max_seq = -(-(T + max_new) // 64) * 64
-        if self.compiled:   # few cache sizes -> few compiled versions (one per size x bucket)
-            max_seq = 1 << (max_seq - 1).bit_length()
-        max_seq = min(max_seq, self.max_seq_len)
+        max_seq = self.cache_len(T, max_new)
         tokens = torch.full((B, T), self.cfg.pad_token_id or 0, dtype=torch.long)
         for b, x in enumerate(ids):
             tokens[b, :len(x)] = torch.tensor(x)

@@ -1,4 +1,4 @@
-"""Serving shapes for random-weight benchmarks (issue 5), copied from the published HF configs.
+"""Serving shapes for random-weight benchmarks, copied from the published HF configs.
 
 Only the fields that determine compute and communication are kept; everything else takes
 the transformers default for the model_type. Sources: the ``config.json`` of

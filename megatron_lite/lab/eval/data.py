@@ -9,7 +9,8 @@ Conventions (stated once, used by metrics.py):
 * A sequence ``ids`` of length T gives T-1 next-token predictions; position t of the
   logits predicts ``ids[t+1]``. A "scored span" ``[start, end)`` lists the *target*
   token indices; their predicting logits are ``logits[start-1:end-1]``.
-* Text windows: the file is tokenized once without special tokens and cut into
+* Text windows: the file (or the built-in text ``python-docs``, pydocs.py) is
+  tokenized once without special tokens and cut into
   non-overlapping chunks; each window is ``[BOS] + chunk`` when the tokenizer has a BOS
   that it adds by default (Gemma), else the bare chunk (SmolLM2). Every token after
   position 0 is scored, so a window of W tokens scores W-1 tokens in both cases.
@@ -133,7 +134,7 @@ def load_text_windows(tokenizer, path: str, window: int, max_tokens: Optional[in
     """
     if window < 2:
         raise EvalDataError(f"--window must be >= 2, got {window}")
-    text = _read(path)
+    prefix = _text_reader(path)
     bos = bos_prefix(tokenizer)
     chunk = window - len(bos)
     # Tokenize only as much text as needed (a window is rarely more than ~8 chars/token).
@@ -142,12 +143,13 @@ def load_text_windows(tokenizer, path: str, window: int, max_tokens: Optional[in
     if need_windows is not None:
         n_chars = need_windows * chunk * 8 + 1000
         while True:
-            ids = _encode(tokenizer, text[:n_chars], False)
-            if len(ids) > need_windows * chunk or n_chars >= len(text):
+            text, whole = prefix(n_chars)
+            ids = _encode(tokenizer, text, False)
+            if len(ids) > need_windows * chunk or whole:
                 break
             n_chars *= 2
     else:
-        ids = _encode(tokenizer, text, False)
+        ids = _encode(tokenizer, prefix(None)[0], False)
     n = len(ids) // chunk
     if need_windows is not None:
         n = min(n, need_windows)
@@ -155,6 +157,28 @@ def load_text_windows(tokenizer, path: str, window: int, max_tokens: Optional[in
         raise EvalDataError(f"{path}: {len(ids)} tokens, fewer than one window of {window}")
     windows = [Sequence_(bos + ids[i * chunk:(i + 1) * chunk], 1, window) for i in range(n)]
     return TextWindows(path, windows)
+
+
+def is_text_source(path: str) -> bool:
+    """A ``--text`` value that names something readable: a file or a built-in text."""
+    from .pydocs import NAME
+    return path == NAME or os.path.isfile(path)
+
+
+def _text_reader(path: str):
+    """``prefix(n_chars) -> (text, whole)``: the first ``n_chars`` characters of the text
+    (all of it for None), and whether that is the whole text. ``path`` is a file, or
+    ``python-docs`` (pydocs.py), which is read only as far as a prefix needs."""
+    from .pydocs import NAME, python_docs
+    if path == NAME:
+        def builtin(n_chars):
+            text = python_docs(n_chars)
+            return (text, True) if n_chars is None or len(text) < n_chars \
+                else (text[:n_chars], False)
+        return builtin
+    text = _read(path)
+    return lambda n_chars: (text, True) if n_chars is None or n_chars >= len(text) \
+        else (text[:n_chars], False)
 
 
 # ------------------------------------------------------------------------------ tasks

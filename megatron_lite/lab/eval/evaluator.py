@@ -139,7 +139,7 @@ def run_study(forward: Forward, codec_names: Sequence[str], text: Optional[TextW
 
 def summarize(codec_names: Sequence[str], bits: Sequence[float], stats: List[CodecStats],
               text: Optional[TextWindows], tasks: Sequence[Task]) -> List[dict]:
-    """Rows for report.py: the issue's keys plus uncertainties (``*_se``) and sizes."""
+    """Rows for report.py: the results JSON's keys plus uncertainties (``*_se``) and sizes."""
     ref = stats[0]
     rows = []
     ref_task = {t.name: task_outcomes(t, ref) for t in tasks}

@@ -1,6 +1,6 @@
-"""Writers for an accuracy study: the JSON of issue 3, a markdown table, a matplotlib plot.
+"""Writers for an accuracy study: the results JSON, a markdown table, a matplotlib plot.
 
-The JSON has exactly the issue's form (nothing more, so consumers can validate it)::
+The JSON has exactly this form (nothing more, so consumers can validate it)::
 
     {"model": str, "tp": int, "simulated": bool,
      "rows": [{"codec": "int4:128", "bits_per_value": 4.25, "ppl": float, "delta_ppl_pct":
@@ -36,7 +36,7 @@ def atomic_write(path: str, data: bytes) -> None:
 
 
 def json_doc(model: str, tp: int, simulated: bool, rows: List[dict]) -> dict:
-    """The issue's JSON document from full result rows (extra row keys are dropped)."""
+    """The results JSON document from full result rows (extra row keys are dropped)."""
     return {"model": model, "tp": int(tp), "simulated": bool(simulated),
             "rows": [{k: r.get(k) if k != "tasks" else
                       {name: t["accuracy"] for name, t in r.get("tasks", {}).items()}
@@ -44,7 +44,7 @@ def json_doc(model: str, tp: int, simulated: bool, rows: List[dict]) -> dict:
 
 
 def validate_json_doc(doc: dict) -> None:
-    """Raise ValueError unless ``doc`` has exactly the issue's schema."""
+    """Raise ValueError unless ``doc`` has exactly the results JSON's schema."""
     if not isinstance(doc, dict) or set(doc) != set(TOP_KEYS):
         raise ValueError(f"top-level keys must be {TOP_KEYS}")
     if not isinstance(doc["model"], str) or not isinstance(doc["tp"], int) \

@@ -9,8 +9,8 @@ rank (rank 0), ``None`` elsewhere.
 Bits per value of a comm config: the mean, over the 2L row-parallel reduces (o_proj and
 down_proj of every layer; they all carry ``hidden`` values per token), of the bits of the
 codec each site uses (native sites count as 16: bf16 on the wire). The embedding reduce
-stays bf16 unless an override names it, and is not counted; the issue quantizes only the
-row-parallel reduces.
+stays bf16 unless an override names it, and is not counted: both methods this package
+implements (docs/architecture.md) quantize only the row-parallel reduces.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 
 from megatron_lite.errors import MegatronLiteError
 
-from .data import EvalDataError, Task, TextWindows, load_task, load_text_windows
+from .data import EvalDataError, Task, TextWindows, is_text_source, load_task, load_text_windows
 from .evaluator import run_study, summarize
 from .runner import CodecSwitch, launch, load_rank_engine, rank_logits, row_parallel_sites
 
@@ -109,9 +109,11 @@ def prepare(args: StudyArgs) -> Prepared:
         raise EvalDataError("nothing to evaluate: give --text FILE and/or --task FILE")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise EvalDataError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    for p in ([args.text] if args.text else []) + list(args.tasks):
+    if args.text and not is_text_source(args.text):
+        raise EvalDataError(f"--text: file not found: {args.text}")
+    for p in args.tasks:
         if not os.path.isfile(p):
-            raise EvalDataError(f"file not found: {p}")
+            raise EvalDataError(f"--task: file not found: {p}")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in args.tasks]
     if len(set(stems)) != len(stems):
         raise EvalDataError(f"two task files share a name stem: {stems}")
@@ -173,13 +175,21 @@ def details_doc(prep: Prepared, rows: List[dict]) -> dict:
     a = prep.args
     return {"model": prep.model_name, "tp": a.tp, "simulated": a.simulated,
             "ckpt": a.ckpt, "calibration": a.calibration, "dtype": str(a.dtype),
-            "text": a.text, "window": a.window,
+            "text": a.text, "window": a.window, **_text_origin(a.text),
             "text_windows": len(prep.text.windows) if prep.text else 0,
             "text_tokens": prep.text.num_tokens if prep.text else 0,
             "tasks": {t.name: {"path": t.path, "kind": t.kind, "n": len(t.items),
                                "primary": "acc" if t.kind == "cloze" else "acc_norm"}
                       for t in prep.tasks},
             "rows": rows}
+
+
+def _text_origin(text: Optional[str]) -> dict:
+    """The Python version behind the built-in text (its content depends on it)."""
+    from .pydocs import NAME, describe
+    if text != NAME:
+        return {}
+    return {k: v for k, v in describe().items() if k != "text"}
 
 
 __all__ = ["StudyArgs", "Prepared", "prepare", "execute", "details_doc", "comm_bits",
