@@ -30,7 +30,7 @@ def tiny_shards(tiny_hf_dir, tmp_path_factory):
     out = {}
     for tp in (1, 2):
         out[tp] = root / f"tp{tp}"
-        proc = run_tool([CONVERT, "--quiet", "--hf-dir", hf, "--tp", tp, "--out", out[tp]])
+        proc = run_tool([CONVERT, "--no-progress", "--hf-dir", hf, "--tp", tp, "--out", out[tp]])
         assert proc.returncode == 0, proc.stderr
     return out
 

@@ -63,33 +63,39 @@ def parse_size(text: str) -> int:
     return int(num) * mult
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comm", action="append", metavar="SPEC",
-                   help="an all-reduce setting in --comm syntax (repeatable); default: "
-                        + " ".join(DEFAULT_COMMS))
+                   help="an all-reduce setting in --comm syntax (repeatable; default: "
+                        + " ".join(DEFAULT_COMMS) + ")")
     p.add_argument("--oneshot", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the fused one-shot bf16 kernel up to --oneshot-max")
-    p.add_argument("--min-size", default="16KB", help="smallest message (bf16 bytes)")
-    p.add_argument("--max-size", default="256MB", help="largest message (bf16 bytes)")
-    p.add_argument("--iters", type=int, default=50, help="timed calls per size")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
+                   help="also time the fused one-shot bf16 kernel up to --oneshot-max (default: on)")
+    p.add_argument("--min-size", default="16KB", help="smallest message, bf16 bytes (default: 16KB)")
+    p.add_argument("--max-size", default="256MB", help="largest message, bf16 bytes (default: 256MB)")
+    p.add_argument("--iters", type=int, default=50, help="timed calls per size (default: 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls first (default: 5)")
     p.add_argument("--graph-max", default="64MB",
-                   help="time messages up to this as CUDA-graph replays (as the engine runs them)")
-    p.add_argument("--graph-calls", type=int, default=10, help="calls per captured graph")
-    p.add_argument("--oneshot-max", default="2MB", help="one-shot workspace size")
+                   help="time messages up to this as CUDA-graph replays, as the engine runs them "
+                        "(default: 64MB)")
+    p.add_argument("--graph-calls", type=int, default=10, help="calls per captured graph (default: 10)")
+    p.add_argument("--oneshot-max", default="2MB", help="one-shot workspace size (default: 2MB)")
     p.add_argument("--channels", type=int, default=2048,
                    help="hidden size of a message (viewed as [-1, CHANNELS]; it must divide "
-                        "every message) and of the synthetic calibration")
-    p.add_argument("--host-overhead", action="store_true",
+                        "every message) and of the synthetic calibration (default: 2048)")
+    p.add_argument("--host-overhead", action="store_true", default=False,
                    help="instead of the size sweep: host microseconds of an eager call of "
-                        "each --comm at --min-size (dispatch before the backend, whole call)")
+                        "each --comm at --min-size: dispatch before the backend, whole call "
+                        "(default: off)")
     p.add_argument("--calibration", help="calibration file for calibrated codecs made for "
                                          "this TP size and --channels (default: synthetic)")
-    p.add_argument("--json", help="write results here (rank 0)")
+    p.add_argument("--json", help="write results here, rank 0 (default: none)")
     p.add_argument("--plot", help="plot file (default: --json with .png)")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    a = build_parser().parse_args(argv)
     a.min_b, a.max_b = parse_size(a.min_size), parse_size(a.max_size)
     a.graph_max_b, a.oneshot_max_b = parse_size(a.graph_max), parse_size(a.oneshot_max)
     if a.min_b < 16 or a.max_b < a.min_b:

@@ -6,12 +6,12 @@
     python tools/convert_hf_checkpoint.py --bundled qwen2.5-coder-1.5b --tp 2 --out DIR
     python tools/convert_hf_checkpoint.py --to-hf --shards DIR --out DIR [--force]
 
-The command line lives in megatron_lite/checkpoint/cli.py, the conversion in
+The command line lives in megatron_lite/cli/convert.py, the conversion in
 megatron_lite/checkpoint/convert.py; see ``--help``.
 """
 import sys
 
-from megatron_lite.checkpoint.cli import main
+from megatron_lite.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

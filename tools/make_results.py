@@ -305,11 +305,17 @@ def build() -> dict:
     return pages
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write docs/results/ from the committed JSON.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true",
-                   help="do not write; exit 1 if a page differs from what would be written")
-    args = p.parse_args(argv)
+                   help="do not write; exit 1 if a page differs from what would be written "
+                        "(default: write)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         pages = build()
     except (OSError, KeyError, ValueError) as e:

@@ -1,5 +1,3 @@
-"""Checkpoints: the TP layout table (layout.py), shard directories and converters."""
-from megatron_lite.checkpoint.layout import (LAYOUT_VERSION, LayoutError, shard_hf_state_dict,
-                                             unshard_to_hf)
-
-__all__ = ["LAYOUT_VERSION", "LayoutError", "shard_hf_state_dict", "unshard_to_hf"]
+"""Checkpoints: the TP layout table (layout.py), shard directories (shards.py, loader.py),
+the converters (convert.py, gguf.py) and their command line (cli.py). Nothing is imported
+here, so that ``convert_hf_checkpoint.py --help`` does not load torch."""

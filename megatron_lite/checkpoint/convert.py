@@ -1,7 +1,7 @@
 """HF directory <-> TP shard directory (the library half of ``convert_hf_checkpoint``).
 
 The command line (``--hf-dir``/``--gguf``/``--bundled``/``--to-hf``) is
-``megatron_lite/checkpoint/cli.py``; it imports this module and checkpoint/gguf.py, and
+``megatron_lite/cli/convert.py``; it imports this module and checkpoint/gguf.py, and
 this module imports neither, so the two stay free of an import cycle (gguf.py builds
 cached shard directories with ``convert_hf_to_shards``).
 
