@@ -266,7 +266,9 @@ def recommended_page(cfg) -> tuple:
                          "[accuracy.md](accuracy.md))", "all-reduce vs NCCL "
                          "([allreduce.md](allreduce.md))", "verdict"], table)
             + "\nThe calibrated codecs (`weighted-`) need a calibration file made for the model "
-              "and TP size:\n\n```bash\n" + cfg["calibration"] + "\n```\n\n" + cfg["speed"] + "\n")
+              "and TP size (`{text}`: any text file of the model's domain, or `python-docs`, "
+              "the prose of the Python standard library's docstrings, which every machine "
+              "has):\n\n```bash\n" + cfg["calibration"] + "\n```\n\n" + cfg["speed"] + "\n")
     return text, doc
 
 
