@@ -277,7 +277,7 @@ class Transformer(nn.Module):
         and kv_len == T. Attention is then plain causal wherever no sliding window is
         shorter than T and no soft-cap applies, and SDPA gets ``is_causal`` instead of a
         boolean mask: with an explicit mask it cannot use flash attention, which at 8k
-        tokens costs several times the attention time (issue 5)."""
+        tokens costs several times the attention time."""
         h = self.embed_tokens(tokens)
         if self.cfg.scale_embeddings:
             h = h * self.embed_scale.to(h.dtype)

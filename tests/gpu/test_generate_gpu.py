@@ -1,5 +1,5 @@
 """GPU: CUDA-graph decode in the Engine, the causal prefill fast path, and graphs over
-NCCL and the fused all-reduce at TP 2 (issue 5). Skips without CUDA.
+NCCL and the fused all-reduce at TP 2. Skips without CUDA.
 
 Random-weight tiny models (lab/random_init.py); weights are scaled up so activations
 and logits are O(1), so that a wrong mask or a stale cache address shows in the logits.

@@ -56,7 +56,7 @@ round-half-to-even; a kernel must use correctly rounded division, e.g. ``div_rn`
 
 Why these choices (the full discussion is in docs/codecs.md):
 * bf16 metadata: 32 bits per group for the asymmetric codecs (int4:128 = 4.25 bits/value,
-  the figure the issue quotes), bf16 range covers every bf16/fp16 activation.
+  the figure Flash Communication quotes), bf16 range covers every bf16/fp16 activation.
 * Rounding the stored step *up* and the offset *down* means the stored grid always
   covers [min, max], so the error stays within s/2 of the stored s (no clipping).
 * The halving in the asymmetric path keeps ``max - min`` finite for groups spanning
