@@ -184,17 +184,26 @@ def generate_page(entries) -> str:
 
 # ----------------------------------------------------------------------------- recommendation
 def _accuracy_index():
-    """{(model, tp, spec): row} over every accuracy run with a text sample."""
-    out = {}
+    """{(model, tp, spec): row}: for every configuration and spec, the measurement with the
+    largest ΔPPL over the texts it was measured on (per text, the largest sample)."""
+    best = {}
     for p in sorted((RESULTS / "data" / "accuracy").glob("*.details.json")):
         d = json.loads(p.read_text())
+        if not d.get("text_tokens"):
+            continue
         model, tp = _config(p.name)
+        text = os.path.basename(d["text"])
         for r in d["rows"]:
-            if r.get("delta_ppl_pct") is not None and d.get("text_tokens"):
-                key = (model, tp, r["codec"])
-                # the larger text sample wins
-                if key not in out or d["text_tokens"] > out[key][1]:
-                    out[key] = (r, d["text_tokens"], p.name)
+            if r.get("delta_ppl_pct") is None:
+                continue
+            key = (model, tp, r["codec"], text)
+            if key not in best or d["text_tokens"] > best[key][1]:
+                best[key] = (r, d["text_tokens"], p.name)
+    out = {}
+    for (model, tp, spec, _), v in best.items():
+        k = (model, tp, spec)
+        if k not in out or v[0]["delta_ppl_pct"] > out[k][0]["delta_ppl_pct"]:
+            out[k] = v
     return out
 
 
