@@ -14,7 +14,9 @@ bitwise-identical tensors.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from datetime import timedelta
 from typing import Optional
 
@@ -24,6 +26,40 @@ import torch.distributed as dist
 from megatron_lite.comm.communicator import Communicator, DistCommunicator
 
 BACKEND_ENV = "MEGATRON_LITE_BACKEND"
+
+# Under torch.compile the collectives are custom ops (``megatron_lite::all_reduce`` and
+# ``::all_gather``): one graph covers the whole decode step, so inductor fuses the
+# elementwise work on both sides of a collective, and the op itself is opaque. The op
+# carries only the group's number; its implementation looks the group up here and calls
+# the communicator, so the communicator's Python state (codec plans, kernel workspaces and
+# their epochs, error-feedback debts) is never traced or guarded on. Eagerly, TPGroup
+# calls the communicator directly (no dispatcher hop on the host path).
+_GROUPS: "weakref.WeakValueDictionary[int, TPGroup]" = weakref.WeakValueDictionary()
+_NEXT_ID = itertools.count()
+
+
+@torch.library.custom_op("megatron_lite::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor, group_id: int, site: str) -> torch.Tensor:
+    y = _GROUPS[group_id].communicator.all_reduce(x, site or None)
+    return y.clone() if y is x else y          # a custom op's output must not alias
+
+
+@_all_reduce_op.register_fake
+def _(x, group_id, site):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("megatron_lite::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, group_id: int, dim: int) -> torch.Tensor:
+    y = _GROUPS[group_id].communicator.all_gather(x, dim)
+    return y.clone() if y is x else y
+
+
+@_all_gather_op.register_fake
+def _(x, group_id, dim):
+    shape = list(x.shape)
+    shape[dim] *= _GROUPS[group_id].world_size
+    return x.new_empty(shape)
 
 
 class TPGroup:
@@ -37,6 +73,8 @@ class TPGroup:
     def __init__(self, communicator: Communicator, process_group=None):
         self.communicator = communicator
         self.process_group = process_group
+        self.group_id = next(_NEXT_ID)
+        _GROUPS[self.group_id] = self
 
     @classmethod
     def from_communicator(cls, comm: Communicator) -> "TPGroup":
@@ -50,21 +88,20 @@ class TPGroup:
     def world_size(self) -> int:
         return self.communicator.world_size
 
-    # The collectives are opaque to torch.compile (Engine(compile=True)): they run eagerly
-    # between compiled regions, so the communicator's Python state (codec choice, kernel
-    # workspaces and their epochs, error-feedback carries) is never traced or guarded on.
-    @torch.compiler.disable
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
         """Sum of ``x`` over the group (a new tensor; ``x`` itself at world size 1)."""
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return torch.ops.megatron_lite.all_reduce(x, self.group_id, site or "")
         return self.communicator.all_reduce(x, site)
 
-    @torch.compiler.disable
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenation of every rank's ``x`` along ``dim``, in rank order."""
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return torch.ops.megatron_lite.all_gather(x, self.group_id, dim % x.dim())
         return self.communicator.all_gather(x, dim)
 
     def barrier(self) -> None:

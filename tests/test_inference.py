@@ -266,6 +266,7 @@ def _tp_compile_worker(rank, ws, name, sd, comm):
             out[compiled] = (tokens, logits)
         from torch._dynamo.utils import counters
         out["graphs"] = counters["stats"]["unique_graphs"]   # compiled, not silently eager
+        out["breaks"] = dict(counters["graph_break"])
         return out
     finally:
         destroy_model_parallel()
@@ -275,14 +276,15 @@ def _tp_compile_worker(rank, ws, name, sd, comm):
 def test_tp2_compiled_decode_matches_eager(name, comm):
     """Engine(compile=True): the decode step under torch.compile (inductor on the CPU) gives
     the eager step's greedy tokens and logits to fp32 rounding, through a plain and a
-    quantized all-reduce (the collectives are graph breaks), with ranks bitwise identical."""
+    quantized all-reduce, with ranks bitwise identical. The collectives are custom ops, so
+    the whole step is one graph with no break."""
     per_rank = run_distributed(_tp_compile_worker, 2, name, _hf(name).state_dict(), comm)
     for compiled in (False, True):
         t0, l0 = per_rank[0][compiled]
         t1, l1 = per_rank[1][compiled]
         assert t0 == t1 and torch.equal(l0, l1)
-    # regions between the 2 x layers + 1 collectives were really compiled
-    assert per_rank[0]["graphs"] >= 2
+    # compiled, as one graph per shape: no graph break at the collectives
+    assert per_rank[0]["graphs"] >= 1 and not per_rank[0]["breaks"], per_rank[0]["breaks"]
     (te, le), (tc, lc) = per_rank[0][False], per_rank[0][True]
     assert tc == te
     assert (lc - le).abs().max() <= 1e-4 * le.abs().max()
