@@ -268,12 +268,37 @@ def recommendation(cfg) -> tuple:
     return doc, table
 
 
+def _task_lines(doc) -> str:
+    """The task accuracy of each recommended spec, from the task-only runs."""
+    lines = []
+    for p in sorted((RESULTS / "data" / "accuracy").glob("*.details.json")):
+        d = json.loads(p.read_text())
+        if d.get("text_tokens") or not d.get("tasks"):
+            continue
+        model, tp = _config(p.name)
+        ref = d["rows"][0]
+        for row in ("safe", "balanced", "aggressive"):
+            spec = doc.get(row)
+            r = next((x for x in d["rows"] if x["codec"] == spec), None)
+            if r is None:
+                continue
+            parts = [f"{t} {100 * r['tasks'][t]['accuracy'] / ref['tasks'][t]['accuracy']:.2f}% "
+                     f"of bf16 ({100 * r['tasks'][t]['delta']:+.2f} ± "
+                     f"{100 * r['tasks'][t]['delta_se']:.2f} pp, {d['tasks'][t]['n']} items)"
+                     for t in d["tasks"]]
+            lines.append(f"* **{row}** `{spec}`, {model} TP {tp}: " + "; ".join(parts)
+                         + f" (`data/accuracy/{p.name}`).")
+    return ("\nTask accuracy of the recommended specs, where measured:\n\n"
+            + "\n".join(lines) + "\n") if lines else ""
+
+
 def recommended_page(cfg) -> tuple:
     doc, table = recommendation(cfg)
     text = (HEADER + "# Which `--comm` to use\n\n" + cfg["intro"] + "\n\n"
             + _md_table(["row", "`--comm`", "bits/value", "bar", "ΔPPL measured (simulated TP, "
                          "[accuracy.md](accuracy.md))", "all-reduce vs NCCL "
                          "([allreduce.md](allreduce.md))", "verdict"], table)
+            + _task_lines(doc)
             + "\nThe calibrated codecs (`weighted-`) need a calibration file made for the model "
               "and TP size (`{text}`: any text file of the model's domain, or `python-docs`, "
               "the prose of the Python standard library's docstrings, which every machine "
