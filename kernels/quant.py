@@ -307,12 +307,21 @@ def _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND: tl.constexpr, BITS: tl.con
 
 
 @triton.jit
+def _tile_of(n, TILE: tl.constexpr):
+    """``(row, first value)`` of this program's tile. One flat grid axis: the second axis
+    of a CUDA grid stops at 65535 blocks, which a 128 MB chunk of two-group tiles exceeds
+    (seen on an H200 as "invalid argument" at 256 MB over 4 rows)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tiles = tl.cdiv(n, TILE)
+    return pid // tiles, (pid % tiles) * TILE
+
+
+@triton.jit
 def _load_row_tile(x_ptr, n, NG: tl.constexpr, G: tl.constexpr, ROT: tl.constexpr,
                    LOG2G: tl.constexpr, RSCALE):
     """This program's tile of whole groups: ``(row, t0, gmask, offs, x)``, x in fp32 and,
     for hadamard- codecs, already rotated group by group."""
-    row = tl.program_id(0)
-    t0 = tl.program_id(1) * (NG * G)
+    row, t0 = _tile_of(n, NG * G)
     gi = tl.arange(0, NG)
     gmask = (t0 + gi * G) < n
     offs = row.to(tl.int64) * n + t0 + gi[:, None] * G + tl.arange(0, G)[None, :]
@@ -339,8 +348,7 @@ def _dequantize_kernel(buf_ptr, out_ptr, n, nbytes_row, rows_per_out, LIM: tl.co
     """SUM=False: out[r] = decode(buf[r]). SUM=True: out[o] = sum over the
     ``rows_per_out`` rows of group o, fp32, in row order (the all-reduce's fixed order).
     ROT: the result (the sum) is rotated back, unclamped."""
-    o = tl.program_id(0)
-    t0 = tl.program_id(1) * (NG * G)
+    o, t0 = _tile_of(n, NG * G)
     gi = tl.arange(0, NG)
     gmask = (t0 + gi * G) < n
     if SUM:
@@ -413,7 +421,7 @@ def quantize(kc: KernelCodec, x: torch.Tensor, rot=None) -> torch.Tensor:
         return out
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
-    grid = (rows, triton.cdiv(n, ng * g))
+    grid = (rows * triton.cdiv(n, ng * g),)
     _quantize_kernel[grid](x, out, n, nb, NG=ng, G=g, **kc.constexprs(), **rk, **_launch_opts())
     return out
 
@@ -444,7 +452,7 @@ def dequantize(kc: KernelCodec, buf: torch.Tensor, n: int, out_dtype=torch.float
     lim = FP16_MAX if out_dtype == torch.float16 else BF16_MAX
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
-    grid = (outs, triton.cdiv(n, ng * g))
+    grid = (outs * triton.cdiv(n, ng * g),)
     _dequantize_kernel[grid](buf, out, n, nb, per, LIM=lim, NG=ng, G=g, KIND=kc.kind,
                              BITS=kc.bits, QMAX=kc.qmax, SUM=sum_rows, **rk, **_launch_opts())
     return out
@@ -466,7 +474,7 @@ def error_part(kc: KernelCodec, x: torch.Tensor, buf: torch.Tensor, rot=None) ->
         return out
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
-    grid = (rows, triton.cdiv(n, ng * g))
+    grid = (rows * triton.cdiv(n, ng * g),)
     _error_kernel[grid](x, buf, out, n, nb, LIM=BF16_MAX, NG=ng, G=g, KIND=kc.kind,
                         BITS=kc.bits, QMAX=kc.qmax, **rk, **_launch_opts())
     return out
