@@ -146,6 +146,62 @@ def allreduce_page(entries) -> str:
     return "".join(parts)
 
 
+def codec_kernels_page(entries) -> str:
+    parts = [HEADER, "# Codec kernel speed (one GPU)\n",
+             "`tools/bench_codec_kernels.py`: each codec's kernels on one GPU, against a bf16 "
+             "copy timed in the same run (median of CUDA-event timed CUDA-graph replays). "
+             "TB/s counts bytes read plus bytes written; `bytes` is the bf16 message, split "
+             "into as many chunks as the TP size. `cuda` is kernels/csrc/codec.cu, `triton` "
+             "kernels/quant.py; both were checked bit for bit against each other at every "
+             "size before timing. Target: 2.5 TB/s at 64 MB (2.0 TB/s for the rotated "
+             "codecs).\n"]
+    for e in entries:
+        d = json.loads((RESULTS / e["file"]).read_text())
+        rows = d["rows"]
+        size = e.get("size", 64 << 20)
+        impls = sorted({r["impl"] for r in rows})
+        copy = {c["bytes"]: c for c in d["copy"]}
+        idx = {(r["codec"], r["op"], r["impl"], r["bytes"]): r for r in rows}
+        keys = list(dict.fromkeys((r["codec"], r["op"]) for r in rows))
+        table = []
+        for codec, op in keys:
+            cells = [f"`{codec}`", op]
+            for i in impls:
+                r = idx.get((codec, op, i, size))
+                cells.append("-" if r is None else
+                             f"{r['us']:.1f} µs, {r['TBps']:.2f} TB/s ({r['vs_copy']:.2f}x copy)")
+            table.append(cells)
+        parts.append(f"\n## {e['title']}\n\n{d['device']}, torch {d.get('torch')}, "
+                     f"{d['date']}; {d.get('rows_per_message')} chunks per message. bf16 copy "
+                     f"at {_size(size)}: {copy[size]['us']:.1f} µs, {copy[size]['TBps']:.2f} "
+                     f"TB/s. Source: `{e['file']}` (plot: "
+                     f"`{os.path.splitext(e['file'])[0]}.png`).\n\n### At {_size(size)}\n\n")
+        parts.append(_md_table(["codec", "op"] + impls, table))
+        eager = {(r["codec"], r["op"], r["impl"]): r for r in rows if "eager_us" in r}
+        if eager:
+            b0 = next(iter(eager.values()))["bytes"]
+            parts.append(f"\n### Host cost: eager calls at {_size(b0)}\n\nWall µs per call of "
+                         "back-to-back eager calls (no CUDA graph), as eager prefill "
+                         "launches them: the host's cost wherever it exceeds the kernel's "
+                         "time.\n\n")
+            parts.append(_md_table(["codec", "op"] + impls, [
+                [f"`{c}`", op] + [("-" if (c, op, i) not in eager
+                                   else f"{eager[(c, op, i)]['eager_us']:.1f}") for i in impls]
+                for c, op in keys]))
+        sizes = sorted(copy)
+        best = impls[0] if len(impls) == 1 else "cuda"
+        by_size = []
+        for codec, op in keys:
+            by_size.append([f"`{codec}`", op] + [
+                "-" if (codec, op, best, b) not in idx
+                else f"{idx[(codec, op, best, b)]['TBps']:.2f}" for b in sizes])
+        parts.append(f"\n### TB/s of `{best}` by message size\n\n")
+        parts.append(_md_table(["codec", "op"] + [_size(b) for b in sizes],
+                               [["bf16 copy", ""] + [f"{copy[b]['TBps']:.2f}" for b in sizes]]
+                               + by_size))
+    return "".join(parts)
+
+
 def generate_page(entries) -> str:
     parts = [HEADER, "# End-to-end generation speed\n",
              "`tools/bench_generate.py` (random weights of the named shape, bf16, CUDA-graph "
@@ -331,6 +387,8 @@ def build() -> dict:
     pages = {"accuracy.md": accuracy_page(src["accuracy"]),
              "allreduce.md": allreduce_page(src["allreduce"]),
              "generate.md": generate_page(src["generate"])}
+    if src.get("codec_kernels"):
+        pages["codec_kernels.md"] = codec_kernels_page(src["codec_kernels"])
     text, doc = recommended_page(src["recommend"])
     pages["recommended.md"] = text
     pages["recommended.json"] = json.dumps(doc, indent=1) + "\n"

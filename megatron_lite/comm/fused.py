@@ -11,7 +11,7 @@ symmetric workspace for a QuantizedCommunicator and puts, in front of its chain:
   - ``fused``    the one-launch two-shot kernel with the site's scheme;
 
 * :class:`OneShotKernelsBackend` for ``algo=one-shot``: the reference one-shot algorithm
-  with the Triton quantize and dequantize-and-sum kernels around NCCL's all-gather (no
+  with the quantize and dequantize-and-sum codec kernels around NCCL's all-gather (no
   workspace needed), which also returns each rank's error part for error feedback.
 
 Whatever they cannot take (no P2P, a CPU tensor, a scheme without a kernel plan such as
@@ -112,26 +112,25 @@ class FusedTwoShotBackend(Backend):
 
 def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_error: bool = False):
     """comm/algorithms.py's one-shot algorithm with the plain codec's encode and the
-    decode-and-sum done by the Triton kernels (bit-exact with the reference codec; the
-    ``hadamard-`` rotation runs inside them, kernels/maps.py); chunking, the ``weighted-``
-    scaling and the saturations are the reference's own torch ops, so the result is the
-    reference's bits. One quantize launch, one NCCL all-gather, W dequantize-and-sum
-    launches.
+    decode-and-sum done by the codec kernels (kernels/codec.py: CUDA C++ for int8/int4,
+    Triton otherwise; bit-exact with the reference codec; the ``hadamard-`` rotation runs
+    inside them); chunking, the ``weighted-`` scaling and the saturations are the
+    reference's own torch ops, so the result is the
+    reference's bits. One quantize launch, one NCCL all-gather, one dequantize-and-sum
+    launch (W of them on the Triton kernels).
 
     ``with_error``: also return this rank's error part, exactly as ``Scheme.own_error``
     computes it for the one-shot algorithm, restored to ``x``'s layout, fp32 (one more
-    launch, ``quant.error_part``)."""
-    from megatron_lite.kernels import quant
+    launch, ``error_part``)."""
+    from megatron_lite.kernels import codec as kc_ops
     plan = scheme.kernel_plan(x)
     w = base.world_size
     chunks, restore = scheme.chunk(x, w)       # weighted-: already scaled (torch, exact)
     c = chunks.shape[-1]
-    send = quant.quantize(plan.rs, chunks, rot=plan.rot)          # [W, nb]; rotated in-kernel
+    send = kc_ops.quantize(plan.rs, chunks, rot=plan.rot)         # [W, nb]; rotated in-kernel
     gathered = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
     base.all_gather_into_tensor(gathered.view(-1), send.view(-1))
-    acc = torch.stack([quant.dequantize(plan.rs, gathered[:, j], c, torch.float32,
-                                        sum_rows=True, rot=plan.rot)   # rank order, then
-                       for j in range(w)])                            # rotated back
+    acc = kc_ops.sum_ranks(plan.rs, gathered, c, rot=plan.rot)   # rank order, rotated back
     if plan.rot:
         # the kernel rotated back already: the scheme's finish without its rotation
         # (fp32 for weighted-, whose restore unscales, then rounds)
@@ -140,7 +139,7 @@ def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_erro
         y = restore(scheme.finish(acc, x.dtype))
     if not with_error:
         return y
-    return y, restore(quant.error_part(plan.rs, chunks, send, rot=plan.rot)).float()
+    return y, restore(kc_ops.error_part(plan.rs, chunks, send, rot=plan.rot)).float()
 
 
 class OneShotKernelsBackend(Backend):

@@ -2,6 +2,7 @@
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
 #   STAGES="env smoke sweep bench4 bench2 tests gen" bash tests/gpu/device_run.sh
+# One GPU: STAGES="env codec tests" bash tests/gpu/device_run.sh
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -50,6 +51,17 @@ for st in $STAGES; do
           --json "$OUT/generate_llama3-8b_tp4$tag.json" > "$OUT/gen$tag.log" 2>&1
         grep -v "it/s" "$OUT/gen$tag.log" | tail -25
       done
+      ;;
+    codec)
+      # single GPU: the CUDA C++ codec kernels bit for bit (builds them once), then the
+      # codec kernel benchmark against a bf16 copy; Triton alone if the kernels disagree
+      timeout ${T_CODEC_TESTS:-300} python3 -m pytest -q -rf tests/gpu/test_codec_cuda.py \
+        tests/gpu/test_quant_kernels.py 2>&1 | tail -40 | tee "$OUT/codec_tests.log"
+      timeout ${T_CODEC_BENCH:-300} python3 tools/bench_codec_kernels.py \
+        --json "$OUT/codec_kernels.json" > "$OUT/codec_bench.log" 2>&1 \
+        || { tail -3 "$OUT/codec_bench.log"; timeout 200 python3 tools/bench_codec_kernels.py \
+             --impl triton --json "$OUT/codec_kernels_triton.json" > "$OUT/codec_bench_triton.log" 2>&1; }
+      grep -v "it/s" "$OUT/codec_bench.log" | grep -A 40 "^64 MB" | head -40
       ;;
     tests)
       timeout ${T_TESTS:-240} python3 -m pytest -x -q tests/gpu 2>&1 | tail -25 | tee "$OUT/tests.log"

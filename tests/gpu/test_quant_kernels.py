@@ -85,3 +85,26 @@ def test_quantize_rejects_bad_shapes():
         k.quant.quantize(kc, torch.zeros(100, device="cuda"))
     with pytest.raises(ValueError):
         k.quant.dequantize(kc, torch.zeros(10, dtype=torch.uint8, device="cuda"), 128)
+
+
+@pytest.mark.parametrize("impl", ["quant", "codec"])
+def test_rows_past_the_second_grid_axis(impl):
+    """A 256 MB row is 65536 tiles of 2048 values, one more than a CUDA grid's second axis
+    takes: the kernels use one flat axis, so the row decodes to the same values as its
+    pieces do (the groups are the same; only the byte layout of the rows differs)."""
+    k = import_kernels()
+    from megatron_lite.comm.codecs import get_codec
+    from megatron_lite.kernels import codec as codec_ops
+    ops = k.quant if impl == "quant" else codec_ops
+    kc = get_codec("int4:128").kernel_codec()
+    n = 1 << 27
+    x = torch.randn(1, n, device="cuda", generator=torch.Generator("cuda").manual_seed(1),
+                    dtype=torch.float32).to(torch.bfloat16)
+    whole = ops.dequantize(kc, ops.quantize(kc, x), n, torch.bfloat16)
+    parts = x.view(64, n // 64)
+    pieces = ops.dequantize(kc, ops.quantize(kc, parts), n // 64, torch.bfloat16)
+    assert torch.equal(whole.view(-1), pieces.view(-1))
+    del whole, pieces
+    s = ops.dequantize(kc, ops.quantize(kc, x.expand(2, n).contiguous()), n, torch.float32,
+                       sum_rows=True)
+    assert torch.equal(s, 2 * ops.dequantize(kc, ops.quantize(kc, x), n)[0])

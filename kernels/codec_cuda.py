@@ -1,0 +1,207 @@
+"""CUDA C++ codec kernels (kernels/csrc/codec.cu) for the integer group codecs at 8 and 4
+bits, group 64 or 128 (the symmetric ``int8:G`` and ``int4-sym:G``, the asymmetric
+``int4:G``), with the ``hadamard-`` rotation and the
+``weighted-`` channel scales folded into quantize. Same functions and same bits as the
+Triton kernels of kernels/quant.py, which serve every other codec; kernels/codec.py picks.
+
+Why CUDA C++ here: the Triton kernels reach about 1 TB/s on an H200 (0.4-0.6 TB/s with the
+rotation), because the group reductions, the reshape-based butterflies and the code
+packing go through layout conversions. Here a thread holds 8 consecutive values (16-byte
+loads and stores), a group is G/8 lanes of one warp, and the reductions and the
+butterflies that cross threads are warp shuffles (the measured speeds:
+docs/results/codec_kernels.md).
+
+The source compiles on first use, on the GPU machine only (``torch.utils.cpp_extension.
+load_inline``, cached by torch under a name that holds the source's hash); CPU machines
+never build it.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from .config import INTERPRET, KIND_ASYM, KIND_SYM, KernelCodec
+
+BF16_MAX = 3.3895313892515355e38
+FP16_MAX = 65504.0
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "codec.cu")
+_DECLS = """
+int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,
+                      int64_t n, int64_t nb, int64_t dtype, int64_t kind, int64_t bits,
+                      int64_t g, bool rot, double c2, double rscale, int64_t stream);
+int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int64_t so,
+                        int64_t sr, int64_t n, int64_t nb, int64_t dtype, int64_t kind,
+                        int64_t bits, int64_t g, bool rot, double lim, double rscale,
+                        int64_t stream);
+int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n, int64_t nb,
+                   int64_t dtype, int64_t kind, int64_t bits, int64_t g, bool rot,
+                   double rscale, int64_t stream);
+"""
+
+
+class CudaCodecError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _ext():
+    """The compiled extension (built once per source version and machine)."""
+    from torch.utils.cpp_extension import load_inline
+    with open(_SRC) as f:
+        src = f.read()
+    tag = hashlib.sha256(src.encode()).hexdigest()[:12]
+    print(f"building the CUDA codec kernels ({os.path.basename(_SRC)}, once per machine)",
+          file=sys.stderr, flush=True)
+    # No FMA contraction anywhere: the reference rounds every product and sum separately
+    # (the source uses explicit _rn intrinsics as well; this keeps any plain expression
+    # added later honest).
+    return load_inline(name=f"megatron_lite_codec_{tag}", cpp_sources=[_DECLS],
+                       cuda_sources=[src],
+                       functions=["ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error"],
+                       extra_cuda_cflags=["-O3", "-std=c++17", "--fmad=false"],
+                       verbose=False)
+
+
+_QMAX = {KIND_ASYM: lambda bits: (1 << bits) - 1, KIND_SYM: lambda bits: (1 << (bits - 1)) - 1}
+
+
+def takes(kc: KernelCodec, *tensors: torch.Tensor) -> bool:
+    """Whether these kernels serve codec ``kc`` on these (contiguous) tensors: an integer
+    group codec (asymmetric or symmetric) of 8 or 4 bits and group 64 or 128, CUDA tensors
+    with 16-byte aligned data, and a real GPU (not the Triton interpreter)."""
+    if (INTERPRET or kc.kind not in _QMAX or kc.bits not in (4, 8) or kc.group not in (64, 128)
+            or kc.qmax != _QMAX[kc.kind](kc.bits)):
+        return False
+    return all(t.is_cuda and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _check(err: int, what: str) -> None:
+    if err:
+        raise CudaCodecError(f"CUDA codec kernel {what} failed: cudaError {err}")
+
+
+@functools.lru_cache(maxsize=None)
+def _rscale(rot: int) -> float:
+    return float(torch.tensor(1.0 / math.sqrt(rot), dtype=torch.float32))   # as maps.geometry
+
+
+def _rot(kc: KernelCodec, rot: Optional[int]) -> float:
+    if rot is None:
+        return 1.0
+    if rot != kc.group:
+        raise ValueError(f"rotation of {rot} values needs a group codec of group {rot}")
+    return _rscale(rot)
+
+
+def _stream(t: torch.Tensor) -> int:
+    # the raw handle, as Triton's launcher reads it: a Python Stream object costs
+    # microseconds of host time per call (CUDA builds of torch only; never reached on CPU)
+    return torch._C._cuda_getCurrentRawStream(t.get_device())
+
+
+def quantize(kc: KernelCodec, x: torch.Tensor, rot: Optional[int] = None,
+             scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``quant.quantize(kc, x, rot)``, bit for bit; with ``scale`` (fp32 [H], on x's
+    device, H dividing x's length) the ``weighted-`` scaling first:
+    ``codec.encode(fwht(fl32(x) * s[channel], rot))``, the channel of a value being its
+    flat index mod H."""
+    rs = _rot(kc, rot)
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"input dtype {x.dtype}: expected bf16, fp16 or fp32")
+    n = x.shape[-1]
+    if n % kc.group:
+        raise ValueError(f"chunk length {n} is not a multiple of the group size {kc.group}")
+    x = x.contiguous()
+    if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
+                              or scale.dim() != 1 or x.numel() % scale.numel()):
+        raise ValueError("scale must be 1-D fp32 on the input's device and divide its length")
+    rows = x.numel() // max(n, 1)
+    nb = kc.nbytes(n)
+    out = torch.empty(*x.shape[:-1], nb, dtype=torch.uint8, device=x.device)
+    if out.numel() == 0:
+        return out
+    s_ptr, h = (scale.data_ptr(), scale.numel()) if scale is not None else (0, 1)
+    _check(_ext().ml_codec_quantize(x.data_ptr(), out.data_ptr(), s_ptr, h, rows, n, nb,
+                                    _DTYPES[x.dtype], kc.kind, kc.bits, kc.group,
+                                    rot is not None, kc.c2, rs, _stream(x)), "quantize")
+    return out
+
+
+def dequantize(kc: KernelCodec, buf: torch.Tensor, n: int, out_dtype=torch.float32,
+               sum_rows: bool = False, rot: Optional[int] = None) -> torch.Tensor:
+    """``quant.dequantize``, bit for bit (same arguments and checks)."""
+    rs = _rot(kc, rot)
+    if rot is not None and out_dtype != torch.float32:
+        raise ValueError("a rotated dequantize returns fp32 (saturate afterwards)")
+    if out_dtype not in _DTYPES:
+        raise ValueError(f"output dtype {out_dtype}: expected bf16, fp16 or fp32")
+    nb = kc.nbytes(n)
+    if buf.dtype != torch.uint8 or buf.shape[-1] != nb or n % kc.group:
+        raise ValueError(f"expected {nb} uint8 bytes per row for {n} values, got "
+                         f"{tuple(buf.shape)} {buf.dtype}")
+    buf = buf.contiguous()
+    if sum_rows:
+        if buf.dim() != 2 or buf.shape[0] < 1:
+            raise ValueError("sum_rows takes a [rows, nbytes] buffer with rows >= 1")
+        out = torch.empty(n, dtype=out_dtype, device=buf.device)
+        outs, per, so = 1, buf.shape[0], buf.shape[0]
+    else:
+        out = torch.empty(*buf.shape[:-1], n, dtype=out_dtype, device=buf.device)
+        outs, per, so = buf.numel() // nb, 1, 1
+    return _dequantize(kc, buf, out, outs, per, so, 1, n, rs, rot is not None)
+
+
+def sum_ranks(kc: KernelCodec, gathered: torch.Tensor, n: int,
+              rot: Optional[int] = None) -> torch.Tensor:
+    """fp32 ``[J, n]``: ``out[j]`` = the in-order sum over ``r`` of ``decode(gathered[r,
+    j])``, rotated back with ``rot``: the one-shot all-reduce's W dequantize-and-sums of
+    a gathered ``[ranks, chunks, nbytes]`` buffer in one launch, the bits of
+    ``dequantize(kc, gathered[:, j], n, sum_rows=True, rot=rot)`` for every ``j``."""
+    rs = _rot(kc, rot)
+    nb = kc.nbytes(n)
+    if (gathered.dtype != torch.uint8 or gathered.dim() != 3 or gathered.shape[-1] != nb
+            or gathered.shape[0] < 1 or n % kc.group):
+        raise ValueError(f"expected [ranks, chunks, {nb}] uint8 bytes for {n} values, got "
+                         f"{tuple(gathered.shape)} {gathered.dtype}")
+    gathered = gathered.contiguous()
+    ranks, chunks = gathered.shape[:2]
+    out = torch.empty(chunks, n, dtype=torch.float32, device=gathered.device)
+    return _dequantize(kc, gathered, out, chunks, ranks, 1, chunks, n, rs, rot is not None)
+
+
+def _dequantize(kc, buf, out, outs, per, so, sr, n, rs, rot: bool) -> torch.Tensor:
+    if out.numel() == 0:
+        return out
+    lim = FP16_MAX if out.dtype == torch.float16 else BF16_MAX
+    _check(_ext().ml_codec_dequantize(buf.data_ptr(), out.data_ptr(), outs, per, so, sr, n,
+                                      kc.nbytes(n), _DTYPES[out.dtype], kc.kind, kc.bits,
+                                      kc.group, rot, lim, rs, _stream(buf)), "dequantize")
+    return out
+
+
+def error_part(kc: KernelCodec, x: torch.Tensor, buf: torch.Tensor,
+               rot: Optional[int] = None) -> torch.Tensor:
+    """``quant.error_part``, bit for bit."""
+    rs = _rot(kc, rot)
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"input dtype {x.dtype}: expected bf16, fp16 or fp32")
+    n = x.shape[-1]
+    nb = kc.nbytes(n)
+    x, buf = x.contiguous(), buf.contiguous()
+    rows = x.numel() // max(n, 1)
+    if buf.dtype != torch.uint8 or buf.numel() != rows * nb or n % kc.group:
+        raise ValueError(f"expected {rows} x {nb} uint8 bytes, got {tuple(buf.shape)} {buf.dtype}")
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out
+    _check(_ext().ml_codec_error(x.data_ptr(), buf.data_ptr(), out.data_ptr(), rows, n, nb,
+                                 _DTYPES[x.dtype], kc.kind, kc.bits, kc.group, rot is not None,
+                                 rs, _stream(x)), "error_part")
+    return out
