@@ -63,6 +63,14 @@ for st in $STAGES; do
              --impl triton --json "$OUT/codec_kernels_triton.json" > "$OUT/codec_bench_triton.log" 2>&1; }
       grep -v "it/s" "$OUT/codec_bench.log" | grep -A 40 "^64 MB" | head -40
       ;;
+    ncu)
+      # where the codec kernels' time goes (hardware counters: Firecracker machines only)
+      timeout ${T_NCU:-150} ncu --clock-control none --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats -k regex:_kernel python3 tests/gpu/profile_codec.py \
+        > "$OUT/ncu_codec.txt" 2>&1
+      grep -E "_kernel<|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
+        "$OUT/ncu_codec.txt" | head -80
+      ;;
     tests)
       timeout ${T_TESTS:-240} python3 -m pytest -x -q tests/gpu 2>&1 | tail -25 | tee "$OUT/tests.log"
       ;;
