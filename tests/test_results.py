@@ -34,6 +34,10 @@ def test_every_results_source_exists_and_every_link_resolves():
         for e in src[kind]:
             for f in [e["file"]] + e.get("with", []):
                 assert (REPO / "docs" / "results" / "data" / kind / f).is_file(), f
+    for e in src.get("codec_kernels", []):     # named from docs/results/ itself
+        d = json.loads((REPO / "docs" / "results" / e["file"]).read_text())
+        assert {"device", "date", "copy_TBps", "rows"} <= set(d), e["file"]
+        assert all({"codec", "op", "bytes", "us", "TBps"} <= set(r) for r in d["rows"])
     import re
     for page in list((REPO / "docs").rglob("*.md")) + [REPO / "README.md"]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
