@@ -1,15 +1,16 @@
 """CUDA C++ codec kernels (kernels/csrc/codec.cu) for the integer group codecs at 8 and 4
 bits, group 64 or 128 (the symmetric ``int8:G`` and ``int4-sym:G``, the asymmetric
-``int4:G``), with the ``hadamard-`` rotation and the
-``weighted-`` channel scales folded into quantize. Same functions and same bits as the
-Triton kernels of kernels/quant.py, which serve every other codec; kernels/codec.py picks.
+``int4:G``), with the ``hadamard-`` rotation and the ``weighted-`` channel scales folded
+into quantize. Same functions and same bits as the Triton kernels of kernels/quant.py,
+which serve every other codec; kernels/codec.py picks.
 
-Why CUDA C++ here: the Triton kernels reach about 1 TB/s on an H200 (0.4-0.6 TB/s with the
-rotation), because the group reductions, the reshape-based butterflies and the code
-packing go through layout conversions. Here a thread holds 8 consecutive values (16-byte
-loads and stores), a group is G/8 lanes of one warp, and the reductions and the
-butterflies that cross threads are warp shuffles (the measured speeds:
-docs/results/codec_kernels.md).
+Why CUDA C++ here: in the Triton kernels the reshape-based butterflies of the rotation go
+through layout conversions, and the ``weighted-`` scaling is a separate torch multiply.
+Here a thread holds 8 consecutive values (16-byte loads and stores), a group is G/8
+lanes of one warp, the reductions and the butterflies that cross threads are warp
+shuffles, and the scales are applied in the same pass: the rotated quantize runs about
+twice as fast, the weighted one about four times (docs/results/codec_kernels.md). Both
+are bound by instruction issue, not by memory (docs/notebook/2026-12-05.md).
 
 The source compiles on first use, on the GPU machine only (``torch.utils.cpp_extension.
 load_inline``, cached by torch under a name that holds the source's hash); CPU machines
