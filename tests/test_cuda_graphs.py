@@ -196,14 +196,25 @@ def _bench_rank(rank, world, out_dir):
                     "--comm", "int8:128", "--comm", "int4:128",
                     "--decode-batches", "1,3", "--context", "40", "--decode-steps", "3",
                     "--repeats", "2", "--check-tokens", "4", "--check-long-mib", "0.1",
-                    "--json", path])
+                    "--json", path, "--compare-to", os.path.join(out_dir, "before.json")])
     finally:
         parallel_state.destroy_model_parallel()
     return json.load(open(path)) if rank == 0 else None
 
 
 def test_bench_end_to_end_on_gloo(tmp_path):
+    # an earlier run that measured one of this run's rows (eager decode on CPU) and another
+    before = dict(date="2026-01-01", device="cpu", rows=[
+        dict(phase="decode", batch=1, tokens=40, comm="native", ms=1000.0, graph=False),
+        dict(phase="decode", batch=7, tokens=40, comm="native", ms=5.0, graph=False)])
+    (tmp_path / "before.json").write_text(json.dumps(before))
     res = run_distributed(_bench_rank, 2, str(tmp_path))[0]
+    cmp = res["compared_to"]
+    assert cmp["before_date"] == "2026-01-01" and cmp["file"].endswith("before.json")
+    (row,) = cmp["rows"]
+    now = next(r["ms"] for r in res["rows"] if (r["phase"], r["batch"], r["comm"])
+               == ("decode", 1, "native"))
+    assert row["before_ms"] == 1000.0 and row["ms"] == now and row["ratio"] == now / 1000.0
     assert res["tp"] == 2 and res["shape"] == "tiny" and res["device"] == "cpu"
     assert not res["skipped"]
     modes = ["native", "auto", "int8:128", "int4:128", "skip-reduce"]
@@ -226,6 +237,57 @@ def test_bench_end_to_end_on_gloo(tmp_path):
     assert res["backends"]["native"]["prefill_8k"].startswith("native")
     assert {r["comm"] for r in res["ttft_comm_removed"]} <= {"auto", "int8:128", "int4:128"}
     assert res["tpot_floor_ms"] > 0
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "allreduce"),
+    ("void (anonymous namespace)::quantize_kernel<Bf16Bits, 1, 4, 128, true, false>", "allreduce"),
+    ("_dequantize_kernel", "allreduce"),
+    ("flash_fwd_splitkv_kernel", "attention"),
+    ("nvjet_tst_128x64_64x8_1x1_v_bz_TNT", "gemm"),
+    ("triton_poi_fused_add_mul_rsqrt_0", "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("some_custom_kernel", "other"),
+])
+def test_profile_kernel_kinds(name, kind):
+    from megatron_lite.lab.benchmark import kernel_kind
+    assert kernel_kind(name) == kind
+
+
+def test_compare_runs_matches_rows_and_profiles():
+    from megatron_lite.lab.benchmark import compare_runs, format_comparison
+    prof = lambda k, g: dict(kernels_per_step=k, busy_ms_per_step=1.0, span_ms_per_step=2.0,
+                             by_kind={"gemm": dict(kernels=k, ms=g)})
+    now = dict(rows=[dict(phase="prefill", batch=1, tokens=512, comm="auto", ms=3.0),
+                     dict(phase="decode", batch=1, tokens=1024, comm="auto", ms=2.0, graph=True),
+                     dict(phase="decode", batch=1, tokens=1024, comm="auto", ms=9.0, graph=False)],
+               decode_profile_b1={"auto": prof(400, 1.5)})
+    before = dict(date="d", device="x",
+                  rows=[dict(phase="prefill", batch=1, tokens=512, comm="auto", ms=6.0),
+                        dict(phase="decode", batch=1, tokens=1024, comm="auto", ms=4.0),
+                        dict(phase="decode", batch=1, tokens=1024, comm="int4:128", ms=1.0)],
+                  decode_profile_b1={"auto": prof(1000, 2.0)})
+    cmp = compare_runs(now, before)
+    assert [(r["phase"], r["graph"], r["ratio"]) for r in cmp["rows"]] == [
+        ("prefill", True, 0.5), ("decode", True, 0.5)]     # eager decode: not measured there
+    assert cmp["profiles"]["auto"]["kernels_per_step"] == dict(now=400, before=1000)
+    assert cmp["profiles"]["auto"]["gemm_ms"] == dict(now=1.5, before=2.0)
+    text = format_comparison(cmp)
+    assert "0.500x" in text and "kernels_per_step 400 vs 1e+03" in text
+
+
+@pytest.mark.parametrize("content,msg", [(None, "cannot read it"),
+                                         ('{"a": 1}', "not a tools/bench_generate.py")])
+def test_compare_to_bad_file_fails_before_the_run(tmp_path, capsys, content, msg):
+    path = tmp_path / "old.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--random-weights", "tiny", "--compare-to", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --compare-to") and msg in err and "\n" not in err
 
 
 def test_plot_from_json(tmp_path):

@@ -5,6 +5,7 @@
         --json docs/benchmarks/generate_llama3-8b_tp4.json
     torchrun --nproc_per_node=2 tools/bench_generate.py --ckpt SHARD_DIR ...
     python tools/bench_generate.py --plot out.png --from-json a.json [hf.json ...]
+    torchrun ... tools/bench_generate.py ... --json new.json --compare-to old.json
 
 TP is the torchrun world size. Weights are a checkpoint (``--ckpt``) or random bf16 weights
 of a serving shape made on the device (``--random-weights``, lab/random_init.py).
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cut-off run keeps its rows (default: none)")
     p.add_argument("--plot", type=Path, metavar="FILE",
                    help="write a bar chart (PNG) of the results (default: none)")
+    p.add_argument("--compare-to", type=Path, metavar="FILE",
+                   help="an earlier run's --json: print each row's time against it, and "
+                        "the decode-step profiles side by side (default: none)")
     p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
                    help="only plot these result files, ours and tools/bench_hf_generate.py's "
                         "(needs --plot; default: measure)")
@@ -283,6 +287,14 @@ def main(argv=None) -> int:
         return 0
     if args.ckpt is None and args.random_weights is None:
         _fail("give --ckpt DIR or --random-weights SHAPE (or --from-json to plot)")
+    before = None
+    if args.compare_to is not None:
+        try:
+            before = json.loads(args.compare_to.read_text())
+        except (OSError, ValueError) as e:
+            _fail(f"--compare-to {args.compare_to}: cannot read it ({e})")
+        if not isinstance(before, dict) or not isinstance(before.get("rows"), list):
+            _fail(f"--compare-to {args.compare_to}: not a tools/bench_generate.py --json file")
     from megatron_lite.comm.spec import parse_comm
     from megatron_lite.errors import MegatronLiteError
     modes = {NATIVE: parse_comm(NATIVE)}
@@ -353,8 +365,13 @@ def main(argv=None) -> int:
 
     with torch.inference_mode():
         _run_modes(args, engine, group, modes, cases, batches, result, clock, say, save)
+    if before is not None:
+        from megatron_lite.lab.benchmark import compare_runs, format_comparison
+        result["compared_to"] = dict(compare_runs(result, before), file=str(args.compare_to))
     save()
     say(summarize(dict(result, ttft_comm_removed=comm_removed(result["rows"]))))
+    if before is not None:
+        say(format_comparison(result["compared_to"]))
     if rank == 0 and args.plot:
         plot([result], args.plot)
     group.barrier()

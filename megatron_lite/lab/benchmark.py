@@ -96,18 +96,27 @@ def time_prefill(engine, tokens, repeats: int, clock: Clock) -> float:
 
 
 _KERNEL_KINDS = (   # (kind, regex on the kernel name), first match wins
-    ("allreduce", r"nccl|one_shot|two_shot|allreduce|all_reduce"),
+    # the codec kernels (CUDA quantize_kernel / dequantize_kernel / error_kernel, Triton
+    # _quantize_kernel ...) run only inside the quantized all-reduce
+    ("allreduce", r"nccl|one_shot|two_shot|allreduce|all_reduce|quantize_kernel|error_kernel"),
     ("attention", r"flash|fmha|attention|efficient_attention"),
     ("gemm", r"gemm|gemv|cutlass|nvjet|xmma|cublas|splitk"),
     ("copy", r"memcpy|memset"),
+    # torch's eager elementwise / reduction kernels and inductor's fused Triton kernels
+    ("elementwise", r"elementwise|reduce_kernel|triton_(poi|red|per)_"),
 )
+
+
+def kernel_kind(name: str) -> str:
+    """The kind a decode-step profile files a kernel under (``other`` if none matches)."""
+    import re
+    return next((k for k, rx in _KERNEL_KINDS if re.search(rx, name, re.I)), "other")
 
 
 def profile_steps(step, tok, pos, steps: int = 5) -> dict:
     """Kernels of ``steps`` decode steps under the CUDA profiler (graph replays included):
-    per-step kernel count, busy time by kind, and the span from first kernel start to last
-    kernel end (span - busy = gaps between kernels)."""
-    import re
+    per-step kernel count, busy time by kind (``kernel_kind``), the span from first kernel
+    start to last kernel end, and the gaps between kernels (span - busy)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
@@ -120,13 +129,15 @@ def profile_steps(step, tok, pos, steps: int = 5) -> dict:
         return dict(error="the profiler saw no CUDA kernels")
     by_kind: dict = {}
     for e in evs:
-        kind = next((k for k, rx in _KERNEL_KINDS if re.search(rx, e.name, re.I)), "other")
+        kind = kernel_kind(e.name)
         n, us = by_kind.get(kind, (0, 0.0))
         by_kind[kind] = (n + 1, us + e.time_range.elapsed_us())
     span = max(e.time_range.end for e in evs) - min(e.time_range.start for e in evs)
+    busy = sum(us for _, us in by_kind.values())
     return dict(kernels_per_step=len(evs) / steps,
-                busy_ms_per_step=sum(us for _, us in by_kind.values()) / steps / 1e3,
+                busy_ms_per_step=busy / steps / 1e3,
                 span_ms_per_step=span / steps / 1e3,
+                gap_ms_per_step=max(0.0, span - busy) / steps / 1e3,
                 by_kind={k: dict(kernels=n / steps, ms=us / steps / 1e3)
                          for k, (n, us) in sorted(by_kind.items())})
 
@@ -242,3 +253,52 @@ def graph_matches_eager(engine, batch: int = 2) -> dict:
     replay = runner(tok, pos).clone()
     return dict(graph_bitwise_equal_to_eager=bool(torch.equal(eager, replay)),
                 graph_max_abs_diff=float((eager.float() - replay.float()).abs().max()))
+
+
+# ----------------------------------------------------------------------------- comparison
+def _row_key(r: dict) -> tuple:
+    return (r["phase"], r["batch"], r["tokens"], r["comm"], bool(r.get("graph", True)))
+
+
+def compare_runs(now: dict, before: dict) -> dict:
+    """This run against an earlier ``tools/bench_generate.py`` JSON: for every row both
+    measured (same phase, batch, tokens, comm and graph mode), both times and now/before
+    (below 1: faster now); for every comm both profiled, the decode-step profile's kernels,
+    busy and span per step and each kind's ms, now and before."""
+    old = {_row_key(r): r["ms"] for r in before.get("rows", [])}
+    rows = []
+    for r in now["rows"]:
+        b = old.get(_row_key(r))
+        if b:
+            rows.append(dict(phase=r["phase"], batch=r["batch"], tokens=r["tokens"],
+                             comm=r["comm"], graph=bool(r.get("graph", True)), ms=r["ms"],
+                             before_ms=b, ratio=r["ms"] / b))
+    profiles = {}
+    for comm, p in now.get("decode_profile_b1", {}).items():
+        q = before.get("decode_profile_b1", {}).get(comm)
+        if not q or "error" in p or "error" in q:
+            continue
+        entry = {k: dict(now=p[k], before=q[k]) for k in
+                 ("kernels_per_step", "busy_ms_per_step", "span_ms_per_step")}
+        for kind in sorted(set(p["by_kind"]) | set(q["by_kind"])):
+            entry[f"{kind}_ms"] = dict(now=p["by_kind"].get(kind, {}).get("ms", 0.0),
+                                       before=q["by_kind"].get(kind, {}).get("ms", 0.0))
+        profiles[comm] = entry
+    return dict(before_date=before.get("date"), before_device=before.get("device"),
+                rows=rows, profiles=profiles)
+
+
+def format_comparison(cmp: dict) -> str:
+    """The table ``compare_runs`` describes."""
+    lines = [f"against the run of {cmp['before_date']} on {cmp['before_device']} "
+             "(ratio = now / before; below 1 is faster now)"]
+    if not cmp["rows"]:
+        lines.append("  no row of this run was measured there (phase, batch, tokens, comm)")
+    for r in cmp["rows"]:
+        case = f"{r['batch']}x{r['tokens']}" + ("" if r["graph"] else " eager")
+        lines.append(f"  {r['phase']:8s} {case:>12s} {r['comm']:>24s}: {r['ms']:10.3f} ms "
+                     f"vs {r['before_ms']:10.3f} ms  {r['ratio']:6.3f}x")
+    for comm, entry in cmp["profiles"].items():
+        lines.append(f"  decode b1 profile, {comm}: " + ", ".join(
+            f"{k} {v['now']:.3g} vs {v['before']:.3g}" for k, v in entry.items()))
+    return "\n".join(lines)
