@@ -66,7 +66,7 @@ def test_end_to_end_on_gloo(tmp_path):
                   "--channels", "256", "--json", out] + [a for s in specs for a in ("--comm", s)])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["world"] == 2 and res["device"] == "cpu"
+    assert res["world"] == 2 and res["device"] == "cpu" and res["transport"] == "gloo"
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     got = {(row["bytes"], row["comm"]) for row in res["rows"]}
     assert got == {(b, c) for b in (1 << 14, 1 << 15) for c in ["native"] + specs}
@@ -80,6 +80,29 @@ def test_end_to_end_on_gloo(tmp_path):
     paths = {row["comm"]: row["path"] for row in res["rows"]}
     assert paths["int4:128,path=fused"] == "two-step with int4:128"     # gloo: portable
     assert paths["ef+int4:128,algo=one-shot"].startswith("error feedback, portable one-shot")
+
+
+def test_transport_needs_nccl(tmp_path):
+    """--transport emulates NCCL transports; on a CPU it is refused before any group."""
+    r = run_tool(["tools/bench_allreduce.py", "--transport", "socket"],
+                 env={"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("error: --transport needs NCCL on CUDA "
+                                                  "GPUs (gloo runs over sockets)")
+
+
+def test_transport_environment_and_label():
+    from megatron_lite.lab.benchmark import TRANSPORTS, apply_transport, transport_label
+    env = {"NCCL_SHM_DISABLE": "1", "OTHER": "x"}
+    apply_transport(None, env)
+    assert env == {"NCCL_SHM_DISABLE": "1", "OTHER": "x"}      # None: left as it is
+    assert transport_label("nccl", env) == "nvlink"          # SHM off alone: P2P still used
+    for name in TRANSPORTS:
+        apply_transport(name, env)
+        assert transport_label("nccl", env) == name and env["OTHER"] == "x"
+    apply_transport("nvlink", env)
+    assert env == {"OTHER": "x"}                             # nvlink: NCCL's own choice
+    assert transport_label("gloo", {"NCCL_P2P_DISABLE": "1"}) == "gloo"
 
 
 def test_host_overhead_of_the_plan(tmp_path):

@@ -178,6 +178,7 @@ def test_comm_removed_ratio():
     (["--random-weights", "nope"], "unknown shape 'nope'"),
     (["--decode-batches", "1"], "give --ckpt DIR or --random-weights"),
     (["--from-json", "x.json"], "--from-json needs --plot"),
+    (["--random-weights", "tiny", "--transport", "host-memory"], "--transport needs NCCL"),
 ])
 def test_bad_arguments_fail_with_one_line(capsys, argv, msg):
     with pytest.raises(SystemExit) as e:
@@ -216,6 +217,7 @@ def test_bench_end_to_end_on_gloo(tmp_path):
                == ("decode", 1, "native"))
     assert row["before_ms"] == 1000.0 and row["ms"] == now and row["ratio"] == now / 1000.0
     assert res["tp"] == 2 and res["shape"] == "tiny" and res["device"] == "cpu"
+    assert res["transport"] == "gloo"
     assert not res["skipped"]
     modes = ["native", "auto", "int8:128", "int4:128", "skip-reduce"]
     want = {(ph, b, t, c) for c in modes for ph, b, t in

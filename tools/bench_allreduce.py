@@ -6,6 +6,7 @@ in the same run, as the engine runs it.
     torchrun --nproc_per_node=2 tools/bench_allreduce.py --comm int4:128,path=fused \\
         --comm hadamard-int8:128,path=fused --comm auto --max-size 64MB
     torchrun --nproc_per_node=2 tools/bench_allreduce.py --host-overhead --comm int4:128
+    torchrun --nproc_per_node=2 tools/bench_allreduce.py --transport host-memory ...
 
 Each ``--comm SPEC`` (repeatable; the grammar of every tool) is built with
 ``build_communicator`` and called as the model calls it, ``all_reduce(x, site)`` on a
@@ -27,8 +28,14 @@ For every message size (bf16 bytes, --min-size .. --max-size in powers of 2):
 3. algbw = bytes / time, busbw = algbw * 2(W-1)/W (nccl-tests convention), and the
    speed-up over native. ``path`` records which backend served the message.
 
+``--transport host-memory`` / ``socket`` emulates a slower link by routing NCCL through
+host shared memory (``NCCL_P2P_DISABLE=1``: PCIe GPUs without peer access) or sockets
+(also ``NCCL_SHM_DISABLE=1``: a cross-node Ethernet link); native is measured on the
+same transport, and the JSON's ``transport`` says which one ran (``gloo`` on a CPU).
+
 Output: a table, --json (rows, the auto thresholds this run supports, device, NCCL
-version, date, command) and a plot next to it. Runs on gloo (CPU) too, as a smoke test.
+version, transport, date, command) and a plot next to it. Runs on gloo (CPU) too, as a
+smoke test.
 """
 from __future__ import annotations
 
@@ -89,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: off)")
     p.add_argument("--calibration", help="calibration file for calibrated codecs made for "
                                          "this TP size and --channels (default: synthetic)")
+    p.add_argument("--transport", choices=("nvlink", "host-memory", "socket"),
+                   help="emulate a transport (NCCL only): nvlink leaves NCCL its choice, "
+                        "host-memory sets NCCL_P2P_DISABLE=1 (PCIe GPUs without peer "
+                        "access), socket also NCCL_SHM_DISABLE=1 (a cross-node link); "
+                        "recorded as the JSON's transport (default: from the environment)")
     p.add_argument("--json", help="write results here, rank 0 (default: none)")
     p.add_argument("--plot", help="plot file (default: --json with .png)")
     return p
@@ -135,7 +147,13 @@ def main(argv=None) -> int:
     from megatron_lite.comm.communicator import DistCommunicator
     from megatron_lite.lab import bench_comm as B
 
+    from megatron_lite.lab.benchmark import apply_transport, transport_label
     cuda = torch.cuda.is_available()
+    if args.transport and not cuda:
+        print("error: --transport needs NCCL on CUDA GPUs (gloo runs over sockets)",
+              file=sys.stderr)
+        return 2
+    apply_transport(args.transport)
     if cuda:
         # NVLink multicast can take the host's GPUs out of service (device notes): keep it off.
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -173,6 +191,7 @@ def main(argv=None) -> int:
         return 2
     say(f"device {device_name} x {world}, NCCL {nccl_version}, torch {torch.__version__}")
     payload = {"device": device_name, "world": world, "nccl_version": nccl_version,
+               "transport": transport_label(dist.get_backend()),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "command": " ".join(["tools/bench_allreduce.py"] + list(argv or sys.argv[1:])),
                "channels": args.channels}

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cut-off run keeps its rows (default: none)")
     p.add_argument("--plot", type=Path, metavar="FILE",
                    help="write a bar chart (PNG) of the results (default: none)")
+    p.add_argument("--transport", choices=("nvlink", "host-memory", "socket"),
+                   help="emulate a transport (NCCL only; as tools/bench_allreduce.py), "
+                        "recorded as the JSON's transport (default: from the environment)")
     p.add_argument("--compare-to", type=Path, metavar="FILE",
                    help="an earlier run's --json: print each row's time against it, and "
                         "the decode-step profiles side by side (default: none)")
@@ -319,12 +322,16 @@ def main(argv=None) -> int:
     if args.ckpt is not None and not args.ckpt.is_dir():
         _fail(f"checkpoint directory {args.ckpt} does not exist")
 
+    import torch
+    if args.transport and not torch.cuda.is_available():
+        _fail("--transport needs NCCL on CUDA GPUs (gloo runs over sockets)")
     # NVLink multicast can take the host's GPUs out of service (device notes): keep it off.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    import torch
     from megatron_lite.inference.engine import _resolve_device_dtype
-    from megatron_lite.lab.benchmark import Clock, measure_hbm_GBps, nccl_version, write_json
+    from megatron_lite.lab.benchmark import (Clock, apply_transport, measure_hbm_GBps,
+                                             nccl_version, transport_label, write_json)
+    apply_transport(args.transport)
     from megatron_lite.lab.random_init import streamed_weight_bytes, total_weight_bytes
     from megatron_lite.parallel_state import initialize_model_parallel
 
@@ -349,6 +356,8 @@ def main(argv=None) -> int:
         device=torch.cuda.get_device_name(device) if graphs else "cpu", tp=tp, shape=shape_name,
         date=datetime.date.today().isoformat(), torch=torch.__version__,
         nccl=nccl_version() if graphs else None,
+        transport=transport_label(torch.distributed.get_backend()
+                                  if torch.distributed.is_initialized() else "none"),
         dtype=str(dtype).replace("torch.", ""), context=args.context,
         decode_steps=args.decode_steps, prefill_repeats=args.repeats, cuda_graphs=graphs,
         compiled_decode=args.compile,

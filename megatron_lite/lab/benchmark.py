@@ -302,3 +302,38 @@ def format_comparison(cmp: dict) -> str:
         lines.append(f"  decode b1 profile, {comm}: " + ", ".join(
             f"{k} {v['now']:.3g} vs {v['before']:.3g}" for k, v in entry.items()))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- transports
+# How NCCL reaches the other GPUs of the host, as the benchmarks emulate it: its own choice
+# (NVLink / P2P where the GPUs have it), host shared memory (NCCL_P2P_DISABLE=1: the path of
+# PCIe GPUs without peer access), or sockets (and no shared memory either: a cross-node
+# Ethernet link). NCCL reads these variables when it creates a communicator, so they are
+# set before the process group exists.
+TRANSPORTS = {"nvlink": {}, "host-memory": {"NCCL_P2P_DISABLE": "1"},
+              "socket": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}}
+
+
+def apply_transport(name, environ=None) -> None:
+    """Set the NCCL variables of transport ``name`` (a key of ``TRANSPORTS``; None: leave
+    the environment as it is). Call before the process group is created."""
+    import os
+    env = os.environ if environ is None else environ
+    if name is None:
+        return
+    for key in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE"):
+        env.pop(key, None)
+    env.update(TRANSPORTS[name])
+
+
+def transport_label(backend: str, environ=None) -> str:
+    """The transport a run's JSON records: ``gloo`` for a gloo group, else the emulated one
+    the NCCL variables select (``socket``, ``host-memory``), else ``nvlink`` (NCCL's own
+    choice: on the machines measured here, NVLink)."""
+    import os
+    env = os.environ if environ is None else environ
+    if backend != "nccl":
+        return backend
+    if env.get("NCCL_P2P_DISABLE") == "1":
+        return "socket" if env.get("NCCL_SHM_DISABLE") == "1" else "host-memory"
+    return "nvlink"
