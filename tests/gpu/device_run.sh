@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
-#   STAGES="env smoke sweep bench4 bench2 tests gen" bash tests/gpu/device_run.sh
+#   STAGES="env smoke sweep bench4 bench2 transports tests gen" bash tests/gpu/device_run.sh
 # One GPU: STAGES="env codec tests" bash tests/gpu/device_run.sh
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -40,6 +40,16 @@ for st in $STAGES; do
       timeout ${T_BENCH:-200} torchrun --nproc_per_node=2 tools/bench_allreduce.py \
         --json "$OUT/allreduce_w2.json" > "$OUT/bench_w2.log" 2>&1
       tail -5 "$OUT/bench_w2.log"
+      ;;
+    transports)
+      # the slow-link tables: NCCL through host memory, then through sockets, native
+      # measured on the same transport (W = $TR_NPROC, default 4)
+      for tr in host-memory socket; do
+        timeout ${T_BENCH:-200} torchrun --nproc_per_node=${TR_NPROC:-4} \
+          tools/bench_allreduce.py --transport $tr --min-size 64KB \
+          --json "$OUT/allreduce_w${TR_NPROC:-4}_$tr.json" > "$OUT/bench_$tr.log" 2>&1
+        tail -3 "$OUT/bench_$tr.log"
+      done
       ;;
     gen)
       # decode with and without torch.compile, llama3-8b TP4, batch-1/16 TPOT only
