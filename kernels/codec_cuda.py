@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import sys
 from typing import Optional
 
 import torch
 
+from .calls import (check_rotation, dequantize_buffers, error_buffers, geometry, out_limit,
+                    quantize_buffers)
 from .config import INTERPRET, KIND_ASYM, KIND_SYM, KernelCodec
 
-BF16_MAX = 3.3895313892515355e38
-FP16_MAX = 65504.0
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "codec.cu")
 _DECLS = """
@@ -88,17 +87,17 @@ def _check(err: int, what: str) -> None:
         raise CudaCodecError(f"CUDA codec kernel {what} failed: cudaError {err}")
 
 
-@functools.lru_cache(maxsize=None)
-def _rscale(rot: int) -> float:
-    return float(torch.tensor(1.0 / math.sqrt(rot), dtype=torch.float32))   # as maps.geometry
-
-
 def _rot(kc: KernelCodec, rot: Optional[int]) -> float:
-    if rot is None:
-        return 1.0
-    if rot != kc.group:
-        raise ValueError(f"rotation of {rot} values needs a group codec of group {rot}")
-    return _rscale(rot)
+    """The rotation's scale fl32(1/sqrt(G)) (1.0 for none), checked as the Triton kernels
+    check it."""
+    check_rotation(kc, rot)
+    return geometry(rot)[1]
+
+
+def _whole_groups(kc: KernelCodec, n: int) -> None:
+    # a thread decodes whole groups: a chunk of a partial group has no kernel here
+    if n % kc.group:
+        raise ValueError(f"chunk length {n} is not a multiple of the group size {kc.group}")
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -116,16 +115,10 @@ def quantize(kc: KernelCodec, x: torch.Tensor, rot: Optional[int] = None,
     rs = _rot(kc, rot)
     if x.dtype not in _DTYPES:
         raise ValueError(f"input dtype {x.dtype}: expected bf16, fp16 or fp32")
-    n = x.shape[-1]
-    if n % kc.group:
-        raise ValueError(f"chunk length {n} is not a multiple of the group size {kc.group}")
-    x = x.contiguous()
     if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
                               or scale.dim() != 1 or x.numel() % scale.numel()):
         raise ValueError("scale must be 1-D fp32 on the input's device and divide its length")
-    rows = x.numel() // max(n, 1)
-    nb = kc.nbytes(n)
-    out = torch.empty(*x.shape[:-1], nb, dtype=torch.uint8, device=x.device)
+    x, out, rows, n, nb = quantize_buffers(kc, x)
     if out.numel() == 0:
         return out
     s_ptr, h = (scale.data_ptr(), scale.numel()) if scale is not None else (0, 1)
@@ -137,26 +130,14 @@ def quantize(kc: KernelCodec, x: torch.Tensor, rot: Optional[int] = None,
 
 def dequantize(kc: KernelCodec, buf: torch.Tensor, n: int, out_dtype=torch.float32,
                sum_rows: bool = False, rot: Optional[int] = None) -> torch.Tensor:
-    """``quant.dequantize``, bit for bit (same arguments and checks)."""
+    """``quant.dequantize``, bit for bit (same arguments and checks), for whole groups."""
     rs = _rot(kc, rot)
-    if rot is not None and out_dtype != torch.float32:
-        raise ValueError("a rotated dequantize returns fp32 (saturate afterwards)")
     if out_dtype not in _DTYPES:
         raise ValueError(f"output dtype {out_dtype}: expected bf16, fp16 or fp32")
-    nb = kc.nbytes(n)
-    if buf.dtype != torch.uint8 or buf.shape[-1] != nb or n % kc.group:
-        raise ValueError(f"expected {nb} uint8 bytes per row for {n} values, got "
-                         f"{tuple(buf.shape)} {buf.dtype}")
-    buf = buf.contiguous()
-    if sum_rows:
-        if buf.dim() != 2 or buf.shape[0] < 1:
-            raise ValueError("sum_rows takes a [rows, nbytes] buffer with rows >= 1")
-        out = torch.empty(n, dtype=out_dtype, device=buf.device)
-        outs, per, so = 1, buf.shape[0], buf.shape[0]
-    else:
-        out = torch.empty(*buf.shape[:-1], n, dtype=out_dtype, device=buf.device)
-        outs, per, so = buf.numel() // nb, 1, 1
-    return _dequantize(kc, buf, out, outs, per, so, 1, n, rs, rot is not None)
+    _whole_groups(kc, n)
+    buf, out, outs, per = dequantize_buffers(kc, buf, n, out_dtype, sum_rows, rot)
+    # output row o sums input rows o*per .. o*per + per - 1
+    return _dequantize(kc, buf, out, outs, per, per, 1, n, rs, rot is not None)
 
 
 def sum_ranks(kc: KernelCodec, gathered: torch.Tensor, n: int,
@@ -166,9 +147,10 @@ def sum_ranks(kc: KernelCodec, gathered: torch.Tensor, n: int,
     a gathered ``[ranks, chunks, nbytes]`` buffer in one launch, the bits of
     ``dequantize(kc, gathered[:, j], n, sum_rows=True, rot=rot)`` for every ``j``."""
     rs = _rot(kc, rot)
+    _whole_groups(kc, n)
     nb = kc.nbytes(n)
     if (gathered.dtype != torch.uint8 or gathered.dim() != 3 or gathered.shape[-1] != nb
-            or gathered.shape[0] < 1 or n % kc.group):
+            or gathered.shape[0] < 1):
         raise ValueError(f"expected [ranks, chunks, {nb}] uint8 bytes for {n} values, got "
                          f"{tuple(gathered.shape)} {gathered.dtype}")
     gathered = gathered.contiguous()
@@ -180,10 +162,10 @@ def sum_ranks(kc: KernelCodec, gathered: torch.Tensor, n: int,
 def _dequantize(kc, buf, out, outs, per, so, sr, n, rs, rot: bool) -> torch.Tensor:
     if out.numel() == 0:
         return out
-    lim = FP16_MAX if out.dtype == torch.float16 else BF16_MAX
     _check(_ext().ml_codec_dequantize(buf.data_ptr(), out.data_ptr(), outs, per, so, sr, n,
                                       kc.nbytes(n), _DTYPES[out.dtype], kc.kind, kc.bits,
-                                      kc.group, rot, lim, rs, _stream(buf)), "dequantize")
+                                      kc.group, rot, out_limit(out.dtype), rs, _stream(buf)),
+           "dequantize")
     return out
 
 
@@ -193,13 +175,8 @@ def error_part(kc: KernelCodec, x: torch.Tensor, buf: torch.Tensor,
     rs = _rot(kc, rot)
     if x.dtype not in _DTYPES:
         raise ValueError(f"input dtype {x.dtype}: expected bf16, fp16 or fp32")
-    n = x.shape[-1]
-    nb = kc.nbytes(n)
-    x, buf = x.contiguous(), buf.contiguous()
-    rows = x.numel() // max(n, 1)
-    if buf.dtype != torch.uint8 or buf.numel() != rows * nb or n % kc.group:
-        raise ValueError(f"expected {rows} x {nb} uint8 bytes, got {tuple(buf.shape)} {buf.dtype}")
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _whole_groups(kc, x.shape[-1])
+    x, buf, out, rows, n, nb = error_buffers(kc, x, buf)
     if out.numel() == 0:
         return out
     _check(_ext().ml_codec_error(x.data_ptr(), buf.data_ptr(), out.data_ptr(), rows, n, nb,

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import maps, quant, sync
+from .calls import BF16_MAX, geometry, out_limit
 from .config import INTERPRET, KernelPlan, kernel_config
 from .thresholds import blocks_per_sm
 from .workspace import MAX_BLOCKS, SymmWorkspace
@@ -272,11 +273,11 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
         raise ValueError(f"message of {n} values needs {need} B per rank slot, workspace has "
                          f"{ws.layout.slot} B")
     lay = ws.layout
-    lim = quant.FP16_MAX if x.dtype == torch.float16 else quant.BF16_MAX
+    lim = out_limit(x.dtype)
     if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
                               or n % scale.numel()):
         raise ValueError("scale must be fp32 on the message's device and divide its length")
-    log2g, rscale = maps.geometry(rot)
+    log2g, rscale = geometry(rot)
     opts = {} if INTERPRET else {"enable_fp_fusion": False}
     launch = (_two_shot_kernel.warmup if _warmup_only else _two_shot_kernel[(grid,)])
     if _warmup_only:
@@ -289,11 +290,11 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
         R_PAY=rs.nbytes(tile) - 2 * rs.n_meta * (tile // group), R_TB=rs.nbytes(tile),
         A_PAY=ag.nbytes(tile) - 2 * ag.n_meta * (tile // group), A_TB=ag.nbytes(tile),
         # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
-        OUT_LIM=quant.BF16_MAX if mapped else lim, SPIN=SPIN_LIMIT,
+        OUT_LIM=BF16_MAX if mapped else lim, SPIN=SPIN_LIMIT,
         s_ptr=scale if scale is not None else ws.status,
         H=scale.numel() if scale is not None else 1, RSCALE=rscale, ROT=rot is not None,
         LOG2G=log2g, HAS_S=scale is not None,
-        LIM_ROT=quant.BF16_MAX if scale is not None else lim, FLIM=lim,
+        LIM_ROT=BF16_MAX if scale is not None else lim, FLIM=lim,
         num_warps=8 if tile >= 4096 else 4, **opts)
     return out
 

@@ -16,10 +16,6 @@ for bit (tests/test_kernels_interpret.py, tests/gpu/test_fused_allreduce.py).
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
 
@@ -59,13 +55,3 @@ def fwht_tile(v, R: tl.constexpr, G: tl.constexpr, LOG2G: tl.constexpr, SCALE):
 def clamp(v, LIM: tl.constexpr):
     """torch.clamp(v, -LIM, LIM): NaN passes, +-Inf become +-LIM (codecs.saturate)."""
     return tl.where(v > LIM, LIM, tl.where(v < -LIM, -LIM, v))
-
-
-def geometry(group: Optional[int]):
-    """(log2 G, fl32(1/sqrt(G))) of a rotation of G = ``group`` values; (0, 1.0) if none."""
-    if group is None:
-        return 0, 1.0
-    if group & (group - 1) or not 2 <= group <= 256:
-        raise ValueError(f"Hadamard rotation needs a power-of-two group of 2 to 256, got {group}")
-    return int(math.log2(group)), float(torch.tensor(1.0 / math.sqrt(group),
-                                                             dtype=torch.float32))

@@ -24,10 +24,9 @@ import triton
 import triton.language as tl
 
 from . import maps
+from .calls import (BF16_MAX, check_rotation, dequantize_buffers, error_buffers, geometry,
+                    out_limit, quantize_buffers)
 from .config import INTERPRET, KIND_BF16, KernelCodec  # noqa: F401  (KIND_* for callers)
-
-BF16_MAX = 3.3895313892515355e38
-FP16_MAX = 65504.0
 _RND = 12582912.0  # 1.5 * 2^23
 
 
@@ -397,12 +396,9 @@ def _tile_groups(kc: KernelCodec, n: int) -> int:
 def _rotation(kc: KernelCodec, rot):
     """(ROT, LOG2G, RSCALE) kernel arguments for a rotation of ``rot`` values (None: none);
     the rotation group must be the codec's group (hadamard- codecs)."""
-    if rot is None:
-        return {"ROT": False, "LOG2G": 0, "RSCALE": 1.0}
-    if not kc.kind or rot != kc.group:
-        raise ValueError(f"rotation of {rot} values needs a group codec of group {rot}")
-    log2g, rscale = maps.geometry(rot)
-    return {"ROT": True, "LOG2G": log2g, "RSCALE": rscale}
+    check_rotation(kc, rot)
+    log2g, rscale = geometry(rot)
+    return {"ROT": rot is not None, "LOG2G": log2g, "RSCALE": rscale}
 
 
 def quantize(kc: KernelCodec, x: torch.Tensor, rot=None) -> torch.Tensor:
@@ -410,13 +406,7 @@ def quantize(kc: KernelCodec, x: torch.Tensor, rot=None) -> torch.Tensor:
     interpreter): ``[..., n] -> [..., nbytes]``; with ``rot`` = the group size,
     ``codec.encode(fwht(x, rot))`` (comm/codecs/hadamard.py)."""
     rk = _rotation(kc, rot)
-    n = x.shape[-1]
-    if kc.kind and n % kc.group:
-        raise ValueError(f"chunk length {n} is not a multiple of the group size {kc.group}")
-    x = x.contiguous()
-    rows = x.numel() // max(n, 1)
-    nb = kc.nbytes(n)
-    out = torch.empty(*x.shape[:-1], nb, dtype=torch.uint8, device=x.device)
+    x, out, rows, n, nb = quantize_buffers(kc, x)
     if out.numel() == 0:
         return out
     g = kc.group if kc.kind else 1
@@ -432,24 +422,10 @@ def dequantize(kc: KernelCodec, buf: torch.Tensor, n: int, out_dtype=torch.float
     fp32 in order (rows 0, 1, ...): the all-reduce's reduction, one output row. With
     ``rot`` (fp32 output only) the result is ``fwht(result, rot)``, not clamped again."""
     rk = _rotation(kc, rot)
-    if rot is not None and out_dtype != torch.float32:
-        raise ValueError("a rotated dequantize returns fp32 (saturate afterwards)")
-    nb = kc.nbytes(n)
-    if buf.dtype != torch.uint8 or buf.shape[-1] != nb:
-        raise ValueError(f"expected {nb} uint8 bytes per row for {n} values, got "
-                         f"{tuple(buf.shape)} {buf.dtype}")
-    buf = buf.contiguous()
-    if sum_rows:
-        if buf.dim() != 2 or buf.shape[0] < 1:
-            raise ValueError("sum_rows takes a [rows, nbytes] buffer with rows >= 1")
-        out = torch.empty(n, dtype=out_dtype, device=buf.device)
-        outs, per = 1, buf.shape[0]
-    else:
-        out = torch.empty(*buf.shape[:-1], n, dtype=out_dtype, device=buf.device)
-        outs, per = buf.numel() // nb, 1
+    buf, out, outs, per = dequantize_buffers(kc, buf, n, out_dtype, sum_rows, rot)
     if out.numel() == 0:
         return out
-    lim = FP16_MAX if out_dtype == torch.float16 else BF16_MAX
+    nb, lim = kc.nbytes(n), out_limit(out_dtype)
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
     grid = (outs * triton.cdiv(n, ng * g),)
@@ -463,13 +439,7 @@ def error_part(kc: KernelCodec, x: torch.Tensor, buf: torch.Tensor, rot=None) ->
     rot)``, ``x`` ``[rows, n]``: each row's quantization error in the original basis (the
     error part of ``Scheme.own_error``, bit for bit)."""
     rk = _rotation(kc, rot)
-    n = x.shape[-1]
-    nb = kc.nbytes(n)
-    x, buf = x.contiguous(), buf.contiguous()
-    rows = x.numel() // max(n, 1)
-    if buf.dtype != torch.uint8 or buf.numel() != rows * nb:
-        raise ValueError(f"expected {rows} x {nb} uint8 bytes, got {tuple(buf.shape)} {buf.dtype}")
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    x, buf, out, rows, n, nb = error_buffers(kc, x, buf)
     if out.numel() == 0:
         return out
     g = kc.group if kc.kind else 1

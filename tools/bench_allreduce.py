@@ -61,15 +61,6 @@ class BenchError(Exception):
     pass
 
 
-def parse_size(text: str) -> int:
-    t = text.strip().upper().replace("IB", "").replace("B", "")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in "KMG" else t
-    if not num.isdigit():
-        raise BenchError(f"bad size {text!r}: expected e.g. 16KB, 256MB")
-    return int(num) * mult
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
+    """The arguments, checked; raises BenchError (or ValueError for a bad size)."""
     a = build_parser().parse_args(argv)
+    from megatron_lite.lab.benchmark import parse_size   # after --help, which imports nothing
     a.min_b, a.max_b = parse_size(a.min_size), parse_size(a.max_size)
     a.graph_max_b, a.oneshot_max_b = parse_size(a.graph_max), parse_size(a.oneshot_max)
     if a.min_b < 16 or a.max_b < a.min_b:
@@ -133,7 +126,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-    except BenchError as e:
+    except (BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "LOCAL_RANK" not in os.environ:

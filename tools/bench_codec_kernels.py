@@ -47,15 +47,6 @@ class BenchError(Exception):
     pass
 
 
-def parse_size(text: str) -> int:
-    t = text.strip().upper().replace("IB", "").replace("B", "")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in "KMG" else t
-    if not num.isdigit():
-        raise BenchError(f"bad size {text!r}: expected e.g. 1MB, 256MB")
-    return int(num) * mult
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
+    """The arguments, checked; raises BenchError (or ValueError for a bad size)."""
     a = build_parser().parse_args(argv)
+    from megatron_lite.lab.benchmark import parse_size   # after --help, which imports nothing
     a.min_b, a.max_b = parse_size(a.min_size), parse_size(a.max_size)
     if a.rows < 1 or a.iters < 1 or a.graph_calls < 1 or a.channels < 1:
         raise BenchError("--rows, --iters, --graph-calls and --channels must be >= 1")
@@ -104,7 +97,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-    except BenchError as e:
+    except (BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import torch

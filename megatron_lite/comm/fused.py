@@ -115,9 +115,9 @@ def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_erro
     decode-and-sum done by the codec kernels (kernels/codec.py: CUDA C++ for int8/int4,
     Triton otherwise; bit-exact with the reference codec; the ``hadamard-`` rotation runs
     inside them); chunking, the ``weighted-`` scaling and the saturations are the
-    reference's own torch ops, so the result is the
-    reference's bits. One quantize launch, one NCCL all-gather, one dequantize-and-sum
-    launch (W of them on the Triton kernels).
+    reference's own torch ops, so the result is the reference's bits. One quantize
+    launch, one NCCL all-gather, one dequantize-and-sum launch (W of them on the Triton
+    kernels).
 
     ``with_error``: also return this rank's error part, exactly as ``Scheme.own_error``
     computes it for the one-shot algorithm, restored to ``x``'s layout, fp32 (one more

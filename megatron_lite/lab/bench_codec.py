@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from megatron_lite.lab.bench_comm import SITE, synthetic_calibration
+from megatron_lite.lab.bench_comm import SITE, capture_graph, synthetic_calibration
 
 
 class Mismatch(Exception):
@@ -104,16 +104,7 @@ def time_fn(fn: Callable[[], object], dev, iters: int, calls: int) -> float:
             fn()
             ts.append((time.perf_counter() - t) * 1e6)
         return statistics.median(ts)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph = capture_graph(fn, calls)
     graph.replay()
     ts = []
     for _ in range(iters):

@@ -86,6 +86,22 @@ def check(out: torch.Tensor, ref: torch.Tensor) -> tuple:
     return rel, bool(same.item())
 
 
+def capture_graph(fn: Callable[[], object], calls: int):
+    """A CUDA graph of ``calls`` back-to-back calls of ``fn``, after two warm-up calls on a
+    side stream (lazy initialisation and allocations stay out of the capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def time_call(fn: Callable[[], object], nbytes: int, iters: int, warmup: int,
               graph_max: int, graph_calls: int, device: torch.device) -> tuple:
     """``(median us per call on the slowest rank, timed as a CUDA graph?)``.
@@ -101,16 +117,7 @@ def time_call(fn: Callable[[], object], nbytes: int, iters: int, warmup: int,
         # fewer calls per graph for large messages (memory, time)
         k = max(1, min(graph_calls, (4 << 20) // max(nbytes, 1) * graph_calls))
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(k):
-                    fn()
+            graph = capture_graph(fn, k)
             run = graph.replay
         except Exception as e:  # noqa: BLE001 - e.g. a path with a host sync
             if dist.get_rank() == 0:

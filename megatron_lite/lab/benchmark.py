@@ -20,6 +20,17 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(str(path), (json.dumps(obj, indent=1) + "\n").encode())
 
 
+def parse_size(text: str) -> int:
+    """A benchmark's message size: ``16KB``, ``256MB``, ``1G``, ``65536`` (powers of 1024;
+    ``KiB`` reads as ``KB``). Raises ValueError with a one-line reason."""
+    t = text.strip().upper().replace("IB", "").replace("B", "")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMG" else t
+    if not num.isdigit():
+        raise ValueError(f"bad size {text!r}: expected e.g. 16KB, 256MB")
+    return int(num) * mult
+
+
 # ----------------------------------------------------------------------------- timing
 
 class Clock:
