@@ -6,11 +6,15 @@ which serve every other codec; kernels/codec.py picks.
 
 Why CUDA C++ here: in the Triton kernels the reshape-based butterflies of the rotation go
 through layout conversions, and the ``weighted-`` scaling is a separate torch multiply.
-Here a thread holds 8 consecutive values (16-byte loads and stores), a group is G/8
-lanes of one warp, the reductions and the butterflies that cross threads are warp
-shuffles, and the scales are applied in the same pass: the rotated quantize runs about
-twice as fast, the weighted one about four times (docs/results/codec_kernels.md). Both
-are bound by instruction issue, not by memory (docs/notebook/2026-12-05.md).
+Here a thread holds 32 values of one group (four 16-byte loads), a group is G/32 lanes
+of one warp, the reductions and the butterflies that cross threads are warp shuffles,
+rounding is a float addition (no conversion instructions), and the scales are applied in
+the same pass. docs/results/codec_kernels.md holds the H200 measurements of the previous
+layout (8 values per thread: rotated quantize about twice Triton's speed, weighted about
+four times, bound by instruction issue); this layout issues about 40% fewer instructions
+per value (ptxas output, docs/notebook/2026-12-05.md) and awaits its GPU measurement.
+tests/test_codec_cuda_source.py runs this same source on the CPU, bit for bit against the
+reference.
 
 The source compiles on first use, on the GPU machine only (``torch.utils.cpp_extension.
 load_inline``, cached by torch under a name that holds the source's hash); CPU machines
@@ -31,7 +35,8 @@ from .calls import (check_rotation, dequantize_buffers, error_buffers, geometry,
 from .config import INTERPRET, KIND_ASYM, KIND_SYM, KernelCodec
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "codec.cu")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SRC = os.path.join(_CSRC, "codec.cu")   # includes the headers of csrc/
 _DECLS = """
 int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,
                       int64_t n, int64_t nb, int64_t dtype, int64_t kind, int64_t bits,
@@ -56,7 +61,12 @@ def _ext():
     from torch.utils.cpp_extension import load_inline
     with open(_SRC) as f:
         src = f.read()
-    tag = hashlib.sha256(src.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(src.encode())
+    for name in sorted(os.listdir(_CSRC)):   # the headers it includes: part of its version
+        if name.endswith(".cuh"):
+            with open(os.path.join(_CSRC, name), "rb") as f:
+                digest.update(f.read())
+    tag = digest.hexdigest()[:12]
     print(f"building the CUDA codec kernels ({os.path.basename(_SRC)}, once per machine)",
           file=sys.stderr, flush=True)
     # No FMA contraction anywhere: the reference rounds every product and sum separately
@@ -66,6 +76,7 @@ def _ext():
                        cuda_sources=[src],
                        functions=["ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error"],
                        extra_cuda_cflags=["-O3", "-std=c++17", "--fmad=false"],
+                       extra_include_paths=[_CSRC],
                        verbose=False)
 
 

@@ -65,13 +65,14 @@ def test_hf_kernels_is_a_test_dependency():
 
 
 def test_cuda_codec_source_ships_with_the_package():
-    """kernels/codec_cuda.py builds kernels/csrc/codec.cu on a GPU machine: the file must
-    be in the wheel (package data), not only in a checkout."""
+    """kernels/codec_cuda.py builds kernels/csrc/codec.cu (and the headers it includes) on
+    a GPU machine: the files must be in the wheel (package data), not only in a checkout."""
     import fnmatch
     import tomllib
     from megatron_lite.kernels import codec_cuda
     assert Path(codec_cuda._SRC).is_file()
-    rel = os.path.relpath(codec_cuda._SRC, os.path.dirname(codec_cuda.__file__))
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     patterns = data["package-data"]["megatron_lite.kernels"]
-    assert any(fnmatch.fnmatch(rel, p) for p in patterns), (rel, patterns)
+    for src in Path(codec_cuda._CSRC).iterdir():
+        rel = os.path.relpath(src, os.path.dirname(codec_cuda.__file__))
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), (rel, patterns)

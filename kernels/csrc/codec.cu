@@ -1,135 +1,119 @@
-// CUDA C++ kernels of the asymmetric group codecs (int8:G, int4:G, G = 64 or 128), with
-// the hadamard- rotation and the weighted- channel scales folded in: quantize,
-// dequantize, dequantize-and-sum, and error feedback's error part. kernels/codec_cuda.py
-// builds this file on first use and says which codecs and layouts it takes.
+// CUDA C++ kernels of the integer group codecs (symmetric int8:G and int4-sym:G,
+// asymmetric int4:G; G = 64 or 128), with the hadamard- rotation and the weighted-
+// channel scales folded in: quantize, dequantize, dequantize-and-sum, and error
+// feedback's error part. kernels/codec_cuda.py builds this file on first use and says
+// which codecs and layouts it takes.
 //
 // The arithmetic is that of kernels/quant.py (itself a copy of the reference,
 // megatron_lite/comm/codecs/group.py), step for step: every product, sum and quotient is
-// an explicit round-to-nearest intrinsic (__fmul_rn, __fadd_rn, __fsub_rn, __fdiv_rn),
-// which nvcc never contracts into an FMA, so codes, metadata and decoded values are
-// the reference's bits. bf16 conversions are integer ops (round to nearest even; NaN
-// becomes 0x7FC0, as c10 does).
+// an explicit round-to-nearest intrinsic (__fmul_rn, __fadd_rn, __fsub_rn, __fdiv_rn, and
+// __fmaf_rn only where its product is exact), which nvcc never contracts, so codes,
+// metadata and decoded values are the reference's bits. bf16 conversions are integer ops
+// (round to nearest even; NaN becomes 0x7FC0, as c10 does).
 //
-// Layout of the work: a thread holds 8 consecutive values (one 16-byte load of bf16 or
-// fp16, two of fp32), so a group of G values is G/8 consecutive lanes of one warp; group
-// reductions and the Walsh-Hadamard stages that cross threads are __shfl_xor_sync within
-// those lanes. The butterflies run in the reference's order (h = 1, 2, 4, ...: pairs
-// (v[i], v[i + h]) become (a + b, a - b)); h = 1, 2, 4 are inside a thread, the rest
-// across lanes, where the lane holding the upper element computes partner - own.
-// Every lane of a warp runs every shuffle: lanes past the end compute on zeros and store
-// nothing, so the shuffle masks are always full. A quantizing thread takes two such
-// slots and issues both loads before it computes (see slot_of).
+// These kernels are bound by instruction issue, not by memory (docs/notebook/), so the
+// code avoids the instructions that issue slowly on sm_90: rounding and int<->float
+// conversions are float additions against 2^23 (see rint_bits, code_value), the
+// butterflies that cross lanes are one FMA each, and a thread holds 32 values of one
+// group so that warp shuffles are few per value (see Tile).
 #include <cuda_runtime.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include <type_traits>
 
+#include "codec_bits.cuh"
+
 namespace {
 
-constexpr float kBf16Max = 3.3895313892515355e38f;
-constexpr float kFp32Max = 3.4028234663852886e38f;
-constexpr float kFltMinNormal = 1.1754943508222875e-38f;
-constexpr int kAsym = 1, kSym = 2;   // kernels/config.py's KIND_ASYM, KIND_SYM
+// Layout of the work: a thread holds kChunks chunks of 8 consecutive values of one group
+// (chunk k of lane `sub` is the group's values k*STRIDE + 8*sub .. + 7, STRIDE = G /
+// kChunks), so a group is LPG = G / (8 kChunks) consecutive lanes of one warp and every
+// load instruction of a warp reads whole 32-byte sectors. Per value this halves (G = 64)
+// or quarters (G = 128) the warp shuffles of the group reductions and the Walsh-Hadamard
+// stages against 8 values per thread, which is where the time of the rotated codecs went
+// (docs/notebook/2026-12-05.md).
+constexpr int kThreads = 256;
+constexpr int kChunks = 4;
+constexpr int kVals = 8 * kChunks;
 
-__device__ __forceinline__ float bits_f(uint32_t u) { return __uint_as_float(u); }
-
-__device__ __forceinline__ uint32_t bf16_bits(float v) {
-  uint32_t u = __float_as_uint(v);
-  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (v != v) ? 0x7FC0u : r;
-}
-
-__device__ __forceinline__ float round_up_bf16(float v) {  // v >= 0
-  int32_t b = __float_as_int(v);
-  return __int_as_float((b + 0xFFFF) & -65536);
-}
-
-__device__ __forceinline__ float round_down_bf16(float v) {
-  int32_t b = __float_as_int(v);
-  int32_t r = b < 0 ? ((b + 0xFFFF) & -65536) : (b & -65536);
-  return __int_as_float(r);
-}
-
-struct Bf16Bits { uint16_t x; };   // a bf16 tensor's element, as its bits
-
-// 8 consecutive values of the input as fp32 (exact upcasts)
-template <typename T> struct Io;
-
-template <> struct Io<float> {
-  static __device__ __forceinline__ void load(const float* p, float v[8]) {
-    float4 a = __ldcs(reinterpret_cast<const float4*>(p));
-    float4 b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-  }
-  static __device__ __forceinline__ void store(float* p, const float v[8]) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+template <int G>
+struct Tile {
+  static constexpr int LPG = G / kVals;        // lanes per group: 4 (G = 128), 2 (G = 64)
+  static constexpr int STRIDE = G / kChunks;   // = 8 * LPG
+  int64_t row, g0;   // the row, and the group's first value in it
+  int sub;           // this lane's place in the group
+  bool live;         // the group lies in the row (lanes past its end compute on zeros)
+  __device__ __forceinline__ int64_t col(int k) const {
+    return g0 + (int64_t)k * STRIDE + 8 * sub;
   }
 };
 
-template <> struct Io<Bf16Bits> {   // bf16 as its bits
-  static __device__ __forceinline__ void load(const Bf16Bits* p, float v[8]) {
-    uint4 a = __ldcs(reinterpret_cast<const uint4*>(p));
-    uint32_t w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = bits_f(w[i] << 16);
-      v[2 * i + 1] = bits_f(w[i] & 0xFFFF0000u);
-    }
-  }
-  static __device__ __forceinline__ void store(Bf16Bits* p, const float v[8]) {
-    uint4 a;
-    a.x = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
-    a.y = bf16_bits(v[2]) | (bf16_bits(v[3]) << 16);
-    a.z = bf16_bits(v[4]) | (bf16_bits(v[5]) << 16);
-    a.w = bf16_bits(v[6]) | (bf16_bits(v[7]) << 16);
-    *reinterpret_cast<uint4*>(p) = a;
-  }
-};
+// A block covers kThreads * kVals values of one row; the row is blockIdx.x / bpr, uniform
+// in the block (no 64-bit division per thread).
+template <int G>
+__device__ __forceinline__ Tile<G> tile_of(int64_t n, uint32_t bpr) {
+  Tile<G> t;
+  uint32_t row = blockIdx.x / bpr;
+  uint32_t b = blockIdx.x - row * bpr;
+  int64_t gi = ((int64_t)b * kThreads + threadIdx.x) / Tile<G>::LPG;
+  t.row = row;
+  t.g0 = gi * G;
+  t.sub = threadIdx.x & (Tile<G>::LPG - 1);
+  t.live = t.g0 < n;
+  return t;
+}
 
-template <> struct Io<__half> {
-  static __device__ __forceinline__ void load(const __half* p, float v[8]) {
-    uint4 a = __ldcs(reinterpret_cast<const uint4*>(p));
-    const __half* h = reinterpret_cast<const __half*>(&a);
+// Normalised Walsh-Hadamard transform of the group, in the reference's stage order
+// h = 1, 2, 4, ...: h < 8 within a chunk; 8 <= h < STRIDE across the group's lanes (the
+// partner lane holds element i ^ h); h >= STRIDE across this thread's chunks.
+template <int G>
+__device__ __forceinline__ void fwht(float v[kChunks][8], int sub, float rscale) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __half2float(h[i]);
-  }
-  static __device__ __forceinline__ void store(__half* p, const float v[8]) {
-    uint4 a;
-    __half* h = reinterpret_cast<__half*>(&a);
+  for (int k = 0; k < kChunks; ++k) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) h[i] = __float2half_rn(v[i]);
-    *reinterpret_cast<uint4*>(p) = a;
-  }
-};
-
-// Normalised Walsh-Hadamard transform of the group held by LPG lanes, 8 values each.
-template <int LPG>
-__device__ __forceinline__ void fwht(float v[8], int sub, float rscale) {
+    for (int h = 1; h < 8; h *= 2) {
 #pragma unroll
-  for (int h = 1; h < 8; h *= 2) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if ((i & h) == 0) {
-        float a = v[i], b = v[i + h];
-        v[i] = __fadd_rn(a, b);
-        v[i + h] = __fsub_rn(a, b);
+      for (int i = 0; i < 8; ++i) {
+        if ((i & h) == 0) {
+          float a = v[k][i], b = v[k][i + h];
+          v[k][i] = __fadd_rn(a, b);
+          v[k][i + h] = __fsub_rn(a, b);
+        }
       }
     }
   }
 #pragma unroll
-  for (int m = 1; m < LPG; m *= 2) {
-    bool upper = (sub & m) != 0;
+  for (int m = 1; m < Tile<G>::LPG; m *= 2) {
+    // lower element: own + partner; upper: partner - own. fma(own, +-1, partner) rounds
+    // the exact sum once, as __fadd_rn / __fsub_rn do: the same bits in one instruction
+    // and no select.
+    float sgn = (sub & m) ? -1.0f : 1.0f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float p = __shfl_xor_sync(0xffffffffu, v[i], m);
-      v[i] = upper ? __fsub_rn(p, v[i]) : __fadd_rn(v[i], p);
+    for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        v[k][i] = __fmaf_rn(v[k][i], sgn, __shfl_xor_sync(0xffffffffu, v[k][i], m));
     }
   }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], rscale);
+  for (int hk = 1; hk < kChunks; hk *= 2) {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      if ((k & hk) == 0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float a = v[k][i], b = v[k + hk][i];
+          v[k][i] = __fadd_rn(a, b);
+          v[k + hk][i] = __fsub_rn(a, b);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[k][i] = __fmul_rn(v[k][i], rscale);
+  }
 }
 
 template <int LPG>
@@ -151,42 +135,49 @@ __device__ __forceinline__ bool group_all(bool b) {
   // lanes of one group are LPG consecutive lanes starting at a multiple of LPG
   unsigned ballot = __ballot_sync(0xffffffffu, b);
   int lane = threadIdx.x & 31;
-  unsigned mine = (LPG == 32 ? 0xffffffffu : ((1u << LPG) - 1u)) << (lane & ~(LPG - 1));
+  unsigned mine = ((1u << LPG) - 1u) << (lane & ~(LPG - 1));
   return (ballot & mine) == mine;
 }
 
-// Byte addresses of a chunk row's parts (the reference layout:
-// [payload n*BITS/8][meta0: n/G bf16][meta1: n/G bf16]).
-struct Where {
-  int64_t pay;     // this thread's payload bytes
-  int64_t meta0;   // this group's meta0 (uint16 index from the row's meta start)
-  int64_t meta1;
-};
-
-template <int BITS, int G>
-__device__ __forceinline__ Where where(int64_t row, int64_t col, int64_t n, int64_t nbytes_row) {
-  int64_t base = row * nbytes_row;
-  int64_t gi = col / G;
-  int64_t meta = base + n * BITS / 8;
-  return {base + col * BITS / 8, meta + 2 * gi, meta + 2 * (n / G) + 2 * gi};
-}
-
-// Asymmetric min/max code of one group (held by LPG lanes): codes of this thread's 8
-// values, and the group's stored meta0 (step, NaN for a non-finite group) and meta1 (min).
-template <int LPG, int QMAX>
-__device__ __forceinline__ void encode_asym(const float x[8], float c2, int codes[8],
-                                            float& meta0, float& meta1) {
+// Whether every value of the group is finite in bf16's range; if not, its values become
+// zeros (the group is stored as codes 0 and meta0 NaN). Uniform in the group, so the
+// zeroing is a branch, not a select per value.
+template <int LPG>
+__device__ __forceinline__ bool finite_or_zero(float x[kChunks][8]) {
   bool ok = true;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) ok = ok && (fabsf(x[i]) <= kBf16Max);   // false for NaN
+  for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ok &= fabsf(x[k][i]) <= kBf16Max;   // false for NaN
+  }
   bool finite = group_all<LPG>(ok);
-  float xz[8];
+  if (!finite) {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[k][i] = 0.0f;
+    }
+  }
+  return finite;
+}
+
+// Asymmetric min/max code of the group (held by LPG lanes): this thread's packed codes,
+// and the group's stored meta0 (step, NaN for a non-finite group) and meta1 (min).
+template <int G, int BITS>
+__device__ __forceinline__ void encode_asym(float x[kChunks][8], float c2,
+                                            uint32_t w[kChunks][2], float& meta0,
+                                            float& meta1) {
+  constexpr int LPG = Tile<G>::LPG;
+  constexpr float QMAX = (float)((1 << BITS) - 1);
+  bool finite = finite_or_zero<LPG>(x);
   float hi = -INFINITY, lo = INFINITY;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    xz[i] = finite ? x[i] : 0.0f;
-    hi = fmaxf(hi, xz[i]);
-    lo = fminf(lo, xz[i]);
+  for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      hi = fmaxf(hi, x[k][i]);
+      lo = fminf(lo, x[k][i]);
+    }
   }
   hi = group_max<LPG>(hi);
   lo = group_min<LPG>(lo);
@@ -197,214 +188,189 @@ __device__ __forceinline__ void encode_asym(const float x[8], float c2, int code
   float r2 = s > 0.0f ? __fdiv_rn(2.0f, s) : 0.0f;
   float hm = __fmul_rn(0.5f, m);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    float u = __fmul_rn(__fsub_rn(__fmul_rn(0.5f, xz[i]), hm), r2);
-    float q = fminf(fmaxf(rintf(u), 0.0f), (float)QMAX);
-    codes[i] = finite ? (int)q : 0;
+  for (int k = 0; k < kChunks; ++k) {
+    uint32_t c[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float u = __fmul_rn(__fsub_rn(__fmul_rn(0.5f, x[k][i]), hm), r2);
+      // clamp, then round: the same as round, then clamp (the bounds are integers; a
+      // NaN becomes 0 either way)
+      c[i] = rint_bits(fminf(fmaxf(u, 0.0f), QMAX), kRound);
+    }
+    pack<BITS>(c, w[k]);
   }
   meta0 = finite ? s : NAN;
   meta1 = finite ? m : 0.0f;
 }
 
-// A thread's payload is 8 bytes (8 bits) or 4 bytes (4 bits) at a multiple of its size
-// within its row, but a row's start is aligned only to 2 bytes where the chunk holds an
-// odd number of groups (int8: n + 2 n/G bytes per row). So the widest access the address
-// allows: uniform within a row, one access for nearly every message the model makes.
-__device__ __forceinline__ void store_bytes(uint8_t* p, uint32_t a, uint32_t b, int nbytes) {
-  uintptr_t u = reinterpret_cast<uintptr_t>(p);
-  if (nbytes == 8 && (u & 7) == 0) {
-    *reinterpret_cast<uint2*>(p) = make_uint2(a, b);
-  } else if ((u & 3) == 0) {
-    reinterpret_cast<uint32_t*>(p)[0] = a;
-    if (nbytes == 8) reinterpret_cast<uint32_t*>(p)[1] = b;
-  } else {   // 2-byte aligned (rows are whole bf16 metadata entries)
-    uint16_t* h = reinterpret_cast<uint16_t*>(p);
-    h[0] = (uint16_t)a; h[1] = (uint16_t)(a >> 16);
-    if (nbytes == 8) { h[2] = (uint16_t)b; h[3] = (uint16_t)(b >> 16); }
-  }
-}
-
-__device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t& a, uint32_t& b,
-                                           int nbytes) {
-  uintptr_t u = reinterpret_cast<uintptr_t>(p);
-  b = 0;
-  if (nbytes == 8 && (u & 7) == 0) {
-    uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
-    a = v.x; b = v.y;
-  } else if ((u & 3) == 0) {
-    a = __ldcs(reinterpret_cast<const unsigned int*>(p));
-    if (nbytes == 8) b = __ldcs(reinterpret_cast<const unsigned int*>(p) + 1);
-  } else {
-    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
-    a = (uint32_t)__ldcs(h) | ((uint32_t)__ldcs(h + 1) << 16);
-    if (nbytes == 8) b = (uint32_t)__ldcs(h + 2) | ((uint32_t)__ldcs(h + 3) << 16);
-  }
-}
-
-template <int BITS>
-__device__ __forceinline__ void store_codes(uint8_t* buf, int64_t pay, const int c[8]) {
-  if (BITS == 8) {
-    uint32_t a = c[0] | (c[1] << 8) | (c[2] << 16) | ((uint32_t)c[3] << 24);
-    uint32_t b = c[4] | (c[5] << 8) | (c[6] << 16) | ((uint32_t)c[7] << 24);
-    store_bytes(buf + pay, a, b, 8);
-  } else {
-    uint32_t a = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) a |= (uint32_t)c[i] << (4 * i);
-    store_bytes(buf + pay, a, 0, 4);
-  }
-}
-
-__device__ __forceinline__ float bf16_at(const uint8_t* buf, int64_t at) {
-  return bits_f((uint32_t)__ldg(reinterpret_cast<const unsigned short*>(buf + at)) << 16);
-}
-
-constexpr float kTiny = 5.421010862427522e-20f;        // 2^-64: group.py's _TINY
-constexpr float kTinyScale = 1.8446744073709552e19f;   // 2^64
-
-// Symmetric absmax code of one group (int8 / int4-sym, KIND_SYM): codes of this thread's 8
-// values (two's complement bytes at 8 bits, offset binary q + 2^(BITS-1) below) and the
+// Symmetric absmax code of the group (int8 / int4-sym, KIND_SYM): this thread's packed
+// codes (two's complement bytes at 8 bits, offset binary q + 2^(BITS-1) below) and the
 // group's stored bound a (NaN for a non-finite group). Groups whose bound is below 2^-64
 // are scaled by 2^64 first, so that QMAX / a stays finite (group.py's _tiny_rescale).
-template <int LPG, int BITS, int QMAX>
-__device__ __forceinline__ void encode_sym(const float x[8], int codes[8], float& meta0) {
-  bool ok = true;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) ok = ok && (fabsf(x[i]) <= kBf16Max);   // false for NaN
-  bool finite = group_all<LPG>(ok);
-  float xz[8];
+template <int G, int BITS>
+__device__ __forceinline__ void encode_sym(float x[kChunks][8], uint32_t w[kChunks][2],
+                                           float& meta0) {
+  constexpr int LPG = Tile<G>::LPG;
+  constexpr float QMAX = (float)((1 << (BITS - 1)) - 1);
+  bool finite = finite_or_zero<LPG>(x);
   float am = 0.0f;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    xz[i] = finite ? x[i] : 0.0f;
-    am = fmaxf(am, fabsf(xz[i]));
+  for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) am = fmaxf(am, fabsf(x[k][i]));
   }
   float a = round_up_bf16(group_max<LPG>(am));
-  float e = a < kTiny ? kTinyScale : 1.0f;
-  float ae = __fmul_rn(a, e);
-  float r = a > 0.0f ? __fdiv_rn((float)QMAX, ae) : 0.0f;
+  bool tiny = a < kTiny;
+  float e = tiny ? kTinyScale : 1.0f;
+  float r = a > 0.0f ? __fdiv_rn(QMAX, __fmul_rn(a, e)) : 0.0f;
+  if (tiny) {   // fl(x * 1) is x: only tiny groups pay the extra product (uniform branch)
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    float v = __fmul_rn(__fmul_rn(xz[i], e), r);
-    int q = finite ? (int)fminf(fmaxf(rintf(v), (float)-QMAX), (float)QMAX) : 0;
-    codes[i] = BITS == 8 ? (q & 0xFF) : q + (1 << (BITS - 1));
+    for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[k][i] = __fmul_rn(x[k][i], e);
+    }
+  }
+  constexpr float off = kRound + (BITS == 8 ? 0.0f : (float)(1 << (BITS - 1)));
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    uint32_t c[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      c[i] = rint_bits(fminf(fmaxf(__fmul_rn(x[k][i], r), -QMAX), QMAX), off);
+    pack<BITS>(c, w[k]);
   }
   meta0 = finite ? a : NAN;
 }
 
-// One thread's share of one stored group, as loaded: its payload word(s) and the group's
-// metadata.
-struct Packed {
-  uint32_t a, b;   // 8 codes: 4 bits each in a, or 8 bits each in a (codes 0-3) and b
-  float m0, m1;    // the group's meta0 and (asym) meta1
+// Byte offsets of a row's parts (the reference layout: [payload n*BITS/8][meta0: n/G
+// bf16][meta1: n/G bf16]).
+template <int BITS, int G>
+struct Where {
+  int64_t base, meta0, meta1;
+  __device__ __forceinline__ Where(int64_t row, int64_t g0, int64_t n, int64_t nbytes_row) {
+    base = row * nbytes_row;
+    meta0 = base + n * BITS / 8 + 2 * (g0 / G);
+    meta1 = meta0 + 2 * (n / G);
+  }
+  __device__ __forceinline__ int64_t pay(int64_t col) const { return base + col * BITS / 8; }
 };
 
-template <int KIND, int BITS>
-__device__ __forceinline__ Packed load_group(const uint8_t* buf, const Where& w) {
-  Packed p;
-  load_bytes(buf + w.pay, p.a, p.b, BITS);   // 8 values: BITS bytes
-  p.m0 = bf16_at(buf, w.meta0);
-  p.m1 = KIND == kAsym ? bf16_at(buf, w.meta1) : 0.0f;
-  return p;
-}
-
-// Decode a loaded group share to 8 values, clamped to +-lim (NaN passes).
-template <int KIND, int BITS>
-__device__ __forceinline__ void decode_group(const Packed& p, float lim, float y[8]) {
-  uint32_t c[8];
+// This thread's share of one stored group, as loaded: its chunks' payload words and the
+// group's metadata.
+template <int KIND, int BITS, int G>
+struct Packed {
+  uint32_t w[kChunks][2];   // 8 codes per chunk: nibbles of w[k][0], or bytes of both
+  float m0, m1;             // the group's meta0 and (asym) meta1
+  __device__ __forceinline__ void load(const uint8_t* buf, const Tile<G>& t,
+                                       const Where<BITS, G>& at) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
-    c[i] = BITS == 8 ? (((i < 4 ? p.a : p.b) >> (8 * (i & 3))) & 0xFFu) : ((p.a >> (4 * i)) & 0xFu);
+    for (int k = 0; k < kChunks; ++k) load_bytes(buf + at.pay(t.col(k)), w[k][0], w[k][1], BITS);
+    m0 = bf16_at(buf, at.meta0);
+    m1 = KIND == kAsym ? bf16_at(buf, at.meta1) : 0.0f;
+  }
+};
+
+// Decode a loaded group share to values, clamped to +-lim (NaN passes).
+template <int KIND, int BITS, int G>
+__device__ __forceinline__ void decode(const Packed<KIND, BITS, G>& p, float lim,
+                                       float y[kChunks][8]) {
   if (KIND == kAsym) {
     float hs = __fmul_rn(0.5f, p.m0), hm = __fmul_rn(0.5f, p.m1);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) y[i] = __fmul_rn(2.0f, __fadd_rn(__fmul_rn((float)c[i], hs), hm));
+    for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float c = code_value<KIND, BITS>(p.w[k], i);
+        y[k][i] = clamp_keep_nan(__fmul_rn(2.0f, __fadd_rn(__fmul_rn(c, hs), hm)), lim);
+      }
+    }
   } else {
-    constexpr int QMAX = (1 << (BITS - 1)) - 1;
+    constexpr float QMAX = (float)((1 << (BITS - 1)) - 1);
     float a = p.m0;
     bool tiny = a < kTiny;
-    float e = tiny ? kTinyScale : 1.0f, inv_e = tiny ? kTiny : 1.0f;
-    float step = __fdiv_rn(__fmul_rn(a, e), (float)QMAX);
+    float step = __fdiv_rn(__fmul_rn(a, tiny ? kTinyScale : 1.0f), QMAX);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      int q = BITS == 8 ? (int)(int8_t)(uint8_t)c[i] : (int)c[i] - (1 << (BITS - 1));
-      float v = __fmul_rn(__fmul_rn((float)q, step), inv_e);
-      y[i] = (q == QMAX || q == -QMAX) ? (q > 0 ? a : -a) : v;
+    for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float q = code_value<KIND, BITS>(p.w[k], i);
+        float v = __fmul_rn(q, step);
+        y[k][i] = fabsf(q) == QMAX ? copysignf(a, q) : v;
+      }
+    }
+    if (tiny) {   // fl(v * 1) is v: only tiny groups pay the extra product
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float q = code_value<KIND, BITS>(p.w[k], i);
+          if (fabsf(q) != QMAX) y[k][i] = __fmul_rn(y[k][i], kTiny);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(y[k][i], lim);
     }
   }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) y[i] = (y[i] != y[i]) ? y[i] : fminf(fmaxf(y[i], -lim), lim);
 }
 
-// Launch geometry: a block covers kThreads * SLOTS slots of 8 values of one row (the row
-// is blockIdx.x / blocks_per_row, uniform in the block: no 64-bit division per thread);
-// a thread takes SLOTS slots kThreads apart and issues all their loads before it
-// computes. Lanes past the row's end compute on zeros and store nothing. SLOTS per kernel
-// as measured on an H200 (docs/notebook/2026-12-05.md): 2 for quantize (2.13 -> 2.50 TB/s
-// for int8:128 at 64 MB), 1 for dequantize and the error part (2 slots and 4-row load
-// batches were slower there: 2.48 -> 1.79 TB/s for the int8:128 dequantize-and-sum).
-constexpr int kThreads = 256;
-constexpr int kQuantizeSlots = 2;
-
-template <int SLOTS>
-struct Slot {
-  int64_t row, col;   // the row, and the first value of slot 0 (slot k: k * 8 * kThreads on)
-  int64_t n;          // values per row
-  __device__ __forceinline__ int64_t c(int k) const { return col + (int64_t)k * 8 * kThreads; }
-  __device__ __forceinline__ bool live(int k) const { return c(k) < n; }
-};
-
-template <int SLOTS>
-__device__ __forceinline__ Slot<SLOTS> slot_of(int64_t n, uint32_t blocks_per_row) {
-  uint32_t row = blockIdx.x / blocks_per_row;
-  uint32_t b = blockIdx.x - row * blocks_per_row;
-  return {(int64_t)row, ((int64_t)b * kThreads * SLOTS + threadIdx.x) * 8, n};
+// weighted-: v = fl32(x) * s[channel], the channel being the flat index f mod h. Chunks
+// start at multiples of 8, so where 8 divides h (every model's hidden size) a chunk never
+// wraps and its 8 scales are two 16-byte loads.
+__device__ __forceinline__ void scale_chunk(float v[8], const float* __restrict__ scale,
+                                            int64_t h, int64_t f) {
+  int64_t ch = f < 0xFFFFFFFFll && h < 0xFFFFFFFFll ? (int64_t)((uint32_t)f % (uint32_t)h)
+                                                    : f % h;
+  if ((h & 7) == 0 && (reinterpret_cast<uintptr_t>(scale) & 15) == 0) {
+    float4 a = __ldg(reinterpret_cast<const float4*>(scale + ch));
+    float4 b = __ldg(reinterpret_cast<const float4*>(scale + ch) + 1);
+    float s[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], s[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      v[i] = __fmul_rn(v[i], __ldg(scale + ch));
+      ch = ch + 1 == h ? 0 : ch + 1;
+    }
+  }
 }
 
 template <typename T, int KIND, int BITS, int G, bool ROT, bool SCALE>
 __global__ void __launch_bounds__(kThreads) quantize_kernel(
     const T* __restrict__ x, uint8_t* __restrict__ buf, const float* __restrict__ scale,
     int64_t h, int64_t n, int64_t nbytes_row, float c2, float rscale, uint32_t bpr) {
-  constexpr int LPG = G / 8;
-  constexpr int S = kQuantizeSlots;
-  const Slot<S> sl = slot_of<S>(n, bpr);
-  const int sub = threadIdx.x & (LPG - 1);
-  float v[S][8];
+  const Tile<G> t = tile_of<G>(n, bpr);
+  float v[kChunks][8];
 #pragma unroll
-  for (int k = 0; k < S; ++k) {
-    if (sl.live(k)) {
-      Io<T>::load(x + sl.row * n + sl.c(k), v[k]);
+  for (int k = 0; k < kChunks; ++k) {
+    if (t.live) {
+      Io<T>::load(x + t.row * n + t.col(k), v[k]);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
     }
   }
+  if (SCALE && t.live) {
 #pragma unroll
-  for (int k = 0; k < S; ++k) {
-    if (SCALE) {   // weighted-: fl32(x) * s[channel], the channel being the flat index mod h
-      int64_t f = sl.row * n + sl.c(k);
-      int64_t ch = f < 0xFFFFFFFFll ? (int64_t)((uint32_t)f % (uint32_t)h) : f % h;
+    for (int k = 0; k < kChunks; ++k) scale_chunk(v[k], scale, h, t.row * n + t.col(k));
+  }
+  if (ROT) fwht<G>(v, t.sub, rscale);
+  uint32_t w[kChunks][2];
+  float meta0, meta1 = 0.0f;
+  if (KIND == kAsym)
+    encode_asym<G, BITS>(v, c2, w, meta0, meta1);
+  else
+    encode_sym<G, BITS>(v, w, meta0);
+  if (!t.live) return;   // after the group's last shuffle
+  const Where<BITS, G> at(t.row, t.g0, n, nbytes_row);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        v[k][i] = __fmul_rn(v[k][i], sl.live(k) ? __ldg(scale + ch) : 1.0f);
-        ch = ch + 1 == h ? 0 : ch + 1;
-      }
-    }
-    if (ROT) fwht<LPG>(v[k], sub, rscale);
-    int codes[8];
-    float meta0, meta1 = 0.0f;
-    if (KIND == kAsym)
-      encode_asym<LPG, (1 << BITS) - 1>(v[k], c2, codes, meta0, meta1);
-    else
-      encode_sym<LPG, BITS, (1 << (BITS - 1)) - 1>(v[k], codes, meta0);
-    if (!sl.live(k)) continue;
-    Where w = where<BITS, G>(sl.row, sl.c(k), n, nbytes_row);
-    store_codes<BITS>(buf, w.pay, codes);
-    if (sub == 0) {
-      *reinterpret_cast<uint16_t*>(buf + w.meta0) = (uint16_t)bf16_bits(meta0);
-      if (KIND == kAsym)
-        *reinterpret_cast<uint16_t*>(buf + w.meta1) = (uint16_t)bf16_bits(meta1);
-    }
+  for (int k = 0; k < kChunks; ++k) store_bytes(buf + at.pay(t.col(k)), w[k][0], w[k][1], BITS);
+  if (t.sub == 0) {
+    *reinterpret_cast<uint16_t*>(buf + at.meta0) = (uint16_t)bf16_bits(meta0);
+    if (KIND == kAsym) *reinterpret_cast<uint16_t*>(buf + at.meta1) = (uint16_t)bf16_bits(meta1);
   }
 }
 
@@ -416,25 +382,33 @@ template <typename T, int KIND, int BITS, int G, bool ROT>
 __global__ void __launch_bounds__(kThreads) dequantize_kernel(
     const uint8_t* __restrict__ buf, T* __restrict__ out, int64_t per, int64_t so,
     int64_t sr, int64_t n, int64_t nbytes_row, float lim, float rscale, uint32_t bpr) {
-  constexpr int LPG = G / 8;
-  const Slot<1> sl = slot_of<1>(n, bpr);   // sl.row: the output row o
-  float acc[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-  if (sl.live(0)) {
-    int64_t row = sl.row * so;
-    Packed p0 = load_group<KIND, BITS>(buf, where<BITS, G>(row, sl.col, n, nbytes_row));
-    decode_group<KIND, BITS>(p0, lim, acc);
+  const Tile<G> t = tile_of<G>(n, bpr);   // t.row: the output row o
+  float acc[kChunks][8];
+  if (t.live) {
+    Packed<KIND, BITS, G> p;
+    p.load(buf, t, Where<BITS, G>(t.row * so, t.g0, n, nbytes_row));
+    decode<KIND, BITS, G>(p, lim, acc);   // the first row as is: 0 + (-0) would be +0
     for (int64_t r = 1; r < per; ++r) {
-      float y[8];
-      Packed p = load_group<KIND, BITS>(buf, where<BITS, G>(row + r * sr, sl.col, n, nbytes_row));
-      decode_group<KIND, BITS>(p, lim, y);
+      float y[kChunks][8];
+      p.load(buf, t, Where<BITS, G>(t.row * so + r * sr, t.g0, n, nbytes_row));
+      decode<KIND, BITS, G>(p, lim, y);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], y[i]);
+      for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[k][i] = __fadd_rn(acc[k][i], y[k][i]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[k][i] = 0.0f;
     }
   }
-  if (ROT) fwht<LPG>(acc, threadIdx.x & (LPG - 1), rscale);
-  if (sl.live(0)) Io<T>::store(out + sl.row * n + sl.col, acc);
+  if (ROT) fwht<G>(acc, t.sub, rscale);
+  if (!t.live) return;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) Io<T>::store(out + t.row * n + t.col(k), acc[k]);
 }
 
 // out[r] = nan_to_num(rot(decode(buf[r]) - rot(x[r]))), fp32: the error part of
@@ -443,31 +417,60 @@ template <typename T, int KIND, int BITS, int G, bool ROT>
 __global__ void __launch_bounds__(kThreads) error_kernel(
     const T* __restrict__ x, const uint8_t* __restrict__ buf, float* __restrict__ out,
     int64_t n, int64_t nbytes_row, float rscale, uint32_t bpr) {
-  constexpr int LPG = G / 8;
-  const Slot<1> sl = slot_of<1>(n, bpr);
-  const int sub = threadIdx.x & (LPG - 1);
-  float v[8], y[8];
+  const Tile<G> t = tile_of<G>(n, bpr);
+  float v[kChunks][8], y[kChunks][8];
+  Packed<KIND, BITS, G> p;
+  if (t.live) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) { v[i] = 0.0f; y[i] = 0.0f; }
-  Packed p;
-  if (sl.live(0)) {
-    Io<T>::load(x + sl.row * n + sl.col, v);
-    p = load_group<KIND, BITS>(buf, where<BITS, G>(sl.row, sl.col, n, nbytes_row));
+    for (int k = 0; k < kChunks; ++k) Io<T>::load(x + t.row * n + t.col(k), v[k]);
+    p.load(buf, t, Where<BITS, G>(t.row, t.g0, n, nbytes_row));
+  } else {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
+    }
   }
-  if (ROT) fwht<LPG>(v, sub, rscale);
-  if (sl.live(0)) decode_group<KIND, BITS>(p, kBf16Max, y);
+  if (ROT) fwht<G>(v, t.sub, rscale);
+  if (t.live) {
+    decode<KIND, BITS, G>(p, kBf16Max, y);
+  } else {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) y[i] = __fsub_rn(y[i], v[i]);
-  if (ROT) fwht<LPG>(y, sub, rscale);
+    for (int k = 0; k < kChunks; ++k) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) y[i] = ((y[i] != y[i]) || fabsf(y[i]) > kFp32Max) ? 0.0f : y[i];
-  if (sl.live(0)) Io<float>::store(out + sl.row * n + sl.col, y);
+      for (int i = 0; i < 8; ++i) y[k][i] = 0.0f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) y[k][i] = __fsub_rn(y[k][i], v[k][i]);
+  }
+  if (ROT) fwht<G>(y, t.sub, rscale);
+  if (!t.live) return;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      y[k][i] = ((y[k][i] != y[k][i]) || fabsf(y[k][i]) > kFp32Max) ? 0.0f : y[k][i];
+    Io<float>::store(out + t.row * n + t.col(k), y[k]);
+  }
 }
 
-// Blocks per row of n values for a kernel of SLOTS slots per thread (the grid: rows * that,
-// at most 2^31 - 1 blocks).
-uint32_t blocks_per_row(int64_t n, int slots) {
-  int64_t per = (int64_t)kThreads * slots * 8;
+#ifndef ML_CODEC_HOST_LAUNCH
+// kernel<<<grid, block, 0, stream>>>(args): the one launch site, which the CPU test of
+// this file (tests/cuda_host/) replaces by a warp-by-warp run on host threads.
+template <typename... P, typename... A>
+cudaError_t launch(void (*kernel)(P...), int64_t grid, int block, cudaStream_t stream,
+                   A... args) {
+  kernel<<<grid, block, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
+
+// Blocks per row of n values (the grid: rows * that, at most 2^31 - 1 blocks).
+uint32_t blocks_per_row(int64_t n) {
+  int64_t per = (int64_t)kThreads * kVals;
   return (uint32_t)((n + per - 1) / per);
 }
 
@@ -513,7 +516,7 @@ int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t 
                       int64_t g, bool rot, double c2, double rscale, int64_t stream) {
   const float* sp = reinterpret_cast<const float*>(scale);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  uint32_t bpr = blocks_per_row(n, kQuantizeSlots);
+  uint32_t bpr = blocks_per_row(n);
   int64_t nblk = rows * bpr;
   if (nblk > 0x7FFFFFFFll) return (int)cudaErrorInvalidConfiguration;
   return (int)with_dtype((int)dtype, [&](auto z) {
@@ -523,13 +526,10 @@ int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t 
     return dispatch((int)kind, (int)bits, (int)g, rot, [&](auto k, auto b, auto gg, auto r) {
       constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
       constexpr bool R = decltype(r)::value;
-      if (sp)
-        quantize_kernel<T, K, B, G, R, true><<<nblk, kThreads, 0, st>>>(
-            xp, bp, sp, h, n, nb, (float)c2, (float)rscale, bpr);
-      else
-        quantize_kernel<T, K, B, G, R, false><<<nblk, kThreads, 0, st>>>(
-            xp, bp, sp, h, n, nb, (float)c2, (float)rscale, bpr);
-      return cudaGetLastError();
+      auto kernel = sp ? quantize_kernel<T, K, B, G, R, true>
+                       : quantize_kernel<T, K, B, G, R, false>;
+      return launch(kernel, nblk, kThreads, st, xp, bp, sp, h, n, nb, (float)c2, (float)rscale,
+                    bpr);
     });
   });
 }
@@ -539,7 +539,7 @@ int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int
                         int64_t bits, int64_t g, bool rot, double lim, double rscale,
                         int64_t stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  uint32_t bpr = blocks_per_row(n, 1);
+  uint32_t bpr = blocks_per_row(n);
   int64_t nblk = outs * bpr;
   if (nblk > 0x7FFFFFFFll) return (int)cudaErrorInvalidConfiguration;
   return (int)with_dtype((int)dtype, [&](auto z) {
@@ -548,9 +548,8 @@ int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int
     T* op = reinterpret_cast<T*>(out);
     return dispatch((int)kind, (int)bits, (int)g, rot, [&](auto k, auto b, auto gg, auto r) {
       constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
-      dequantize_kernel<T, K, B, G, decltype(r)::value><<<nblk, kThreads, 0, st>>>(
-          bp, op, per, so, sr, n, nb, (float)lim, (float)rscale, bpr);
-      return cudaGetLastError();
+      return launch(dequantize_kernel<T, K, B, G, decltype(r)::value>, nblk, kThreads, st, bp,
+                    op, per, so, sr, n, nb, (float)lim, (float)rscale, bpr);
     });
   });
 }
@@ -559,7 +558,7 @@ int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n,
                    int64_t dtype, int64_t kind, int64_t bits, int64_t g, bool rot,
                    double rscale, int64_t stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  uint32_t bpr = blocks_per_row(n, 1);
+  uint32_t bpr = blocks_per_row(n);
   int64_t nblk = rows * bpr;
   if (nblk > 0x7FFFFFFFll) return (int)cudaErrorInvalidConfiguration;
   return (int)with_dtype((int)dtype, [&](auto z) {
@@ -569,9 +568,8 @@ int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n,
     float* op = reinterpret_cast<float*>(out);
     return dispatch((int)kind, (int)bits, (int)g, rot, [&](auto k, auto b, auto gg, auto r) {
       constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
-      error_kernel<T, K, B, G, decltype(r)::value><<<nblk, kThreads, 0, st>>>(
-          xp, bp, op, n, nb, (float)rscale, bpr);
-      return cudaGetLastError();
+      return launch(error_kernel<T, K, B, G, decltype(r)::value>, nblk, kThreads, st, xp, bp,
+                    op, n, nb, (float)rscale, bpr);
     });
   });
 }

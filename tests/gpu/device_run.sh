@@ -76,7 +76,8 @@ for st in $STAGES; do
     ncu)
       # where the codec kernels' time goes (hardware counters: Firecracker machines only)
       timeout ${T_NCU:-150} ncu --clock-control none --section SpeedOfLight --section Occupancy \
-        --section WarpStateStats -k regex:_kernel python3 tests/gpu/profile_codec.py \
+        --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:_kernel \
+        python3 tests/gpu/profile_codec.py \
         > "$OUT/ncu_codec.txt" 2>&1
       grep -E "_kernel<|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
         "$OUT/ncu_codec.txt" | head -80

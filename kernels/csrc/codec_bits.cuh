@@ -1,0 +1,183 @@
+// The bit-level pieces of the codec kernels (kernels/csrc/codec.cu): constants, bf16
+// conversions as integer ops, 16-byte loads and stores of 8 values, packing codes,
+// reading them back as exact floats, and the saturating clamp. Every function here is
+// exact or rounds as the reference does (see codec.cu's header).
+#pragma once
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr float kBf16Max = 3.3895313892515355e38f;
+constexpr float kFp32Max = 3.4028234663852886e38f;
+constexpr float kFltMinNormal = 1.1754943508222875e-38f;
+constexpr int kAsym = 1, kSym = 2;   // kernels/config.py's KIND_ASYM, KIND_SYM
+
+__device__ __forceinline__ float bits_f(uint32_t u) { return __uint_as_float(u); }
+
+__device__ __forceinline__ uint32_t bf16_bits(float v) {
+  uint32_t u = __float_as_uint(v);
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (v != v) ? 0x7FC0u : r;
+}
+
+__device__ __forceinline__ float round_up_bf16(float v) {  // v >= 0
+  int32_t b = __float_as_int(v);
+  return __int_as_float((b + 0xFFFF) & -65536);
+}
+
+__device__ __forceinline__ float round_down_bf16(float v) {
+  int32_t b = __float_as_int(v);
+  int32_t r = b < 0 ? ((b + 0xFFFF) & -65536) : (b & -65536);
+  return __int_as_float(r);
+}
+
+struct Bf16Bits { uint16_t x; };   // a bf16 tensor's element, as its bits
+
+// 8 consecutive values of the input as fp32 (exact upcasts)
+template <typename T> struct Io;
+
+template <> struct Io<float> {
+  static __device__ __forceinline__ void load(const float* p, float v[8]) {
+    float4 a = __ldcs(reinterpret_cast<const float4*>(p));
+    float4 b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+  static __device__ __forceinline__ void store(float* p, const float v[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+};
+
+template <> struct Io<Bf16Bits> {   // bf16 as its bits
+  static __device__ __forceinline__ void load(const Bf16Bits* p, float v[8]) {
+    uint4 a = __ldcs(reinterpret_cast<const uint4*>(p));
+    uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = bits_f(w[i] << 16);
+      v[2 * i + 1] = bits_f(w[i] & 0xFFFF0000u);
+    }
+  }
+  static __device__ __forceinline__ void store(Bf16Bits* p, const float v[8]) {
+    uint4 a;
+    a.x = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
+    a.y = bf16_bits(v[2]) | (bf16_bits(v[3]) << 16);
+    a.z = bf16_bits(v[4]) | (bf16_bits(v[5]) << 16);
+    a.w = bf16_bits(v[6]) | (bf16_bits(v[7]) << 16);
+    *reinterpret_cast<uint4*>(p) = a;
+  }
+};
+
+template <> struct Io<__half> {
+  static __device__ __forceinline__ void load(const __half* p, float v[8]) {
+    uint4 a = __ldcs(reinterpret_cast<const uint4*>(p));
+    const __half* h = reinterpret_cast<const __half*>(&a);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __half2float(h[i]);
+  }
+  static __device__ __forceinline__ void store(__half* p, const float v[8]) {
+    uint4 a;
+    __half* h = reinterpret_cast<__half*>(&a);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h[i] = __float2half_rn(v[i]);
+    *reinterpret_cast<uint4*>(p) = a;
+  }
+};
+
+constexpr float kTiny = 5.421010862427522e-20f;        // 2^-64: group.py's _TINY
+constexpr float kTinyScale = 1.8446744073709552e19f;   // 2^64
+
+// rint(q) of a q in [-2^22, 2^22], as the low bits of a float: q + 1.5 * 2^23 lies in
+// [2^23, 2^24), where the float spacing is 1, so the addition rounds q to nearest even
+// (rintf's rounding) and the integer sits in the low mantissa bits, two's complement
+// (0x4B400000 has 22 zero low bits). One FADD instead of a round and a float-to-int
+// conversion, which issue at a quarter and an eighth of the FP32 rate on sm_90. An even
+// offset (int4-sym's +8) keeps the parity, so it rounds the same.
+constexpr float kRound = 12582912.0f;   // 1.5 * 2^23 = 0x4B400000
+
+__device__ __forceinline__ uint32_t rint_bits(float q, float offset) {
+  return __float_as_uint(__fadd_rn(q, offset));
+}
+
+// 8 codes (bits 0 .. BITS-1 of each c) packed as stored: 8 bytes (w[0], w[1]) or 8
+// nibbles (w[0]).
+template <int BITS>
+__device__ __forceinline__ void pack(const uint32_t c[8], uint32_t w[2]) {
+  if (BITS == 8) {
+    w[0] = __byte_perm(__byte_perm(c[0], c[1], 0x0040), __byte_perm(c[2], c[3], 0x0040), 0x5410);
+    w[1] = __byte_perm(__byte_perm(c[4], c[5], 0x0040), __byte_perm(c[6], c[7], 0x0040), 0x5410);
+  } else {
+    uint32_t a = c[0] & 0xFu;
+#pragma unroll
+    for (int i = 1; i < 8; ++i) a |= (c[i] & 0xFu) << (4 * i);
+    w[0] = a;
+    w[1] = 0;
+  }
+}
+
+// A chunk's payload is 8 bytes (8 bits) or 4 bytes (4 bits) at a multiple of its size
+// within its row, but a row's start is aligned only to 2 bytes where the chunk holds an
+// odd number of groups (int8: n + 2 n/G bytes per row). So the widest access the address
+// allows: uniform within a row, one access for nearly every message the model makes.
+__device__ __forceinline__ void store_bytes(uint8_t* p, uint32_t a, uint32_t b, int nbytes) {
+  uintptr_t u = reinterpret_cast<uintptr_t>(p);
+  if (nbytes == 8 && (u & 7) == 0) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(a, b);
+  } else if ((u & 3) == 0) {
+    reinterpret_cast<uint32_t*>(p)[0] = a;
+    if (nbytes == 8) reinterpret_cast<uint32_t*>(p)[1] = b;
+  } else {   // 2-byte aligned (rows are whole bf16 metadata entries)
+    uint16_t* h = reinterpret_cast<uint16_t*>(p);
+    h[0] = (uint16_t)a; h[1] = (uint16_t)(a >> 16);
+    if (nbytes == 8) { h[2] = (uint16_t)b; h[3] = (uint16_t)(b >> 16); }
+  }
+}
+
+__device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t& a, uint32_t& b,
+                                           int nbytes) {
+  uintptr_t u = reinterpret_cast<uintptr_t>(p);
+  b = 0;
+  if (nbytes == 8 && (u & 7) == 0) {
+    uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    a = v.x; b = v.y;
+  } else if ((u & 3) == 0) {
+    a = __ldcs(reinterpret_cast<const unsigned int*>(p));
+    if (nbytes == 8) b = __ldcs(reinterpret_cast<const unsigned int*>(p) + 1);
+  } else {
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+    a = (uint32_t)__ldcs(h) | ((uint32_t)__ldcs(h + 1) << 16);
+    if (nbytes == 8) b = (uint32_t)__ldcs(h + 2) | ((uint32_t)__ldcs(h + 3) << 16);
+  }
+}
+
+__device__ __forceinline__ float bf16_at(const uint8_t* buf, int64_t at) {
+  return bits_f((uint32_t)__ldg(reinterpret_cast<const unsigned short*>(buf + at)) << 16);
+}
+
+// max(y, -lim) then min(., lim), NaN passing through (PTX's NaN-propagating min / max,
+// sm_80+): the reference's saturate, which keeps NaN, in two instructions.
+__device__ __forceinline__ float clamp_keep_nan(float y, float lim) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(y), "f"(-lim));
+  asm("min.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(lim));
+  return r;
+#else   // the same values (any NaN stays a NaN) where there is no PTX
+  return y != y ? y : fminf(fmaxf(y, -lim), lim);
+#endif
+}
+
+// Code i of a chunk as an exact float: its bits ORed into 2^23's (spacing 1 there), less
+// 2^23 (and the symmetric codes' offset). No integer-to-float conversion.
+template <int KIND, int BITS>
+__device__ __forceinline__ float code_value(const uint32_t w[2], int i) {
+  uint32_t c = BITS == 8 ? (w[i >> 2] >> (8 * (i & 3))) & 0xFFu : (w[0] >> (4 * i)) & 0xFu;
+  if (KIND == kAsym) return __fsub_rn(bits_f(c | 0x4B000000u), 8388608.0f);
+  if (BITS == 8) return __fsub_rn(bits_f(c ^ 0x4B000080u), 8388736.0f);  // two's complement
+  return __fsub_rn(bits_f(c | 0x4B000000u), 8388608.0f + (float)(1 << (BITS - 1)));
+}
+
+}  // namespace
