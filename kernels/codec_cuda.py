@@ -1,6 +1,6 @@
-"""CUDA C++ codec kernels (kernels/csrc/codec.cu) for the integer group codecs at 8 and 4
-bits, group 64 or 128 (the symmetric ``int8:G`` and ``int4-sym:G``, the asymmetric
-``int4:G``), with the ``hadamard-`` rotation and the ``weighted-`` channel scales folded
+"""CUDA C++ codec kernels (kernels/csrc/codec.cu) for the integer group codecs at 8, 5
+and 4 bits, group 64 or 128 (the symmetric ``int8:G`` and ``int4-sym:G``, the
+asymmetric ``int4:G`` and ``int5:G``), with the ``hadamard-`` rotation and the ``weighted-`` channel scales folded
 into quantize. Same functions and same bits as the Triton kernels of kernels/quant.py,
 which serve every other codec; kernels/codec.py picks.
 
@@ -81,13 +81,15 @@ def _ext():
 
 
 _QMAX = {KIND_ASYM: lambda bits: (1 << bits) - 1, KIND_SYM: lambda bits: (1 << (bits - 1)) - 1}
+_BITS = {KIND_ASYM: (4, 5, 8), KIND_SYM: (4, 8)}   # the widths codec.cu's dispatch builds
 
 
 def takes(kc: KernelCodec, *tensors: torch.Tensor) -> bool:
     """Whether these kernels serve codec ``kc`` on these (contiguous) tensors: an integer
-    group codec (asymmetric or symmetric) of 8 or 4 bits and group 64 or 128, CUDA tensors
-    with 16-byte aligned data, and a real GPU (not the Triton interpreter)."""
-    if (INTERPRET or kc.kind not in _QMAX or kc.bits not in (4, 8) or kc.group not in (64, 128)
+    group codec (symmetric at 8 or 4 bits, asymmetric at 8, 5 or 4) of group 64 or 128,
+    CUDA tensors with 16-byte aligned data, and a real GPU (not the Triton interpreter)."""
+    if (INTERPRET or kc.kind not in _BITS or kc.bits not in _BITS[kc.kind]
+            or kc.group not in (64, 128)
             or kc.qmax != _QMAX[kc.kind](kc.bits)):
         return False
     return all(t.is_cuda and t.data_ptr() % 16 == 0 for t in tensors)

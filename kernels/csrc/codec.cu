@@ -243,28 +243,47 @@ __device__ __forceinline__ void encode_sym(float x[kChunks][8], uint32_t w[kChun
 }
 
 // Byte offsets of a row's parts (the reference layout: [payload n*BITS/8][meta0: n/G
-// bf16][meta1: n/G bf16]).
+// bf16][meta1: n/G bf16]; int5's payload is its 4-bit plane, n/2 bytes, then its 1-bit
+// plane, n/8 bytes).
 template <int BITS, int G>
 struct Where {
-  int64_t base, meta0, meta1;
+  static constexpr int PB = plane_bits(BITS);
+  int64_t base, plane1, meta0, meta1;
   __device__ __forceinline__ Where(int64_t row, int64_t g0, int64_t n, int64_t nbytes_row) {
     base = row * nbytes_row;
+    plane1 = base + n * PB / 8;
     meta0 = base + n * BITS / 8 + 2 * (g0 / G);
     meta1 = meta0 + 2 * (n / G);
   }
-  __device__ __forceinline__ int64_t pay(int64_t col) const { return base + col * BITS / 8; }
+  __device__ __forceinline__ int64_t pay(int64_t col) const { return base + col * PB / 8; }
+  __device__ __forceinline__ int64_t bit4(int64_t col) const { return plane1 + col / 8; }
 };
+
+// A chunk's 8 codes as stored (pack's w) at value col of a row.
+template <int BITS, int G>
+__device__ __forceinline__ void store_codes(uint8_t* buf, const Where<BITS, G>& at, int64_t col,
+                                            const uint32_t w[2]) {
+  store_bytes(buf + at.pay(col), w[0], w[1], plane_bits(BITS));
+  if (BITS == 5) buf[at.bit4(col)] = (uint8_t)w[1];
+}
+
+template <int BITS, int G>
+__device__ __forceinline__ void load_codes(const uint8_t* buf, const Where<BITS, G>& at,
+                                           int64_t col, uint32_t w[2]) {
+  load_bytes(buf + at.pay(col), w[0], w[1], plane_bits(BITS));
+  if (BITS == 5) w[1] = __ldcs(buf + at.bit4(col));
+}
 
 // This thread's share of one stored group, as loaded: its chunks' payload words and the
 // group's metadata.
 template <int KIND, int BITS, int G>
 struct Packed {
-  uint32_t w[kChunks][2];   // 8 codes per chunk: nibbles of w[k][0], or bytes of both
+  uint32_t w[kChunks][2];   // each chunk's 8 codes as pack() made them
   float m0, m1;             // the group's meta0 and (asym) meta1
   __device__ __forceinline__ void load(const uint8_t* buf, const Tile<G>& t,
                                        const Where<BITS, G>& at) {
 #pragma unroll
-    for (int k = 0; k < kChunks; ++k) load_bytes(buf + at.pay(t.col(k)), w[k][0], w[k][1], BITS);
+    for (int k = 0; k < kChunks; ++k) load_codes(buf, at, t.col(k), w[k]);
     m0 = bf16_at(buf, at.meta0);
     m1 = KIND == kAsym ? bf16_at(buf, at.meta1) : 0.0f;
   }
@@ -367,7 +386,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
   if (!t.live) return;   // after the group's last shuffle
   const Where<BITS, G> at(t.row, t.g0, n, nbytes_row);
 #pragma unroll
-  for (int k = 0; k < kChunks; ++k) store_bytes(buf + at.pay(t.col(k)), w[k][0], w[k][1], BITS);
+  for (int k = 0; k < kChunks; ++k) store_codes(buf, at, t.col(k), w[k]);
   if (t.sub == 0) {
     *reinterpret_cast<uint16_t*>(buf + at.meta0) = (uint16_t)bf16_bits(meta0);
     if (KIND == kAsym) *reinterpret_cast<uint16_t*>(buf + at.meta1) = (uint16_t)bf16_bits(meta1);
@@ -477,8 +496,9 @@ uint32_t blocks_per_row(int64_t n) {
 template <int V> using Int = std::integral_constant<int, V>;
 template <bool V> using Bool = std::integral_constant<bool, V>;
 
-// f(KIND, BITS, G, ROT) with each as a compile-time constant: the 16 kernels per dtype that
-// kernels/codec_cuda.py may ask for (asym or sym; 8 or 4 bits; group 128 or 64; rotated).
+// f(KIND, BITS, G, ROT) with each as a compile-time constant: the 20 kernels per dtype that
+// kernels/codec_cuda.py may ask for (asym at 8, 5 or 4 bits, sym at 8 or 4; group 128 or
+// 64; rotated or not).
 template <typename F>
 cudaError_t dispatch(int kind, int bits, int g, bool rot, F f) {
   auto by_rot = [&](auto k, auto b, auto gg) {
@@ -492,6 +512,9 @@ cudaError_t dispatch(int kind, int bits, int g, bool rot, F f) {
   auto by_bits = [&](auto k) -> cudaError_t {
     if (bits == 8) return by_group(k, Int<8>());
     if (bits == 4) return by_group(k, Int<4>());
+    if constexpr (decltype(k)::value == kAsym) {
+      if (bits == 5) return by_group(k, Int<5>());
+    }
     return cudaErrorInvalidValue;
   };
   if (kind == kAsym) return by_bits(Int<kAsym>());
