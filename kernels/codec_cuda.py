@@ -1,8 +1,9 @@
 """CUDA C++ codec kernels (kernels/csrc/codec.cu) for the integer group codecs at 8, 5
 and 4 bits, group 64 or 128 (the symmetric ``int8:G`` and ``int4-sym:G``, the
 asymmetric ``int4:G`` and ``int5:G``), with the ``hadamard-`` rotation and the
-``weighted-`` channel scales folded into quantize. Same functions and same bits as the Triton kernels of kernels/quant.py,
-which serve every other codec; kernels/codec.py picks.
+``weighted-`` channel scales folded into quantize. Same functions and same bits as the
+Triton kernels of kernels/quant.py, which serve every other codec; kernels/codec.py
+picks.
 
 Why CUDA C++ here: in the Triton kernels the reshape-based butterflies of the rotation go
 through layout conversions, and the ``weighted-`` scaling is a separate torch multiply.
