@@ -149,3 +149,41 @@ def test_multi_token_call_into_a_wrapped_ring_is_refused():
     # reading no further than the ring: slot == position, nothing can have wrapped
     out = eng.model(ids, torch.tensor([[3, 4]]), cache.k, cache.v, kv_len=SLIDING_WINDOW)
     assert out.shape[:2] == (1, 2) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------- bench_generate
+def _bench_layouts(rank, world, out_dir):
+    import json
+    import os
+
+    from megatron_lite.parallel_state import destroy_model_parallel
+    from tests.test_calibrate import load_tool
+    bench = load_tool("bench_generate")
+    out = {}
+    for layout in ("live", "full"):
+        path = os.path.join(out_dir, f"{layout}.json")
+        try:
+            bench.main(["--random-weights", "tiny-gemma2", "--comm", "native",
+                        "--no-lower-bound", "--prefill", "16x1", "--decode-batches", "1,2",
+                        "--context", "100", "--decode-steps", "2", "--repeats", "1",
+                        "--check-tokens", "0", "--kv-layout", layout, "--json", path])
+        finally:
+            destroy_model_parallel()
+        out[layout] = json.load(open(path))
+    return out
+
+
+def test_bench_generate_reports_kv_cache_bytes(tmp_path):
+    """tiny-gemma2 (layer 0 slides over 64 tokens, layer 1 is global; 4 KV heads of 32,
+    fp32 on the CPU) at a 100-token context: 128 slots, of which the sliding layer keeps
+    and reads 64 with the live layout."""
+    from tests._dist import run_distributed
+    res = run_distributed(_bench_layouts, 1, str(tmp_path))[0]
+    per_slot = 2 * 4 * 32 * 4                     # K and V, one layer, one sequence
+    for layout, slots in (("live", 64 + 128), ("full", 128 + 128)):
+        assert res[layout]["kv_layout"] == layout
+        rows = [r for r in res[layout]["rows"] if r["phase"] == "decode"]
+        assert [r["batch"] for r in rows] == [1, 2]
+        for r in rows:
+            assert r["kv_cache_bytes"] == r["kv_read_bytes"] == r["batch"] * per_slot * slots
+            assert r["floor_ms"] > res[layout]["tpot_floor_ms"] > 0
