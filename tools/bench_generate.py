@@ -18,6 +18,11 @@ of a serving shape made on the device (``--random-weights``, lab/random_init.py)
   input; median over ``--decode-steps`` steps, each between two CUDA events. The position
   stays at ``--context`` (every step reads the same number of cache slots; the cache holds
   random values, so nothing is timed on zeros). Without CUDA it runs eagerly (CPU smoke).
+  Attention reads what ``generate`` would read at that context (``--kv-layout live``:
+  sliding-window layers a ring of the window's size, the others the power-of-two bucket of
+  the live slots; ``full``: every slot of a cache with one slot per position on every
+  layer). Each decode row records the KV cache's bytes per GPU, the bytes a step reads
+  from it, and the floor (streamed weights + KV reads at the measured HBM bandwidth).
 * **Comm**: every ``--comm SPEC`` (repeatable; the grammar of every tool, comm/spec.py),
   as the engine runs it: the fused kernels where the size chooser takes a message on an
   NCCL group, the portable path elsewhere. ``native`` (the backend's own all-reduce) is
@@ -88,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profile the kernels of a batch-1 decode step (native and auto)")
     p.add_argument("--hbm-gib", type=float, default=2.0, metavar="GIB",
                    help="size of the device-to-device copy that measures HBM bandwidth")
+    p.add_argument("--kv-layout", choices=("live", "full"), default="live",
+                   help="KV cache: live (ring buffers on sliding-window layers, decode reads "
+                        "the live slots) or full (one slot per position on every layer, "
+                        "every step reads all; the reference) (default: live)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true",
@@ -206,7 +215,22 @@ def summarize(result: dict) -> str:
             v = table.get(("decode", 1, result.get("context"), c))
             if v is not None:
                 lines.append(f"  TPOT b1 {c}: {v / result['tpot_floor_ms']:.2f}x floor")
+    kv = {r["batch"]: r for r in rows if r["phase"] == "decode" and "kv_cache_bytes" in r}
+    for b, r in kv.items():
+        lines.append(f"KV cache b{b} ({result.get('kv_layout', 'full')}): "
+                     f"{r['kv_cache_bytes'] / 2**20:.1f} MiB per GPU, a step reads "
+                     f"{r['kv_read_bytes'] / 2**20:.1f} MiB; floor with KV reads "
+                     f"{r['floor_ms']:.3f} ms")
     return "\n".join(lines)
+
+
+def kv_figures(cache, context: int, result: dict) -> dict:
+    """A decode row's KV-cache figures (this GPU): the cache's bytes, the bytes a step at
+    ``context`` reads, and the step's floor: streamed weights plus those reads at the
+    measured HBM bandwidth."""
+    read = cache.read_bytes(cache.read_len(context + 1))
+    floor = (result["streamed_weight_bytes_per_gpu"] + read) / (result["hbm_GBps"] * 1e9)
+    return dict(kv_cache_bytes=cache.nbytes, kv_read_bytes=read, floor_ms=floor * 1e3)
 
 
 def comm_removed(rows: list[dict]) -> list[dict]:
@@ -266,13 +290,13 @@ def _build_engine(args, group, device, dtype):
     from megatron_lite.lab.random_init import random_model, resolve_shape
     if args.ckpt is not None:
         engine = Engine.from_pretrained(args.ckpt, group=group, dtype=dtype, device=device,
-                                        compile=args.compile)
+                                        compile=args.compile, kv_layout=args.kv_layout)
         engine.eos_token_ids = ()   # timing runs never stop early
         return engine, args.ckpt.name, engine.model
     model = random_model(resolve_shape(args.random_weights), group, device=device, dtype=dtype,
                          seed=args.seed)
-    return (Engine(model, None, max_batch_size=64, compile=args.compile), args.random_weights,
-            model)
+    return (Engine(model, None, max_batch_size=64, compile=args.compile,
+                   kv_layout=args.kv_layout), args.random_weights, model)
 
 
 def main(argv=None) -> int:
@@ -360,7 +384,7 @@ def main(argv=None) -> int:
                                   if torch.distributed.is_initialized() else "none"),
         dtype=str(dtype).replace("torch.", ""), context=args.context,
         decode_steps=args.decode_steps, prefill_repeats=args.repeats, cuda_graphs=graphs,
-        compiled_decode=args.compile,
+        compiled_decode=args.compile, kv_layout=args.kv_layout,
         hbm_GBps=hbm, weight_bytes_per_gpu=total_weight_bytes(model),
         streamed_weight_bytes_per_gpu=streamed, tpot_floor_ms=streamed / (hbm * 1e9) * 1e3,
         checks={}, backends={}, skipped={}, rows=[])
@@ -447,7 +471,8 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
             ms, prof = time_decode(engine, batch, args.context, args.decode_steps, clock,
                                    graphs, profile=prof_this)
             result["rows"].append(dict(phase="decode", batch=batch, tokens=args.context,
-                                       comm=mode, ms=ms, graph=graphs))
+                                       comm=mode, ms=ms, graph=graphs,
+                                       **kv_figures(engine.cache, args.context, result)))
             say(f"[{mode}] decode  b{batch:<4d}: {ms:9.3f} ms/token")
             if prof is not None:
                 result.setdefault("decode_profile_b1", {})[mode] = prof

@@ -1,4 +1,5 @@
-"""CUDA-graph decode: capture ``Engine.decode_step`` once per batch-size bucket, then replay.
+"""CUDA-graph decode: capture ``Engine.decode_step`` once per (batch-size bucket, KV read
+length), then replay.
 
 A decode step of a TP model is hundreds of small kernels (norms, RoPE, cache writes, one
 GEMV per projection, two all-reduces per layer). Launched one by one from Python, the host
@@ -17,6 +18,11 @@ Recipe (the one in the PyTorch CUDA-graphs notes, also used by gpt-fast and vLLM
    thread (ProcessGroupNCCL's watchdog polls its events) cannot invalidate the capture;
 4. replay: copy the inputs in, ``graph.replay()``, read the static logits.
 
+The KV read length (how many cache slots attention reads; inference/kv_cache.py buckets
+it by powers of two) is a shape, so each one the host asks for is its own graph: a step
+early in a long generation replays a graph that reads a short prefix of the cache instead
+of all ``max_seq`` slots. The host picks it per step from the step count (no sync).
+
 All buckets share one memory pool. A graph bakes in the addresses of the KV cache, so the
 runner is bound to one cache (``bind``) and drops its graphs when the cache changes.
 Collectives inside the graph (NCCL, or the fused symmetric-memory kernels, whose per-call
@@ -33,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS: Tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepFn = Callable[[torch.Tensor, torch.Tensor, Optional[int]], torch.Tensor]
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> Optional[int]:
@@ -45,7 +51,7 @@ def bucket_for(batch: int, buckets: Sequence[int]) -> Optional[int]:
 
 
 class _Graph:
-    """One captured decode step at a fixed batch size."""
+    """One captured decode step at a fixed batch size and KV read length."""
 
     def __init__(self, graph: "torch.cuda.CUDAGraph", tokens: torch.Tensor,
                  positions: torch.Tensor, logits: torch.Tensor):
@@ -53,12 +59,14 @@ class _Graph:
 
 
 class CUDAGraphDecoder:
-    """Replays ``step_fn(tokens[Bb], positions[Bb]) -> logits[Bb, V]`` from CUDA graphs.
+    """Replays ``step_fn(tokens[Bb], positions[Bb], kv_len) -> logits[Bb, V]`` from CUDA
+    graphs, one per (batch bucket Bb, ``kv_len``).
 
-    ``step_fn`` must run on ``device`` with static shapes and no host syncs. Call
-    ``reset()`` when the state the step reads, the KV cache, is reallocated (a graph bakes
-    in its buffers' addresses). ``__call__(tokens[B], positions[B])`` returns logits [B, V]: a view into the graph's
-    static output, valid until the next replay of any bucket.
+    ``step_fn`` must run on ``device`` with static shapes for a given ``kv_len`` and no host
+    syncs. Call ``reset()`` when the state the step reads, the KV cache, is reallocated (a
+    graph bakes in its buffers' addresses). ``__call__(tokens[B], positions[B], kv_len)``
+    returns logits [B, V]: a view into the graph's static output, valid until the next
+    replay of any graph.
     """
 
     def __init__(self, step_fn: StepFn, device, buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -71,7 +79,7 @@ class CUDAGraphDecoder:
         self.step_fn, self.device = step_fn, device
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         self.warmup = warmup
-        self.graphs: Dict[int, _Graph] = {}
+        self.graphs: Dict[Tuple[int, Optional[int]], _Graph] = {}
         self.pool = None
         self.captures = 0   # total captures so far (tests and logs look at it)
 
@@ -83,10 +91,12 @@ class CUDAGraphDecoder:
         return bucket_for(batch, self.buckets)
 
     def capture(self, batch: int, tokens: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> _Graph:
-        """Capture the bucket of ``batch`` (inputs for the warm-up calls are optional:
-        the warm-up runs the real step, so pass the step's real inputs when the step writes
-        state, e.g. the KV cache, that must hold the right values afterwards)."""
+                positions: Optional[torch.Tensor] = None,
+                kv_len: Optional[int] = None) -> _Graph:
+        """Capture the bucket of ``batch`` at read length ``kv_len`` (inputs for the warm-up
+        calls are optional: the warm-up runs the real step, so pass the step's real inputs
+        when the step writes state, e.g. the KV cache, that must hold the right values
+        afterwards)."""
         bb = self.bucket(batch)
         if bb is None:
             raise ValueError(f"batch {batch} exceeds the largest CUDA-graph bucket "
@@ -103,23 +113,23 @@ class CUDAGraphDecoder:
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.step_fn(static_tok, static_pos)
+                self.step_fn(static_tok, static_pos, kv_len)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self.step_fn(static_tok, static_pos)
+            logits = self.step_fn(static_tok, static_pos, kv_len)
         entry = _Graph(graph, static_tok, static_pos, logits)
-        self.graphs[bb] = entry
+        self.graphs[bb, kv_len] = entry
         self.captures += 1
-        log.debug("captured decode graph for bucket %d", bb)
+        log.debug("captured decode graph for bucket %d, kv_len %s", bb, kv_len)
         return entry
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor,
+                 kv_len: Optional[int] = None) -> torch.Tensor:
         b = tokens.shape[0]
-        bb = self.bucket(b)
-        entry = self.graphs.get(bb)
+        entry = self.graphs.get((self.bucket(b), kv_len))
         if entry is None:
-            entry = self.capture(b, tokens, positions)
+            entry = self.capture(b, tokens, positions, kv_len)
         entry.tokens[:b].copy_(tokens)
         entry.positions[:b].copy_(positions)
         entry.graph.replay()

@@ -11,8 +11,13 @@ and no host syncs, so it can be captured in a CUDA graph. The host looks at the 
 tokens every step only when it must (stop strings; streaming, for output only), otherwise
 every ``sync_every`` steps; ranks decide to stop only at those rank-identical check points,
 so a rank that streams never leaves the decode loop before its peers. On CUDA, decode steps replay CUDA graphs, one per
-batch-size bucket (megatron_lite/inference/cuda_graphs.py); the KV cache then has the
-bucket's rows and a batch is padded to them.
+batch-size bucket and KV read length (megatron_lite/inference/cuda_graphs.py); the KV cache
+then has the bucket's rows and a batch is padded to them.
+
+KV cache (inference/kv_cache.py): sliding-window layers keep a ring buffer of the window's
+size, and each decode step reads only the slots written so far, rounded up to a bucket
+that the host picks from the step count (no device sync); ``kv_layout="full"`` keeps
+``max_seq`` slots on every layer and reads them all, as a reference.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 
 from megatron_lite.comm.communicator import Communicator
 from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder, bucket_for
-from megatron_lite.inference.kv_cache import KVCache
+from megatron_lite.inference.kv_cache import LAYOUTS, KVCache
 from megatron_lite.inference.sampling import sample, validate_sampling
 from megatron_lite.models.config import ModelConfig
 from megatron_lite.models.decoder import Transformer
@@ -216,7 +221,12 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8,
                  max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = (),
-                 cuda_graphs: Optional[bool] = None, compile: bool = False):
+                 cuda_graphs: Optional[bool] = None, compile: bool = False,
+                 kv_layout: str = "live"):
+        if kv_layout not in LAYOUTS:
+            raise ValueError(f"unknown kv_layout {kv_layout!r}; choose one of "
+                             f"{', '.join(LAYOUTS)}")
+        self.kv_layout = kv_layout
         self.model, self.cfg, self.group = model, model.cfg, model.group
         model.group.communicator.set_post_norms(model.post_reduce_norms())   # ef+
         # compile: the decode step's model call goes through torch.compile (static shapes;
@@ -246,7 +256,7 @@ class Engine:
     def from_pretrained(cls, path: Union[str, Path], group: Optional[TPGroup] = None,
                         dtype=None, comm=None, max_batch_size: int = 8,
                         max_seq_len: Optional[int] = None, device=None,
-                        compile: bool = False) -> "Engine":
+                        compile: bool = False, kv_layout: str = "live") -> "Engine":
         """Load a shard directory (its TP must equal the world size) or an HF directory
         (sharded in memory). All checks run before any weights are read.
 
@@ -262,7 +272,8 @@ class Engine:
         return cls.from_rank_state_dict(hf_config, state, tokenizer=tok_dir,
                                         group=_apply_comm(base, comm, hf_config), dtype=dtype,
                                         device=device, max_batch_size=max_batch_size,
-                                        max_seq_len=max_seq_len, compile=compile)
+                                        max_seq_len=max_seq_len, compile=compile,
+                                        kv_layout=kv_layout)
 
     @classmethod
     def from_hf_state_dict(cls, hf_config: dict, hf_sd, tokenizer=None,
@@ -300,12 +311,12 @@ class Engine:
 
     # ------------------------------------------------------------------ model calls
     def _ensure_cache(self, batch_size: int, max_seq: int) -> KVCache:
-        if self.cache is None or not self.cache.fits(batch_size, max_seq):
+        if self.cache is None or not self.cache.fits(batch_size, max_seq, self.kv_layout):
             self.cache = None   # free the old buffers before allocating
             if self._graphs is not None:   # graphs bake in the old buffers' addresses
                 self._graphs.reset()
             self.cache = KVCache(self.cfg, self.group.world_size, batch_size, max_seq,
-                                 self.dtype, self.device)
+                                 self.dtype, self.device, layout=self.kv_layout)
         return self.cache
 
     @torch.inference_mode()
@@ -321,18 +332,22 @@ class Engine:
         positions = torch.arange(T, device=self.device).expand(B, T)
         index = None if all_logits else lengths.to(self.device) - 1
         return self.model(tokens.to(self.device), positions, k, v, kv_len=T,
-                          logits_index=index, causal_prefill=True)
+                          logits_index=index, causal_prefill=True,
+                          lengths=lengths.to(self.device))
 
     @torch.inference_mode()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
+                    kv_len: Optional[int] = None) -> torch.Tensor:
         """One token per sequence: tokens [B] at positions [B] -> logits [B, V].
 
-        Static shapes (attention reads all ``max_seq`` slots under a mask), no host syncs,
-        no data-dependent Python branches: safe to capture in a CUDA graph.
+        Attention reads the first ``kv_len`` cache slots under a mask (default: all
+        ``max_seq``; every position must be below it) and sliding layers their ring: static
+        shapes for a given ``kv_len``, no host syncs, no data-dependent Python branches, so
+        safe to capture in a CUDA graph.
         """
         cache = self.cache
         return self._step_model(tokens.unsqueeze(1), positions.unsqueeze(1), cache.k, cache.v,
-                                kv_len=cache.max_seq)[:, 0]
+                                kv_len=kv_len or cache.max_seq)[:, 0]
 
     def _cache_rows(self, batch: int) -> int:
         """KV-cache rows for a batch: its CUDA-graph bucket when graphs are on."""
@@ -345,22 +360,26 @@ class Engine:
             self._graphs = CUDAGraphDecoder(self.decode_step, self.device)
         return self._graphs
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``decode_step`` for the generation loop: padded to the cache's rows, and replayed
-        from a CUDA graph when graphs are on (falls back to eager if capture fails)."""
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor,
+                live: Optional[int] = None) -> torch.Tensor:
+        """``decode_step`` for the generation loop: padded to the cache's rows, reading the
+        bucket of ``live`` slots (positions 0 .. live - 1 written, this step's included; the
+        host knows it from the step count; None: all slots), and replayed from a CUDA graph
+        when graphs are on (falls back to eager if capture fails)."""
         B, rows = tokens.shape[0], self.cache.batch_size
+        kv_len = self.cache.read_len(live) if live is not None else self.cache.max_seq
         if rows != B:
             tokens = torch.cat([tokens, tokens.new_zeros(rows - B)])
             positions = torch.cat([positions, positions.new_zeros(rows - B)])
         if self.cuda_graphs and self._graph_decoder().bucket(rows) == rows:
             try:
-                return self._graph_decoder()(tokens, positions)[:B]
+                return self._graph_decoder()(tokens, positions, kv_len)[:B]
             except RuntimeError as e:   # e.g. an op that cannot be captured
                 import warnings
                 warnings.warn(f"CUDA-graph decode failed ({e}); decoding eagerly")
                 self.cuda_graphs = False
                 self._graphs = None
-        return self.decode_step(tokens, positions)[:B]
+        return self.decode_step(tokens, positions, kv_len)[:B]
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -371,7 +390,9 @@ class Engine:
         B, T = ids.shape
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.max_seq_len}")
-        tmp = KVCache(self.cfg, self.group.world_size, B, T, self.dtype, self.device)
+        # one slot per position (no ring): this call reads every position at once
+        tmp = KVCache(self.cfg, self.group.world_size, B, T, self.dtype, self.device,
+                      layout="full")
         positions = torch.arange(T, device=self.device).expand(B, T)
         return self.model(ids, positions, tmp.k, tmp.v, kv_len=T).float()
 
@@ -394,16 +415,19 @@ class Engine:
         """Run one decode step at the shapes a ``generate`` call of that batch size,
         longest prompt and ``max_new_tokens`` will use, so that compiling the step (with
         ``compile``) and capturing its CUDA graph happen here instead of inside the timed
-        decode loop. Returns the seconds it took. Every rank must call it (the step runs
-        the TP collectives). The cache's contents are left undefined; ``generate``
-        prefills it anew."""
+        decode loop: one step for each KV read length the decode steps will use. Returns
+        the seconds it took. Every rank must call it (the step runs the TP collectives).
+        The cache's contents are left undefined; ``generate`` prefills it anew."""
         rows = self._cache_rows(batch_size)
-        self._ensure_cache(rows, self.cache_len(prompt_len, max_new_tokens))
+        cache = self._ensure_cache(rows, self.cache_len(prompt_len, max_new_tokens))
+        lives = range(prompt_len + 1, prompt_len + max(max_new_tokens, 2))
+        reads = sorted({cache.read_len(live) for live in lives})
         tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._sync()
         t0 = time.perf_counter()
-        self._decode(tokens, positions)
+        for kv_len in reads:
+            self._decode(tokens, positions, kv_len)   # live == kv_len reads that bucket
         self._sync()
         return time.perf_counter() - t0
 
@@ -479,7 +503,8 @@ class Engine:
         step = checked = 1
         finished = all(s.done for s in streams)
         while step < max_new and not finished:
-            tok = pick(self._decode(tok, positions), step)
+            # positions now reach T + step - 1 at most: T + step slots are live
+            tok = pick(self._decode(tok, positions, T + step), step)
             positions += 1
             step += 1
             if step - synced >= emit_every or step == max_new:

@@ -7,6 +7,7 @@ Every timer aligns the ranks with a barrier first and returns the slowest rank's
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import statistics
@@ -155,12 +156,14 @@ def profile_steps(step, tok, pos, steps: int = 5) -> dict:
 
 def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
                 graph: bool, profile: bool = False):
-    """Median ms of one decode step (+ greedy pick) at ``context`` cached tokens, and the
-    step's kernel profile if asked (else None)."""
+    """Median ms of one decode step (+ greedy pick) at ``context`` cached tokens, reading
+    the slots ``generate`` would read there (``KVCache.read_len``), and the step's kernel
+    profile if asked (else None). ``engine.cache`` is the cache it ran on."""
     import torch
     from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder
     max_seq = -(-(context + 1) // 64) * 64
     cache = engine._ensure_cache(batch, max_seq)
+    kv_len = cache.read_len(context + 1)
     gen = torch.Generator(device=engine.device).manual_seed(1234 + engine.group.rank)
     for t in cache.k + cache.v:
         t.normal_(0.0, 1.0, generator=gen)
@@ -168,11 +171,11 @@ def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
     tok = torch.randint(0, vocab, (batch,), device=engine.device,
                         generator=torch.Generator(device=engine.device).manual_seed(7))
     pos = torch.full((batch,), context, dtype=torch.long, device=engine.device)
-    step = engine.decode_step
+    runner = engine.decode_step
     if graph:
         runner = CUDAGraphDecoder(engine.decode_step, engine.device, buckets=(batch,))
-        runner.capture(batch, tok, pos)
-        step = runner
+        runner.capture(batch, tok, pos, kv_len)
+    step = functools.partial(runner, kv_len=kv_len)
     for _ in range(3):
         tok = step(tok, pos).argmax(-1)
     engine.group.barrier()
@@ -189,7 +192,8 @@ def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
             prof = profile_steps(step, tok, pos)
         except Exception as e:   # noqa: BLE001 - a profiler failure must not lose the timing
             prof = dict(error=f"{type(e).__name__}: {e}")
-    del step
+        prof.update(kv_cache_bytes=cache.nbytes, kv_read_bytes_per_step=cache.read_bytes(kv_len))
+    del step, runner
     return max_over_ranks(ms, engine.device), prof
 
 

@@ -248,7 +248,7 @@ def channel_statistics(model, batches: Iterable[torch.Tensor], progress=None
         for ids in batches:
             ids = torch.as_tensor(ids, dtype=torch.long, device=device)
             B, T = ids.shape
-            cache = KVCache(model.cfg, 1, B, T, torch.float32, ids.device)
+            cache = KVCache(model.cfg, 1, B, T, torch.float32, ids.device, layout="full")
             pos = torch.arange(T, device=ids.device).expand(B, T)
             with torch.enable_grad():
                 logits = model(ids, pos, cache.k, cache.v, kv_len=T).float()

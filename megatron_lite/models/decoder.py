@@ -5,17 +5,20 @@ docs/architecture.md (HF names without ``model.``, fused ``qkv_proj`` and ``gate
 Numerics follow transformers 5.x ``modeling_{llama,gemma,gemma2,gemma3,qwen2,qwen3,mistral}.py``
 operation by operation, so fp32 logits match HF to ~1e-6 and bf16 runs round where HF rounds.
 
-Attention reads and writes a static KV cache: layer i gets ``k_cache``/``v_cache`` of shape
-[B, n_kv_local, max_seq, head_dim]. Token t of sequence b sits in cache slot
-``positions[b, t]`` (slot == RoPE position), so batches of prompts of different lengths need
-no per-sequence offsets: a query at position p sees slots j <= p (and j > p - window on
-sliding layers). Slots beyond a sequence's current position may hold stale values (right
-padding); the mask never lets a query read them.
+Attention reads and writes a static KV cache (megatron_lite/inference/kv_cache.py): layer i
+gets ``k_cache``/``v_cache`` of shape [B, n_kv_local, slots_i, head_dim]. On a full-attention
+layer token t of sequence b sits in slot ``positions[b, t]`` (slot == RoPE position), so
+batches of prompts of different lengths need no per-sequence offsets: a query at position p
+sees slots j <= p. A sliding-window layer's cache is a ring buffer: position p sits in slot
+``p % slots_i`` (RoPE still uses p), and the mask maps each slot back to the position it
+holds (``attention_mask``), so a query sees exactly the positions (p - window, p] it saw
+with one slot per position. Slots beyond a sequence's current position may hold stale
+values (right padding); the mask never lets a query read them.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,19 +97,72 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
-def attention_mask(positions: torch.Tensor, kv_len: int,
-                   window: Optional[int]) -> torch.Tensor:
+def attention_mask(positions: torch.Tensor, kv_len: int, window: Optional[int],
+                   ring: Optional[int] = None) -> torch.Tensor:
     """Bool [B, 1, T, kv_len]: query at position p may read cache slot j.
 
-    Causal: j <= p. Sliding window W: also j > p - W, i.e. W tokens *including* the current
-    one (transformers masking_utils.sliding_window_overlay: ``kv_idx > q_idx - W``).
+    Slot j holds position q = j; in a ring buffer of ``ring`` slots, written in position
+    order up to the query's own position, it holds the latest q == j (mod ring) with q <= p,
+    i.e. q = p - ((p - j) mod ring), and q < 0 means not written yet.
+    Causal: 0 <= q <= p. Sliding window W: also q > p - W, i.e. W tokens *including* the
+    current one (transformers masking_utils.sliding_window_overlay: ``kv_idx > q_idx - W``).
     """
     j = torch.arange(kv_len, device=positions.device)
     p = positions.unsqueeze(-1)
-    allowed = j <= p
+    if ring is None:
+        q, allowed = j, j <= p
+    else:
+        q = p - torch.remainder(p - j, ring)
+        allowed = q >= 0
     if window is not None:
-        allowed = allowed & (j > p - window)
+        allowed = allowed & (q > p - window)
     return allowed.unsqueeze(1)
+
+
+class KVPlan(NamedTuple):
+    """How every layer of one type uses its cache in one forward call.
+
+    ``slot`` [B, n]: the cache slots this call writes, from this call's tokens ``src``
+    [B, n] (None: all T tokens, in order). With ``src`` set (a prefill longer than the ring)
+    attention reads this call's own K/V, ``read`` = T of them; otherwise the first ``read``
+    cache slots, after the write. ``mask``: ``attention_mask`` over what is read (None:
+    plain causal)."""
+    mask: Optional[torch.Tensor]
+    read: int
+    slot: torch.Tensor
+    src: Optional[torch.Tensor]
+
+
+def kv_plan(positions: torch.Tensor, slots: int, kv_len: int, window: Optional[int],
+            causal_prefill: bool, plain: bool,
+            lengths: Optional[torch.Tensor] = None) -> KVPlan:
+    """The ``KVPlan`` of layers whose caches have ``slots`` slots; a window makes the cache
+    a ring buffer (slot = position mod slots). ``plain``: causal attention needs no mask
+    unless the window is shorter than the call. ``lengths`` [B]: real tokens per
+    right-padded row of a prefill (None: all)."""
+    B, T = positions.shape
+    if window is None or slots >= kv_len:   # slot == position: no wrap can happen
+        if kv_len > slots:
+            raise ValueError(f"cannot read {kv_len} slots of a {slots}-slot KV cache")
+        mask = None if plain and (window is None or window >= T) else \
+            attention_mask(positions, kv_len, window)
+        return KVPlan(mask, kv_len, positions, None)
+    if T == 1:   # decode: write the ring slot, then read the whole ring
+        return KVPlan(attention_mask(positions, slots, window, ring=slots), slots,
+                      torch.remainder(positions, slots), None)
+    if not causal_prefill:
+        raise ValueError(f"a {T}-token call that reads {kv_len} positions through a "
+                         f"{slots}-slot ring buffer must be a prefill from position 0 "
+                         "(causal_prefill): its earlier tokens would read slots that its "
+                         "later ones overwrote")
+    # Longer than the ring: attention reads the call's own K/V; the ring keeps, per row, the
+    # `slots` tokens that end at its last real token (or tokens 0 .. slots-1 when the row is
+    # shorter: the padding among them sits beyond the row's position, masked until a decode
+    # step overwrites it). Consecutive positions fill every slot exactly once.
+    last = torch.full((B,), T, device=positions.device) if lengths is None else lengths
+    src = (last.clamp(min=slots) - slots).unsqueeze(1) + torch.arange(slots,
+                                                                       device=positions.device)
+    return KVPlan(attention_mask(positions, T, window), T, torch.remainder(src, slots), src)
 
 
 def attention(q, k, v, mask, scale: float, softcap: Optional[float]) -> torch.Tensor:
@@ -164,7 +220,7 @@ class ParallelAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, kv_len: int):
+    def forward(self, x, cos, sin, plan: KVPlan, k_cache, v_cache):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.nq * self.hd, self.nkv * self.hd,
                                           self.nkv * self.hd], dim=-1)
@@ -173,12 +229,20 @@ class ParallelAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Write this step's K/V at their positions: slot index == position, per sequence.
         rows = torch.arange(B, device=x.device).unsqueeze(1)
-        k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache[rows, :, positions] = v.view(B, T, self.nkv, self.hd).to(v_cache.dtype)
-        out = attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], mask, self.scale,
-                        self.softcap)
+        if plan.src is None:
+            # Write this call's K/V into their slots (per sequence), then read the cache.
+            k_cache[rows, :, plan.slot] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, plan.slot] = v.view(B, T, self.nkv, self.hd).to(v_cache.dtype)
+            keys, values = k_cache[:, :, :plan.read], v_cache[:, :, :plan.read]
+        else:
+            # A prefill longer than the ring: keep the planned tokens, attend over all.
+            v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
+            keys, values = k.to(k_cache.dtype), v.to(v_cache.dtype)
+            idx = plan.src[:, None, :, None].expand(B, self.nkv, plan.src.shape[1], self.hd)
+            k_cache[rows, :, plan.slot] = keys.gather(2, idx).transpose(1, 2)
+            v_cache[rows, :, plan.slot] = values.gather(2, idx).transpose(1, 2)
+        out = attention(q, keys, values, plan.mask, self.scale, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nq * self.hd))
 
 
@@ -220,9 +284,8 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = ParallelMLP(cfg, layer_idx, group, device, dtype)
 
-    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, kv_len: int):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, k_cache,
-                           v_cache, kv_len)
+    def forward(self, x, cos, sin, plan: KVPlan, k_cache, v_cache):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, plan, k_cache, v_cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -235,7 +298,8 @@ class Transformer(nn.Module):
 
     ``forward(tokens, positions, k_caches, v_caches, kv_len, logits_index)``:
     tokens/positions [B, T] (device tensors), caches per layer, ``kv_len`` a Python int
-    (how many cache slots attention reads: the static shape). Returns logits
+    (how many cache slots attention reads, the static shape: every position a query may see
+    must be below it; a ring buffer shorter than that is read whole). Returns logits
     [B, T, vocab] or, with ``logits_index`` [B], only those positions' logits [B, vocab].
     No host syncs, no data-dependent Python branches.
     """
@@ -272,12 +336,15 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                 k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor], kv_len: int,
                 logits_index: Optional[torch.Tensor] = None,
-                causal_prefill: bool = False) -> torch.Tensor:
+                causal_prefill: bool = False,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``causal_prefill``: the caller promises positions[b] == arange(T) for every row
         and kv_len == T. Attention is then plain causal wherever no sliding window is
         shorter than T and no soft-cap applies, and SDPA gets ``is_causal`` instead of a
         boolean mask: with an explicit mask it cannot use flash attention, which at 8k
-        tokens costs several times the attention time."""
+        tokens costs several times the attention time. Only such a prefill may be longer
+        than a sliding layer's ring buffer; ``lengths`` [B] (real tokens of right-padded
+        rows, default T) then says which tokens each row's ring keeps."""
         h = self.embed_tokens(tokens)
         if self.cfg.scale_embeddings:
             h = h * self.embed_scale.to(h.dtype)
@@ -285,11 +352,14 @@ class Transformer(nn.Module):
                 for t in self.windows}
         T = tokens.shape[1]
         plain = (causal_prefill and kv_len == T and self.cfg.attn_logit_softcap is None)
-        masks = {t: None if plain and (w is None or w >= T) else
-                 attention_mask(positions, kv_len, w) for t, w in self.windows.items()}
+        slots = {}
+        for layer, kc in zip(self.layers, k_caches):   # every layer of a type: same slots
+            slots.setdefault(layer.layer_type, kc.shape[2])
+        plans = {t: kv_plan(positions, slots[t], kv_len, w, causal_prefill, plain, lengths)
+                 for t, w in self.windows.items()}
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):
             t = layer.layer_type
-            h = layer(h, *rope[t], positions, masks[t], kc, vc, kv_len)
+            h = layer(h, *rope[t], plans[t], kc, vc)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index]
         return self.lm_head(self.norm(h))

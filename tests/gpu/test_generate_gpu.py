@@ -12,7 +12,8 @@ from tests.gpu._harness import gpu_count, import_kernels, needs_cuda, run_nccl
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
 
-def _engine(tp_group=None, shape="tiny", cuda_graphs=None, seed=0, compile=False):
+def _engine(tp_group=None, shape="tiny", cuda_graphs=None, seed=0, compile=False,
+            kv_layout="live"):
     from megatron_lite import Engine
     from megatron_lite.comm.communicator import DistCommunicator
     from megatron_lite.lab.random_init import random_model, resolve_shape
@@ -24,7 +25,8 @@ def _engine(tp_group=None, shape="tiny", cuda_graphs=None, seed=0, compile=False
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(25.0)
-    return Engine(model, None, max_batch_size=8, cuda_graphs=cuda_graphs, compile=compile)
+    return Engine(model, None, max_batch_size=8, cuda_graphs=cuda_graphs, compile=compile,
+                  kv_layout=kv_layout)
 
 
 def _prompts(n, T, vocab, seed=0):
@@ -77,11 +79,44 @@ def test_generate_with_graphs_matches_eager_and_reuses_graphs():
     assert graphed._graphs.captures == 1
     graphed.generate(prompts, max_new_tokens=12)       # same cache shape: replays only
     assert graphed._graphs.captures == 1
-    graphed.generate(prompts, max_new_tokens=80)       # a longer cache: captured again
-    assert graphed._graphs.captures == 2
+    graphed.generate(prompts, max_new_tokens=80)       # a longer cache: captured again,
+    assert graphed._graphs.captures == 3               # once per read length (64, 128)
     odd = graphed.generate(prompts + prompts[:1], max_new_tokens=6)   # bucket 4, padded
     assert [len(r.token_ids) for r in odd] == [6, 6, 6]
     assert graphed.cache.batch_size == 4
+
+
+def _forced(eng, prompts, tokens):
+    """Prefill, then decode ``tokens`` [B, n] the way ``generate`` does; logits [B, n, V]."""
+    B, T = len(prompts), len(prompts[0])
+    ids = torch.tensor(prompts, device="cuda")
+    eng.prefill(ids, torch.full((B,), T, device="cuda"), eng.cache_len(T, tokens.shape[1]))
+    pos, out = torch.full((B,), T, device="cuda"), []
+    for step in range(1, tokens.shape[1] + 1):
+        out.append(eng._decode(tokens[:, step - 1], pos, T + step).float().clone())
+        pos = pos + 1
+    return torch.stack(out, dim=1)
+
+
+def test_ring_cache_graphs_match_eager_and_the_full_layout():
+    """tiny-gemma2 (window 64 on layer 0): 100-token prompts and 80 new tokens wrap the
+    ring; graphs (one per read length: 128 and 192) give the eager tokens, and the decode
+    logits match the full layout's (one slot per position, every step reads all) to bf16
+    rounding (the ring sums the window's keys in another order)."""
+    eager = _engine(shape="tiny-gemma2", cuda_graphs=False)
+    graphed = _engine(shape="tiny-gemma2", cuda_graphs=True)
+    full = _engine(shape="tiny-gemma2", cuda_graphs=True, kv_layout="full")
+    prompts = _prompts(2, 100, eager.cfg.vocab_size)
+    want = [r.token_ids for r in eager.generate(prompts, max_new_tokens=80)]
+    got = [r.token_ids for r in graphed.generate(prompts, max_new_tokens=80)]
+    assert got == want and graphed._graphs.captures == 2
+    assert graphed.cache.slots == [64, 192] and full.cache is None
+    tokens = torch.tensor(want, device="cuda")[:, :40]
+    with torch.inference_mode():
+        a, b = _forced(graphed, prompts, tokens), _forced(full, prompts, tokens)
+    assert full.cache.slots == [192, 192] and graphed.cache.nbytes < full.cache.nbytes
+    assert torch.isfinite(b).all() and b.std() > 0.1
+    torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
 
 
 def test_compiled_decode_in_graphs_matches_eager():
