@@ -31,13 +31,14 @@ from typing import Optional
 
 import torch
 
-from .calls import (check_rotation, dequantize_buffers, error_buffers, geometry, out_limit,
-                    quantize_buffers)
-from .config import INTERPRET, KIND_ASYM, KIND_SYM, KernelCodec
+from .calls import (BF16_MAX, check_rotation, dequantize_buffers, error_buffers, geometry,
+                    out_limit, quantize_buffers)
+from .config import INTERPRET, KIND_ASYM, KIND_SYM, KernelCodec, KernelPlan
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRC = os.path.join(_CSRC, "codec.cu")   # includes the headers of csrc/
+_SOURCES = (_SRC, os.path.join(_CSRC, "two_shot.cu"))   # built as one translation unit
 _DECLS = """
 int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,
                       int64_t n, int64_t nb, int64_t dtype, int64_t kind, int64_t bits,
@@ -49,6 +50,13 @@ int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int
 int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n, int64_t nb,
                    int64_t dtype, int64_t kind, int64_t bits, int64_t g, bool rot,
                    double rscale, int64_t stream);
+int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
+                std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t chunk,
+                int64_t tiles, int64_t tile, int64_t tile_bytes, int64_t flag_off,
+                int64_t recv_off, int64_t gather_off, int64_t slot, int64_t rank,
+                int64_t world, int64_t maxb, int64_t kind, int64_t bits, int64_t g, bool rot,
+                int64_t h, double c2, double rscale, double out_lim, double lim_rot,
+                double flim, int64_t spin, int64_t grid, int64_t stream);
 """
 
 
@@ -56,26 +64,34 @@ class CudaCodecError(RuntimeError):
     pass
 
 
+def build() -> None:
+    """Build (or load) the extension now, e.g. before the first call of a timed run."""
+    _ext()
+
+
 @functools.lru_cache(maxsize=None)
 def _ext():
     """The compiled extension (built once per source version and machine)."""
     from torch.utils.cpp_extension import load_inline
-    with open(_SRC) as f:
-        src = f.read()
-    digest = hashlib.sha256(src.encode())
-    for name in sorted(os.listdir(_CSRC)):   # the headers it includes: part of its version
+    srcs = []
+    for path in _SOURCES:
+        with open(path) as f:
+            srcs.append(f.read())
+    digest = hashlib.sha256("\n".join(srcs).encode())
+    for name in sorted(os.listdir(_CSRC)):   # the headers they include: part of the version
         if name.endswith(".cuh"):
             with open(os.path.join(_CSRC, name), "rb") as f:
                 digest.update(f.read())
     tag = digest.hexdigest()[:12]
-    print(f"building the CUDA codec kernels ({os.path.basename(_SRC)}, once per machine)",
+    print("building the CUDA codec kernels (kernels/csrc/, once per machine)",
           file=sys.stderr, flush=True)
     # No FMA contraction anywhere: the reference rounds every product and sum separately
     # (the source uses explicit _rn intrinsics as well; this keeps any plain expression
     # added later honest).
     return load_inline(name=f"megatron_lite_codec_{tag}", cpp_sources=[_DECLS],
-                       cuda_sources=[src],
-                       functions=["ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error"],
+                       cuda_sources=srcs,
+                       functions=["ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error",
+                                  "ml_two_shot"],
                        extra_cuda_cflags=["-O3", "-std=c++17", "--fmad=false"],
                        extra_include_paths=[_CSRC],
                        verbose=False)
@@ -85,15 +101,18 @@ _QMAX = {KIND_ASYM: lambda bits: (1 << bits) - 1, KIND_SYM: lambda bits: (1 << (
 _BITS = {KIND_ASYM: (4, 5, 8), KIND_SYM: (4, 8)}   # the widths codec.cu's dispatch builds
 
 
+def serves(kc: KernelCodec) -> bool:
+    """Whether these kernels have codec ``kc``: an integer group codec (symmetric at 8 or
+    4 bits, asymmetric at 8, 5 or 4) of group 64 or 128, on a real GPU (not the Triton
+    interpreter)."""
+    return (not INTERPRET and kc.kind in _BITS and kc.bits in _BITS[kc.kind]
+            and kc.group in (64, 128) and kc.qmax == _QMAX[kc.kind](kc.bits))
+
+
 def takes(kc: KernelCodec, *tensors: torch.Tensor) -> bool:
-    """Whether these kernels serve codec ``kc`` on these (contiguous) tensors: an integer
-    group codec (symmetric at 8 or 4 bits, asymmetric at 8, 5 or 4) of group 64 or 128,
-    CUDA tensors with 16-byte aligned data, and a real GPU (not the Triton interpreter)."""
-    if (INTERPRET or kc.kind not in _BITS or kc.bits not in _BITS[kc.kind]
-            or kc.group not in (64, 128)
-            or kc.qmax != _QMAX[kc.kind](kc.bits)):
-        return False
-    return all(t.is_cuda and t.data_ptr() % 16 == 0 for t in tensors)
+    """Whether these kernels serve codec ``kc`` on these (contiguous) tensors: ``serves``,
+    and CUDA tensors with 16-byte aligned data."""
+    return serves(kc) and all(t.is_cuda and t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def _check(err: int, what: str) -> None:
@@ -196,4 +215,51 @@ def error_part(kc: KernelCodec, x: torch.Tensor, buf: torch.Tensor,
     _check(_ext().ml_codec_error(x.data_ptr(), buf.data_ptr(), out.data_ptr(), rows, n, nb,
                                  _DTYPES[x.dtype], kc.kind, kc.bits, kc.group, rot is not None,
                                  rs, _stream(x)), "error_part")
+    return out
+
+
+# Values per tile of the two-shot kernel: blocks of 128, 64 or 32 threads, 32 values each.
+TWO_SHOT_TILES = (4096, 2048, 1024)
+
+
+def takes_two_shot(plan: KernelPlan, x: torch.Tensor) -> bool:
+    """Whether csrc/two_shot.cu runs ``plan`` on ``x``: a bf16 CUDA message of whole
+    8-value chunks and a one-stage codec these kernels serve. Every rank decides alike
+    (nothing here depends on the rank: an unaligned view is copied, not refused), as they
+    must, since the ranks exchange that kernel's bytes."""
+    return (plan.rs == plan.ag and serves(plan.rs) and x.is_cuda
+            and x.dtype == torch.bfloat16 and x.numel() % 8 == 0)
+
+
+def two_shot_all_reduce(ws, x: torch.Tensor, plan: KernelPlan, out: torch.Tensor,
+                        tile: int, chunk: int, tiles: int, grid: int, spin: int) -> torch.Tensor:
+    """kernels/fused_allreduce.py's ``two_shot_all_reduce`` on csrc/two_shot.cu, for what
+    ``takes_two_shot`` accepts, with the geometry ``fused_allreduce.two_shot_plan`` chose
+    over ``TWO_SHOT_TILES``: the same protocol over the same workspace (flags, epochs,
+    slots), the same bits."""
+    from .workspace import MAX_BLOCKS
+    kc, rot, scale = plan.rs, plan.rot, plan.scale
+    rs = _rot(kc, rot)
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    tb = kc.nbytes(tile)
+    if tiles * tb > ws.layout.slot:
+        raise ValueError(f"message of {x.numel()} values needs {tiles * tb} B per rank slot, "
+                         f"workspace has {ws.layout.slot} B")
+    if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
+                              or x.numel() % scale.numel()):
+        raise ValueError("scale must be fp32 on the message's device and divide its length")
+    lim = out_limit(x.dtype)
+    mapped = plan.mapped
+    lay = ws.layout
+    _check(_ext().ml_two_shot(
+        x.data_ptr(), out.data_ptr(), ws.buffer.data_ptr(), ws.counters[1].data_ptr(),
+        ws.status.data_ptr(), list(ws.deltas), scale.data_ptr() if scale is not None else 0,
+        x.numel(), chunk, tiles, tile, tb, lay.flag_off, lay.recv_off, lay.gather_off,
+        lay.slot, ws.rank, ws.world, MAX_BLOCKS, kc.kind, kc.bits, kc.group, rot is not None,
+        scale.numel() if scale is not None else 1, kc.c2, rs,
+        # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
+        BF16_MAX if mapped else lim, BF16_MAX if scale is not None else lim, lim, spin, grid,
+        _stream(x)), "two-shot all-reduce")
     return out

@@ -8,7 +8,9 @@ one-shot (small messages, bf16/fp16/fp32 as given)
     a slow one still reads call k, but it cannot start call k+2 before the slow rank has
     written its call-k+1 data, which it does only after finishing call k.
 
-two-shot quantized (every group codec, and bf16 pass-through) -- see ``two_shot``.
+two-shot quantized (every group codec, and bf16 pass-through) -- see ``two_shot``; for
+    bf16 messages and the codecs of kernels/codec_cuda.py, its CUDA C++ twin
+    (kernels/csrc/two_shot.cu: same protocol, same bits) runs instead.
 
 Both kernels read only on-device epochs, take no host syncs, and can be captured in a
 CUDA graph; every rank decodes the same bytes in the same order, so ranks agree bitwise.
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import maps, quant, sync
+from . import codec_cuda, maps, quant, sync
 from .calls import BF16_MAX, geometry, out_limit
 from .config import INTERPRET, KernelPlan, kernel_config
 from .thresholds import blocks_per_sm
@@ -208,15 +210,16 @@ def _device_name(device: torch.device) -> str:
 
 
 def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: int = 0,
-                  mapped: bool = False, bpsm: Optional[int] = None):
-    """(tile, chunk, tiles, grid): the largest tile that still gives every SM a tile;
-    up to ``bpsm`` blocks per SM (default: the configured or measured figure for an
-    ``nbytes`` message, with or without the maps of a ``hadamard-``/``weighted-`` codec)
-    share the tiles."""
+                  mapped: bool = False, bpsm: Optional[int] = None,
+                  tile_sizes=TWO_SHOT_TILES):
+    """(tile, chunk, tiles, grid): the largest of ``tile_sizes`` that still gives every SM
+    a tile; up to ``bpsm`` blocks per SM (default: the configured or measured figure for
+    an ``nbytes`` message, with or without the maps of a ``hadamard-``/``weighted-``
+    codec) share the tiles."""
     sms = min(_num_sms(device), MAX_BLOCKS)
     per_rank = -(-n // world)
-    tile = TWO_SHOT_TILES[-1]
-    for cand in TWO_SHOT_TILES:
+    tile = tile_sizes[-1]
+    for cand in tile_sizes:
         if cand >= group and -(-per_rank // cand) >= sms:
             tile = cand
             break
@@ -266,6 +269,13 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
     if n == 0:
         return out
     mapped = plan.mapped
+    if codec_cuda.takes_two_shot(plan, x):   # the CUDA C++ kernel: same protocol and bits
+        if _warmup_only:
+            codec_cuda.build()
+            return out
+        geo = two_shot_plan(n, ws.world, group, x.device, n * x.element_size(), mapped, bpsm,
+                            codec_cuda.TWO_SHOT_TILES)
+        return codec_cuda.two_shot_all_reduce(ws, x, plan, out, *geo, SPIN_LIMIT)
     tile, chunk, tiles, grid = two_shot_plan(n, ws.world, group, x.device,
                                               n * x.element_size(), mapped, bpsm)
     need = tiles * max(rs.nbytes(tile), ag.nbytes(tile))

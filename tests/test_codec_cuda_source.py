@@ -1,8 +1,11 @@
-"""The CUDA C++ codec kernels' own source (kernels/csrc/codec.cu), built for the CPU with
-tests/cuda_host/ (each warp on 32 host threads, IEEE single precision as on the GPU) and
-called through kernels/codec_cuda.py's wrappers: bit for bit against the reference codecs,
-with the GPU test's checks (tests/codec_kernel_checks.py). This checks the kernels' logic,
-layout and rounding on every CI run; tests/gpu/ checks the GPU build and its speed.
+"""The CUDA C++ kernels' own source (kernels/csrc/: the codec kernels and the fused
+two-shot all-reduce), built for the CPU with tests/cuda_host/ (a block's threads on host
+threads, IEEE single precision as on the GPU) and called through kernels/codec_cuda.py's
+wrappers: the codec kernels bit for bit against the reference codecs with the GPU test's
+checks (tests/codec_kernel_checks.py), and the two-shot kernel across gloo processes over
+the /dev/shm workspace against comm/algorithms.py's two-step all-reduce. This checks the
+kernels' logic, layout, rounding and protocol on every CI run; tests/gpu/ checks the GPU
+build, its memory ordering and its speed.
 """
 import ctypes
 import hashlib
@@ -25,37 +28,74 @@ _ARGS = {
                                            ctypes.c_int64],
     "error": [ctypes.c_int64] * 10 + [ctypes.c_bool, ctypes.c_double, ctypes.c_int64],
 }
+_TWO_SHOT_ARGS = ([ctypes.c_int64] * 29 + [ctypes.c_bool, ctypes.c_int64]
+                  + [ctypes.c_double] * 5 + [ctypes.c_int64] * 3)
 
 
-@pytest.fixture(scope="module")
-def host_ext(tmp_path_factory):
+def _build(out_dir) -> str:
+    """The host build of kernels/csrc/ (cached by the sources' hash), its path."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler on PATH")
     files = sorted(os.path.join(d, f) for d in (HOST, CSRC) for f in os.listdir(d)
                    if f.endswith((".h", ".cuh", ".cu", ".cpp")))
     tag = hashlib.sha256(b"".join(open(f, "rb").read() for f in files)).hexdigest()[:12]
-    lib = tmp_path_factory.mktemp("cuda_host") / f"host_codec_{tag}.so"
+    lib = os.path.join(str(out_dir), f"host_codec_{tag}.so")
     # -ffp-contract=off: no FMA contraction, as the GPU build's --fmad=false
     subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC",
                     "-shared", "-pthread", "-I", HOST, "-I", CSRC,
-                    os.path.join(HOST, "host_codec.cpp"), "-o", str(lib)],
+                    os.path.join(HOST, "host_codec.cpp"), "-o", lib],
                    check=True, capture_output=True, text=True)
-    so = ctypes.CDLL(str(lib))
+    return lib
+
+
+class _TwoShot:
+    """``ml_two_shot`` as the extension takes it (the 8 peer deltas as a list)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x, out, ws, cnt, status, deltas, *rest):
+        return self.fn(x, out, ws, cnt, status, *deltas, *rest)
+
+
+def _load(lib: str):
+    """The host build as kernels/codec_cuda.py's extension object."""
+    so = ctypes.CDLL(lib)
     fns = {}
     for op, args in _ARGS.items():
         fn = getattr(so, f"host_codec_{op}")
         fn.argtypes, fn.restype = args, ctypes.c_int
         fns[f"ml_codec_{op}"] = fn
+    so.host_two_shot.argtypes, so.host_two_shot.restype = _TWO_SHOT_ARGS, ctypes.c_int
+    fns["ml_two_shot"] = _TwoShot(so.host_two_shot)
     return type("HostCodecExtension", (), {k: staticmethod(v) for k, v in fns.items()})
+
+
+def _use_host_build(codec_cuda, ext, monkeypatch=None):
+    if monkeypatch is not None:
+        monkeypatch.setattr(codec_cuda, "_ext", lambda: ext)
+        monkeypatch.setattr(codec_cuda, "_stream", lambda t: 0)
+    else:   # a child process of its own
+        codec_cuda._ext = lambda: ext
+        codec_cuda._stream = lambda t: 0
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("cuda_host"))
+
+
+@pytest.fixture(scope="module")
+def host_ext(host_lib):
+    return _load(host_lib)
 
 
 @pytest.fixture
 def cc(host_ext, monkeypatch):
     """kernels/codec_cuda.py with the host build in place of the GPU one."""
     from megatron_lite.kernels import codec_cuda
-    monkeypatch.setattr(codec_cuda, "_ext", lambda: host_ext)
-    monkeypatch.setattr(codec_cuda, "_stream", lambda t: 0)
+    _use_host_build(codec_cuda, host_ext, monkeypatch)
     return codec_cuda
 
 
@@ -80,3 +120,57 @@ def test_codec_source_refuses_what_it_has_no_kernel_for(cc):
     with pytest.raises(cc.CudaCodecError):
         cc._check(cc._ext().ml_codec_quantize(x.data_ptr(), 0, 0, 1, 2, 256, 0, 1, kc.kind,
                                               kc.bits, 96, False, kc.c2, 1.0, 0), "quantize")
+
+
+def _two_shot_body(rank, world, lib):
+    """On every rank: the two-shot kernel on the shared-memory workspace against the
+    two-step reference, for plain, rotated and weighted codecs; checksums of the outputs."""
+    import math
+
+    from megatron_lite.comm import fused as backends
+    from megatron_lite.comm.algorithms import two_step_all_reduce
+    from megatron_lite.comm.codecs import CodecSpec, get_scheme
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
+    from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.kernels import codec_cuda, fused_allreduce as fa
+    from tests.gpu._harness import same_bits
+    _use_host_build(codec_cuda, _load(lib))
+    state = backends.make_state(None, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
+                                cpu_shm=True)
+    ws, base, res = state.ws, DistCommunicator(), []
+    scale = torch.rand(192, generator=torch.Generator().manual_seed(5)) * 8 + 0.05
+    schemes = [get_scheme("int4:128"), get_scheme("int8:64"), get_scheme("int4-sym:128"),
+               get_scheme("hadamard-int8:128"), get_scheme("hadamard-int4:64"),
+               WeightedScheme(CodecSpec("weighted-hadamard-int4", 64), scale),
+               WeightedScheme(CodecSpec("weighted-int8", 128), scale)]
+    for i, scheme in enumerate(schemes):
+        for n in (192, 47 * 192, 40 * 192):
+            g = torch.Generator().manual_seed(1000 * i + 17 * n + rank)
+            x = (torch.randn(n, generator=g) * (rank + 1) * 3).to(torch.bfloat16)
+            if n > 600 and rank == world - 1:
+                x[300] = math.nan
+            x = x.view(-1, 192)   # rows of the weighted- codecs' 192 channels
+            plan = scheme.kernel_plan(x)
+            geo = fa.two_shot_plan(n, world, plan.group, x.device, 2 * n, plan.mapped,
+                                   tile_sizes=codec_cuda.TWO_SHOT_TILES)
+            got = codec_cuda.two_shot_all_reduce(ws, x, plan, torch.empty_like(x), *geo,
+                                                 1 << 22)
+            want = two_step_all_reduce(base, x, scheme)
+            res.append([scheme.spec if hasattr(scheme, "spec") else str(i), n,
+                        bool(same_bits(got, want)), int(got.view(torch.int16).sum()),
+                        int(ws.status[0])])
+    return res
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_two_shot_source_matches_two_step_across_processes(host_lib, world):
+    """The fused two-shot kernel over the /dev/shm workspace, with its flags and epochs
+    (several calls in a row), gives the two-step reference's bits on every rank."""
+    from tests._dist import run_distributed
+    ranks = run_distributed(_two_shot_body, world, host_lib, timeout=600)
+    for rows in ranks:
+        assert len(rows) == 21
+        bad = [r for r in rows if not r[2] or r[4]]
+        assert not bad, bad
+    sums = [[r[3] for r in rows] for rows in ranks]
+    assert all(s == sums[0] for s in sums[1:]), sums

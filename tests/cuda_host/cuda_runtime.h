@@ -1,10 +1,11 @@
 // Host stand-in for the CUDA runtime and device intrinsics that kernels/csrc/ uses, so
-// that the codec kernels' own source runs on a CPU (tests/test_codec_cuda_source.py):
-// each warp is 32 host threads, and the warp collectives (__shfl_xor_sync,
-// __ballot_sync) meet at a barrier. Arithmetic is IEEE single precision as on the GPU:
+// that the kernels' own source runs on a CPU (tests/test_codec_cuda_source.py): a block's
+// threads are host threads, and the warp collectives (__shfl_xor_sync, __ballot_sync)
+// and __syncthreads meet at barriers. Arithmetic is IEEE single precision as on the GPU:
 // every operation rounds to nearest even, no FMA contraction (built with
 // -ffp-contract=off), no flush of denormals; __fmaf_rn is fmaf. This checks the kernels'
-// logic and bits, not their speed or their PTX-only paths (#ifdef __CUDA_ARCH__).
+// logic and bits, not their speed, their memory ordering (x86 orders more than a GPU),
+// or their PTX-only paths (#ifdef __CUDA_ARCH__).
 #pragma once
 #include <cmath>
 #include <condition_variable>
@@ -22,7 +23,9 @@
 #define __launch_bounds__(...)
 
 struct dim3 { unsigned x = 0, y = 0, z = 0; };
-inline thread_local dim3 threadIdx, blockIdx;
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 
 typedef void* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1,
@@ -65,18 +68,17 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 
 namespace emu {
 
-// The 32 lanes of one warp: a reusable barrier and double-buffered exchange slots (a slot
-// is written again only after the next barrier, which every lane reaches after reading).
-struct Warp {
+// A reusable barrier of `count` host threads.
+struct Barrier {
   std::mutex mu;
   std::condition_variable cv;
-  int arrived = 0;
+  int count, arrived = 0;
   uint64_t generation = 0;
-  uint32_t slot[2][32];
-  void barrier() {
+  explicit Barrier(int n) : count(n) {}
+  void wait() {
     std::unique_lock<std::mutex> lock(mu);
     uint64_t gen = generation;
-    if (++arrived == 32) {
+    if (++arrived == count) {
       arrived = 0;
       ++generation;
       cv.notify_all();
@@ -86,7 +88,15 @@ struct Warp {
   }
 };
 
+// The 32 lanes of one warp: a barrier and double-buffered exchange slots (a slot is
+// written again only after the next barrier, which every lane reaches after reading).
+struct Warp {
+  Barrier barrier{32};
+  uint32_t slot[2][32];
+};
+
 inline thread_local Warp* warp = nullptr;
+inline thread_local Barrier* block = nullptr;
 inline thread_local int lane = 0;
 inline thread_local int side = 0;
 
@@ -94,7 +104,7 @@ inline uint32_t exchange(uint32_t mine, int from) {
   int s = side;
   side ^= 1;
   warp->slot[s][lane] = mine;
-  warp->barrier();
+  warp->barrier.wait();
   return warp->slot[s][from];
 }
 
@@ -109,32 +119,38 @@ inline unsigned __ballot_sync(unsigned, bool b) {
   int s = emu::side;
   emu::side ^= 1;
   emu::warp->slot[s][emu::lane] = b ? 1u : 0u;
-  emu::warp->barrier();
+  emu::warp->barrier.wait();
   unsigned r = 0;
   for (int i = 0; i < 32; ++i) r |= emu::warp->slot[s][i] << i;
   return r;
 }
 
-// kernel<<<grid, block>>>(args), one warp at a time, its lanes on 32 host threads.
+// Every thread of the block calls it (the kernels never return before their last one).
+inline void __syncthreads() { emu::block->wait(); }
+
+// kernel<<<grid, block>>>(args), one block at a time, all its threads at once on host
+// threads (warp collectives and __syncthreads meet at barriers).
 template <typename... P, typename... A>
 cudaError_t launch(void (*kernel)(P...), int64_t grid, int block, cudaStream_t, A... args) {
-  if (block % 32) return cudaErrorInvalidConfiguration;
+  if (block % 32 || block < 32 || block > 1024) return cudaErrorInvalidConfiguration;
   for (int64_t b = 0; b < grid; ++b) {
-    for (int w = 0; w < block / 32; ++w) {
-      emu::Warp warp;
-      std::vector<std::thread> lanes;
-      for (int l = 0; l < 32; ++l) {
-        lanes.emplace_back([&, l] {
-          blockIdx.x = (unsigned)b;
-          threadIdx.x = (unsigned)(w * 32 + l);
-          emu::warp = &warp;
-          emu::lane = l;
-          emu::side = 0;
-          kernel(args...);
-        });
-      }
-      for (auto& t : lanes) t.join();
+    std::vector<emu::Warp> warps(block / 32);
+    emu::Barrier barrier(block);
+    std::vector<std::thread> threads;
+    for (int tid = 0; tid < block; ++tid) {
+      threads.emplace_back([&, tid] {
+        blockIdx.x = (unsigned)b;
+        gridDim.x = (unsigned)grid;
+        threadIdx.x = (unsigned)tid;
+        blockDim.x = (unsigned)block;
+        emu::warp = &warps[tid / 32];
+        emu::block = &barrier;
+        emu::lane = tid % 32;
+        emu::side = 0;
+        kernel(args...);
+      });
     }
+    for (auto& t : threads) t.join();
   }
   return cudaSuccess;
 }

@@ -1,6 +1,8 @@
-// kernels/csrc/codec.cu built for the host (see cuda_runtime.h here), its entry points
-// exported with C linkage for ctypes.
+// kernels/csrc/codec.cu and two_shot.cu built for the host (see cuda_runtime.h here) as
+// one translation unit, as kernels/codec_cuda.py builds them for the GPU; their entry
+// points exported with C linkage for ctypes.
 #include "codec.cu"
+#include "two_shot.cu"
 
 extern "C" {
 int host_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,
@@ -20,5 +22,18 @@ int host_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t 
                      int64_t nb, int64_t dtype, int64_t kind, int64_t bits, int64_t g,
                      bool rot, double rscale, int64_t stream) {
   return ml_codec_error(x, buf, out, rows, n, nb, dtype, kind, bits, g, rot, rscale, stream);
+}
+int host_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
+                  int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
+                  int64_t d6, int64_t d7, int64_t scale, int64_t n, int64_t chunk,
+                  int64_t tiles, int64_t tile, int64_t tile_bytes, int64_t flag_off,
+                  int64_t recv_off, int64_t gather_off, int64_t slot, int64_t rank,
+                  int64_t world, int64_t maxb, int64_t kind, int64_t bits, int64_t g, bool rot,
+                  int64_t h, double c2, double rscale, double out_lim, double lim_rot,
+                  double flim, int64_t spin, int64_t grid, int64_t stream) {
+  return ml_two_shot(x, out, ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, scale, n,
+                     chunk, tiles, tile, tile_bytes, flag_off, recv_off, gather_off, slot, rank,
+                     world, maxb, kind, bits, g, rot, h, c2, rscale, out_lim, lim_rot, flim, spin,
+                     grid, stream);
 }
 }

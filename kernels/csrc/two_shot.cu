@@ -1,0 +1,209 @@
+// The quantized two-shot all-reduce in one launch, on the codec kernels' group code
+// (codec_tile.cuh), over the symmetric workspace of kernels/workspace.py: the protocol of
+// kernels/fused_allreduce.py's Triton kernel (same flags, epochs, slots and barriers),
+// for bf16 messages and the one-stage codecs codec.cu takes. kernels/codec_cuda.py says
+// when it runs. Block b of every rank owns tiles b, b + grid, ... of every chunk (chunk j:
+// values [j*chunk, (j+1)*chunk), reduced by rank j); a tile is blockDim.x * 32 values,
+// whole groups, stored as one row of the codec layout, zeros past the message:
+//
+//   1. encode (scale, rotate) each chunk j's tiles into rank j's recv[me];  barrier 2
+//   2. decode recv[0..W-1] of my tiles, sum in fp32 in rank order, encode the sum into
+//      every rank's gather[me];                                              barrier 3
+//   3. decode gather[0..W-1] into the output (rotate back, unscale, saturate).
+//
+// Every rank decodes the same bytes in the same order, so ranks agree bitwise, and the
+// result is comm/algorithms.py's two-step all-reduce, bit for bit.
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <vector>
+
+#include "codec_tile.cuh"
+
+namespace {
+
+struct Peers {
+  int64_t delta[8];   // byte distance from this rank's workspace to rank j's
+};
+
+// The flag accesses of kernels/sync.py: release store and acquire load at system scope.
+__device__ __forceinline__ void store_release_sys(int* p, int v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+#else   // the host build of tests/cuda_host/
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+#endif
+}
+
+__device__ __forceinline__ int load_acquire_sys(const int* p) {
+#ifdef __CUDA_ARCH__
+  int v;
+  asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#else
+  std::this_thread::yield();   // host threads poll a peer process: let it run
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#endif
+}
+
+// Block b of every rank meets here (kernels/sync.py's block_barrier): every thread's
+// stores are observed by thread 0 at the block barrier, which release-writes `epoch` into
+// flag (row, me, b) of every rank, acquires the flags (row, *, b) of its own rank, and the
+// block meets again before anyone reads. A flag that never comes raises status[0] after
+// `spin` polls instead of hanging.
+__device__ __forceinline__ void block_barrier(uint8_t* ws, const Peers& peers, int64_t flag_off,
+                                              int row, int rank, int world, int maxb, int b,
+                                              int epoch, int* status, int64_t spin) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t mine = flag_off + ((int64_t)(row * world + rank) * maxb + b) * 4;
+    for (int j = 0; j < world; ++j)
+      store_release_sys(reinterpret_cast<int*>(ws + peers.delta[j] + mine), epoch);
+    for (int src = 0; src < world; ++src) {
+      const int* p = reinterpret_cast<const int*>(
+          ws + flag_off + ((int64_t)(row * world + src) * maxb + b) * 4);
+      int v = load_acquire_sys(p);
+      for (int64_t n = 0; v != epoch && n < spin; ++n) v = load_acquire_sys(p);
+      if (v != epoch) atomicExch(status, 1);
+    }
+  }
+  __syncthreads();
+}
+
+struct TwoShotArgs {
+  int64_t n, chunk, tiles, tile_bytes;           // message, chunk and tile geometry
+  int64_t flag_off, recv_off, gather_off, slot;  // workspace layout (bytes)
+  int rank, world, maxb;
+  int64_t h, spin;
+  float c2, rscale, out_lim, lim_rot, flim;      // codec; the step-3 saturations
+};
+
+template <int KIND, int BITS, int G, bool ROT, bool SCALE>
+__global__ void two_shot_kernel(const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out,
+                                uint8_t* ws, int* cnt, int* status, Peers peers,
+                                const float* __restrict__ scale, TwoShotArgs a) {
+  constexpr int LPG = Tile<G>::LPG;
+  const int64_t tile = (int64_t)blockDim.x * kVals;
+  const int b = blockIdx.x, nb = gridDim.x;
+  const int epoch = cnt[b] + 1;
+  Tile<G> t;   // this lane's share of a tile, which holds whole groups: all live
+  t.row = 0;
+  t.g0 = (int64_t)(threadIdx.x / LPG) * G;
+  t.sub = threadIdx.x & (LPG - 1);
+  t.live = true;
+  const Where<BITS, G> at(0, t.g0, tile, a.tile_bytes);   // within a stored tile
+
+  // 1. my tiles of every chunk j, encoded into rank j's recv[me]
+  for (int64_t tt = b; tt < a.tiles; tt += nb) {
+    for (int j = 0; j < a.world; ++j) {
+      const int64_t f0 = j * a.chunk + tt * tile;
+      float v[kChunks][8];
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+        const int64_t f = f0 + t.col(k);
+        if (f < a.n) {   // the host sends messages of whole 8-value chunks only
+          Io<Bf16Bits>::load(x + f, v[k]);
+          if (SCALE) scale_chunk(v[k], scale, a.h, f);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
+        }
+      }
+      if (ROT) fwht<G>(v, t.sub, a.rscale);
+      const Coded c = encode_group<KIND, BITS, G>(v, a.c2);
+      store_group<KIND, BITS, G>(c, t, ws + peers.delta[j] + a.recv_off + a.rank * a.slot +
+                                           tt * a.tile_bytes, at);
+    }
+  }
+  block_barrier(ws, peers, a.flag_off, 2, a.rank, a.world, a.maxb, b, epoch, status, a.spin);
+
+  // 2. my chunk: every rank's copy decoded (saturated to bf16's range, as the reference's
+  //    fp32 decode), summed in rank order, encoded into every rank's gather[me]
+  for (int64_t tt = b; tt < a.tiles; tt += nb) {
+    const uint8_t* src = ws + a.recv_off + tt * a.tile_bytes;
+    Packed<KIND, BITS, G> p;
+    float acc[kChunks][8], y[kChunks][8];
+    p.load(src, t, at);
+    decode<KIND, BITS, G>(p, kBf16Max, acc);
+    for (int s = 1; s < a.world; ++s) {
+      p.load(src + s * a.slot, t, at);
+      decode<KIND, BITS, G>(p, kBf16Max, y);
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[k][i] = __fadd_rn(acc[k][i], y[k][i]);
+      }
+    }
+    const Coded c = encode_group<KIND, BITS, G>(acc, a.c2);
+    for (int j = 0; j < a.world; ++j)
+      store_group<KIND, BITS, G>(c, t, ws + peers.delta[j] + a.gather_off + a.rank * a.slot +
+                                           tt * a.tile_bytes, at);
+  }
+  block_barrier(ws, peers, a.flag_off, 3, a.rank, a.world, a.maxb, b, epoch, status, a.spin);
+
+  // 3. every owner's reduced tiles into the output
+  for (int64_t tt = b; tt < a.tiles; tt += nb) {
+    for (int o = 0; o < a.world; ++o) {
+      Packed<KIND, BITS, G> p;
+      float y[kChunks][8];
+      p.load(ws + a.gather_off + o * a.slot + tt * a.tile_bytes, t, at);
+      decode<KIND, BITS, G>(p, a.out_lim, y);
+      if (ROT) {   // back from the rotated basis, saturated (kernels/maps.py)
+        fwht<G>(y, t.sub, a.rscale);
+#pragma unroll
+        for (int k = 0; k < kChunks; ++k) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(y[k][i], a.lim_rot);
+        }
+      }
+      const int64_t f0 = o * a.chunk + tt * tile;
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+        const int64_t f = f0 + t.col(k);
+        if (f >= a.n) continue;
+        if (SCALE) {
+          float s[8];
+          chunk_scales(scale, a.h, f, s);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(__fdiv_rn(y[k][i], s[i]), a.flim);
+        }
+        Io<Bf16Bits>::store(out + f, y[k]);
+      }
+    }
+  }
+  if (threadIdx.x == 0) cnt[b] = epoch;
+}
+
+}  // namespace
+
+// Entry point (pointers and the stream as integers; kernels/codec_cuda.py checks every
+// argument). Returns a cudaError_t code, 0 on success.
+int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
+                std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t chunk,
+                int64_t tiles, int64_t tile, int64_t tile_bytes, int64_t flag_off,
+                int64_t recv_off, int64_t gather_off, int64_t slot, int64_t rank,
+                int64_t world, int64_t maxb, int64_t kind, int64_t bits, int64_t g, bool rot,
+                int64_t h, double c2, double rscale, double out_lim, double lim_rot,
+                double flim, int64_t spin, int64_t grid, int64_t stream) {
+  if (deltas.size() != 8 || world < 1 || world > 8 || tile % kVals || tile / kVals > 1024 ||
+      (tile / kVals) % 32 || grid < 1 || grid > maxb)
+    return (int)cudaErrorInvalidValue;
+  Peers peers;
+  for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
+  TwoShotArgs a{n, chunk, tiles, tile_bytes, flag_off, recv_off, gather_off, slot,
+                (int)rank, (int)world, (int)maxb, h, spin, (float)c2, (float)rscale,
+                (float)out_lim, (float)lim_rot, (float)flim};
+  const float* sp = reinterpret_cast<const float*>(scale);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const Bf16Bits* xp = reinterpret_cast<const Bf16Bits*>(x);
+  Bf16Bits* op = reinterpret_cast<Bf16Bits*>(out);
+  uint8_t* wp = reinterpret_cast<uint8_t*>(ws);
+  int* cp = reinterpret_cast<int*>(cnt);
+  int* stp = reinterpret_cast<int*>(status);
+  return (int)dispatch((int)kind, (int)bits, (int)g, rot, [&](auto k, auto b, auto gg, auto r) {
+    constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
+    constexpr bool R = decltype(r)::value;
+    auto kernel = sp ? two_shot_kernel<K, B, G, R, true> : two_shot_kernel<K, B, G, R, false>;
+    return launch(kernel, grid, (int)(tile / kVals), st, xp, op, wp, cp, stp, peers, sp, a);
+  });
+}
