@@ -243,7 +243,7 @@ template <int BITS, int G>
 __device__ __forceinline__ void load_codes(const uint8_t* buf, const Where<BITS, G>& at,
                                            int64_t col, uint32_t w[2]) {
   load_bytes(buf + at.pay(col), w[0], w[1], plane_bits(BITS));
-  if (BITS == 5) w[1] = __ldcs(buf + at.bit4(col));
+  if (BITS == 5) w[1] = __ldcg(buf + at.bit4(col));
 }
 
 // This thread's share of one stored group, as loaded: its chunks' payload words and the
