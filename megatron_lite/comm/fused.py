@@ -3,8 +3,8 @@
 ``install_fused(comm)`` (collective: every rank calls it at the same point) allocates one
 symmetric workspace for a QuantizedCommunicator and puts, in front of its chain:
 
-* :class:`AutoBackend`, which picks by message size from a threshold table measured per
-  GPU kind and world size (kernels/thresholds.py):
+* :class:`AutoBackend`, which picks by message size from the ``nvlink`` threshold table
+  measured per GPU kind and world size (kernels/thresholds.py):
 
   - ``oneshot``  the one-shot bf16 kernel (latency-bound decode messages; never quantized),
   - ``nccl``     the base communicator's own all-reduce (uncompressed),
@@ -15,7 +15,11 @@ symmetric workspace for a QuantizedCommunicator and puts, in front of its chain:
   workspace needed), which also returns each rank's error part for error feedback.
 
 Whatever they cannot take (no P2P, a CPU tensor, a scheme without a kernel plan such as
-outlier-int4 or klt, a message above the workspace) falls through to the portable path.
+outlier-int4 or klt, a message above the workspace) falls through to the portable path
+(an ``auto`` site: to the base communicator's own all-reduce). On a transport other than
+``nvlink`` (comm/transport.py: no peer access, or the ``--transport`` emulation's NCCL
+variables) no workspace is made, so the fused kernels never run where a real machine of
+that transport could not run them.
 Every path gives the reference's bits (tests/test_kernels_interpret.py, tests/gpu/).
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ from megatron_lite.comm.algorithms import Algo
 from megatron_lite.comm.codecs import NoKernelError, Scheme, saturate
 from megatron_lite.comm.router import Backend, QuantizedCommunicator
 from megatron_lite.comm.spec import Path
+from megatron_lite.comm.transport import Transport
 from megatron_lite.kernels.config import INTERPRET, KernelPlan
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -175,6 +180,7 @@ class AutoBackend(Backend):
 
     name = "auto"
     uses_kernels = True
+    serves_auto = True        # with bf16 (the auto keyword's scheme) it never quantizes
 
     def __init__(self, state: FusedState, table: Optional[Dict] = None):
         self.state = state
@@ -262,6 +268,9 @@ def install_fused(comm: QuantizedCommunicator, max_bytes: int = 128 << 20,
         state = FusedState(None, "torch.distributed is not initialized")
     elif not cpu_shm and dist.get_backend(group) != "nccl":
         state = FusedState(None, f"process group backend is {dist.get_backend(group)}, not nccl")
+    elif not cpu_shm and comm.transport.transport != Transport.NVLINK:
+        state = FusedState(None, f"transport {comm.transport}: the fused kernels need peer "
+                                 "access")
     else:
         state = make_state(group, max_bytes, oneshot_max_bytes, cpu_shm=cpu_shm)
     auto = AutoBackend(state, table)
