@@ -215,6 +215,19 @@ def _dist_body(rank, world, specs, sizes):
             res.append(["one-shot-k", spec, n,
                         why == f"one-shot-kernels with {spec}" and _same(got, want),
                         int(got.view(torch.int16).sum())])
+        # in pieces (each all-gather started before the next piece is quantized): the
+        # same sum and error part as the whole message; a NaN on one rank
+        x = torch.randn(5000, generator=torch.Generator().manual_seed(11 + rank)).to(
+            torch.bfloat16)
+        if rank == 0:
+            x[4000] = math.nan
+        whole = k.backends.one_shot_kernels_all_reduce(base, x, get_scheme(spec), True)
+        parts = k.backends.one_shot_kernels_all_reduce(base, x, get_scheme(spec), True,
+                                                       chunk_bytes=2048)
+        want = quantized_all_reduce(base, x, get_scheme(spec), Algo.ONE_SHOT)
+        res.append(["one-shot-k", spec + ",chunk=2048", 5000,
+                    _same(parts[0], want) and _same(parts[0], whole[0])
+                    and _same(parts[1], whole[1]), int(parts[0].view(torch.int16).sum())])
         # error feedback through the kernels (sum and error part in one call) gives the
         # portable feedback's bits over three chained reduces behind post norms
         from megatron_lite.comm.feedback import ErrorFeedbackCommunicator

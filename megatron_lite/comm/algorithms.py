@@ -111,6 +111,13 @@ def pieces(scheme: Scheme, c: int, nbytes: int, chunk_bytes: int) -> List[Tuple[
     return [(a, min(a + width, c)) for a in range(0, c, width)]
 
 
+def in_pieces(x: torch.Tensor, scheme: Scheme, chunk_bytes: int) -> str:
+    """`` in pieces of N B`` where the chunked path cuts ``x``, else '' (for ``explain``)."""
+    if chunk_bytes and scheme.piece_quantum() and x.numel() * x.element_size() > chunk_bytes:
+        return f" in pieces of {chunk_bytes} B"
+    return ""
+
+
 def two_step_all_reduce(comm: Communicator, x: torch.Tensor, scheme: Scheme,
                         trace: Optional[Trace] = None, chunk_bytes: int = 0) -> torch.Tensor:
     """Quantized sum of ``x`` over ``comm``'s ranks; output in ``x.dtype`` and shape.

@@ -30,7 +30,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.comm.algorithms import Algo
+from megatron_lite.comm.algorithms import Algo, in_pieces, pieces
 from megatron_lite.comm.codecs import NoKernelError, Scheme, saturate
 from megatron_lite.comm.router import Backend, QuantizedCommunicator
 from megatron_lite.comm.spec import Path
@@ -115,7 +115,8 @@ class FusedTwoShotBackend(Backend):
         return fa.two_shot_all_reduce(self.state.ws, x, scheme.kernel_plan(x)).view(x.shape)
 
 
-def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_error: bool = False):
+def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_error: bool = False,
+                                chunk_bytes: int = 0):
     """comm/algorithms.py's one-shot algorithm with the plain codec's encode and the
     decode-and-sum done by the codec kernels (kernels/codec.py: CUDA C++ for int8/int4,
     Triton otherwise; bit-exact with the reference codec; the ``hadamard-`` rotation runs
@@ -126,16 +127,27 @@ def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_erro
 
     ``with_error``: also return this rank's error part, exactly as ``Scheme.own_error``
     computes it for the one-shot algorithm, restored to ``x``'s layout, fp32 (one more
-    launch, ``error_part``)."""
+    launch, ``error_part``). ``chunk_bytes``: in pieces of whole groups, each all-gather
+    started before the next piece is quantized, as comm/algorithms.py's chunked one-shot
+    (the same bits)."""
     from megatron_lite.kernels import codec as kc_ops
     plan = scheme.kernel_plan(x)
     w = base.world_size
     chunks, restore = scheme.chunk(x, w)       # weighted-: already scaled (torch, exact)
-    c = chunks.shape[-1]
-    send = kc_ops.quantize(plan.rs, chunks, rot=plan.rot)         # [W, nb]; rotated in-kernel
-    gathered = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
-    base.all_gather_into_tensor(gathered.view(-1), send.view(-1))
-    acc = kc_ops.sum_ranks(plan.rs, gathered, c, rot=plan.rot)   # rank order, rotated back
+    cuts = pieces(scheme, chunks.shape[-1], x.numel() * x.element_size(), chunk_bytes)
+    started = []
+    for a, b in cuts:
+        send = kc_ops.quantize(plan.rs, chunks[:, a:b], rot=plan.rot)  # [W, nb]; rotated
+        got = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
+        started.append((send, got, base.all_gather_into_tensor_async(got.view(-1),
+                                                                     send.view(-1))))
+    accs, errs = [], []
+    for (a, b), (send, got, work) in zip(cuts, started):
+        work.wait()
+        accs.append(kc_ops.sum_ranks(plan.rs, got, b - a, rot=plan.rot))  # rank order
+        if with_error:
+            errs.append(kc_ops.error_part(plan.rs, chunks[:, a:b], send, rot=plan.rot))
+    acc = accs[0] if len(cuts) == 1 else torch.cat(accs, dim=-1)
     if plan.rot:
         # the kernel rotated back already: the scheme's finish without its rotation
         # (fp32 for weighted-, whose restore unscales, then rounds)
@@ -144,7 +156,7 @@ def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_erro
         y = restore(scheme.finish(acc, x.dtype))
     if not with_error:
         return y
-    return y, restore(kc_ops.error_part(plan.rs, chunks, send, rot=plan.rot)).float()
+    return y, restore(errs[0] if len(cuts) == 1 else torch.cat(errs, dim=-1)).float()
 
 
 class OneShotKernelsBackend(Backend):
@@ -168,11 +180,16 @@ class OneShotKernelsBackend(Backend):
         return no_kernel(scheme, x)
 
     def all_reduce(self, x, scheme, comm):
-        return one_shot_kernels_all_reduce(comm.base, x, scheme)
+        return one_shot_kernels_all_reduce(comm.base, x, scheme,
+                                           chunk_bytes=comm.spec.chunk_bytes)
 
     def all_reduce_with_error(self, x, scheme, comm):
         """``(sum, this rank's error part)`` for error feedback (comm/feedback.py)."""
-        return one_shot_kernels_all_reduce(comm.base, x, scheme, with_error=True)
+        return one_shot_kernels_all_reduce(comm.base, x, scheme, with_error=True,
+                                           chunk_bytes=comm.spec.chunk_bytes)
+
+    def describe(self, x, scheme, comm):
+        return self.name + in_pieces(x, scheme, comm.spec.chunk_bytes)
 
 
 class AutoBackend(Backend):

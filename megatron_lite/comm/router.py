@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_lite.comm.algorithms import Algo, quantized_all_reduce
+from megatron_lite.comm.algorithms import Algo, in_pieces, quantized_all_reduce
 from megatron_lite.comm.calibration import Calibration, load_calibration
 from megatron_lite.comm.codecs import CodecError, CodecSpec, Scheme, get_scheme
 from megatron_lite.comm.codecs.registry import entry
@@ -80,10 +80,7 @@ class PortableBackend(Backend):
                                     chunk_bytes=comm.spec.chunk_bytes)
 
     def describe(self, x, scheme, comm):
-        chunk = comm.spec.chunk_bytes
-        if chunk and scheme.piece_quantum() and x.numel() * x.element_size() > chunk:
-            return f"{comm.spec.algo.value} in pieces of {chunk} B"
-        return comm.spec.algo.value
+        return comm.spec.algo.value + in_pieces(x, scheme, comm.spec.chunk_bytes)
 
 
 @dataclass(frozen=True)
