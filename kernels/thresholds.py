@@ -1,17 +1,31 @@
-"""Measured size thresholds for the ``auto`` all-reduce backend, per GPU kind and world size.
+"""The ``auto`` chooser's table: message size ranges -> the path that carries them, per
+transport (comm/transport.py), GPU kind and world size (vLLM's style of measured table).
 
-Each entry: ``oneshot_max`` (bytes): messages up to this size use the one-shot bf16
-kernel; ``fused_min`` (bytes per codec name, ``"*"`` for any other codec): messages at
-least this large use the fused two-shot kernel with the site's codec; everything in
-between goes to NCCL. ``dense_min`` (bytes, optional): messages at least this large run
-the fused two-shot kernel with ``dense_bpsm`` blocks per SM instead of 1
-(``dense_min_mapped`` for the codecs whose maps are folded into the kernel). Entries
+Paths: ``oneshot`` the one-shot bf16 kernel (reads peers' memory: needs peer access);
+``nccl`` the process group's own all-reduce, uncompressed (NCCL; gloo on CPU); ``fused``
+the fused two-shot kernel with the site's codec (needs peer access); ``portable`` the
+portable path with the site's codec (comm/algorithms.py: codec ops around the group's
+all_to_all / all_gather, chunked so that coding overlaps the exchange).
+
+Measured entries (``nvlink`` only, today): ``oneshot_max`` (bytes): messages up to this
+size use the one-shot bf16 kernel; ``fused_min`` (bytes per codec name, ``"*"`` for any
+other codec): messages at least this large use the fused two-shot kernel with the site's
+codec; everything in between goes to NCCL. ``dense_min`` (bytes, optional): messages at
+least this large run the fused two-shot kernel with ``dense_bpsm`` blocks per SM instead
+of 1 (``dense_min_mapped`` for the codecs whose maps are folded into the kernel). Entries
 come from ``tools/bench_allreduce.py --json`` runs (the tool prints the derived entry;
 see docs/benchmarks.md for the run each one came from).
+
+Transports without a measurement (``UNMEASURED``: host memory, sockets, one process) get
+no numbers, only the conservative rule: the ``auto`` keyword takes the group's own
+all-reduce (nothing measured says anything beats it), and a named codec under
+``path=auto`` keeps the portable path with that codec (nothing measured says sending it
+uncompressed is faster). ``Table.explain`` says so ("unmeasured: falls back to ...").
 """
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Tuple
 
 # GPU kinds without a measured entry get this: one-shot only for small messages (it moves
 # W times the bytes, so it loses as soon as bandwidth matters), and fused quantized only
@@ -45,11 +59,102 @@ MEASURED: Dict = {
 }
 
 
+# The transports no run has measured yet: why, and where their measurement would come from.
+UNMEASURED: Dict[str, str] = {
+    "host-memory": "no all-reduce run without peer access yet (bench_allreduce.py "
+                   "--transport host-memory)",
+    "socket": "no all-reduce run across hosts or over NCCL sockets yet (bench_allreduce.py "
+              "--transport socket)",
+    "local": "one process: nothing crosses a link",
+}
+
+ONESHOT, NCCL, FUSED, PORTABLE = "oneshot", "nccl", "fused", "portable"
+WORDS = {ONESHOT: "the one-shot bf16 kernel", NCCL: "the group's own all-reduce",
+         FUSED: "the fused two-shot kernel", PORTABLE: "the portable path with the codec"}
+
+
 def thresholds_for(device_name: str, world: int) -> Dict:
+    """The ``nvlink`` entry of a GPU kind and world size (DEFAULT where none is measured)."""
     for (kind, w), entry in MEASURED.items():
         if w == world and kind in device_name:
             return entry
     return DEFAULT
+
+
+Range = Tuple[int, Optional[int], str]      # bytes in [lo, hi) -> path; hi None: no end
+
+
+@dataclass(frozen=True)
+class Table:
+    """The size ranges of one transport, GPU kind and world size. ``entry``: the measured
+    entry's fields (None: an unmeasured transport, which has no kernel ranges);
+    ``source``: where the numbers come from, or why there are none."""
+
+    transport: str
+    source: str
+    entry: Optional[Mapping] = field(default=None, compare=False)
+
+    @property
+    def measured(self) -> bool:
+        return self.entry is not None and self.entry is not DEFAULT
+
+    def ranges(self, codec: str, auto: bool = False) -> Tuple[Range, ...]:
+        """The ranges of the site's codec (``codec``: the scheme's name; ``auto``: the
+        ``auto`` keyword, whose wire format where a kernel carries it is bf16)."""
+        if self.entry is None:
+            return ((0, None, NCCL if auto else PORTABLE),)
+        om = int(self.entry["oneshot_max"]) + 1           # oneshot_max is inclusive
+        fmin = self.entry["fused_min"].get(codec, self.entry["fused_min"].get("*"))
+        out = [(0, om, ONESHOT)]
+        if fmin is None:
+            return tuple(out + [(om, None, NCCL)])
+        if fmin > om:
+            out.append((om, fmin, NCCL))
+        return tuple(out + [(max(om, fmin), None, FUSED)])
+
+    def choose(self, codec: str, nbytes: int, auto: bool = False) -> str:
+        return next(p for lo, hi, p in self.ranges(codec, auto)
+                    if nbytes >= lo and (hi is None or nbytes < hi))
+
+    def explain(self, codec: str, nbytes: int, auto: bool = False) -> str:
+        """Why ``choose`` picks its path for ``nbytes``, in one clause."""
+        path = self.choose(codec, nbytes, auto)
+        if self.entry is None:
+            return f"{self.transport} unmeasured ({self.source}): falls back to {WORDS[path]}"
+        lo, hi = next((lo, hi) for lo, hi, p in self.ranges(codec, auto)
+                      if nbytes >= lo and (hi is None or nbytes < hi))
+        return f"{self.transport} table ({self.source}): {_span(lo, hi)} -> {WORDS[path]}"
+
+
+def _span(lo: int, hi: Optional[int]) -> str:
+    """``[lo, hi)`` in words (the inclusive one-shot limit makes bounds like 2 MiB + 1)."""
+    words = []
+    if lo:
+        words.append(f"from {_size(lo)}" if lo % 1024 == 0 else f"above {_size(lo - 1)}")
+    if hi is not None:
+        words.append(f"below {_size(hi)}" if hi % 1024 == 0 else f"up to {_size(hi - 1)}")
+    return " ".join(words) or "any size"
+
+
+def _size(n: int) -> str:
+    for unit, k in (("MiB", 20), ("KiB", 10)):
+        if n and n % (1 << k) == 0:
+            return f"{n >> k} {unit}"
+    return f"{n} B"
+
+
+def table_for(transport: str, device_name: str, world: int,
+              entry: Optional[Mapping] = None) -> Table:
+    """The table of a transport (a ``comm.transport.Transport`` value), GPU kind and world
+    size. ``entry`` (nvlink only) replaces the measured one (tests, sweeps)."""
+    if transport != "nvlink":
+        return Table(transport, UNMEASURED[transport])
+    if entry is not None:
+        return Table(transport, "given", entry)
+    entry = thresholds_for(device_name, world)
+    source = (f"measured, {device_name} x {world}" if entry is not DEFAULT else
+              f"no measurement for {device_name} x {world}: default entry, not measured")
+    return Table(transport, source, entry)
 
 
 def blocks_per_sm(device_name: str, world: int, nbytes: int, mapped: bool = False) -> int:

@@ -5,7 +5,8 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT), joins a process group (NCCL with CUDA, gl
 otherwise; ``backend=`` or ``MEGATRON_LITE_BACKEND`` override) and makes every rank one TP
 group. Without a torchrun environment it is a single rank with no process group at all.
 If the caller already initialised torch.distributed (e.g. the test harness), that default
-group is used as is.
+group is used as is. The group's communicator detects its transport there (NVLink/P2P,
+host memory or network: comm/transport.py), collectively on NCCL.
 
 ``TPGroup`` forwards the two collectives the model uses to a Communicator (plain
 torch.distributed, a quantized one, or ``ThreadCommunicator`` simulating N ranks in one

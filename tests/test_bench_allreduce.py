@@ -67,6 +67,7 @@ def test_end_to_end_on_gloo(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["device"] == "cpu" and res["transport"] == "gloo"
+    assert res["transport_detected"].startswith("socket (gloo process group")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     got = {(row["bytes"], row["comm"]) for row in res["rows"]}
     assert got == {(b, c) for b in (1 << 14, 1 << 15) for c in ["native"] + specs}
@@ -78,8 +79,9 @@ def test_end_to_end_on_gloo(tmp_path):
                  "weighted-hadamard-int8:128": 4e-2, "klt4:64,algo=one-shot": 0.1}
         assert row["rel_err"] < bound.get(row["comm"], 0.25), row
     paths = {row["comm"]: row["path"] for row in res["rows"]}
-    assert paths["int4:128,path=fused"] == "two-step with int4:128"     # gloo: portable
+    assert paths["int4:128,path=fused"].split("; transport ")[0] == "two-step with int4:128"     # gloo: portable
     assert paths["ef+int4:128,algo=one-shot"].startswith("error feedback, portable one-shot")
+    assert paths["auto"].startswith("auto -> native; transport socket (gloo")    # not bf16
 
 
 def test_transport_needs_nccl(tmp_path):

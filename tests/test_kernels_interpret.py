@@ -195,7 +195,7 @@ def _dist_body(rank, world, specs, sizes):
                   and _same(got, quantized_all_reduce(base, x, ref, algo)))
             if algo != "two-step":   # auto steps aside; the one-shot kernels take it
                 ok = (ok and why.startswith(f"algo={algo}: no fused kernel")   # unless
-                      and qp.explain(x, site) == ("one-shot" if path == "two-step"  # forced
+                      and qp.explain(x, site).split("; transport ")[0] == ("one-shot" if path == "two-step"  # forced
                                                   else "one-shot-kernels") + " with int4:128")
             res.append(["auto", f"path={path},algo={algo}:{want}", n, ok, why or ""])
         auto_p.state.ws.check()
@@ -209,12 +209,25 @@ def _dist_body(rank, world, specs, sizes):
         for n in (1, 777, 5000):
             x = torch.randn(n, generator=torch.Generator().manual_seed(n * 7 + rank)
                             ).to(torch.bfloat16)
-            why = q1.explain(x, site)
+            why = q1.explain(x, site).split("; transport ")[0]
             got = q1.all_reduce(x, site)
             want = quantized_all_reduce(base, x, get_scheme(spec), Algo.ONE_SHOT)
             res.append(["one-shot-k", spec, n,
                         why == f"one-shot-kernels with {spec}" and _same(got, want),
                         int(got.view(torch.int16).sum())])
+        # in pieces (each all-gather started before the next piece is quantized): the
+        # same sum and error part as the whole message; a NaN on one rank
+        x = torch.randn(5000, generator=torch.Generator().manual_seed(11 + rank)).to(
+            torch.bfloat16)
+        if rank == 0:
+            x[4000] = math.nan
+        whole = k.backends.one_shot_kernels_all_reduce(base, x, get_scheme(spec), True)
+        parts = k.backends.one_shot_kernels_all_reduce(base, x, get_scheme(spec), True,
+                                                       chunk_bytes=2048)
+        want = quantized_all_reduce(base, x, get_scheme(spec), Algo.ONE_SHOT)
+        res.append(["one-shot-k", spec + ",chunk=2048", 5000,
+                    _same(parts[0], want) and _same(parts[0], whole[0])
+                    and _same(parts[1], whole[1]), int(parts[0].view(torch.int16).sum())])
         # error feedback through the kernels (sum and error part in one call) gives the
         # portable feedback's bits over three chained reduces behind post norms
         from megatron_lite.comm.feedback import ErrorFeedbackCommunicator
@@ -224,7 +237,7 @@ def _dist_body(rank, world, specs, sizes):
         ef_k = ErrorFeedbackCommunicator(q1, gains)
         ef_p = ErrorFeedbackCommunicator(QuantizedCommunicator(
             base, parse_comm(f"{spec},algo=one-shot")), gains)
-        ok = ef_k.explain(torch.zeros(3, 128), "layers.0.mlp.down_proj") == \
+        ok = ef_k.explain(torch.zeros(3, 128), "layers.0.mlp.down_proj").split("; transport ")[0] == \
             f"error feedback, one-shot-kernels with {spec}"
         for i in range(3):
             x = torch.randn(3, 128, generator=torch.Generator().manual_seed(50 * i + rank))

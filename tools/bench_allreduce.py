@@ -31,7 +31,9 @@ For every message size (bf16 bytes, --min-size .. --max-size in powers of 2):
 ``--transport host-memory`` / ``socket`` emulates a slower link by routing NCCL through
 host shared memory (``NCCL_P2P_DISABLE=1``: PCIe GPUs without peer access) or sockets
 (also ``NCCL_SHM_DISABLE=1``: a cross-node Ethernet link); native is measured on the
-same transport, and the JSON's ``transport`` says which one ran (``gloo`` on a CPU).
+same transport, and the JSON's ``transport`` says which one ran (``gloo`` on a CPU);
+``transport_detected`` is what the communicator found (comm/transport.py), the one the
+``auto`` chooser's table follows (a host-memory or socket run has no fused kernels).
 
 Output: a table, --json (rows, the auto thresholds this run supports, device, NCCL
 version, transport, date, command) and a plot next to it. Runs on gloo (CPU) too, as a
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
     say(f"device {device_name} x {world}, NCCL {nccl_version}, torch {torch.__version__}")
     payload = {"device": device_name, "world": world, "nccl_version": nccl_version,
                "transport": transport_label(dist.get_backend()),
+               "transport_detected": str(base.transport),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "command": " ".join(["tools/bench_allreduce.py"] + list(argv or sys.argv[1:])),
                "channels": args.channels}

@@ -11,7 +11,8 @@ From the model to the wire::
                -> PortableBackend                    algorithms.py: two-step / one-shot
                   over Scheme (codecs/base.py), each codec family a module of codecs/
 
-spec.py parses ``--comm`` into a CommSpec; build.py turns it into the chain; feedback.py
-adds error feedback; calibration.py is the calibration file; simulate.py runs N ranks as
+spec.py parses ``--comm`` into a CommSpec; build.py turns it into the chain; transport.py
+says how the ranks reach each other (which picks the ``auto`` table); feedback.py adds
+error feedback; calibration.py is the calibration file; simulate.py runs N ranks as
 N threads of one process, bit-identical to real ranks.
 """

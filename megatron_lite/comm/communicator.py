@@ -3,6 +3,9 @@
 Contract (docs/architecture.md): after ``all_reduce`` every rank holds bitwise-identical
 values; world size 1 short-circuits. Subclasses (quantized, simulated, fused) override
 ``all_reduce``; everything else in the engine only ever calls these two methods.
+
+Every communicator knows its ``transport`` (comm/transport.py): how its ranks reach each
+other, found when it is made; ``explain`` prints it.
 """
 from __future__ import annotations
 
@@ -11,9 +14,21 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_lite.comm.transport import LOCAL_ONE_RANK, TransportInfo, detect_transport
+
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns);
 # torch 2.11 (the GPU image) only has the old one.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class Done:
+    """The handle of an exchange that has already finished (``wait`` does nothing)."""
+
+    def wait(self) -> None:
+        return None
+
+
+DONE = Done()
 
 
 class Communicator:
@@ -27,6 +42,7 @@ class Communicator:
         self.rank = rank
         self.world_size = world_size
         self.process_group = None
+        self.transport: TransportInfo = LOCAL_ONE_RANK
 
     # -- the two calls the model makes ------------------------------------------------
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
@@ -45,9 +61,21 @@ class Communicator:
     def barrier(self) -> None:
         raise NotImplementedError
 
+    # Started exchanges: the handle's ``wait()`` must run before ``output`` is read, and
+    # both tensors must stay alive until then. On NCCL the wait makes the current stream
+    # wait for NCCL's (the host goes on); a communicator without asynchronous exchanges
+    # runs them here and returns DONE.
+    def all_to_all_single_async(self, output: torch.Tensor, input: torch.Tensor):
+        self.all_to_all_single(output, input)
+        return DONE
+
+    def all_gather_into_tensor_async(self, output: torch.Tensor, input: torch.Tensor):
+        self.all_gather_into_tensor(output, input)
+        return DONE
+
     def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
         """Which path an ``all_reduce(x, site)`` takes, and why (logs, benchmarks)."""
-        return f"native ({type(self).__name__})"
+        return f"native ({type(self).__name__}); transport {self.transport}"
 
     # -- what a communicator may want to know about the model ------------------------
     def set_post_norms(self, post_norms: dict) -> None:
@@ -56,16 +84,21 @@ class Communicator:
 
 
 class DistCommunicator(Communicator):
-    """Plain torch.distributed (NCCL on GPU, gloo on CPU): the uncompressed baseline."""
+    """Plain torch.distributed (NCCL on GPU, gloo on CPU): the uncompressed baseline.
+
+    ``transport``: None detects it (comm/transport.py), which is collective on an NCCL
+    group: every rank makes its communicator at the same point."""
 
     torch_distributed = True
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None,
+                 transport: Optional[TransportInfo] = None):
         if process_group is None and not dist.is_initialized():
             super().__init__(0, 1)
         else:
             super().__init__(dist.get_rank(process_group), dist.get_world_size(process_group))
         self.process_group = process_group
+        self.transport = transport or detect_transport(process_group)
 
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
         if self.world_size == 1:
@@ -91,6 +124,12 @@ class DistCommunicator(Communicator):
     def all_gather_into_tensor(self, output: torch.Tensor, input: torch.Tensor) -> None:
         _all_gather_single(output, input, group=self.process_group)
 
+    def all_to_all_single_async(self, output: torch.Tensor, input: torch.Tensor):
+        return dist.all_to_all_single(output, input, group=self.process_group, async_op=True)
+
+    def all_gather_into_tensor_async(self, output: torch.Tensor, input: torch.Tensor):
+        return _all_gather_single(output, input, group=self.process_group, async_op=True)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.process_group)
@@ -109,6 +148,7 @@ class WrappingCommunicator(Communicator):
         self.base = base
         self.process_group = base.process_group
         self.torch_distributed = base.torch_distributed
+        self.transport = base.transport
 
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
         return self.base.all_reduce(x, site)
@@ -121,6 +161,12 @@ class WrappingCommunicator(Communicator):
 
     def all_gather_into_tensor(self, output: torch.Tensor, input: torch.Tensor) -> None:
         self.base.all_gather_into_tensor(output, input)
+
+    def all_to_all_single_async(self, output: torch.Tensor, input: torch.Tensor):
+        return self.base.all_to_all_single_async(output, input)
+
+    def all_gather_into_tensor_async(self, output: torch.Tensor, input: torch.Tensor):
+        return self.base.all_gather_into_tensor_async(output, input)
 
     def barrier(self) -> None:
         self.base.barrier()

@@ -117,7 +117,8 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
             y, err = fast.all_reduce_with_error(x, plan.scheme, self.inner)
         else:
             trace = Trace()
-            y = quantized_all_reduce(self.inner.base, x, plan.scheme, self.spec.algo, trace)
+            y = quantized_all_reduce(self.inner.base, x, plan.scheme, self.spec.algo, trace,
+                                     self.spec.chunk_bytes)
             err = trace.restore(plan.scheme.own_error(trace.chunks, trace.acc,
                                                       self.rank)).float()
         # Pre-norm: the debt is exactly the new error (the payment cancelled the old one).
@@ -129,12 +130,14 @@ class ErrorFeedbackCommunicator(WrappingCommunicator):
         that returns it (the one-shot kernels) or else the portable path of its
         algorithm, whatever the inner chain would pick for a plain sum."""
         plan = self.inner.plan(x, site)
+        where = f"; transport {self.transport}"
         if plan.scheme is None:
-            return plan.why
+            return plan.why + where
         fast = self.inner.error_backend(x, plan.scheme)
         if fast is not None:
-            return f"error feedback, {fast.name} with {plan.scheme.spec}"
-        return f"error feedback, portable {self.spec.algo.value} with {plan.scheme.spec}"
+            return f"error feedback, {fast.name} with {plan.scheme.spec}{where}"
+        return (f"error feedback, portable {self.spec.algo.value} with {plan.scheme.spec}"
+                + where)
 
     def _payment(self, x: torch.Tensor, norm) -> torch.Tensor:
         gain, _, lam = norm

@@ -3,8 +3,8 @@
 ``install_fused(comm)`` (collective: every rank calls it at the same point) allocates one
 symmetric workspace for a QuantizedCommunicator and puts, in front of its chain:
 
-* :class:`AutoBackend`, which picks by message size from a threshold table measured per
-  GPU kind and world size (kernels/thresholds.py):
+* :class:`AutoBackend`, which picks by message size from the ``nvlink`` threshold table
+  measured per GPU kind and world size (kernels/thresholds.py):
 
   - ``oneshot``  the one-shot bf16 kernel (latency-bound decode messages; never quantized),
   - ``nccl``     the base communicator's own all-reduce (uncompressed),
@@ -15,7 +15,11 @@ symmetric workspace for a QuantizedCommunicator and puts, in front of its chain:
   workspace needed), which also returns each rank's error part for error feedback.
 
 Whatever they cannot take (no P2P, a CPU tensor, a scheme without a kernel plan such as
-outlier-int4 or klt, a message above the workspace) falls through to the portable path.
+outlier-int4 or klt, a message above the workspace) falls through to the portable path
+(an ``auto`` site: to the base communicator's own all-reduce). On a transport other than
+``nvlink`` (comm/transport.py: no peer access, or the ``--transport`` emulation's NCCL
+variables) no workspace is made, so the fused kernels never run where a real machine of
+that transport could not run them.
 Every path gives the reference's bits (tests/test_kernels_interpret.py, tests/gpu/).
 """
 from __future__ import annotations
@@ -26,10 +30,11 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.comm.algorithms import Algo
+from megatron_lite.comm.algorithms import Algo, in_pieces, pieces
 from megatron_lite.comm.codecs import NoKernelError, Scheme, saturate
 from megatron_lite.comm.router import Backend, QuantizedCommunicator
 from megatron_lite.comm.spec import Path
+from megatron_lite.comm.transport import Transport
 from megatron_lite.kernels.config import INTERPRET, KernelPlan
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -110,7 +115,8 @@ class FusedTwoShotBackend(Backend):
         return fa.two_shot_all_reduce(self.state.ws, x, scheme.kernel_plan(x)).view(x.shape)
 
 
-def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_error: bool = False):
+def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_error: bool = False,
+                                chunk_bytes: int = 0):
     """comm/algorithms.py's one-shot algorithm with the plain codec's encode and the
     decode-and-sum done by the codec kernels (kernels/codec.py: CUDA C++ for int8/int4,
     Triton otherwise; bit-exact with the reference codec; the ``hadamard-`` rotation runs
@@ -121,16 +127,27 @@ def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_erro
 
     ``with_error``: also return this rank's error part, exactly as ``Scheme.own_error``
     computes it for the one-shot algorithm, restored to ``x``'s layout, fp32 (one more
-    launch, ``error_part``)."""
+    launch, ``error_part``). ``chunk_bytes``: in pieces of whole groups, each all-gather
+    started before the next piece is quantized, as comm/algorithms.py's chunked one-shot
+    (the same bits)."""
     from megatron_lite.kernels import codec as kc_ops
     plan = scheme.kernel_plan(x)
     w = base.world_size
     chunks, restore = scheme.chunk(x, w)       # weighted-: already scaled (torch, exact)
-    c = chunks.shape[-1]
-    send = kc_ops.quantize(plan.rs, chunks, rot=plan.rot)         # [W, nb]; rotated in-kernel
-    gathered = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
-    base.all_gather_into_tensor(gathered.view(-1), send.view(-1))
-    acc = kc_ops.sum_ranks(plan.rs, gathered, c, rot=plan.rot)   # rank order, rotated back
+    cuts = pieces(scheme, chunks.shape[-1], x.numel() * x.element_size(), chunk_bytes)
+    started = []
+    for a, b in cuts:
+        send = kc_ops.quantize(plan.rs, chunks[:, a:b], rot=plan.rot)  # [W, nb]; rotated
+        got = torch.empty((w,) + tuple(send.shape), dtype=torch.uint8, device=send.device)
+        started.append((send, got, base.all_gather_into_tensor_async(got.view(-1),
+                                                                     send.view(-1))))
+    accs, errs = [], []
+    for (a, b), (send, got, work) in zip(cuts, started):
+        work.wait()
+        accs.append(kc_ops.sum_ranks(plan.rs, got, b - a, rot=plan.rot))  # rank order
+        if with_error:
+            errs.append(kc_ops.error_part(plan.rs, chunks[:, a:b], send, rot=plan.rot))
+    acc = accs[0] if len(cuts) == 1 else torch.cat(accs, dim=-1)
     if plan.rot:
         # the kernel rotated back already: the scheme's finish without its rotation
         # (fp32 for weighted-, whose restore unscales, then rounds)
@@ -139,7 +156,7 @@ def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_erro
         y = restore(scheme.finish(acc, x.dtype))
     if not with_error:
         return y
-    return y, restore(kc_ops.error_part(plan.rs, chunks, send, rot=plan.rot)).float()
+    return y, restore(errs[0] if len(cuts) == 1 else torch.cat(errs, dim=-1)).float()
 
 
 class OneShotKernelsBackend(Backend):
@@ -163,11 +180,16 @@ class OneShotKernelsBackend(Backend):
         return no_kernel(scheme, x)
 
     def all_reduce(self, x, scheme, comm):
-        return one_shot_kernels_all_reduce(comm.base, x, scheme)
+        return one_shot_kernels_all_reduce(comm.base, x, scheme,
+                                           chunk_bytes=comm.spec.chunk_bytes)
 
     def all_reduce_with_error(self, x, scheme, comm):
         """``(sum, this rank's error part)`` for error feedback (comm/feedback.py)."""
-        return one_shot_kernels_all_reduce(comm.base, x, scheme, with_error=True)
+        return one_shot_kernels_all_reduce(comm.base, x, scheme, with_error=True,
+                                           chunk_bytes=comm.spec.chunk_bytes)
+
+    def describe(self, x, scheme, comm):
+        return self.name + in_pieces(x, scheme, comm.spec.chunk_bytes)
 
 
 class AutoBackend(Backend):
@@ -175,6 +197,7 @@ class AutoBackend(Backend):
 
     name = "auto"
     uses_kernels = True
+    serves_auto = True        # with bf16 (the auto keyword's scheme) it never quantizes
 
     def __init__(self, state: FusedState, table: Optional[Dict] = None):
         self.state = state
@@ -262,6 +285,9 @@ def install_fused(comm: QuantizedCommunicator, max_bytes: int = 128 << 20,
         state = FusedState(None, "torch.distributed is not initialized")
     elif not cpu_shm and dist.get_backend(group) != "nccl":
         state = FusedState(None, f"process group backend is {dist.get_backend(group)}, not nccl")
+    elif not cpu_shm and comm.transport.transport != Transport.NVLINK:
+        state = FusedState(None, f"transport {comm.transport}: the fused kernels need peer "
+                                 "access")
     else:
         state = make_state(group, max_bytes, oneshot_max_bytes, cpu_shm=cpu_shm)
     auto = AutoBackend(state, table)

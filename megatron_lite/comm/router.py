@@ -9,8 +9,15 @@ communicator uncompressed. Planning runs once per key; a call afterwards costs a
 lookup before the backend runs (tools/bench_allreduce.py --host-overhead measures it).
 
 The chain ends with :class:`PortableBackend` (comm/algorithms.py over the Communicator
-primitives: any device, codec and float dtype). On an NCCL group, comm/fused.py puts the
-kernel backends in front of it (``install_fused``); comm/build.py assembles the whole.
+primitives: any device, codec and float dtype; chunked so that coding overlaps the
+exchange). On an NCCL group whose GPUs have peer access, comm/fused.py puts the kernel
+backends in front of it (``install_fused``); comm/build.py assembles the whole.
+
+An ``auto`` site (comm/spec.py) is served only by a backend that ``serves_auto`` (the
+kernel chooser); where none takes it, by the base communicator's own all-reduce, never
+by the portable bf16 two-step (that is what ``bf16`` asks for). ``explain`` prints the
+plan, the transport (how it was found) and what the transport's table says
+(kernels/thresholds.py; "unmeasured: falls back to ..." where no run measured it).
 """
 from __future__ import annotations
 
@@ -21,12 +28,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_lite.comm.algorithms import quantized_all_reduce
+from megatron_lite.comm.algorithms import Algo, in_pieces, quantized_all_reduce
 from megatron_lite.comm.calibration import Calibration, load_calibration
 from megatron_lite.comm.codecs import CodecError, CodecSpec, Scheme, get_scheme
 from megatron_lite.comm.codecs.registry import entry
 from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
-from megatron_lite.comm.spec import EMBED_SITE, Budget, CommSpec
+from megatron_lite.comm.spec import AUTO, BF16, EMBED_SITE, Budget, CommSpec, Path
+from megatron_lite.comm.transport import TransportInfo
+from megatron_lite.kernels.thresholds import Table, table_for
 
 
 class Backend:
@@ -38,6 +47,7 @@ class Backend:
     name = "backend"
     returns_error = False
     uses_kernels = False      # a kernel backend (comm/fused.py): install_fused replaces it
+    serves_auto = False       # it may carry an ``auto`` site (the uncompressed paths only)
 
     def unsupported(self, x: torch.Tensor, scheme: Scheme,
                     comm: "QuantizedCommunicator") -> Optional[str]:
@@ -66,10 +76,11 @@ class PortableBackend(Backend):
         return None
 
     def all_reduce(self, x, scheme, comm):
-        return quantized_all_reduce(comm.base, x, scheme, comm.spec.algo)
+        return quantized_all_reduce(comm.base, x, scheme, comm.spec.algo,
+                                    chunk_bytes=comm.spec.chunk_bytes)
 
     def describe(self, x, scheme, comm):
-        return comm.spec.algo.value
+        return comm.spec.algo.value + in_pieces(x, scheme, comm.spec.chunk_bytes)
 
 
 @dataclass(frozen=True)
@@ -111,9 +122,11 @@ class SiteCodecs:
         return None if site == EMBED_SITE else self.spec.codec
 
     def scheme_for(self, site: Optional[str]) -> Optional[Scheme]:
-        """The site's scheme (calibrated codecs: with the site's state), or None."""
+        """The site's scheme (calibrated codecs: with the site's state), or None; an
+        ``auto`` site's is bf16 (what a kernel that carries it puts on the wire)."""
         if site not in self._schemes:
             cs = self.codec_for(site)
+            cs = BF16 if cs == AUTO else cs
             scheme = None
             if cs is not None:
                 budget = None
@@ -148,11 +161,23 @@ class QuantizedCommunicator(WrappingCommunicator):
                  hf_config: Optional[dict] = None):
         super().__init__(base)
         self.spec = spec
+        if spec.transport is not None:
+            self.transport = TransportInfo(spec.transport, f"--comm transport="
+                                           f"{spec.transport.value}; detected {base.transport}")
         self.sites = SiteCodecs(spec, num_layers)
         if self.sites.calibration is not None:
             self.sites.calibration.check(tp=base.world_size, hf_config=hf_config)
         self.backends: List[Backend] = list(backends) if backends else [PortableBackend()]
         self._plans: Dict[tuple, Plan] = {}
+        self._tables: Dict[torch.device, Table] = {}
+
+    def table(self, device: torch.device) -> Table:
+        """The ``auto`` chooser's table of this transport, GPU kind and world size."""
+        if device not in self._tables:
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            self._tables[device] = table_for(self.transport.transport.value, name,
+                                             self.world_size)
+        return self._tables[device]
 
     # -- plans -----------------------------------------------------------------------
     def set_backends(self, backends: List[Backend]) -> None:
@@ -174,12 +199,20 @@ class QuantizedCommunicator(WrappingCommunicator):
         nbytes = x.numel() * x.element_size()
         if nbytes < self.spec.min_bytes:
             return Plan(None, None, f"native: {nbytes} B < min_bytes {self.spec.min_bytes}")
+        auto = self.sites.codec_for(site) == AUTO
         reasons = []
         for b in self.backends:
             why = b.unsupported(x, scheme, self)
+            if why is None and auto and not b.serves_auto:
+                why = "not for auto (the bf16 codec takes it)"
             if why is None:
                 return Plan(b, scheme, b.describe(x, scheme, self))
             reasons.append(f"{b.name}: {why}")
+        if auto:
+            if self.table(x.device).entry is None:      # an unmeasured transport
+                return Plan(None, None, "auto -> native")
+            return Plan(None, None, "auto -> native, no kernel takes it (" +
+                        "; ".join(reasons) + ")")
         raise CodecError(f"no backend can all-reduce {tuple(x.shape)} {x.dtype} at site "
                          f"{site!r} with {scheme.spec}: " + "; ".join(reasons))
 
@@ -193,9 +226,22 @@ class QuantizedCommunicator(WrappingCommunicator):
         return self._plans[key]
 
     def explain(self, x: torch.Tensor, site: Optional[str] = None) -> str:
-        """Which backend and codec a call uses, and why (for logs and debugging)."""
+        """Which backend and codec a call uses and why, over which transport (how it was
+        found) and what the transport's table says for it (for logs and debugging)."""
         p = self.plan(x, site)
-        return p.why if p.scheme is None else f"{p.why} with {p.scheme.spec}"
+        text = p.why if p.scheme is None else f"{p.why} with {p.scheme.spec}"
+        return f"{text}; transport {self.transport}" + self._table_clause(x, site)
+
+    def _table_clause(self, x: torch.Tensor, site: Optional[str]) -> str:
+        """What the size table says for this call, where the chooser runs (path=auto,
+        two-step) on a site with a codec above min_bytes; '' elsewhere."""
+        scheme = self.sites.scheme_for(site)
+        nbytes = x.numel() * x.element_size()
+        if (scheme is None or nbytes < self.spec.min_bytes or self.spec.path != Path.AUTO
+                or self.spec.algo != Algo.TWO_STEP):
+            return ""
+        auto = self.sites.codec_for(site) == AUTO
+        return "; " + self.table(x.device).explain(scheme.name, nbytes, auto)
 
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
         if self.world_size == 1:

@@ -27,6 +27,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from megatron_lite.comm.communicator import Communicator
+from megatron_lite.comm.transport import Transport, TransportInfo
 
 
 class SimulationError(RuntimeError):
@@ -70,6 +71,8 @@ class ThreadCommunicator(Communicator):
         super().__init__(rank, hub.world_size)
         self.hub = hub
         self.process_group = None
+        self.transport = TransportInfo(Transport.LOCAL, "simulated ranks: threads of one "
+                                       "process")
 
     def all_reduce(self, x: torch.Tensor, site: Optional[str] = None) -> torch.Tensor:
         if self.world_size == 1:

@@ -10,12 +10,18 @@ Every tool takes ``--comm SPEC`` (repeated where a tool compares several), and
            | path=auto|fused|two-step                 which implementation carries a site
            | algo=two-step|one-shot                   the all-reduce algorithm
            | budget=site|model                        klt: bits per site or per model
+           | transport=nvlink|host-memory|socket      instead of the detected transport
+           | chunk=SIZE                               portable path's piece size (0: whole)
            | calibration=FILE                         state of the calibrated codecs
 
-``native`` (or ``none``) is the backend's own uncompressed all-reduce; ``auto`` is the
-bf16 codec, which on an NCCL group runs through the measured size chooser (one-shot
-kernel, NCCL or the fused two-shot kernel). ``ef+`` adds error feedback
-(comm/feedback.py). Globs are :mod:`fnmatch` patterns on site names
+``native`` (or ``none``) is the backend's own uncompressed all-reduce. ``auto`` lets the
+chooser decide, never below bf16: the transport's measured table (kernels/thresholds.py)
+picks the one-shot bf16 kernel, NCCL or the fused two-shot kernel with bf16 on the wire,
+and wherever nothing is measured faster (no peer access, an unmeasured transport, no
+kernels) the backend's own all-reduce. ``bf16`` is the bf16 codec like any other: the
+same kernels where the table picks them, else the portable two-step path (bf16 on the
+wire, fp32 sum in rank order), the reference the tests compare the two-step paths with.
+``ef+`` adds error feedback (comm/feedback.py). Globs are :mod:`fnmatch` patterns on site names
 (``layers.3.mlp.down_proj``, ``layers.3.self_attn.o_proj``, ``embed_tokens``); a negative
 layer index counts from the last layer (``layers.-1.*``). The embedding reduce stays
 native unless an override names it. Examples::
@@ -25,6 +31,11 @@ native unless an override names it. Examples::
     weighted-hadamard-int8:128,calibration=c.safetensors
     ef+weighted-hadamard-int4:128,algo=one-shot,calibration=c.safetensors
     klt4:64,algo=one-shot,budget=model,calibration=c.safetensors
+
+``transport``: how the ranks reach each other, which picks the chooser's table; detected
+when the group is made (comm/transport.py). ``chunk``: the portable path cuts messages
+larger than SIZE (input bytes, default 4 MiB) into pieces, so that coding one piece
+overlaps the exchange of the one before; same bits at any size (comm/algorithms.py).
 
 ``path``: ``auto`` (default) lets the size chooser send a message uncompressed where that
 measured faster than the codec's fused kernel; ``fused`` keeps every message compressed
@@ -41,13 +52,18 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional, Tuple
 
-from megatron_lite.comm.algorithms import Algo
+from megatron_lite.comm.algorithms import DEFAULT_CHUNK_BYTES, Algo
 from megatron_lite.comm.codecs import CodecError, CodecSpec, parse_codec_spec
 from megatron_lite.comm.codecs.registry import entry
+from megatron_lite.comm.transport import LINKS, Transport
 
 NATIVE = "native"
 EF = "ef+"
 EMBED_SITE = "embed_tokens"
+# ``auto`` in a codec position: not a registered codec but the chooser's keyword; where a
+# kernel carries such a site, its wire format is bf16 (``CommSpec.codecs``).
+AUTO = CodecSpec("auto", None)
+BF16 = CodecSpec("bf16", None)
 
 
 class Path(str, Enum):
@@ -74,11 +90,15 @@ class CommSpec:
     budget: Budget = Budget.SITE
     error_feedback: bool = False
     calibration: Optional[str] = None
+    transport: Optional[Transport] = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     def __post_init__(self):
         # Everything is checked here, before any compute: a typo must fail in one line.
         if self.min_bytes < 0:
             raise CodecError(f"min_bytes must be >= 0, got {self.min_bytes}")
+        if self.chunk_bytes < 0:
+            raise CodecError(f"chunk must be >= 0, got {self.chunk_bytes}")
         specs = self.codecs()
         entries = [entry(s.name) for s in specs]
         tr = [e.traits for e in entries]
@@ -107,8 +127,10 @@ class CommSpec:
         return self.codec is None and not self.overrides
 
     def codecs(self) -> Tuple[CodecSpec, ...]:
-        """Every codec the spec names (default and overrides)."""
-        return tuple(c for c in (self.codec,) + tuple(c for _, c in self.overrides)
+        """Every codec the spec names (default and overrides; ``auto`` as bf16, its wire
+        format where a kernel carries it)."""
+        return tuple(BF16 if c == AUTO else c
+                     for c in (self.codec,) + tuple(c for _, c in self.overrides)
                      if c is not None)
 
     def replace(self, **changes) -> "CommSpec":
@@ -135,8 +157,8 @@ def _codec(text: str) -> Optional[CodecSpec]:
     t = text.strip().lower()
     if t in (NATIVE, "none"):
         return None
-    if t == "auto":
-        return parse_codec_spec("bf16")
+    if t == AUTO.name:
+        return AUTO
     return parse_codec_spec(text)
 
 
@@ -160,10 +182,15 @@ def parse_comm(text, calibration: Optional[str] = None) -> CommSpec:
     for item in items[1:]:
         if "=" not in item:
             raise CodecError(f"bad --comm item {item!r}: expected GLOB=CODEC, min_bytes=SIZE, "
-                             "path=PATH, algo=ALGO, budget=site|model or calibration=FILE")
+                             "path=PATH, algo=ALGO, budget=site|model, transport=T, "
+                             "chunk=SIZE or calibration=FILE")
         key, val = (t.strip() for t in item.split("=", 1))
         if key == "min_bytes":
             fields["min_bytes"] = parse_size(val)
+        elif key == "chunk":
+            fields["chunk_bytes"] = parse_size(val)
+        elif key == "transport":
+            fields["transport"] = parse_transport(val)
         elif key in _ENUMS:
             try:
                 fields[key] = _ENUMS[key](val.lower())
@@ -181,6 +208,15 @@ def parse_comm(text, calibration: Optional[str] = None) -> CommSpec:
     return CommSpec(overrides=tuple(overrides), **fields)
 
 
+def parse_transport(text: str) -> Transport:
+    """``transport=T``: one of the links (comm/transport.py LINKS), else a one-line error."""
+    t = next((t for t in LINKS if t.value == text.strip().lower()), None)
+    if t is None:
+        raise CodecError(f"transport={text!r}: expected one of "
+                         f"{', '.join(t.value for t in LINKS)}")
+    return t
+
+
 def format_comm(spec: CommSpec, with_calibration: bool = True) -> str:
     """The canonical ``--comm`` string of a spec: ``parse_comm(format_comm(s)) == s``.
     ``with_calibration=False``: without the file (a label for tables)."""
@@ -193,6 +229,10 @@ def format_comm(spec: CommSpec, with_calibration: bool = True) -> str:
         value = getattr(spec, key)
         if value != default:
             items.append(f"{key}={value.value}")
+    if spec.transport is not None:
+        items.append(f"transport={spec.transport.value}")
+    if spec.chunk_bytes != DEFAULT_CHUNK_BYTES:
+        items.append(f"chunk={spec.chunk_bytes}")
     if spec.calibration and with_calibration:
         items.append(f"calibration={spec.calibration}")
     return ",".join(items)

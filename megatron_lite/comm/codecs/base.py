@@ -239,6 +239,14 @@ class Scheme(ABC):
     def finish(self, acc: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """The one-shot output of the fp32 sums ``acc`` [P, c] (before ``restore``)."""
 
+    def piece_quantum(self) -> Optional[int]:
+        """The column step at which the ``[P, c]`` chunks may be cut into pieces that run
+        the stages on their own and give the whole chunks' bits (the chunked algorithms,
+        comm/algorithms.py): the group size of a scheme that codes every group from its
+        own values; None (the default) where a code depends on a value's position in the
+        chunk (static per-channel steps, per-rank transforms)."""
+        return None
+
     # -- error feedback --------------------------------------------------------------
     @abstractmethod
     def own_error(self, chunks: torch.Tensor, acc: Optional[torch.Tensor],

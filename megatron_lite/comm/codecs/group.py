@@ -319,6 +319,9 @@ class GroupScheme(Scheme):
     def rs_encode(self, chunks, src):
         return self.rs.encode(chunks)
 
+    def piece_quantum(self):
+        return self.group_size            # groups are coded from their own values only
+
     def rs_decode(self, recv, chunk_id, c):
         return self.rs.decode(recv, c, torch.float32)
 

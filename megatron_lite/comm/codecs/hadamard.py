@@ -90,6 +90,9 @@ class HadamardScheme(Scheme):
     def rs_encode(self, chunks, src):
         return self.rs.encode(fwht(chunks, self.group_size))
 
+    def piece_quantum(self):
+        return self.group_size            # the rotation stays inside a group
+
     def rs_decode(self, recv, chunk_id, c):
         return self.rs.decode(recv, c, torch.float32)          # stays in the rotated basis
 

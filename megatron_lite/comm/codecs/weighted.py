@@ -92,6 +92,9 @@ class WeightedScheme(Scheme):
     def rs_encode(self, chunks, src):
         return self.inner.rs_encode(chunks, src)
 
+    def piece_quantum(self):
+        return self.inner.piece_quantum()  # ``chunk`` scaled the channels already
+
     def rs_decode(self, recv, chunk_id, c):
         return self.inner.rs_decode(recv, chunk_id, c)
 
