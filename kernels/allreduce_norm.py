@@ -55,6 +55,7 @@ workspace (own flags, own counters, own slots) never interleave with it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -104,7 +105,7 @@ def _rms_norm(v, offs, mask, w_ptr, HF, eps, offset, DT: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["rank", "rows"])
-def _ar_add_rmsnorm_kernel(
+def _all_reduce_add_rmsnorm_kernel(
         x_ptr, res_ptr, bias_ptr, pw_ptr, w_ptr, s_ptr, res_out_ptr, out_ptr,
         ws_ptr, cnt_ptr, status_ptr, d0, d1, d2, d3, d4, d5, d6, d7,
         rows, H, HF, rank, flag_off, data_off, slot_bytes, row_bytes, eps, offset, RSCALE,
@@ -189,6 +190,7 @@ def _ar_add_rmsnorm_kernel(
     tl.store(cnt_ptr + b, epoch)
 
 
+@functools.lru_cache(maxsize=None)
 def grid_size(device: torch.device) -> int:
     """The kernel's fixed grid on ``device`` (module docstring: it must not change from
     call to call)."""
@@ -280,7 +282,7 @@ def all_reduce_add_rmsnorm(ws: SymmWorkspace, x: torch.Tensor, residual: torch.T
     lim = out_limit(x.dtype)
     dummy = res_out                      # never read where its flag is off
     opts = {} if INTERPRET else {"enable_fp_fusion": False}
-    _ar_add_rmsnorm_kernel[(grid_size(x.device),)](
+    _all_reduce_add_rmsnorm_kernel[(grid_size(x.device),)](
         x, residual, bias if bias is not None else dummy,
         post_norm_weight if post_norm_weight is not None else dummy,
         norm_weight if norm_weight is not None else dummy,
