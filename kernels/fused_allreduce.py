@@ -111,7 +111,7 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
 # A stored tile is [payload PAY B][meta0 NG x bf16][meta1 NG x bf16] (quant.encode_tile);
 # for int3 the bit-2 plane starts TILE // 4 bytes into the payload.
 @triton.jit
-def _put_tile(x, dst, gall, PAY: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+def put_tile(x, dst, gall, PAY: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
               KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, C2: tl.constexpr):
     """Encode the fp32 tile x [NG, G] into the stored tile at byte address ``dst``."""
     m0 = (dst + PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
@@ -119,7 +119,7 @@ def _put_tile(x, dst, gall, PAY: tl.constexpr, NG: tl.constexpr, G: tl.constexpr
 
 
 @triton.jit
-def _get_tile(src, gall, LIM: tl.constexpr, PAY: tl.constexpr, NG: tl.constexpr,
+def get_tile(src, gall, LIM: tl.constexpr, PAY: tl.constexpr, NG: tl.constexpr,
               G: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr):
     """Decode the stored tile at byte address ``src`` into fp32 [NG, G]."""
     m0 = (src + PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
@@ -139,7 +139,7 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      s_ptr, H, RSCALE, ROT: tl.constexpr, LOG2G: tl.constexpr,
                      HAS_S: tl.constexpr, LIM_ROT: tl.constexpr, FLIM: tl.constexpr):
     """Quantized two-shot all-reduce in one launch (see ``two_shot_all_reduce``)."""
-    # Each stage's stored tiles (_put_tile) take R_TB / A_TB bytes (from the host).
+    # Each stage's stored tiles (put_tile) take R_TB / A_TB bytes (from the host).
     TILE: tl.constexpr = NG * G
     BIG: tl.constexpr = 3.3895313892515355e38   # stage-1 decodes saturate at BF16_MAX, as the reference
 
@@ -162,7 +162,7 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                 x = maps.fwht_tile(x, NG, G, LOG2G, RSCALE)
             dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
                    + recv_off + my_slot + t * R_TB)
-            _put_tile(x, dst, gall, R_PAY, NG, G, RKIND, RBITS, RQMAX, RC2)
+            put_tile(x, dst, gall, R_PAY, NG, G, RKIND, RBITS, RQMAX, RC2)
     sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, 2, rank, b, epoch,
                        status_ptr, W, MAXB, SPIN)
 
@@ -170,13 +170,13 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
     #    store the result in every rank's gather[me] (mine included: all decode it)
     for t in range(b, tiles, nb):
         src0 = ws_ptr + recv_off + t * R_TB
-        acc = _get_tile(src0, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
+        acc = get_tile(src0, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
         for s in tl.static_range(1, W):
-            acc += _get_tile(src0 + s * slot, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
+            acc += get_tile(src0 + s * slot, gall, BIG, R_PAY, NG, G, RKIND, RBITS, RQMAX)
         for j in tl.static_range(W):
             dst = (sync.peer_base(ws_ptr, j, d0, d1, d2, d3, d4, d5, d6, d7)
                    + gather_off + my_slot + t * A_TB)
-            _put_tile(acc, dst, gall, A_PAY, NG, G, AKIND, ABITS, AQMAX, AC2)
+            put_tile(acc, dst, gall, A_PAY, NG, G, AKIND, ABITS, AQMAX, AC2)
     sync.block_barrier(ws_ptr, d0, d1, d2, d3, d4, d5, d6, d7, flag_off, 3, rank, b, epoch,
                        status_ptr, W, MAXB, SPIN)
 
@@ -184,7 +184,7 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
     for t in range(b, tiles, nb):
         for o in tl.static_range(W):
             p = ws_ptr + gather_off + o * slot + t * A_TB
-            y = _get_tile(p, gall, OUT_LIM, A_PAY, NG, G, AKIND, ABITS, AQMAX)
+            y = get_tile(p, gall, OUT_LIM, A_PAY, NG, G, AKIND, ABITS, AQMAX)
             offs = o * chunk + t * TILE + lane
             if ROT:                         # back from the rotated basis (whole groups)
                 y = maps.clamp(maps.fwht_tile(y, NG, G, LOG2G, RSCALE), LIM_ROT)

@@ -17,15 +17,18 @@ and stores to peers stay 16 bytes wide.
 
 Layout of every rank's buffer (byte offsets, all 256-aligned)::
 
-    flags    int32 [4][W][MAX_BLOCKS]   0/1: one-shot, epoch parity 0/1
+    flags    int32 [6][W][MAX_BLOCKS]   0/1: one-shot, epoch parity 0/1
                                         2: two-shot reduce-scatter, 3: two-shot all-gather
+                                        4/5: all-reduce + add + RMSNorm, epoch parity 0/1
                                         flags[k][src][b] is written by rank src's block b
     oneshot  [2][W][oneshot_slot]       one-shot data, slot [parity][src]
+    norm     [2][W][oneshot_slot]       all-reduce + add + RMSNorm data, slot [parity][src]
     recv     [W][slot]                  two-shot: rank src's quantized copy of my chunk
     gather   [W][slot]                  two-shot: rank owner's requantized reduced chunk
 
-Per-call epochs live ON DEVICE, in ``counters`` (int32 [2][MAX_BLOCKS], ordinary local
-memory): block b of a launch reads ``counters[k][b]``, uses ``epoch = value + 1`` for every
+Per-call epochs live ON DEVICE, in ``counters`` (int32 [3][MAX_BLOCKS], ordinary local
+memory; row k for kernel k: one-shot, two-shot, all-reduce + add + RMSNorm): block b of
+a launch reads ``counters[k][b]``, uses ``epoch = value + 1`` for every
 flag it writes or waits for, and writes ``epoch`` back when done. Nothing on the host
 changes between calls, so a launch can be captured in a CUDA graph and replayed. All
 ranks issue the same sequence of calls, so block b's epoch is the same on every rank
@@ -45,6 +48,8 @@ import torch.distributed as dist
 
 MAX_BLOCKS = 512          # flags per (stage, source rank); the grid never exceeds it
 MAX_WORLD = 8             # kernels take up to 8 peer deltas as scalar arguments
+FLAG_ROWS = 6             # flag rows (module docstring): 2 one-shot, 2 two-shot, 2 norm
+NORM_FLAG_ROW = 4         # first of the all-reduce + add + RMSNorm kernel's two rows
 _ALIGN = 256
 TWO_SHOT_TILE_CAP = 4096  # largest two-shot tile (elements): chunks are padded to it
 # Added to every peer delta passed to a kernel (and subtracted inside, sync.peer_base):
@@ -69,6 +74,7 @@ class WorkspaceLayout:
     flag_off: int
     oneshot_off: int
     oneshot_slot: int
+    norm_off: int             # all-reduce + add + RMSNorm slots (oneshot_slot bytes each)
     recv_off: int
     gather_off: int
     slot: int                 # bytes per rank slot in recv / gather
@@ -85,15 +91,16 @@ class WorkspaceLayout:
         slot = _round_up(chunk * 2, _ALIGN)
         oneshot_slot = _round_up(max(oneshot_max_bytes, 16), _ALIGN)
         flag_off = 0
-        oneshot_off = _round_up(flag_off + 4 * world * MAX_BLOCKS * 4, _ALIGN)
-        recv_off = oneshot_off + 2 * world * oneshot_slot
+        oneshot_off = _round_up(flag_off + FLAG_ROWS * world * MAX_BLOCKS * 4, _ALIGN)
+        norm_off = oneshot_off + 2 * world * oneshot_slot
+        recv_off = norm_off + 2 * world * oneshot_slot
         gather_off = recv_off + world * slot
         total = gather_off + world * slot
         if total >= 2 ** 31:
             # kernels address the buffer with int32 byte offsets
             raise WorkspaceUnavailable(f"workspace of {total} B exceeds 2 GiB: lower max_bytes")
         return WorkspaceLayout(world, max_elems, oneshot_max_bytes, flag_off, oneshot_off,
-                               oneshot_slot, recv_off, gather_off, slot, total)
+                               oneshot_slot, norm_off, recv_off, gather_off, slot, total)
 
 
 class SymmWorkspace:
@@ -110,7 +117,7 @@ class SymmWorkspace:
         if any(d % 16 for d in self.deltas):
             raise WorkspaceUnavailable("peer buffers are not 16-byte aligned")
         self.kernel_deltas = [d + DELTA_BIAS for d in self.deltas]
-        self.counters = torch.zeros(2, MAX_BLOCKS, dtype=torch.int32, device=buffer.device)
+        self.counters = torch.zeros(3, MAX_BLOCKS, dtype=torch.int32, device=buffer.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=buffer.device)
         self._keepalive = keepalive
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.comm.communicator import Communicator, DistCommunicator
+from megatron_lite.comm.norm import Layout, add_rmsnorm
 
 BACKEND_ENV = "MEGATRON_LITE_BACKEND"
 
@@ -63,6 +64,30 @@ def _(x, group_id, dim):
     return x.new_empty(shape)
 
 
+# The sum with the residual add and RMSNorm, for communicators that may run it as one
+# kernel. ``normed`` comes back empty where no norm weight is given (the op's outputs are
+# always two tensors).
+@torch.library.custom_op("megatron_lite::all_reduce_add_rmsnorm", mutates_args=())
+def _all_reduce_add_rmsnorm_op(partial: torch.Tensor, residual: torch.Tensor,
+                               norm_weight: Optional[torch.Tensor],
+                               post_norm_weight: Optional[torch.Tensor],
+                               bias: Optional[torch.Tensor], group_id: int, site: str,
+                               eps: float, offset: float, scale_in_fp32: bool, layout: str
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    new, normed = _GROUPS[group_id].communicator.all_reduce_add_rmsnorm(
+        partial, residual, norm_weight, eps, site or None, layout=Layout(layout),
+        post_norm_weight=post_norm_weight, offset=offset, scale_in_fp32=scale_in_fp32,
+        bias=bias)
+    return new, (normed if normed is not None else new.new_empty(0))
+
+
+@_all_reduce_add_rmsnorm_op.register_fake
+def _(partial, residual, norm_weight, post_norm_weight, bias, group_id, site, eps, offset,
+      scale_in_fp32, layout):
+    return (torch.empty_like(residual),
+            torch.empty_like(residual) if norm_weight is not None else residual.new_empty(0))
+
+
 class TPGroup:
     """One rank's handle on its tensor-parallel group.
 
@@ -96,6 +121,31 @@ class TPGroup:
         if torch.compiler.is_compiling():
             return torch.ops.megatron_lite.all_reduce(x, self.group_id, site or "")
         return self.communicator.all_reduce(x, site)
+
+    def all_reduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor,
+                               norm_weight: Optional[torch.Tensor], eps: float,
+                               site: Optional[str] = None, *, layout: Layout = Layout.PRE_NORM,
+                               post_norm_weight: Optional[torch.Tensor] = None,
+                               offset: float = 0.0, scale_in_fp32: bool = False,
+                               bias: Optional[torch.Tensor] = None):
+        """``(residual', normed)`` of comm/norm.py for the sum of ``partial`` over the
+        group (``Communicator.all_reduce_add_rmsnorm``). Under torch.compile it is one
+        opaque op only where the communicator may fuse it; elsewhere the all-reduce op
+        and the traced torch ops, which inductor fuses with their neighbours."""
+        norm = dict(layout=layout, post_norm_weight=post_norm_weight, offset=offset,
+                    scale_in_fp32=scale_in_fp32, bias=bias)
+        if self.world_size == 1:
+            return add_rmsnorm(partial, residual, norm_weight, eps, **norm)
+        if torch.compiler.is_compiling():
+            if not self.communicator.fuses_add_rmsnorm:
+                return add_rmsnorm(self.all_reduce(partial, site), residual, norm_weight, eps,
+                                   **norm)
+            new, normed = torch.ops.megatron_lite.all_reduce_add_rmsnorm(
+                partial, residual, norm_weight, post_norm_weight, bias, self.group_id,
+                site or "", eps, offset, scale_in_fp32, Layout(layout).value)
+            return new, (normed if norm_weight is not None else None)
+        return self.communicator.all_reduce_add_rmsnorm(partial, residual, norm_weight, eps,
+                                                        site, **norm)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenation of every rank's ``x`` along ``dim``, in rank order."""

@@ -11,6 +11,11 @@ From the model to the wire::
                -> PortableBackend                    algorithms.py: two-step / one-shot
                   over Scheme (codecs/base.py), each codec family a module of codecs/
 
+``RowParallelLinear.forward_add_rmsnorm`` takes the same way to
+``Communicator.all_reduce_add_rmsnorm``: the sum followed by the residual add and
+RMSNorm of norm.py, one kernel on the one-shot paths of fused.py, all_reduce plus torch
+ops elsewhere.
+
 spec.py parses ``--comm`` into a CommSpec; build.py turns it into the chain; transport.py
 says how the ranks reach each other (which picks the ``auto`` table); feedback.py adds
 error feedback; calibration.py is the calibration file; simulate.py runs N ranks as

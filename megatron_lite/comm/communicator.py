@@ -2,19 +2,23 @@
 
 Contract (docs/architecture.md): after ``all_reduce`` every rank holds bitwise-identical
 values; world size 1 short-circuits. Subclasses (quantized, simulated, fused) override
-``all_reduce``; everything else in the engine only ever calls these two methods.
+``all_reduce``; everything else in the engine only ever calls these two methods and
+``all_reduce_add_rmsnorm``, the sum followed by the residual add and RMSNorm
+(comm/norm.py), which is ``all_reduce`` plus torch ops unless a communicator has a
+kernel that does all of it at once (router.py).
 
 Every communicator knows its ``transport`` (comm/transport.py): how its ranks reach each
 other, found when it is made; ``explain`` prints it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_lite.comm.transport import LOCAL_ONE_RANK, TransportInfo, detect_transport
+from megatron_lite.comm.norm import Layout, add_rmsnorm
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns);
 # torch 2.11 (the GPU image) only has the old one.
@@ -37,6 +41,9 @@ class Communicator:
     NCCL kernels may be installed in front of it)."""
 
     torch_distributed = False
+    # True where ``all_reduce_add_rmsnorm`` may run as one kernel (router.py): under
+    # torch.compile it then stays one opaque op instead of all_reduce + traced torch ops.
+    fuses_add_rmsnorm = False
 
     def __init__(self, rank: int, world_size: int):
         self.rank = rank
@@ -50,6 +57,28 @@ class Communicator:
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         raise NotImplementedError
+
+    def all_reduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor,
+                               norm_weight: Optional[torch.Tensor], eps: float,
+                               site: Optional[str] = None, *, layout: Layout = Layout.PRE_NORM,
+                               post_norm_weight: Optional[torch.Tensor] = None,
+                               offset: float = 0.0, scale_in_fp32: bool = False,
+                               bias: Optional[torch.Tensor] = None
+                               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(residual', normed)`` of comm/norm.py for ``y = all_reduce(partial, site)``.
+
+        This is the reference and the fallback: this communicator's own ``all_reduce``
+        (so wrappers that change the sum, quantize it or record it, keep doing so), then
+        ``add_rmsnorm``'s torch ops. Ranks stay bitwise identical: every rank applies the
+        same ops to identical sums and identical residual streams."""
+        y = self.all_reduce(partial, site)
+        return add_rmsnorm(y, residual, norm_weight, eps, layout=layout,
+                           post_norm_weight=post_norm_weight, offset=offset,
+                           scale_in_fp32=scale_in_fp32, bias=bias)
+
+    def explain_add_rmsnorm(self, x: torch.Tensor, site: Optional[str] = None) -> str:
+        """Which path an ``all_reduce_add_rmsnorm(x, ...)`` takes, and why."""
+        return f"unfused: {self.explain(x, site)}, then torch ops"
 
     # -- primitives the two-step quantized all-reduce is written against -------------
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor) -> None:

@@ -21,6 +21,11 @@ outlier-int4 or klt, a message above the workspace) falls through to the portabl
 variables) no workspace is made, so the fused kernels never run where a real machine of
 that transport could not run them.
 Every path gives the reference's bits (tests/test_kernels_interpret.py, tests/gpu/).
+
+Both one-shot paths (``auto`` -> ``oneshot``, and ``one-shot-kernels``) also run
+``all_reduce_add_rmsnorm`` as one kernel over the workspace
+(kernels/allreduce_norm.py: the same sum, then the residual add and RMSNorm) where the
+message fits it; the two-shot and NCCL choices keep the unfused path.
 """
 from __future__ import annotations
 
@@ -71,6 +76,26 @@ class FusedState:
         if x.dtype not in _FLOATS:
             return f"dtype {x.dtype} is not bf16/fp16/fp32"
         return None
+
+    def add_rmsnorm_unsupported(self, x: torch.Tensor, plan: Optional[KernelPlan]
+                                ) -> Optional[str]:
+        """None if the fused all-reduce + add + RMSNorm kernel takes ``x`` (raw with
+        ``plan`` None, else with the plan's codec)."""
+        why = self.unsupported(x)
+        if why is None:
+            from megatron_lite.kernels import allreduce_norm
+            why = allreduce_norm.unsupported(self.ws, x, plan)
+        return why
+
+    def all_reduce_add_rmsnorm(self, x, plan, residual, norm_weight, eps, **norm):
+        """The fused kernel's ``(residual', normed)``, or None where the call's residual
+        or weights do not fit it (the caller then takes the unfused path)."""
+        from megatron_lite.kernels import allreduce_norm
+        if allreduce_norm.check_args(x, residual, norm_weight, norm.get("post_norm_weight"),
+                                     norm.get("bias")) is not None:
+            return None
+        return allreduce_norm.all_reduce_add_rmsnorm(self.ws, x, residual, norm_weight, eps,
+                                                     plan=plan, **norm)
 
 
 class OneShotBackend(Backend):
@@ -168,6 +193,11 @@ class OneShotKernelsBackend(Backend):
     uses_kernels = True
     returns_error = True
 
+    def __init__(self, state: Optional[FusedState] = None):
+        # the workspace serves only the fused add + RMSNorm; the sum alone needs none
+        self.state = state if state is not None else FusedState(None, "no workspace given")
+        self.fuses_add_rmsnorm = self.state.ws is not None
+
     def unsupported(self, x, scheme, comm):
         if comm.spec.algo != Algo.ONE_SHOT:
             return "only for algo=one-shot"
@@ -191,6 +221,15 @@ class OneShotKernelsBackend(Backend):
     def describe(self, x, scheme, comm):
         return self.name + in_pieces(x, scheme, comm.spec.chunk_bytes)
 
+    def add_rmsnorm_unsupported(self, x, scheme, comm):
+        return self.state.add_rmsnorm_unsupported(x, kernel_plan(scheme, x))
+
+    def all_reduce_add_rmsnorm(self, x, scheme, comm, residual, norm_weight, eps, **norm):
+        # P2P one-shot over the workspace: each rank's codes go straight to its peers
+        # instead of through NCCL's all-gather; the same codes and sum
+        return self.state.all_reduce_add_rmsnorm(x, scheme.kernel_plan(x), residual,
+                                                 norm_weight, eps, **norm)
+
 
 class AutoBackend(Backend):
     """Size-based choice among one-shot bf16, NCCL and the fused quantized kernel."""
@@ -204,6 +243,7 @@ class AutoBackend(Backend):
         self.oneshot = OneShotBackend(state)
         self.fused = FusedTwoShotBackend(state)
         self.table = table
+        self.fuses_add_rmsnorm = state.ws is not None
 
     def _table(self) -> Dict:
         if self.table is None:
@@ -250,6 +290,16 @@ class AutoBackend(Backend):
     def describe(self, x, scheme, comm) -> str:
         return f"auto -> {self.choose(x, scheme, comm)}"
 
+    def add_rmsnorm_unsupported(self, x, scheme, comm):
+        which = self.choose(x, scheme, comm)
+        if which != "oneshot":
+            return f"auto -> {which}: the fused add + RMSNorm follows the one-shot sum only"
+        return self.state.add_rmsnorm_unsupported(x, None)
+
+    def all_reduce_add_rmsnorm(self, x, scheme, comm, residual, norm_weight, eps, **norm):
+        # the one-shot kernel's raw fp32 rank-order sum (full precision, as ``oneshot``)
+        return self.state.all_reduce_add_rmsnorm(x, None, residual, norm_weight, eps, **norm)
+
     def all_reduce(self, x, scheme, comm):
         which = self.choose(x, scheme, comm)
         if which == "oneshot":
@@ -292,7 +342,7 @@ def install_fused(comm: QuantizedCommunicator, max_bytes: int = 128 << 20,
         state = make_state(group, max_bytes, oneshot_max_bytes, cpu_shm=cpu_shm)
     auto = AutoBackend(state, table)
     rest = [b for b in comm.backends if not b.uses_kernels]
-    comm.set_backends([auto, OneShotKernelsBackend()] + rest)
+    comm.set_backends([auto, OneShotKernelsBackend(state)] + rest)
     return auto
 
 

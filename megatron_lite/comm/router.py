@@ -18,6 +18,11 @@ kernel chooser); where none takes it, by the base communicator's own all-reduce,
 by the portable bf16 two-step (that is what ``bf16`` asks for). ``explain`` prints the
 plan, the transport (how it was found) and what the transport's table says
 (kernels/thresholds.py; "unmeasured: falls back to ..." where no run measured it).
+
+``all_reduce_add_rmsnorm`` (the sum followed by the residual add and RMSNorm,
+comm/norm.py) runs as one kernel where the call's planned backend has one for the
+message (``add_rmsnorm_unsupported`` is None: the one-shot paths over a P2P workspace,
+comm/fused.py); everywhere else it is ``all_reduce`` plus torch ops.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from megatron_lite.comm.calibration import Calibration, load_calibration
 from megatron_lite.comm.codecs import CodecError, CodecSpec, Scheme, get_scheme
 from megatron_lite.comm.codecs.registry import entry
 from megatron_lite.comm.communicator import Communicator, WrappingCommunicator
+from megatron_lite.comm.norm import Layout, check_layout
 from megatron_lite.comm.spec import AUTO, BF16, EMBED_SITE, Budget, CommSpec, Path
 from megatron_lite.comm.transport import TransportInfo
 from megatron_lite.kernels.thresholds import Table, table_for
@@ -48,6 +54,7 @@ class Backend:
     returns_error = False
     uses_kernels = False      # a kernel backend (comm/fused.py): install_fused replaces it
     serves_auto = False       # it may carry an ``auto`` site (the uncompressed paths only)
+    fuses_add_rmsnorm = False  # may run all_reduce_add_rmsnorm as one kernel
 
     def unsupported(self, x: torch.Tensor, scheme: Scheme,
                     comm: "QuantizedCommunicator") -> Optional[str]:
@@ -63,6 +70,17 @@ class Backend:
     def describe(self, x: torch.Tensor, scheme: Scheme, comm: "QuantizedCommunicator") -> str:
         """What ``explain`` calls this backend's path for ``x``."""
         return self.name
+
+    def add_rmsnorm_unsupported(self, x: torch.Tensor, scheme: Scheme,
+                                comm: "QuantizedCommunicator") -> Optional[str]:
+        """None if this backend, planned for ``x``, can also do the residual add and
+        RMSNorm in its kernel (``all_reduce_add_rmsnorm``), else why not."""
+        return f"{self.name} has no fused add + RMSNorm"
+
+    def all_reduce_add_rmsnorm(self, x, scheme, comm, residual, norm_weight, eps, **norm):
+        """``(residual', normed)`` of comm/norm.py in one kernel; ``norm``: the keyword
+        arguments of ``Communicator.all_reduce_add_rmsnorm``."""
+        raise NotImplementedError(f"{self.name} has no fused add + RMSNorm")
 
 
 class PortableBackend(Backend):
@@ -167,9 +185,9 @@ class QuantizedCommunicator(WrappingCommunicator):
         self.sites = SiteCodecs(spec, num_layers)
         if self.sites.calibration is not None:
             self.sites.calibration.check(tp=base.world_size, hf_config=hf_config)
-        self.backends: List[Backend] = list(backends) if backends else [PortableBackend()]
         self._plans: Dict[tuple, Plan] = {}
         self._tables: Dict[torch.device, Table] = {}
+        self.set_backends(list(backends) if backends else [PortableBackend()])
 
     def table(self, device: torch.device) -> Table:
         """The ``auto`` chooser's table of this transport, GPU kind and world size."""
@@ -182,6 +200,7 @@ class QuantizedCommunicator(WrappingCommunicator):
     # -- plans -----------------------------------------------------------------------
     def set_backends(self, backends: List[Backend]) -> None:
         self.backends = list(backends)
+        self.fuses_add_rmsnorm = any(b.fuses_add_rmsnorm for b in self.backends)
         self._plans.clear()
 
     def plan(self, x: torch.Tensor, site: Optional[str] = None) -> Plan:
@@ -250,3 +269,49 @@ class QuantizedCommunicator(WrappingCommunicator):
         if p.backend is None:
             return self.base.all_reduce(x, site)
         return p.backend.all_reduce(x, p.scheme, self)
+
+    # -- the sum with the residual add and RMSNorm -------------------------------------
+    def add_rmsnorm_plan(self, x: torch.Tensor, site: Optional[str] = None
+                         ) -> Tuple[Optional[Backend], str]:
+        """``(backend, why)``: the planned backend of ``x`` where it also takes the add
+        and the norm in its kernel, else None and why not (None for a native sum);
+        cached like the plans."""
+        key = ("add_rmsnorm", site, x.shape, x.dtype, x.device)
+        got = self._plans.get(key)
+        if got is None:
+            p = self.plan(x, site)
+            if p.backend is None:
+                got = (None, None)             # native: explain says why
+            else:
+                why = p.backend.add_rmsnorm_unsupported(x, p.scheme, self)
+                got = (p.backend, p.why) if why is None else (None, why)
+            self._plans[key] = got
+        return got
+
+    def all_reduce_add_rmsnorm(self, partial, residual, norm_weight, eps, site=None, *,
+                               layout=Layout.PRE_NORM, post_norm_weight=None, offset=0.0,
+                               scale_in_fp32=False, bias=None):
+        """The fused kernel of the planned backend where it takes the call (the sum is
+        that backend's own, bit for bit; see kernels/allreduce_norm.py for the norms),
+        else the reference (``Communicator.all_reduce_add_rmsnorm``)."""
+        if self.world_size > 1 and self.fuses_add_rmsnorm:
+            backend, _ = self.add_rmsnorm_plan(partial, site)
+            if backend is not None:
+                check_layout(layout, post_norm_weight)
+                out = backend.all_reduce_add_rmsnorm(
+                    partial, self.plan(partial, site).scheme, self, residual, norm_weight,
+                    eps, sandwich=Layout(layout) == Layout.SANDWICH,
+                    post_norm_weight=post_norm_weight, offset=offset,
+                    scale_in_fp32=scale_in_fp32, bias=bias)
+                if out is not None:
+                    return out
+        return super().all_reduce_add_rmsnorm(
+            partial, residual, norm_weight, eps, site, layout=layout,
+            post_norm_weight=post_norm_weight, offset=offset, scale_in_fp32=scale_in_fp32,
+            bias=bias)
+
+    def explain_add_rmsnorm(self, x: torch.Tensor, site: Optional[str] = None) -> str:
+        backend, why = self.add_rmsnorm_plan(x, site)
+        if backend is not None:
+            return f"fused add + RMSNorm: {self.explain(x, site)}"
+        return f"unfused{f' ({why})' if why else ''}: {self.explain(x, site)}, then torch ops"

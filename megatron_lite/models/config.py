@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron_lite.comm.norm import Layout
 from megatron_lite.errors import ConfigError
 
 FULL = "full_attention"
@@ -204,6 +205,11 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
             pad_token_id=hf.get("pad_token_id"),
         )
+
+    @property
+    def residual_layout(self) -> Layout:
+        """Where the norms sit around each row-parallel reduce (comm/norm.py)."""
+        return Layout.SANDWICH if self.sandwich_norms else Layout.PRE_NORM
 
     # ---------------------------------------------------------------- TP arithmetic
     def validate_tp(self, tp: int) -> None:

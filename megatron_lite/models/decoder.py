@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_lite.comm.norm import rms_norm
 from megatron_lite.models.config import SLIDING, ModelConfig, RopeConfig
 from megatron_lite.parallel_state import TPGroup
 from megatron_lite.tensor_parallel import (ColumnParallelLinear, ParallelLMHead,
@@ -38,7 +39,8 @@ _ACTS = {
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * (offset + w), statistics in fp32.
+    """y = x / sqrt(mean(x^2) + eps) * (offset + w), statistics in fp32 (comm/norm.py's
+    ``rms_norm``, the one definition the fused all-reduce kernel follows too).
 
     Llama (offset 0): normalise in fp32, cast back to the input dtype, *then* multiply by w
     (LlamaRMSNorm). Gemma (offset 1, ``scale_in_fp32``): the checkpoint stores w - 1 and the
@@ -54,11 +56,7 @@ class RMSNorm(nn.Module):
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (self.dim,), eps=self.eps)
-        if self.scale_in_fp32:
-            return (y * (self.offset + self.weight.float())).to(x.dtype)
-        w = self.weight if self.offset == 0 else self.weight + self.offset
-        return w * y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.offset, self.scale_in_fp32)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -221,6 +219,10 @@ class ParallelAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, plan: KVPlan, k_cache, v_cache):
+        return self.o_proj(self.context(x, cos, sin, plan, k_cache, v_cache))
+
+    def context(self, x, cos, sin, plan: KVPlan, k_cache, v_cache):
+        """The attention output of this rank's heads [B, T, nq * hd]: o_proj's input."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.nq * self.hd, self.nkv * self.hd,
                                           self.nkv * self.hd], dim=-1)
@@ -243,7 +245,7 @@ class ParallelAttention(nn.Module):
             k_cache[rows, :, plan.slot] = keys.gather(2, idx).transpose(1, 2)
             v_cache[rows, :, plan.slot] = values.gather(2, idx).transpose(1, 2)
         out = attention(q, keys, values, plan.mask, self.scale, self.softcap)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nq * self.hd))
+        return out.transpose(1, 2).reshape(B, T, self.nq * self.hd)
 
 
 class ParallelMLP(nn.Module):
@@ -260,14 +262,27 @@ class ParallelMLP(nn.Module):
                                            device=device, dtype=dtype)
 
     def forward(self, x):
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x):
+        """act(gate(x)) * up(x) of this rank's columns: down_proj's input."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.act(gate) * up
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block; with ``sandwich_norms`` (Gemma 2/3) attention and MLP outputs are
     normalised again before the residual add, and ``post_attention_layernorm`` is that
-    post-attention norm (in Llama/Gemma it is the pre-MLP norm)."""
+    post-attention norm (in Llama/Gemma it is the pre-MLP norm).
+
+    ``forward(x, normed, next_norm, ...)`` takes the residual stream ``x`` and its
+    input norm ``normed = input_layernorm(x)``, and returns ``(x', next_norm(x'))``
+    (``None`` for the second when ``next_norm`` is None: the last layer). Each of the two
+    row-parallel reduces hands its residual add and the norm after it to the comm layer
+    in one call (``RowParallelLinear.forward_add_rmsnorm``), so the norm of the next
+    layer's input is computed by this layer's last reduce: a communicator with the fused
+    kernel does the sum, the add and the norm in one launch; every other one computes
+    exactly ``x + h`` and the norms as torch ops."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, group: TPGroup, device=None,
                  dtype=None):
@@ -276,6 +291,9 @@ class DecoderLayer(nn.Module):
                                cfg.norm_scale_fp32, device=device, dtype=dtype)
         self.layer_type = cfg.layer_types[layer_idx]
         self.sandwich = cfg.sandwich_norms
+        self.layout = cfg.residual_layout
+        self.eps, self.offset, self.scale_in_fp32 = (cfg.rms_norm_eps, cfg.norm_offset,
+                                                      cfg.norm_scale_fp32)
         self.input_layernorm = norm()
         self.self_attn = ParallelAttention(cfg, layer_idx, group, device, dtype)
         self.post_attention_layernorm = norm()
@@ -284,13 +302,26 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = ParallelMLP(cfg, layer_idx, group, device, dtype)
 
-    def forward(self, x, cos, sin, plan: KVPlan, k_cache, v_cache):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, plan, k_cache, v_cache)
+    def _reduce(self, proj: RowParallelLinear, h, x, norm: Optional[RMSNorm],
+                post: Optional[RMSNorm]):
+        """``(x + post(proj(h)), norm(...))`` through one comm call (post: sandwich)."""
+        return proj.forward_add_rmsnorm(
+            h, x, norm.weight if norm is not None else None, self.eps, layout=self.layout,
+            post_norm_weight=post.weight if post is not None else None, offset=self.offset,
+            scale_in_fp32=self.scale_in_fp32)
+
+    def forward(self, x, normed, next_norm: Optional[RMSNorm], cos, sin, plan: KVPlan,
+                k_cache, v_cache):
+        h = self.self_attn.context(normed, cos, sin, plan, k_cache, v_cache)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x, normed = self._reduce(self.self_attn.o_proj, h, x,
+                                     self.pre_feedforward_layernorm,
+                                     self.post_attention_layernorm)
+            return self._reduce(self.mlp.down_proj, self.mlp.hidden(normed), x, next_norm,
+                                self.post_feedforward_layernorm)
+        x, normed = self._reduce(self.self_attn.o_proj, h, x, self.post_attention_layernorm,
+                                 None)
+        return self._reduce(self.mlp.down_proj, self.mlp.hidden(normed), x, next_norm, None)
 
 
 class Transformer(nn.Module):
@@ -357,9 +388,14 @@ class Transformer(nn.Module):
             slots.setdefault(layer.layer_type, kc.shape[2])
         plans = {t: kv_plan(positions, slots[t], kv_len, w, causal_prefill, plain, lengths)
                  for t, w in self.windows.items()}
-        for layer, kc, vc in zip(self.layers, k_caches, v_caches):
+        n = len(self.layers)
+        normed = self.layers[0].input_layernorm(h) if n else None
+        for i, (layer, kc, vc) in enumerate(zip(self.layers, k_caches, v_caches)):
             t = layer.layer_type
-            h = layer(h, *rope[t], plans[t], kc, vc)
+            # the last reduce of layer i also computes layer i+1's input norm; the final
+            # norm stays below, after the row selection
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < n else None
+            h, normed = layer(h, normed, nxt, *rope[t], plans[t], kc, vc)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index]
         return self.lm_head(self.norm(h))

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.parallel_state import TPGroup
+from megatron_lite.comm.norm import add_rmsnorm
 from megatron_lite.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region,
+    reduce_add_rmsnorm_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region, scatter_to_tensor_model_parallel_region)
 
 
@@ -78,6 +80,11 @@ class RowParallelLinear(nn.Module):
     With ``bias`` every rank holds the whole b and adds it to the reduced sum, Y = sum_r
     X_r A_r + b (as Megatron-LM's RowParallelLinear): added before the reduce it would be
     counted tp times, and the codecs would carry it.
+
+    ``forward_add_rmsnorm(x, residual, norm_weight, eps, **norm)`` returns what a decoder
+    layer makes of Y, ``(residual + Y, rmsnorm(residual + Y))`` (or the sandwich layout,
+    comm/norm.py), through one comm call, so that the communicator can fuse the residual
+    add and the norm into the all-reduce.
     """
 
     def __init__(self, input_size: int, output_size: int, *, group: TPGroup,
@@ -101,6 +108,18 @@ class RowParallelLinear(nn.Module):
         y = reduce_from_tensor_model_parallel_region(partial, self.group, self.site)
         # Every rank adds the same b to bitwise-identical sums: ranks stay identical.
         return y if self.bias is None else y + self.bias
+
+    def forward_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor,
+                            norm_weight: Optional[torch.Tensor], eps: float, **norm):
+        """``(residual', normed)`` of comm/norm.py for Y = this layer's output."""
+        if self.group.world_size == 1:
+            # forward itself (and its hooks: lab/calibration.py reads Y at TP 1)
+            return add_rmsnorm(self(x), residual, norm_weight, eps, **norm)
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x, self.group)
+        return reduce_add_rmsnorm_from_tensor_model_parallel_region(
+            F.linear(x, self.weight), residual, norm_weight, eps, self.group, self.site,
+            bias=self.bias, **norm)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, in_per_partition={self.input_size_per_partition}, "

@@ -14,7 +14,10 @@ scatter_to_tensor_model_parallel_region        keep own last-dim chunk     all-g
 
 ``reduce_from_tensor_model_parallel_region`` is the only place a TP sum happens; it calls
 ``group.all_reduce(x, site)`` so the comm layer (quantized, fused, simulated) can replace
-it without the layers knowing. All four short-circuit at world size 1.
+it without the layers knowing. ``reduce_add_rmsnorm_from_tensor_model_parallel_region`` is
+the same sum followed by the residual add and RMSNorm that a decoder layer applies to it
+(comm/norm.py), handed to the comm layer as one call so that it can run them in the
+all-reduce's kernel. All short-circuit at world size 1.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from megatron_lite.comm.norm import add_rmsnorm
 from megatron_lite.parallel_state import TPGroup
 
 
@@ -36,6 +40,17 @@ def reduce_from_tensor_model_parallel_region(x: torch.Tensor, group: TPGroup,
     if group.world_size == 1:
         return x
     return group.all_reduce(x, site)
+
+
+def reduce_add_rmsnorm_from_tensor_model_parallel_region(
+        x: torch.Tensor, residual: torch.Tensor, norm_weight: Optional[torch.Tensor],
+        eps: float, group: TPGroup, site: Optional[str] = None, **norm):
+    """``(residual', normed)`` of comm/norm.py for the sum of the partial results ``x``;
+    ``norm``: the keyword arguments of ``Communicator.all_reduce_add_rmsnorm`` (layout,
+    post_norm_weight, offset, scale_in_fp32, bias)."""
+    if group.world_size == 1:
+        return add_rmsnorm(x, residual, norm_weight, eps, **norm)
+    return group.all_reduce_add_rmsnorm(x, residual, norm_weight, eps, site, **norm)
 
 
 def gather_from_tensor_model_parallel_region(x: torch.Tensor, group: TPGroup) -> torch.Tensor:
