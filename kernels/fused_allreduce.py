@@ -85,6 +85,17 @@ def one_shot_block(n: int, device: torch.device) -> int:
     return block
 
 
+def one_shot_grid(ws: SymmWorkspace, device: torch.device) -> int:
+    """The one-shot grid: the same for every message of a workspace, at least
+    ``cdiv(n, one_shot_block(n))`` for any message it takes; blocks past the message only
+    meet at the barrier. A fixed grid keeps every block's epoch, hence its parity, equal
+    to the others': with a grid that grew from one call to the next, a new block starts
+    at epoch 1 and may write the parity-1 slots a slow peer is still reading for the
+    previous call, at offsets that another block size put elsewhere."""
+    most = -(-(ws.layout.oneshot_max_bytes // 2) // 8192)   # bf16 at the largest block
+    return min(MAX_BLOCKS, max(_num_sms(device), most))
+
+
 def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
     """Sum ``x`` over the workspace's ranks with the one-shot kernel (one launch)."""
     x = x.contiguous()
@@ -96,9 +107,7 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
     if out is None:
         out = torch.empty_like(x)
     block = one_shot_block(n, x.device)
-    grid = triton.cdiv(n, block)
-    if grid > MAX_BLOCKS:
-        raise ValueError(f"one-shot grid {grid} exceeds {MAX_BLOCKS} blocks")
+    grid = one_shot_grid(ws, x.device)
     lay = ws.layout
     _one_shot_kernel[(grid,)](
         x, out, ws.buffer, ws.counters[0], ws.status, *ws.kernel_deltas,
