@@ -56,6 +56,53 @@ def test_engine_on_cpu_decodes_eagerly_and_refuses_forced_graphs():
         Engine(model, cuda_graphs=True)
 
 
+def test_pad_prompts_and_prefill_graphs_need_cuda():
+    from megatron_lite.inference.cuda_graphs import CUDAGraphPrefill, pad_prompts
+    tok, lens = pad_prompts(torch.tensor([[5, 6, 7], [8, 0, 0]]), torch.tensor([3, 1]), 3, 4)
+    assert tok.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0], [0, 0, 0, 0]]
+    assert lens.tolist() == [3, 1, 1]
+    with pytest.raises(ValueError):
+        pad_prompts(tok, lens, 2, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        CUDAGraphPrefill(lambda t, n: t, "cpu")
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-gemma2"])
+def test_bucket_padded_prefill_is_the_prefill(shape):
+    """What graphed prefill captures (``Engine.prefill_rows`` on prompts padded to the
+    length bucket and the cache rows) gives the eager prefill's logits and leaves a cache
+    from which decoding picks the same tokens; tiny-gemma2 has sliding-window layers
+    whose ring the padded prompt overruns."""
+    from megatron_lite import Engine
+    from megatron_lite.inference.cuda_graphs import pad_prompts
+    model = random_model(resolve_shape(shape), _group(), device="cpu", dtype=torch.float32)
+    engine = Engine(model)
+    g = torch.Generator().manual_seed(0)
+    B, T, rows, L, steps = 3, 21, 4, 64, 5
+    ids = torch.randint(3, engine.cfg.vocab_size, (B, T), generator=g)
+    lengths = torch.tensor([21, 9, 14])
+    for b in range(B):
+        ids[b, lengths[b]:] = 0
+
+    def run(padded):
+        with torch.inference_mode():
+            engine._ensure_cache(rows, 128)
+            if padded:
+                logits = engine.prefill_rows(*pad_prompts(ids, lengths, rows, L))[:B]
+            else:
+                logits = engine.prefill(ids, lengths, 128)
+            out, tok, pos = [logits.clone()], logits.argmax(-1), lengths.clone()
+            for step in range(steps):
+                step_logits = engine._decode(tok, pos, int(pos.max()) + 1)
+                out.append(step_logits.clone())
+                tok, pos = step_logits.argmax(-1), pos + 1
+            return torch.stack(out, 1)
+
+    want, got = run(False), run(True)
+    assert torch.equal(want.argmax(-1), got.argmax(-1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 # ----------------------------------------------------------------------------- random init
 @pytest.mark.parametrize("shape,norm_value", [("tiny", 1.0), ("tiny-gemma2", 0.0)])
 def test_random_weights_follow_the_hf_scheme(shape, norm_value):

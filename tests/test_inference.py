@@ -296,7 +296,7 @@ DETOK_TEXT = ("Tensor parallelism splits  weights.\nNaïve café — 東京 and 
 
 
 def _check_incremental(tok, ids):
-    from megatron_lite.inference.engine import IncrementalDetokenizer
+    from megatron_lite.inference.text import IncrementalDetokenizer
     d = IncrementalDetokenizer(tok)
     pieces = []
     for i, t in enumerate(ids):

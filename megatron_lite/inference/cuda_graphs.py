@@ -1,5 +1,6 @@
 """CUDA-graph decode: capture ``Engine.decode_step`` once per (batch-size bucket, KV read
-length), then replay.
+length), then replay; and graphed short prefill (``CUDAGraphPrefill``: one graph per
+cache rows and prompt-length bucket up to 2k tokens, the prompts right-padded to it).
 
 A decode step of a TP model is hundreds of small kernels (norms, RoPE, cache writes, one
 GEMV per projection, two all-reduces per layer). Launched one by one from Python, the host
@@ -38,8 +39,13 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS: Tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Prompt-length buckets of graphed prefill: up to 2k tokens a prefill is short enough for
+# its kernel launches to matter (the 512-token TTFT of an 8B model is launch-bound), and
+# padding to the next power of two at most doubles its GEMM work.
+PREFILL_BUCKETS: Tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Optional[int]], torch.Tensor]
+PrefillFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> Optional[int]:
@@ -134,3 +140,89 @@ class CUDAGraphDecoder:
         entry.positions[:b].copy_(positions)
         entry.graph.replay()
         return entry.logits[:b]
+
+
+def pad_prompts(tokens: torch.Tensor, lengths: torch.Tensor, rows: int,
+                length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompts [B, T] (true lengths [B]) as ``rows`` x ``length``: token 0
+    past each prompt, and rows past B one-token prompts of token 0 (their cache rows and
+    logits are unused, as the padding rows of a decode bucket)."""
+    B, T = tokens.shape
+    if rows < B or length < T:
+        raise ValueError(f"cannot pad {B} x {T} prompts to {rows} x {length}")
+    out = tokens.new_zeros(rows, length)
+    out[:B, :T] = tokens
+    lens = lengths.new_ones(rows)
+    lens[:B] = lengths
+    return out, lens
+
+
+class _PrefillGraph:
+    def __init__(self, graph, tokens: torch.Tensor, lengths: torch.Tensor,
+                 logits: torch.Tensor):
+        self.graph, self.tokens, self.lengths, self.logits = graph, tokens, lengths, logits
+
+
+class CUDAGraphPrefill:
+    """Replays ``prefill_fn(tokens[R, L], lengths[R]) -> last-token logits [R, V]`` from
+    CUDA graphs, one per (rows R, length bucket L of ``PREFILL_BUCKETS``): a short prompt's
+    prefill without its hundreds of kernel launches. ``prefill_fn`` writes the KV cache
+    (its addresses are baked in: ``reset()`` when it is reallocated) and must be
+    capturable, as the decode step is. ``__call__(tokens[R, T], lengths[R])`` pads the
+    prompts to the bucket (``pad_prompts``; ``bucket(T)`` says whether one holds T) and
+    returns a view into the graph's static logits, valid until its next replay."""
+
+    def __init__(self, prefill_fn: PrefillFn, device, buckets: Sequence[int] = PREFILL_BUCKETS,
+                 warmup: int = 2):
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        if warmup < 1:
+            raise ValueError("at least one warm-up call must precede the capture")
+        self.prefill_fn, self.device, self.warmup = prefill_fn, device, warmup
+        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.graphs: Dict[Tuple[int, int], _PrefillGraph] = {}
+        self.pool = None
+        self.captures = 0
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+
+    def bucket(self, length: int) -> Optional[int]:
+        return bucket_for(length, self.buckets)
+
+    def _capture(self, tokens: torch.Tensor, lengths: torch.Tensor) -> _PrefillGraph:
+        static_tok, static_len = tokens.clone(), lengths.clone()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.prefill_fn(static_tok, static_len)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            logits = self.prefill_fn(static_tok, static_len)
+        entry = _PrefillGraph(graph, static_tok, static_len, logits)
+        self.graphs[tuple(tokens.shape)] = entry
+        self.captures += 1
+        log.debug("captured prefill graph for %d rows x %d tokens", *tokens.shape)
+        return entry
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        rows, T = tokens.shape
+        length = self.bucket(T)
+        if length is None:
+            raise ValueError(f"prompt of {T} tokens exceeds the largest prefill bucket "
+                             f"{self.buckets[-1]}")
+        tokens, lengths = pad_prompts(tokens, lengths, rows, length)
+        entry = self.graphs.get((rows, length))
+        if entry is None:   # a capture records without running: replay it below
+            entry = self._capture(tokens, lengths)
+        entry.tokens.copy_(tokens)
+        entry.lengths.copy_(lengths)
+        entry.graph.replay()
+        return entry.logits

@@ -10,9 +10,10 @@ then decodes at its own position (a [B] device tensor). ``decode_step`` has stat
 and no host syncs, so it can be captured in a CUDA graph. The host looks at the generated
 tokens every step only when it must (stop strings; streaming, for output only), otherwise
 every ``sync_every`` steps; ranks decide to stop only at those rank-identical check points,
-so a rank that streams never leaves the decode loop before its peers. On CUDA, decode steps replay CUDA graphs, one per
-batch-size bucket and KV read length (megatron_lite/inference/cuda_graphs.py); the KV cache
-then has the bucket's rows and a batch is padded to them.
+so a rank that streams never leaves the decode loop before its peers. On CUDA, decode steps
+replay CUDA graphs, one per batch-size bucket and KV read length, and so do prefills of
+prompts up to 2k tokens, padded to a power-of-two length (megatron_lite/inference/
+cuda_graphs.py); the KV cache then has the bucket's rows and a batch is padded to them.
 
 KV cache (inference/kv_cache.py): sliding-window layers keep a ring buffer of the window's
 size, and each decode step reads only the slots written so far, rounded up to a bucket
@@ -23,178 +24,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from megatron_lite.comm.communicator import Communicator
-from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder, bucket_for
+from megatron_lite.inference.cuda_graphs import (CUDAGraphDecoder, CUDAGraphPrefill,
+                                                 bucket_for)
 from megatron_lite.inference.kv_cache import LAYOUTS, KVCache
+from megatron_lite.inference.text import (GenerationResult, Prompt, StreamFn, _Stream,
+                                          encode_prompt)
 from megatron_lite.inference.sampling import sample, validate_sampling
 from megatron_lite.models.config import ModelConfig
 from megatron_lite.models.decoder import Transformer
 from megatron_lite.parallel_state import TPGroup, get_tp_group
 
-Prompt = Union[str, Sequence[int]]
-StreamFn = Callable[[int, str], None]
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-@dataclass
-class GenerationResult:
-    """One prompt's completion.
-
-    ``token_ids`` are the generated ids (a final EOS id included; none of the prompt);
-    ``text`` their decoding without special tokens, cut before a stop string.
-    ``finish_reason``: "eos", "stop" (a stop string), "length" (max_new_tokens) or
-    "nonfinite" (NaN/Inf logits; the bad step's token is dropped).
-    Timings are of the batch the prompt ran in: ``ttft_s`` from prefill start to the first
-    token on the host; ``tokens_per_s`` decode steps per second after the first token (the
-    speed one stream sees); ``batch_tokens_per_s`` the same times the batch size.
-    """
-    prompt: Prompt
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: Optional[str] = None
-    ttft_s: float = 0.0
-    tokens_per_s: Optional[float] = None
-    batch_tokens_per_s: Optional[float] = None
-
-
-def decode_text(tokenizer, ids) -> str:
-    """Token ids -> text, the way every generation result is decoded."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-def encode_prompt(tokenizer, prompt: Prompt, chat: bool = False,
-                  vocab_size: Optional[int] = None) -> list[int]:
-    """A prompt's token ids, the way ``Engine.generate`` encodes it: a list of ids as is;
-    text with the tokenizer's default special tokens (e.g. Gemma's BOS), or with ``chat``
-    as one user turn of the chat template plus the generation prompt.
-
-    The empty string is refused on every model (whether it would give a BOS alone or no
-    token at all depends on the tokenizer), as is an empty id list and an id outside
-    ``[0, vocab_size)``. Raises ValueError.
-    """
-    if not isinstance(prompt, str):
-        ids = [int(t) for t in prompt]
-    else:
-        if tokenizer is None:
-            raise ValueError("no tokenizer: pass prompts as token ids")
-        if not prompt:
-            raise ValueError("empty prompt: nothing to condition on")
-        if chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError("the tokenizer has no chat template; run without chat")
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True,
-                tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(prompt)["input_ids"]
-    if not ids:
-        raise ValueError("empty prompt: nothing to condition on")
-    if vocab_size is not None and (max(ids) >= vocab_size or min(ids) < 0):
-        raise ValueError(f"prompt token id out of range [0, {vocab_size})")
-    return list(ids)
-
-
-class IncrementalDetokenizer:
-    """Text of a growing token list, decoding only a short window per new token.
-
-    Decoding the whole list at every step costs O(n) per token. Instead keep two offsets
-    (vLLM's incremental detokenization): ``prefix`` .. ``read`` are tokens whose text is
-    already committed, decoded again only as left context, because a token's text can
-    depend on its neighbours (SentencePiece's leading-space strip, byte-fallback pieces of
-    one UTF-8 character). The new text is decode(ids[prefix:]) minus decode(ids[prefix:
-    read]); while it ends in U+FFFD (an incomplete UTF-8 sequence) nothing is committed.
-    ``text`` is therefore always a prefix of the full decode up to the last complete
-    character; ``full()`` decodes everything once (for the final result)."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-        self.prefix = self.read = 0
-
-    def push(self, token: int) -> str:
-        """Append a token; return the text it completed ("" while a character is partial)."""
-        self.ids.append(token)
-        head = decode_text(self.tok, self.ids[self.prefix:self.read])
-        window = decode_text(self.tok, self.ids[self.prefix:])
-        if window.endswith("\ufffd") or len(window) <= len(head) \
-                or not window.startswith(head):
-            return ""
-        new = window[len(head):]
-        self.text += new
-        # Keep a few committed tokens of left context for the next window.
-        self.prefix, self.read = max(self.read - 4, 0), len(self.ids)
-        return new
-
-    def full(self) -> str:
-        return decode_text(self.tok, self.ids)
-
-
-class _Stream:
-    """Host-side bookkeeping of one sequence: EOS, stop strings, incremental text."""
-
-    def __init__(self, result: GenerationResult, tokenizer, eos: frozenset, stop: list[str],
-                 max_new: int, emit: Optional[Callable[[str], None]]):
-        self.r, self.tok, self.eos, self.stop, self.max_new = result, tokenizer, eos, stop, max_new
-        self.emit, self.emitted, self.scanned = emit, 0, 0
-        self.need_text = tokenizer is not None and (bool(stop) or emit is not None)
-        self.detok = IncrementalDetokenizer(tokenizer) if self.need_text else None
-        self.holdback = max((len(s) for s in stop), default=1) - 1
-
-    @property
-    def done(self) -> bool:
-        return self.r.finish_reason is not None
-
-    def push(self, token: int, nonfinite: bool) -> None:
-        r = self.r
-        if nonfinite:
-            return self.finish("nonfinite")
-        r.token_ids.append(token)
-        if token in self.eos:
-            return self.finish("eos")
-        if self.need_text:
-            self.detok.push(token)
-            r.text = self.detok.text
-            cut = self._find_stop(r.text)
-            if cut is not None:
-                r.text = r.text[:cut]
-                return self.finish("stop")
-            safe = len(r.text) - self.holdback
-            while safe > self.emitted and r.text[safe - 1] == "\ufffd":   # partial UTF-8
-                safe -= 1
-            self._emit_to(safe)
-        if len(r.token_ids) >= self.max_new:
-            self.finish("length")
-
-    def _decode(self) -> str:
-        return decode_text(self.tok, [t for t in self.r.token_ids if t not in self.eos])
-
-    def _find_stop(self, text: str) -> Optional[int]:
-        start = max(0, self.scanned - self.holdback)
-        self.scanned = len(text)
-        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _emit_to(self, end: int) -> None:
-        if self.emit is not None and end > self.emitted:
-            self.emit(self.r.text[self.emitted:end])
-            self.emitted = end
-
-    def finish(self, reason: str) -> None:
-        r = self.r
-        r.finish_reason = reason
-        if self.tok is not None and reason != "stop":
-            r.text = self._decode()
-        self._emit_to(len(r.text))
 
 
 def _configure_compile() -> None:
@@ -250,6 +97,8 @@ class Engine:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self._graphs: Optional[CUDAGraphDecoder] = None
+        self._prefill_graphs: Optional[CUDAGraphPrefill] = None
+        self.graph_prefill = self.cuda_graphs   # prompts up to 2k tokens (cuda_graphs.py)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -313,8 +162,9 @@ class Engine:
     def _ensure_cache(self, batch_size: int, max_seq: int) -> KVCache:
         if self.cache is None or not self.cache.fits(batch_size, max_seq, self.kv_layout):
             self.cache = None   # free the old buffers before allocating
-            if self._graphs is not None:   # graphs bake in the old buffers' addresses
-                self._graphs.reset()
+            for graphs in (self._graphs, self._prefill_graphs):   # they bake in addresses
+                if graphs is not None:
+                    graphs.reset()
             self.cache = KVCache(self.cfg, self.group.world_size, batch_size, max_seq,
                                  self.dtype, self.device, layout=self.kv_layout)
         return self.cache
@@ -326,6 +176,14 @@ class Engine:
         ``max_seq`` slots. Returns each prompt's last-token logits [B, V] (or [B, T, V])."""
         B, T = tokens.shape
         cache = self._ensure_cache(self._cache_rows(B), max_seq)
+        if self.graph_prefill and not all_logits and self._prefill_fits(T):
+            try:   # short prompts: one graph replay instead of hundreds of launches
+                return self._prefill_graph()(tokens.to(self.device),
+                                             lengths.to(self.device))[:B]
+            except RuntimeError as e:   # e.g. an op that cannot be captured
+                import warnings
+                warnings.warn(f"CUDA-graph prefill failed ({e}); prefilling eagerly")
+                self.graph_prefill = False
         k, v = cache.k, cache.v
         if cache.batch_size != B:   # rows for a CUDA-graph bucket: prefill the first B
             k, v = [t[:B] for t in k], [t[:B] for t in v]
@@ -334,6 +192,25 @@ class Engine:
         return self.model(tokens.to(self.device), positions, k, v, kv_len=T,
                           logits_index=index, causal_prefill=True,
                           lengths=lengths.to(self.device))
+
+    def prefill_rows(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Prefill of every cache row at once: right-padded prompts [rows, L] (true
+        lengths [rows]) -> each row's last-token logits [rows, V]. Static shapes, no host
+        syncs: what graphed prefill captures (``pad_prompts`` makes its inputs)."""
+        rows, L = tokens.shape
+        positions = torch.arange(L, device=self.device).expand(rows, L)
+        return self.model(tokens, positions, self.cache.k, self.cache.v, kv_len=L,
+                          logits_index=lengths - 1, causal_prefill=True, lengths=lengths)
+
+    def _prefill_graph(self) -> CUDAGraphPrefill:
+        if self._prefill_graphs is None:
+            self._prefill_graphs = CUDAGraphPrefill(self.prefill_rows, self.device)
+        return self._prefill_graphs
+
+    def _prefill_fits(self, prompt_len: int) -> bool:
+        """A prefill bucket holds the prompt and the cache holds the bucket."""
+        length = self._prefill_graph().bucket(prompt_len)
+        return length is not None and length <= self.cache.max_seq
 
     @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
@@ -408,6 +285,8 @@ class Engine:
         max_seq = -(-(prompt_len + max_new_tokens) // 64) * 64
         if self.compiled:
             max_seq = 1 << (max_seq - 1).bit_length()
+        if self.graph_prefill:   # room for the prompt's graphed-prefill bucket
+            max_seq = max(max_seq, self._prefill_graph().bucket(prompt_len) or 0)
         return min(max_seq, self.max_seq_len)
 
     @torch.inference_mode()
@@ -415,7 +294,8 @@ class Engine:
         """Run one decode step at the shapes a ``generate`` call of that batch size,
         longest prompt and ``max_new_tokens`` will use, so that compiling the step (with
         ``compile``) and capturing its CUDA graph happen here instead of inside the timed
-        decode loop: one step for each KV read length the decode steps will use. Returns
+        decode loop: one step for each KV read length the decode steps will use (and, with
+        graphed prefill, one prefill that captures the prompt length's graph). Returns
         the seconds it took. Every rank must call it (the step runs the TP collectives).
         The cache's contents are left undefined; ``generate`` prefills it anew."""
         rows = self._cache_rows(batch_size)
@@ -426,6 +306,10 @@ class Engine:
         positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._sync()
         t0 = time.perf_counter()
+        if self.graph_prefill and self._prefill_fits(prompt_len):
+            self.prefill(tokens.new_zeros(batch_size, prompt_len),
+                         torch.full((batch_size,), prompt_len, device=self.device),
+                         cache.max_seq)
         for kv_len in reads:
             self._decode(tokens, positions, kv_len)   # live == kv_len reads that bucket
         self._sync()

@@ -86,6 +86,21 @@ def test_generate_with_graphs_matches_eager_and_reuses_graphs():
     assert graphed.cache.batch_size == 4
 
 
+def test_graphed_prefill_matches_eager_and_captures_per_bucket():
+    """Prompts up to 2k tokens prefill from a graph per (cache rows, length bucket): the
+    eager engine's tokens, one capture per bucket and cache, replays after that."""
+    eager = _engine(cuda_graphs=False)
+    graphed = _engine(cuda_graphs=True)
+    captures = []
+    for T in (24, 40, 100, 110):     # buckets 64, 64 (same 64-slot cache), 128, 128
+        prompts = _prompts(2, T, eager.cfg.vocab_size, seed=T)
+        want = [r.token_ids for r in eager.generate(prompts, max_new_tokens=8)]
+        got = [r.token_ids for r in graphed.generate(prompts, max_new_tokens=8)]
+        assert got == want, T
+        captures.append(graphed._prefill_graphs.captures)
+    assert captures == [1, 1, 2, 2], captures
+
+
 def _forced(eng, prompts, tokens):
     """Prefill, then decode ``tokens`` [B, n] the way ``generate`` does; logits [B, n, V]."""
     B, T = len(prompts), len(prompts[0])
