@@ -105,7 +105,7 @@ __device__ __forceinline__ uint32_t rint_bits(float q, float offset) {
 // The bits per value of a code's first plane: int5 is two bit planes, its low 4 bits
 // packed as int4 and bit 4 as a 1-bit plane after them (group.py's layout); the others
 // are one plane.
-constexpr int plane_bits(int bits) { return bits == 5 ? 4 : bits; }
+__host__ __device__ constexpr int plane_bits(int bits) { return bits == 5 ? 4 : bits; }
 
 // 8 codes (bits 0 .. BITS-1 of each c) packed as stored: 8 bytes (w[0], w[1]), or 8
 // nibbles (w[0]) and, for int5, their bit 4 as one byte (w[1], value i at bit i).
@@ -171,12 +171,12 @@ __device__ __forceinline__ float bf16_at(const uint8_t* buf, int64_t at) {
 // max(y, -lim) then min(., lim), NaN passing through (PTX's NaN-propagating min / max,
 // sm_80+): the reference's saturate, which keeps NaN, in two instructions.
 __device__ __forceinline__ float clamp_keep_nan(float y, float lim) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800   // NaN-propagating min / max: sm_80+
   float r;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(y), "f"(-lim));
   asm("min.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(lim));
   return r;
-#else   // the same values (any NaN stays a NaN) where there is no PTX
+#else   // the same values (any NaN stays a NaN) elsewhere
   return y != y ? y : fminf(fmaxf(y, -lim), lim);
 #endif
 }

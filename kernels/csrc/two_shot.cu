@@ -78,10 +78,12 @@ struct TwoShotArgs {
   float c2, rscale, out_lim, lim_rot, flim;      // codec; the step-3 saturations
 };
 
+constexpr int kMaxTwoShotThreads = 128;   // a 4096-value tile (codec_cuda.TWO_SHOT_TILES)
+
 template <int KIND, int BITS, int G, bool ROT, bool SCALE>
-__global__ void two_shot_kernel(const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out,
-                                uint8_t* ws, int* cnt, int* status, Peers peers,
-                                const float* __restrict__ scale, TwoShotArgs a) {
+__global__ void __launch_bounds__(kMaxTwoShotThreads) two_shot_kernel(
+    const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, uint8_t* ws, int* cnt,
+    int* status, Peers peers, const float* __restrict__ scale, TwoShotArgs a) {
   constexpr int LPG = Tile<G>::LPG;
   const int64_t tile = (int64_t)blockDim.x * kVals;
   const int b = blockIdx.x, nb = gridDim.x;
@@ -185,7 +187,8 @@ int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
                 int64_t world, int64_t maxb, int64_t kind, int64_t bits, int64_t g, bool rot,
                 int64_t h, double c2, double rscale, double out_lim, double lim_rot,
                 double flim, int64_t spin, int64_t grid, int64_t stream) {
-  if (deltas.size() != 8 || world < 1 || world > 8 || tile % kVals || tile / kVals > 1024 ||
+  if (deltas.size() != 8 || world < 1 || world > 8 || tile % kVals ||
+      tile / kVals > kMaxTwoShotThreads ||
       (tile / kVals) % 32 || grid < 1 || grid > maxb)
     return (int)cudaErrorInvalidValue;
   Peers peers;
