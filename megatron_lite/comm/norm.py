@@ -23,18 +23,12 @@ either call.
 """
 from __future__ import annotations
 
-from enum import Enum
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-
-class Layout(str, Enum):
-    """Where the norms sit around a reduce (ModelConfig.residual_layout)."""
-
-    PRE_NORM = "pre-norm"
-    SANDWICH = "sandwich"
+from megatron_lite.comm.layout import Layout
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,

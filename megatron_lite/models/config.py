@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from megatron_lite.comm.norm import Layout
 from megatron_lite.errors import ConfigError
+
+if TYPE_CHECKING:   # a config (which the tools' --help reads) imports no comm module
+    from megatron_lite.comm.layout import Layout
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -207,8 +209,9 @@ class ModelConfig:
         )
 
     @property
-    def residual_layout(self) -> Layout:
+    def residual_layout(self) -> "Layout":
         """Where the norms sit around each row-parallel reduce (comm/norm.py)."""
+        from megatron_lite.comm.layout import Layout
         return Layout.SANDWICH if self.sandwich_norms else Layout.PRE_NORM
 
     # ---------------------------------------------------------------- TP arithmetic
