@@ -59,8 +59,10 @@ def test_codec_dispatch_falls_back_to_triton():
     assert not cc.takes(kc, x)
     assert torch.equal(codec_ops.quantize(kc, x), quant.quantize(kc, x))
     assert torch.equal(codec_ops.quantize(kc, x.clone()), cc.quantize(kc, x.clone()))
-    for other in ("fp8:128", "int3:128", "int4:32"):   # codecs the CUDA kernels leave to Triton
-        assert not cc.takes(get_codec(other).kernel_codec(), x.clone())
+    for other in ("fp8:128", "int3:128", "int5:128", "int4:32"):   # left to Triton
+        kc_o = get_codec(other).kernel_codec()
+        assert not cc.takes(kc_o, x.clone())
+        assert torch.equal(codec_ops.quantize(kc_o, x.clone()), quant.quantize(kc_o, x.clone()))
 
 
 def test_codec_cuda_rejects_bad_input():
