@@ -118,21 +118,25 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
 
 # ----------------------------------------------------------------------------- two-shot
 # A stored tile is [payload PAY B][meta0 NG x bf16][meta1 NG x bf16] (quant.encode_tile);
-# for int3 the bit-2 plane starts TILE // 4 bytes into the payload.
+# for a code of two bit planes (int3 = 2 + 1, int5 = 4 + 1 bits) the high plane starts
+# TILE * P0 / 8 bytes into the payload, P0 the low plane's width (BITS less its lowest set
+# bit; unused by the one-plane codes).
 @triton.jit
 def put_tile(x, dst, gall, PAY: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
               KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, C2: tl.constexpr):
     """Encode the fp32 tile x [NG, G] into the stored tile at byte address ``dst``."""
+    P1OFF: tl.constexpr = NG * G * (BITS - (BITS & -BITS)) // 8
     m0 = (dst + PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
-    quant.encode_tile(x, dst, NG * G // 4, m0, m0 + NG, gall, NG, G, KIND, BITS, QMAX, C2)
+    quant.encode_tile(x, dst, P1OFF, m0, m0 + NG, gall, NG, G, KIND, BITS, QMAX, C2)
 
 
 @triton.jit
 def get_tile(src, gall, LIM: tl.constexpr, PAY: tl.constexpr, NG: tl.constexpr,
               G: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr):
     """Decode the stored tile at byte address ``src`` into fp32 [NG, G]."""
+    P1OFF: tl.constexpr = NG * G * (BITS - (BITS & -BITS)) // 8
     m0 = (src + PAY).to(tl.pointer_type(tl.uint16), bitcast=True)
-    return quant.decode_tile(src, NG * G // 4, m0, m0 + NG, gall, LIM, NG, G, KIND, BITS, QMAX)
+    return quant.decode_tile(src, P1OFF, m0, m0 + NG, gall, LIM, NG, G, KIND, BITS, QMAX)
 
 
 @triton.jit(do_not_specialize=["rank"])

@@ -159,8 +159,9 @@ def encode_tile(x, pay_ptr, p1_off, m0_ptr, m1_ptr, gmask, NG: tl.constexpr, G: 
                 KIND: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, C2: tl.constexpr):
     """Quantize x [NG, G] (fp32) and store it in the codec's chunk layout.
 
-    pay_ptr: uint8 payload of this tile (int3: its low-2-bit plane; the bit-2 plane of the
-    tile starts ``p1_off`` bytes further); m0_ptr/m1_ptr: uint16 meta arrays at this
+    pay_ptr: uint8 payload of this tile (for a code of two bit planes, int3 = 2 + 1 and
+    int5 = 4 + 1 bits: its low plane; the high plane of the tile starts ``p1_off`` bytes
+    further); m0_ptr/m1_ptr: uint16 meta arrays at this
     tile's first group; gmask [NG]: the groups that exist."""
     gi = tl.arange(0, NG)
     if KIND == 0:
@@ -205,12 +206,16 @@ def encode_tile(x, pay_ptr, p1_off, m0_ptr, m1_ptr, gmask, NG: tl.constexpr, G: 
             meta0 = a
             meta1 = a
         meta0 = tl.where(finite, meta0, float("nan"))
-        if BITS == 3:
-            # two bit planes over the tile: [low 2 bits as int2 | bit 2 as 1-bit]
-            off2 = gi[:, None] * (G // 4) + tl.arange(0, G // 4)[None, :]
-            tl.store(pay_ptr + off2, pack(codes & 3, NG, G, 2), mask=gmask[:, None])
-            off1 = p1_off + gi[:, None] * (G // 8) + tl.arange(0, G // 8)[None, :]
-            tl.store(pay_ptr + off1, pack((codes >> 2) & 1, NG, G, 1), mask=gmask[:, None])
+        if (BITS & (BITS - 1)) != 0:
+            # two bit planes over the tile: [low P0 bits | the P1 bits above them]
+            P1: tl.constexpr = BITS & -BITS
+            P0: tl.constexpr = BITS - P1
+            tl.static_assert((P0 & (P0 - 1)) == 0, "a code of more than two bit planes")
+            off0 = gi[:, None] * (G * P0 // 8) + tl.arange(0, G * P0 // 8)[None, :]
+            tl.store(pay_ptr + off0, pack(codes & ((1 << P0) - 1), NG, G, P0),
+                     mask=gmask[:, None])
+            off1 = p1_off + gi[:, None] * (G * P1 // 8) + tl.arange(0, G * P1 // 8)[None, :]
+            tl.store(pay_ptr + off1, pack(codes >> P0, NG, G, P1), mask=gmask[:, None])
         else:
             PB: tl.constexpr = G * BITS // 8
             offp = gi[:, None] * PB + tl.arange(0, PB)[None, :]
@@ -232,12 +237,14 @@ def decode_tile(pay_ptr, p1_off, m0_ptr, m1_ptr, gmask, LIM: tl.constexpr, NG: t
                     mask=gmask[:, None], other=0, cache_modifier=".cg")
         y = bits_to_f32(b)
     else:
-        if BITS == 3:
-            off2 = gi[:, None] * (G // 4) + tl.arange(0, G // 4)[None, :]
-            off1 = p1_off + gi[:, None] * (G // 8) + tl.arange(0, G // 8)[None, :]
-            lo = tl.load(pay_ptr + off2, mask=gmask[:, None], other=0, cache_modifier=".cg")
+        if (BITS & (BITS - 1)) != 0:     # two bit planes, as encode_tile stores them
+            P1: tl.constexpr = BITS & -BITS
+            P0: tl.constexpr = BITS - P1
+            off0 = gi[:, None] * (G * P0 // 8) + tl.arange(0, G * P0 // 8)[None, :]
+            off1 = p1_off + gi[:, None] * (G * P1 // 8) + tl.arange(0, G * P1 // 8)[None, :]
+            lo = tl.load(pay_ptr + off0, mask=gmask[:, None], other=0, cache_modifier=".cg")
             hb = tl.load(pay_ptr + off1, mask=gmask[:, None], other=0, cache_modifier=".cg")
-            codes = unpack(lo, NG, G, 2) | (unpack(hb, NG, G, 1) << 2)
+            codes = unpack(lo, NG, G, P0) | (unpack(hb, NG, G, P1) << P0)
         else:
             PB: tl.constexpr = G * BITS // 8
             offp = gi[:, None] * PB + tl.arange(0, PB)[None, :]
@@ -285,7 +292,8 @@ def cast_out(y, dtype: tl.constexpr):
 def _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND: tl.constexpr, BITS: tl.constexpr,
                G: tl.constexpr):
     """Pointers of the tile starting at value t0 of row ``row`` in the reference layout
-    (and, for int3, the distance from its plane-0 bytes to its plane-1 bytes)."""
+    (and, for the two-plane codes int3 and int5, the distance from its plane-0 bytes to its
+    plane-1 bytes)."""
     base = buf_ptr + row.to(tl.int64) * nbytes_row
     ngr = n // G
     p1_off = 0
@@ -294,9 +302,12 @@ def _tile_ptrs(buf_ptr, row, t0, n, nbytes_row, KIND: tl.constexpr, BITS: tl.con
         m0 = base
         m1 = base
     else:
-        if BITS == 3:
-            pay = base + t0 // 4
-            p1_off = n // 4 - t0 // 8       # plane 1 of the chunk starts at n/4
+        if (BITS & (BITS - 1)) != 0:
+            # two bit planes of P0 and P1 bits: plane 1 of the chunk starts at n*P0/8
+            P1: tl.constexpr = BITS & -BITS
+            P0: tl.constexpr = BITS - P1
+            pay = base + (t0 * P0) // 8
+            p1_off = (n * P0) // 8 + (t0 * P1) // 8 - (t0 * P0) // 8
         else:
             pay = base + (t0 * BITS) // 8
         meta = base + (n * BITS) // 8

@@ -48,6 +48,21 @@ def test_thresholds_from_a_run():
     assert B.derive_thresholds(rows) == {"oneshot_max": 1 << 14, "fused_min": {"int4": 1 << 20}}
 
 
+def test_table_tells_long_specs_apart():
+    """Specs sharing a long prefix get distinct numbered headers and a legend in full."""
+    long4, long5 = ("ef+weighted-hadamard-int4:128,algo=one-shot",
+                    "ef+weighted-hadamard-int5:128,algo=one-shot")
+    rows = [dict(bytes=1 << 20, comm=c, us=us, speedup_vs_native=40.0 / us,
+                 ranks_identical=True, rel_err=0.01)
+            for c, us in (("native", 40.0), ("int4:128", 20.0), (long4, 25.0), (long5, 30.0))]
+    lines = B.table(rows, 2).splitlines()
+    head = [c.strip() for c in lines[1].split("|")[1:]]
+    assert head[:2] == ["native", "int4:128"] and len(set(head)) == 4
+    assert head[2].startswith("[3] ") and head[3].startswith("[4] ")
+    assert lines[-2:] == [f"  [3] {long4}", f"  [4] {long5}"]
+    assert "25.0" in lines[3].split("|")[3] and "30.0" in lines[3].split("|")[4]
+
+
 @pytest.mark.parametrize("argv,msg", [(["--comm", "int7"], "--comm 'int7': unknown codec"),
                                       (["--channels", "3000"], "--channels 3000"),
                                       (["--min-size", "lots"], "bad size")])

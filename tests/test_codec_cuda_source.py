@@ -124,7 +124,7 @@ def test_codec_source_refuses_what_it_has_no_kernel_for(cc):
 
 def _two_shot_body(rank, world, lib):
     """On every rank: the two-shot kernel on the shared-memory workspace against the
-    two-step reference, for plain, rotated and weighted codecs; checksums of the outputs."""
+    two-step reference, for plain, rotated and weighted codecs at 4, 5 and 8 bits; checksums of the outputs."""
     import math
 
     from megatron_lite.comm import fused as backends
@@ -142,7 +142,9 @@ def _two_shot_body(rank, world, lib):
     schemes = [get_scheme("int4:128"), get_scheme("int8:64"), get_scheme("int4-sym:128"),
                get_scheme("hadamard-int8:128"), get_scheme("hadamard-int4:64"),
                WeightedScheme(CodecSpec("weighted-hadamard-int4", 64), scale),
-               WeightedScheme(CodecSpec("weighted-int8", 128), scale)]
+               WeightedScheme(CodecSpec("weighted-int8", 128), scale),
+               get_scheme("hadamard-int5:128"),
+               WeightedScheme(CodecSpec("weighted-hadamard-int5", 64), scale)]
     for i, scheme in enumerate(schemes):
         for n in (192, 47 * 192, 40 * 192):
             g = torch.Generator().manual_seed(1000 * i + 17 * n + rank)
@@ -169,7 +171,7 @@ def test_two_shot_source_matches_two_step_across_processes(host_lib, world):
     from tests._dist import run_distributed
     ranks = run_distributed(_two_shot_body, world, host_lib, timeout=600)
     for rows in ranks:
-        assert len(rows) == 21
+        assert len(rows) == 27
         bad = [r for r in rows if not r[2] or r[4]]
         assert not bad, bad
     sums = [[r[3] for r in rows] for rows in ranks]

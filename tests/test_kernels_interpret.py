@@ -5,7 +5,8 @@ process started with it set (another test module may already have imported the k
 in compiled mode). The child prints JSON; the assertions are made here.
 
 * quantize / dequantize(+sum): every codec against the reference, bit for bit, on data
-  with NaN, Inf, fp32 beyond bf16, denormals, zero and constant groups;
+  with NaN, Inf, fp32 beyond bf16, denormals, zero and constant groups; for the two-plane
+  codes (int3, int5) also with the hadamard- rotation and the error part;
 * the fused one-shot and two-shot all-reduce kernels, run by real gloo processes over a
   /dev/shm stand-in for symmetric memory (peers' flags and data really cross processes):
   bit for bit equal to ``two_step_all_reduce``, ranks identical, at world sizes 2 and 3;
@@ -68,8 +69,8 @@ def child_quant():
     k = _kernels()
     from megatron_lite.comm.codecs import get_codec
     out = []
-    for spec in ["bf16", "int8:128", "int8:32", "int4:128", "int4:64", "int4-sym:32",
-                 "int3:128", "int3:32", "int2:256", "fp8:128", "fp8:32"]:
+    for spec in ["bf16", "int8:128", "int8:32", "int5:128", "int5:32", "int4:128", "int4:64",
+                 "int4-sym:32", "int3:128", "int3:32", "int2:256", "fp8:128", "fp8:32"]:
         codec = get_codec(spec)
         g = getattr(codec, "group_size", 1)
         for dtype in (torch.float32, torch.bfloat16):
@@ -93,6 +94,35 @@ def child_quant():
                 acc += parts[r]
             summed = _same(acc, k.quant.dequantize(kc, ref, n, torch.float32, sum_rows=True))
             out.append([spec, str(dtype), enc, dec, summed])
+    # the two-plane codes with the hadamard- rotation folded in (quantize, dequantize,
+    # dequantize-and-sum) and the error part, plain and rotated
+    from megatron_lite.comm.codecs.hadamard import fwht
+    for spec in ("int5:128", "int5:32", "int3:64"):
+        codec = get_codec(spec)
+        kc, g = codec.kernel_codec(), codec.group_size
+        n = 2048 + 3 * g
+        x = _hostile(5, n, torch.bfloat16, seed=len(out))
+        for rot in (None, g):
+            xr = fwht(x.float(), g) if rot else x
+            ref = codec.encode(xr)
+            got = k.quant.quantize(kc, x, rot=rot)
+            npay = n * codec.bits // 8
+            enc = (torch.equal(ref[:, :npay], got[:, :npay])
+                   and _same(ref[:, npay:].contiguous().view(torch.bfloat16),
+                             got[:, npay:].contiguous().view(torch.bfloat16)))
+            dec = codec.decode(ref, n, torch.float32)
+            acc = dec[0].clone()
+            for r in range(1, dec.shape[0]):
+                acc += dec[r]
+            err = dec - xr.float()
+            if rot:
+                dec, acc, err = fwht(dec, g), fwht(acc, g), fwht(err, g)
+            err = torch.nan_to_num(err, 0.0, 0.0, 0.0)
+            ok = [enc, _same(dec, k.quant.dequantize(kc, ref, n, torch.float32, rot=rot)),
+                  _same(acc, k.quant.dequantize(kc, ref, n, torch.float32, sum_rows=True,
+                                                rot=rot)),
+                  _same(err, k.quant.error_part(kc, x, ref, rot=rot))]
+            out.append([f"{spec},rot={rot}", "error part"] + ok)
     return out
 
 
@@ -126,7 +156,8 @@ def _dist_body(rank, world, specs, sizes):
     scale = torch.rand(h, generator=torch.Generator().manual_seed(5)) * 8 + 0.05
     wrapped = [get_scheme("hadamard-int8:64"), get_scheme("hadamard-int4:128"),
                WeightedScheme(CodecSpec("weighted-int8", 64), scale),
-               WeightedScheme(CodecSpec("weighted-hadamard-int4", 64), scale)]
+               WeightedScheme(CodecSpec("weighted-hadamard-int4", 64), scale),
+               WeightedScheme(CodecSpec("weighted-hadamard-int5", 64), scale)]
     for i, codec in enumerate(wrapped):
         for rows, dtype in ((1, torch.bfloat16), (7, torch.float32), (12, torch.float16),
                            (30, torch.bfloat16)):
@@ -201,7 +232,7 @@ def _dist_body(rank, world, specs, sizes):
         auto_p.state.ws.check()
     # algo=one-shot with the quantize / dequantize-and-sum kernels around the all-gather:
     # the one-shot reference's bits, for plain and rotated codecs, odd lengths included.
-    for spec in ("int4:128", "hadamard-int4:64", "int3:64", "fp8:128"):
+    for spec in ("int4:128", "hadamard-int4:64", "int3:64", "hadamard-int5:64", "fp8:128"):
         q1 = QuantizedCommunicator(base, parse_comm(f"{spec},algo=one-shot"))
         k.backends.install_fused(q1, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
                                  table={"oneshot_max": 4096, "fused_min": {"*": 0}},
@@ -249,6 +280,19 @@ def _dist_body(rank, world, specs, sizes):
         # (the debts are per rank; the sums are the same on every rank)
         res.append(["one-shot-k", "ef+" + spec, 3, ok and _same(ef_k.debt, ef_p.debt),
                     int(y.view(torch.int32).sum())])
+    # a weighted- scheme through the one-shot kernels (the scaling a torch multiply around
+    # them), sum and error part against the portable one-shot path and its own_error
+    from megatron_lite.comm.algorithms import Trace
+    wsch = WeightedScheme(CodecSpec("weighted-hadamard-int5", 64), scale)
+    for rows in (1, 7):
+        x = (torch.randn(rows, h, generator=torch.Generator().manual_seed(rows + rank))
+             * 3).to(torch.bfloat16)
+        y, err = k.backends.one_shot_kernels_all_reduce(base, x, wsch, with_error=True)
+        trace = Trace()
+        want = quantized_all_reduce(base, x, wsch, Algo.ONE_SHOT, trace)
+        want_err = trace.restore(wsch.own_error(trace.chunks, trace.acc, rank)).float()
+        res.append(["one-shot-k", "ef+" + wsch.spec, rows * h,
+                    _same(y, want) and _same(err, want_err), int(y.view(torch.int16).sum())])
     ws.check()
     return res
 
@@ -264,16 +308,17 @@ if __name__ == "__main__":
         result = child_quant()
     elif what == "fused2":
         result = child_fused(2, ["int4:128", "int8:32", "bf16", "int4-int8:128", "int3:64",
-                                 "fp8:128", "int2:128", "int4-sym:256"], [1, 777, 9000])
+                                 "int5:64", "fp8:128", "int2:128", "int4-sym:256"],
+                             [1, 777, 9000])
     else:
-        result = child_fused(3, ["int4:128", "fp8:64"], [5, 20000])
+        result = child_fused(3, ["int4:128", "fp8:64", "int5:128"], [5, 20000])
     print(json.dumps(result))
 
 
 # ----------------------------------------------------------------------------- tests
 def test_quant_kernels_match_reference_bitwise():
     rows = _run_child("quant")
-    assert len(rows) == 22
+    assert len(rows) == 26 + 6
     bad = [r for r in rows if not all(r[2:])]
     assert not bad, bad
 

@@ -8,7 +8,7 @@ import torch
 from megatron_lite.comm.algorithms import two_step_all_reduce
 from megatron_lite.comm.build import build_communicator
 from megatron_lite.comm.calibration import CalibrationError, load_calibration
-from megatron_lite.comm.codecs import (CodecError, CodecSpec, NoKernelError, codec_bits,
+from megatron_lite.comm.codecs import (CodecError, CodecSpec, codec_bits,
                                        get_scheme, parse_codec_spec)
 from megatron_lite.comm.codecs.weighted import WeightedScheme
 from megatron_lite.comm.simulate import run_simulated
@@ -137,8 +137,9 @@ def test_fused_kernels_serve_weighted_codecs_through_their_maps():
     assert plan.rs == get_scheme("int8:64").rs.kernel_codec()
     with pytest.raises(CodecError, match="channels"):
         scheme.kernel_plan(torch.zeros(3, 64))          # scales of another width
-    with pytest.raises(NoKernelError, match="int5"):    # int5 is reference-only
-        WeightedScheme(parse_codec_spec("weighted-int5:128"), s).kernel_plan(torch.zeros(128))
+    plan = WeightedScheme(parse_codec_spec("weighted-hadamard-int5:128"), s).kernel_plan(
+        torch.zeros(128))                              # int5: the two-plane kernels
+    assert plan.rot == 128 and plan.rs.bits == 5 and plan.rs.qmax == 31
 
 
 def _hf_statistics(hf_dir, batches):

@@ -18,7 +18,7 @@ rotation, ``weighted-`` channel scales) on a message of SIZE bf16 bytes, viewed 
 * ``dequantize_sum``: ``--rows`` rows of bytes to their in-order fp32 sum (rotated back);
 * ``error``: error feedback's error part of the chunks (fp32).
 
-``--impl cuda`` is kernels/codec_cuda.py (int8 and int4 asymmetric codecs), ``--impl
+``--impl cuda`` is kernels/codec_cuda.py (the int8, int5 and int4 codecs), ``--impl
 triton`` kernels/quant.py. Before timing, at every size, both implementations' outputs
 are compared bit for bit, and at the first size against the reference codec on the CPU;
 a mismatch stops the run. Times are medians over ``--iters`` replays of a CUDA graph of
@@ -39,7 +39,8 @@ import time
 
 DEFAULT_CODECS = ("int8:128", "int4:128", "hadamard-int8:128", "hadamard-int4:128",
                   "weighted-hadamard-int8:128", "weighted-hadamard-int4:128",
-                  "weighted-int8:128", "int4:64", "hadamard-int4:64")
+                  "weighted-hadamard-int5:128", "weighted-int8:128", "int4:64",
+                  "hadamard-int4:64")
 OPS = ("quantize", "dequantize", "dequantize_sum", "error")
 
 

@@ -189,14 +189,18 @@ def fmt_size(b: int) -> str:
 
 
 def table(rows: List[dict], world: int) -> str:
-    """Latency and speed-up over native per size (columns: specs)."""
+    """Latency and speed-up over native per size (columns: specs; a spec too long for its
+    column is headed by its number, and the legend under the table names it in full)."""
     comms = list(dict.fromkeys(r["comm"] for r in rows))
     sizes = sorted({r["bytes"] for r in rows})
     idx = {(r["bytes"], r["comm"]): r for r in rows}
     width = 22
     lines = [f"all-reduce, world {world}: us (speed-up vs native); * = ranks differ, "
              f"! = error > 5%"]
-    head = f"{'size':>7} | " + " | ".join(c[:width].ljust(width) for c in comms)
+    labels = [c if len(c) <= width else f"[{i}] {c}"[:width - 1] + "~"
+              for i, c in enumerate(comms, 1)]
+    legend = [f"  [{i}] {c}" for i, c in enumerate(comms, 1) if len(c) > width]
+    head = f"{'size':>7} | " + " | ".join(lab.ljust(width) for lab in labels)
     lines += [head, "-" * len(head)]
     for s in sizes:
         cells = []
@@ -209,7 +213,7 @@ def table(rows: List[dict], world: int) -> str:
             cells.append(f"{r['us']:9.1f} ({r['speedup_vs_native']:5.2f}x){flag:<2}"
                          [:width].ljust(width))
         lines.append(f"{fmt_size(s):>7} | " + " | ".join(cells))
-    return "\n".join(lines)
+    return "\n".join(lines + legend)
 
 
 def plot(rows: List[dict], title: str, path: str) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
-#   STAGES="env smoke sweep bench4 bench2 transports tests gen" bash tests/gpu/device_run.sh
+#   STAGES="env smoke sweep bench4 bench2 rec transports tests gen" bash tests/gpu/device_run.sh
 # One GPU: STAGES="env codec tests" bash tests/gpu/device_run.sh
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -40,6 +40,17 @@ for st in $STAGES; do
       timeout ${T_BENCH:-200} torchrun --nproc_per_node=2 tools/bench_allreduce.py \
         --json "$OUT/allreduce_w2.json" > "$OUT/bench_w2.log" 2>&1
       tail -5 "$OUT/bench_w2.log"
+      ;;
+    rec)
+      # the recommended rows (docs/results/recommended.json) against native, W = 4 and 2:
+      # the speed cells of the README's table (add the JSON to sources.json's speed_files)
+      REC=$(python3 -c "import json; d = json.load(open('docs/results/recommended.json')); print(' '.join('--comm ' + repr(d[k]) for k in ('safe', 'balanced', 'aggressive') if d[k]))")
+      for w in 4 2; do
+        eval timeout ${T_BENCH:-200} torchrun --nproc_per_node=$w tools/bench_allreduce.py \
+          --min-size 1MB --no-oneshot $REC --json "$OUT/allreduce_w${w}_recommended.json" \
+          > "$OUT/bench_rec_w$w.log" 2>&1
+        grep -A 14 "^all-reduce, world" "$OUT/bench_rec_w$w.log" | cut -c1-200
+      done
       ;;
     transports)
       # the slow-link tables: NCCL through host memory, then through sockets, native

@@ -37,7 +37,8 @@ def _inputs(world, seed, tokens):
     return [(torch.randn(tokens, H, generator=g) * amp).bfloat16() for _ in range(world)]
 
 
-ONE_SHOT_SPECS = ["int4:128", "hadamard-int4:128", "weighted-hadamard-int4:128", "int8:128"]
+ONE_SHOT_SPECS = ["int4:128", "hadamard-int4:128", "weighted-hadamard-int4:128",
+                  "weighted-hadamard-int5:128", "int8:128"]
 
 
 def _checks(rank, world):

@@ -18,7 +18,7 @@ Byte layout (structure of arrays, little-endian, G = n / g groups)::
   int2: n/4 bytes][bit 2 of every value, packed as 1-bit: n/8 bytes]``. Exactly 3 bits per
   value, no value straddles a byte, and a kernel decodes it with two loads and shifts.
   int5 is the same with a 4-bit plane: ``[low 4 bits, packed as int4: n/2 bytes][bit 4,
-  packed as 1-bit: n/8 bytes]`` (5 bits per value; reference only, no fused kernel).
+  packed as 1-bit: n/8 bytes]`` (5 bits per value).
   6 and 7 bits (only inside the ``klt`` codecs, klt.py) follow the same rule:
   planes of 4, 2 and 1 bits, low bits first (6 = 4 + 2, 7 = 4 + 2 + 1).
 * meta arrays hold bf16 bit patterns. Asymmetric codecs (int5, int4, int3, int2, and the
@@ -136,7 +136,7 @@ class GroupCodec(Codec):
         else:
             self.qmax = 448  # e4m3fn max
         self._kernel = None
-        if bits in (1, 2, 3, 4, 8):
+        if bits in (1, 2, 3, 4, 5, 8):   # one bit plane or two (3 = 2 + 1, 5 = 4 + 1)
             kk = {"asym": KIND_ASYM, "sym": KIND_SYM, "fp8": KIND_FP8}[kind]
             c2 = float(torch.tensor(2.0 / self.qmax, dtype=torch.float32)) if kind == "asym" else 0.0
             self._kernel = KernelCodec(kk, bits, group_size, self.qmax, c2, self.n_meta)
@@ -282,7 +282,7 @@ class GroupCodec(Codec):
         return non_finite_bound(eb, finite.unsqueeze(-1)).reshape(*lead, n)
 
     def kernel_codec(self) -> Optional[KernelCodec]:
-        """None for int5 (reference only) and the 6/7-bit widths used inside klt."""
+        """None for the 6/7-bit widths used inside klt (no kernel takes them)."""
         return self._kernel
 
 
@@ -353,8 +353,7 @@ class GroupScheme(Scheme):
 
     def kernel_plan(self, x):
         if self._plan is None:
-            raise NoKernelError(f"no Triton kernel for codec {self.spec!r} (int5 is "
-                                "reference-only)")
+            raise NoKernelError(f"no Triton kernel for codec {self.spec!r}")
         return self._plan
 
 
