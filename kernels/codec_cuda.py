@@ -236,7 +236,8 @@ def two_shot_all_reduce(ws, x: torch.Tensor, plan: KernelPlan, out: torch.Tensor
     """kernels/fused_allreduce.py's ``two_shot_all_reduce`` on csrc/two_shot.cu, for what
     ``takes_two_shot`` accepts, with the geometry ``fused_allreduce.two_shot_plan`` chose
     over ``TWO_SHOT_TILES``: the same protocol over the same workspace (flags, epochs,
-    slots), the same bits."""
+    slots), the same bits. The launch caps ``grid`` at the blocks the device holds at
+    once (its blocks wait for their peers'; csrc/two_shot.cu says why)."""
     from .workspace import MAX_BLOCKS
     kc, rot, scale = plan.rs, plan.rot, plan.scale
     rs = _rot(kc, rot)

@@ -16,11 +16,47 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "codec_tile.cuh"
 
 namespace {
+
+// Every block spins at its barriers until the blocks of the same index on the other ranks
+// arrive. With more blocks than the GPU holds at once, a rank's later blocks start only as
+// earlier ones finish, so progress would rest on every rank starting its blocks in index
+// order, which CUDA does not promise; the launch therefore caps the grid at what the device
+// holds at once (occupancy x SMs). The cap is the same on every rank of one GPU model, as
+// the tiles' ownership requires (block b owns tiles b, b + grid, ...).
+#ifndef ML_CODEC_HOST_LAUNCH
+template <typename... P>
+int64_t resident_blocks(void (*kernel)(P...), int block) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int64_t> cache;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), block, dev);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int per_sm = 0, sms = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();   // clear it: the launch reports its own errors
+    return 0;             // unknown: no cap
+  }
+  return cache[key] = (int64_t)per_sm * sms;
+}
+#else
+// tests/cuda_host/ runs a grid's blocks one at a time, in index order, on every rank: the
+// order that makes any grid safe, so no cap.
+template <typename... P>
+int64_t resident_blocks(void (*)(P...), int) { return 0; }
+#endif
 
 struct Peers {
   int64_t delta[8];   // byte distance from this rank's workspace to rank j's
@@ -207,6 +243,9 @@ int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
     constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
     constexpr bool R = decltype(r)::value;
     auto kernel = sp ? two_shot_kernel<K, B, G, R, true> : two_shot_kernel<K, B, G, R, false>;
-    return launch(kernel, grid, (int)(tile / kVals), st, xp, op, wp, cp, stp, peers, sp, a);
+    const int block = (int)(tile / kVals);
+    const int64_t cap = resident_blocks(kernel, block);
+    return launch(kernel, cap > 0 ? std::min(grid, cap) : grid, block, st, xp, op, wp, cp, stp,
+                  peers, sp, a);
   });
 }
