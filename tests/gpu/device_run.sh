@@ -46,6 +46,7 @@ for st in $STAGES; do
       # the speed cells of the README's table (add the JSON to sources.json's speed_files)
       REC=$(python3 -c "import json; d = json.load(open('docs/results/recommended.json')); print(' '.join('--comm ' + repr(d[k]) for k in ('safe', 'balanced', 'aggressive') if d[k]))")
       for w in 4 2; do
+        [ "$w" -le "$(nvidia-smi -L | wc -l)" ] || continue
         eval timeout ${T_BENCH:-200} torchrun --nproc_per_node=$w tools/bench_allreduce.py \
           --min-size 1MB --no-oneshot $REC --json "$OUT/allreduce_w${w}_recommended.json" \
           > "$OUT/bench_rec_w$w.log" 2>&1
