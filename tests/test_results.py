@@ -42,3 +42,28 @@ def test_every_results_source_exists_and_every_link_resolves():
     for page in list((REPO / "docs").rglob("*.md")) + [REPO / "README.md"]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), (str(page.relative_to(REPO)), target)
+
+
+def _task_run(tmp_path, acc_ref, acc_spec, spec):
+    d = tmp_path / "data" / "accuracy"
+    d.mkdir(parents=True)
+    tasks = {t: {"n": 1000} for t in acc_ref}
+    rows = [{"codec": c, "tasks": {t: {"accuracy": a[t], "delta": a[t] - acc_ref[t],
+                                       "delta_se": 0.002} for t in a}}
+            for c, a in (("bf16", acc_ref), (spec, acc_spec))]
+    (d / "gemma-3-270m-tp4-x-tasks.details.json").write_text(
+        json.dumps({"text_tokens": 0, "tasks": tasks, "rows": rows}))
+
+
+def test_task_lines_judge_the_row_bar_on_every_task(tmp_path, monkeypatch):
+    mr = load_tool("make_results")
+    monkeypatch.setattr(mr, "RESULTS", tmp_path)
+    spec = "weighted-hadamard-int8:128"
+    _task_run(tmp_path, {"lambada": 0.400, "arc": 0.500}, {"lambada": 0.399, "arc": 0.496}, spec)
+    cfg = {"rows": {"safe": {"max_task_drop_pct": 0.5}}}
+    line = mr._task_lines({"safe": spec}, cfg)
+    assert "lambada 99.75% of bf16 (-0.10 ± 0.20 pp, 1000 items)" in line
+    assert "**misses** the 0.5% bar on arc" in line and "lambada," not in line
+    assert "bar" not in mr._task_lines({"safe": spec}, {"rows": {}})     # no bar, no verdict
+    cfg["rows"]["safe"]["max_task_drop_pct"] = 1.0
+    assert "within 1.0% of bf16 on every task" in mr._task_lines({"safe": spec}, cfg)

@@ -324,8 +324,11 @@ def recommendation(cfg) -> tuple:
     return doc, table
 
 
-def _task_lines(doc) -> str:
-    """The task accuracy of each recommended spec, from the task-only runs."""
+def _task_lines(doc, cfg) -> str:
+    """The task accuracy of each recommended spec, from the task-only runs, in row order;
+    a row with a ``max_task_drop_pct`` bar says whether every task stays within it (the
+    spec's accuracy at least ``100 - bar`` % of bf16's)."""
+    order = ("safe", "balanced", "aggressive")
     lines = []
     for p in sorted((RESULTS / "data" / "accuracy").glob("*.details.json")):
         d = json.loads(p.read_text())
@@ -333,17 +336,25 @@ def _task_lines(doc) -> str:
             continue
         model, tp = _config(p.name)
         ref = d["rows"][0]
-        for row in ("safe", "balanced", "aggressive"):
+        for row in order:
             spec = doc.get(row)
             r = next((x for x in d["rows"] if x["codec"] == spec), None)
             if r is None:
                 continue
-            parts = [f"{t} {100 * r['tasks'][t]['accuracy'] / ref['tasks'][t]['accuracy']:.2f}% "
-                     f"of bf16 ({100 * r['tasks'][t]['delta']:+.2f} ± "
+            pct = {t: 100 * r["tasks"][t]["accuracy"] / ref["tasks"][t]["accuracy"]
+                   for t in d["tasks"]}
+            parts = [f"{t} {pct[t]:.2f}% of bf16 ({100 * r['tasks'][t]['delta']:+.2f} ± "
                      f"{100 * r['tasks'][t]['delta_se']:.2f} pp, {d['tasks'][t]['n']} items)"
                      for t in d["tasks"]]
-            lines.append(f"* **{row}** `{spec}`, {model} TP {tp}: " + "; ".join(parts)
-                         + f" (`data/accuracy/{p.name}`).")
+            bar = cfg["rows"].get(row, {}).get("max_task_drop_pct")
+            verdict = ""
+            if bar is not None:
+                short = [t for t in d["tasks"] if pct[t] < 100 - bar - 1e-9]
+                verdict = (f"; within {bar}% of bf16 on every task" if not short else
+                           f"; **misses** the {bar}% bar on {', '.join(short)}")
+            lines.append((order.index(row), f"* **{row}** `{spec}`, {model} TP {tp}: "
+                          + "; ".join(parts) + verdict + f" (`data/accuracy/{p.name}`)."))
+    lines = [text for _, text in sorted(lines, key=lambda x: x[0])]
     return ("\nTask accuracy of the recommended specs, where measured:\n\n"
             + "\n".join(lines) + "\n") if lines else ""
 
@@ -354,7 +365,7 @@ def recommended_page(cfg) -> tuple:
             + _md_table(["row", "`--comm`", "bits/value", "bar", "ΔPPL measured (simulated TP, "
                          "[accuracy.md](accuracy.md))", "all-reduce vs NCCL "
                          "([allreduce.md](allreduce.md))", "verdict"], table)
-            + _task_lines(doc)
+            + _task_lines(doc, cfg)
             + "\nThe calibrated codecs (`weighted-`) need a calibration file made for the model "
               "and TP size (`{text}`: any text file of the model's domain, or `python-docs`, "
               "the prose of the Python standard library's docstrings, which every machine "
