@@ -112,21 +112,9 @@ class CUDAGraphDecoder:
         if tokens is not None:
             static_tok[:tokens.shape[0]].copy_(tokens)
             static_pos[:positions.shape[0]].copy_(positions)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.step_fn(static_tok, static_pos, kv_len)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self.step_fn(static_tok, static_pos, kv_len)
+        graph, logits = _record(self, self.step_fn, static_tok, static_pos, kv_len)
         entry = _Graph(graph, static_tok, static_pos, logits)
         self.graphs[bb, kv_len] = entry
-        self.captures += 1
         log.debug("captured decode graph for bucket %d, kv_len %s", bb, kv_len)
         return entry
 
@@ -140,6 +128,27 @@ class CUDAGraphDecoder:
         entry.positions[:b].copy_(positions)
         entry.graph.replay()
         return entry.logits[:b]
+
+
+def _record(cache, fn, *args):
+    """(graph, output) of ``fn(*args)`` captured in ``cache``'s memory pool after
+    ``cache.warmup`` eager calls on a side stream (the recipe of torch.cuda.graphs' docs:
+    the warm-up lets lazy initialisation and allocator growth happen outside the capture);
+    counts the capture in ``cache.captures``."""
+    if cache.pool is None:
+        cache.pool = torch.cuda.graph_pool_handle()
+    current = torch.cuda.current_stream(cache.device)
+    side = torch.cuda.Stream(cache.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(cache.warmup):
+            fn(*args)
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=cache.pool, capture_error_mode="thread_local"):
+        out = fn(*args)
+    cache.captures += 1
+    return graph, out
 
 
 def pad_prompts(tokens: torch.Tensor, lengths: torch.Tensor, rows: int,
@@ -194,21 +203,9 @@ class CUDAGraphPrefill:
 
     def _capture(self, tokens: torch.Tensor, lengths: torch.Tensor) -> _PrefillGraph:
         static_tok, static_len = tokens.clone(), lengths.clone()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.prefill_fn(static_tok, static_len)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self.prefill_fn(static_tok, static_len)
+        graph, logits = _record(self, self.prefill_fn, static_tok, static_len)
         entry = _PrefillGraph(graph, static_tok, static_len, logits)
         self.graphs[tuple(tokens.shape)] = entry
-        self.captures += 1
         log.debug("captured prefill graph for %d rows x %d tokens", *tokens.shape)
         return entry
 

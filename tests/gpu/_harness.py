@@ -33,6 +33,19 @@ def run_nccl(fn, world: int, *args, timeout: float = 900.0):
     return run_distributed(fn, world, *args, timeout=timeout, backend="nccl")
 
 
+_RUNS = {}
+
+
+def run_nccl_once(fn, world: int):
+    """``run_nccl(fn, world)``, run once per test session (the tests of one module read the
+    same ranks' results); skips where fewer than ``world`` GPUs are present."""
+    if gpu_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    if (fn, world) not in _RUNS:
+        _RUNS[fn, world] = run_nccl(fn, world)
+    return _RUNS[fn, world]
+
+
 def reference_all_reduce(xs, codec, algo="two-step"):
     """The quantized all-reduce of comm/algorithms.py (two-step unless ``algo`` says
     otherwise) on CPU over simulated ranks: the exact bits every backend must produce for

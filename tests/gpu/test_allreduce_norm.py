@@ -12,8 +12,8 @@ reduced in another order than torch's CUDA kernel).
 import pytest
 import torch
 
-from tests.gpu._harness import (gpu_count, import_kernels, needs_cuda, reference_all_reduce,
-                                run_nccl, same_bits)
+from tests.gpu._harness import (import_kernels, needs_cuda, reference_all_reduce, run_nccl_once,
+                                same_bits)
 from tests.test_allreduce_norm import CASES, _check, _norm_kwargs
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -177,15 +177,8 @@ def _checks(rank, world):
     return res
 
 
-_CACHE = {}
-
-
 def results(world):
-    if gpu_count() < world:
-        pytest.skip(f"needs {world} GPUs")
-    if world not in _CACHE:
-        _CACHE[world] = run_nccl(_checks, world)
-    return _CACHE[world]
+    return run_nccl_once(_checks, world)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from tests.gpu._harness import (gpu_count, import_kernels, needs_cuda, reference_all_reduce,
-                                run_nccl, same_bits)
+from tests.gpu._harness import (import_kernels, needs_cuda, reference_all_reduce, run_nccl_once,
+                                same_bits)
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
@@ -209,15 +209,8 @@ def _checks(rank, world):
     return res
 
 
-_CACHE = {}
-
-
 def results(world):
-    if gpu_count() < world:
-        pytest.skip(f"needs {world} GPUs")
-    if world not in _CACHE:
-        _CACHE[world] = run_nccl(_checks, world)
-    return _CACHE[world]
+    return run_nccl_once(_checks, world)
 
 
 @pytest.mark.parametrize("world", [2, 4])
