@@ -31,7 +31,23 @@ def report_error(message, code: int = 1) -> int:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     _record_for_torchrun(line)
+    _linger_for_peers()
     return code
+
+
+# torchrun stops every rank as soon as one exits with an error, so a rank that refuses its
+# input and exits at once can cut off a peer that is still starting up before the peer
+# prints its own refusal. Seconds a rank of a multi-rank torchrun job waits after its error
+# line: ranks start within about a second of each other here, even on a loaded 2-core
+# machine (tests/test_cli.py's two-rank refusals).
+LINGER_S = 3.0
+
+
+def _linger_for_peers() -> None:
+    import os
+    import time
+    if os.environ.get("TORCHELASTIC_ERROR_FILE") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(LINGER_S)
 
 
 def _record_for_torchrun(line: str) -> None:
