@@ -6,6 +6,7 @@ in the same run, as the engine runs it.
     torchrun --nproc_per_node=2 tools/bench_allreduce.py --comm int4:128,path=fused \\
         --comm hadamard-int8:128,path=fused --comm auto --max-size 64MB
     torchrun --nproc_per_node=2 tools/bench_allreduce.py --host-overhead --comm int4:128
+    torchrun --nproc_per_node=1 tools/bench_allreduce.py --host-overhead --comm int4:128,path=fused
     torchrun --nproc_per_node=2 tools/bench_allreduce.py --transport host-memory ...
 
 Each ``--comm SPEC`` (repeatable; the grammar of every tool) is built with
@@ -194,14 +195,26 @@ def main(argv=None) -> int:
     if args.host_overhead:
         x = torch.randn(args.min_b // 2, device=dev).to(torch.bfloat16).view(-1, args.channels)
         payload["host_overhead"] = {}
+        if world == 1:
+            payload["host_overhead_note"] = (
+                "one rank: each call is the communicator's route (the plan and the "
+                "backend's launches as at W > 1; the sum a one-rank round trip)")
         for label, comm in comms.items():
             if args.specs[label].error_feedback:
                 say(f"{label}: skipped (error feedback runs its own path per call)")
                 continue
+            if world == 1 and cuda:
+                # a one-rank workspace, so that the fused kernels launch as they do at W > 1
+                from megatron_lite.comm.fused import install_fused
+                install_fused(comm, max_bytes=args.max_b, one_rank=True)
+            if comm.plan(x, B.SITE).backend is None:
+                say(f"{label}: skipped ({comm.explain(x, B.SITE)})")
+                continue
             res = B.host_overhead(comm, x, B.SITE)
             payload["host_overhead"][label] = res
             say(f"{label:40s} dispatch {res['dispatch_us']:7.2f} us   call "
-                f"{res['call_us']:9.2f} us   ({res['backend']}, {x.numel() * 2} B)")
+                f"{res['call_us']:9.2f} us   rel err {res['rel_err']:.2e}   "
+                f"({res['path']}, {x.numel() * 2} B)")
     else:
         payload.update(iters=args.iters, graph_max_bytes=args.graph_max_b,
                        graph_calls=args.graph_calls, rows=_sweep(args, comms, klt_specs, calib,

@@ -39,8 +39,8 @@ import time
 
 DEFAULT_CODECS = ("int8:128", "int4:128", "hadamard-int8:128", "hadamard-int4:128",
                   "weighted-hadamard-int8:128", "weighted-hadamard-int4:128",
-                  "weighted-hadamard-int5:128", "weighted-int8:128", "int4:64",
-                  "hadamard-int4:64")
+                  "weighted-hadamard-int5:128", "weighted-hadamard-int5:64", "int5:128",
+                  "weighted-int8:128", "int4:64", "hadamard-int4:64")
 OPS = ("quantize", "dequantize", "dequantize_sum", "error")
 
 
@@ -123,22 +123,33 @@ def main(argv=None) -> int:
             return 2
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     print(f"device {name}, torch {torch.__version__}; impls {', '.join(impls)}", flush=True)
-    try:
-        copy, rows = BC.sweep(args, plans, impls, dev)
-    except BC.Mismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    c64 = [c for c in copy if c["bytes"] <= 64 << 20]
-    payload = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+    from megatron_lite.lab.benchmark import write_json
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+
+    def payload_of(copy, rows, partial):
+        c64 = [c for c in copy if c["bytes"] <= 64 << 20]
+        out = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                "command": " ".join(["tools/bench_codec_kernels.py"]
                                    + list(sys.argv[1:] if argv is None else argv)),
                "rows_per_message": args.rows, "iters": args.iters,
                "graph_calls": args.graph_calls,
                "copy_TBps": (c64 or copy)[-1]["TBps"], "copy": copy, "rows": rows}
+        if partial:   # a cut-off run keeps the sizes it finished, marked as such
+            out["partial"] = True
+        return out
+
+    def save_partial(copy, rows):
+        if args.json:
+            write_json(args.json, payload_of(copy, rows, True))
+    try:
+        copy, rows = BC.sweep(args, plans, impls, dev, on_size=save_partial)
+    except BC.Mismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    payload = payload_of(copy, rows, False)
     print(BC.table(payload))
     if args.json:
-        from megatron_lite.lab.benchmark import write_json
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, payload)
         path = args.plot or os.path.splitext(args.json)[0] + ".png"
         BC.plot(payload, path)

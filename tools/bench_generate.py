@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0: skip)")
     p.add_argument("--eager-decode", action="store_true",
                    help="also time eager (no CUDA graph) decode at batch 1, native")
+    p.add_argument("--eager-prefill", action="store_true",
+                   help="also time eager prefill, native, of the cases graphed prefill "
+                        "takes (power-of-two prompts up to 2048 tokens)")
     p.add_argument("--profile", action="store_true",
                    help="profile the kernels of a batch-1 decode step (native and auto)")
     p.add_argument("--hbm-gib", type=float, default=2.0, metavar="GIB",
@@ -459,9 +462,18 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
         for tokens, batch in cases:
             ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen).to(device)
             ms = time_prefill(engine, ids, args.repeats, clock)
+            graphed = bool(graphs and engine.graph_prefill and engine._prefill_fits(tokens))
             result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens, comm=mode,
-                                       ms=ms))
-            say(f"[{mode}] prefill {_case_label(tokens, batch):>6s}: {ms:9.3f} ms")
+                                       ms=ms, graph=graphed))
+            say(f"[{mode}] prefill {_case_label(tokens, batch):>6s}: {ms:9.3f} ms"
+                + (" (graphed)" if graphed else ""))
+            if args.eager_prefill and graphed and mode == NATIVE:
+                engine.graph_prefill = False
+                ms = time_prefill(engine, ids, args.repeats, clock)
+                engine.graph_prefill = True
+                result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens,
+                                           comm=mode, ms=ms, graph=False, extra=True))
+                say(f"[{mode}] prefill {_case_label(tokens, batch):>6s} eager: {ms:9.3f} ms")
         engine.cache = None
         for batch in batches:
             prof_this = (args.profile and graphs and batch == 1

@@ -158,9 +158,11 @@ def codec_kernels_page(entries) -> str:
     for e in entries:
         d = json.loads((RESULTS / e["file"]).read_text())
         rows = d["rows"]
-        size = e.get("size", 64 << 20)
         impls = sorted({r["impl"] for r in rows})
         copy = {c["bytes"]: c for c in d["copy"]}
+        size = e.get("size", 64 << 20)
+        if size not in copy:          # a run cut off before it: its largest size
+            size = max(copy)
         idx = {(r["codec"], r["op"], r["impl"], r["bytes"]): r for r in rows}
         keys = list(dict.fromkeys((r["codec"], r["op"]) for r in rows))
         table = []
@@ -175,7 +177,10 @@ def codec_kernels_page(entries) -> str:
                      f"{d['date']}; {d.get('rows_per_message')} chunks per message. bf16 copy "
                      f"at {_size(size)}: {copy[size]['us']:.1f} µs, {copy[size]['TBps']:.2f} "
                      f"TB/s. Source: `{e['file']}` (plot: "
-                     f"`{os.path.splitext(e['file'])[0]}.png`).\n\n### At {_size(size)}\n\n")
+                     f"`{os.path.splitext(e['file'])[0]}.png`).\n\n"
+                     + ("**Cut off:** the run stopped after the sizes shown.\n\n"
+                        if d.get("partial") else "")
+                     + f"### At {_size(size)}\n\n")
         parts.append(_md_table(["codec", "op"] + impls, table))
         eager = {(r["codec"], r["op"], r["impl"]): r for r in rows if "eager_us" in r}
         if eager:

@@ -325,17 +325,21 @@ def make_state(group=None, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 
 
 def install_fused(comm: QuantizedCommunicator, max_bytes: int = 128 << 20,
                   oneshot_max_bytes: int = 1 << 20, table: Optional[Dict] = None,
-                  cpu_shm: bool = False) -> AutoBackend:
+                  cpu_shm: bool = False, one_rank: bool = False) -> AutoBackend:
     """Put :class:`AutoBackend` in front of ``comm``'s backend chain (collective), and
     :class:`OneShotKernelsBackend` right behind it; replaces any kernel backends the
     chain had. On a machine without P2P the workspace is absent and ``auto`` steps aside
-    (its reason shows in ``comm.explain``). Returns the AutoBackend."""
+    (its reason shows in ``comm.explain``). ``one_rank``: a one-rank NCCL group gets a
+    workspace too (no peer to reach; ``tools/bench_allreduce.py --host-overhead`` times the
+    kernels' launch path on one GPU with it; serving at TP 1 never sums, so it makes
+    none). Returns the AutoBackend."""
     group = comm.process_group
     if not dist.is_initialized():
         state = FusedState(None, "torch.distributed is not initialized")
     elif not cpu_shm and dist.get_backend(group) != "nccl":
         state = FusedState(None, f"process group backend is {dist.get_backend(group)}, not nccl")
-    elif not cpu_shm and comm.transport.transport != Transport.NVLINK:
+    elif (not cpu_shm and comm.transport.transport != Transport.NVLINK
+          and not (one_rank and comm.world_size == 1)):
         state = FusedState(None, f"transport {comm.transport}: the fused kernels need peer "
                                  "access")
     else:

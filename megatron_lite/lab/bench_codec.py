@@ -138,9 +138,11 @@ def eager_us(fn: Callable[[], object], dev, calls: int = 200) -> float:
     return (time.perf_counter() - t) * 1e6 / calls
 
 
-def sweep(args, plans: Dict[str, object], impls, dev) -> Tuple[List[dict], List[dict]]:
+def sweep(args, plans: Dict[str, object], impls, dev, on_size=None
+          ) -> Tuple[List[dict], List[dict]]:
     """(copy rows, kernel rows) over the sizes; at the smallest size each kernel row also
-    has ``eager_us``, the wall time per call of eager launches (see ``eager_us``)."""
+    has ``eager_us``, the wall time per call of eager launches (see ``eager_us``).
+    ``on_size(copy, rows)`` runs after each size (the tool saves what it has)."""
     from tqdm import tqdm
     sizes, s = [], args.min_b
     while s <= args.max_b:
@@ -187,6 +189,8 @@ def sweep(args, plans: Dict[str, object], impls, dev) -> Tuple[List[dict], List[
                                                         200 if dev.type == "cuda" else 2))
                     rows.append(row)
             d = None   # free the buffers before the next codec
+        if on_size is not None:
+            on_size(copy, rows)
     return copy, rows
 
 

@@ -252,12 +252,25 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000) -> Dict[s
     ``call``, the whole call's host time (on a GPU the kernels run asynchronously, so
     this is what an eager caller waits for). Medians of ``calls`` calls after warm-up.
 
+    The output is checked first against the exact sum (``rel_err``, ``ranks_identical``;
+    a non-finite or wrong-shaped result raises). At one rank the call is the
+    communicator's ``route`` (``all_reduce`` returns its input there): the same plan and
+    backend launch as at W > 1, the sum a one-rank round trip.
+
     The entry is timed by wrapping the chosen backend's ``all_reduce`` for the duration of
     the measurement; the call itself runs the real path."""
+    import torch.distributed as dist
     plan = comm.plan(x, site)
     backend = plan.backend
     if backend is None:
         raise ValueError(f"site {site!r} is native for this spec: nothing to measure")
+    call = comm.route if comm.world_size == 1 else comm.all_reduce
+    ref = x.float()
+    dist.all_reduce(ref)
+    out = call(x, site)
+    rel, same = check(out, ref)
+    if out.shape != x.shape or not math.isfinite(rel):
+        raise ValueError(f"{backend.name}: output {tuple(out.shape)}, relative error {rel}")
     inner = backend.all_reduce
     entries: List[float] = []
 
@@ -265,17 +278,18 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000) -> Dict[s
         entries.append(time.perf_counter_ns())
         return inner(*a, **kw)
     for _ in range(20):
-        comm.all_reduce(x, site)
+        call(x, site)
     backend.all_reduce = timed
     dispatch, whole = [], []
     try:
         for _ in range(calls):
             t0 = time.perf_counter_ns()
-            comm.all_reduce(x, site)
+            call(x, site)
             t1 = time.perf_counter_ns()
             dispatch.append((entries[-1] - t0) / 1e3)
             whole.append((t1 - t0) / 1e3)
     finally:
         del backend.all_reduce        # the instance attribute: the class method again
     return {"dispatch_us": statistics.median(dispatch), "call_us": statistics.median(whole),
-            "backend": backend.name, "calls": calls}
+            "backend": backend.name, "path": comm.explain(x, site), "calls": calls,
+            "rel_err": float(f"{rel:.3e}"), "ranks_identical": same}

@@ -2,7 +2,7 @@
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
 #   STAGES="env smoke sweep bench4 bench2 rec transports tests gen" bash tests/gpu/device_run.sh
-# One GPU: STAGES="env codec tests" bash tests/gpu/device_run.sh
+# One GPU: STAGES="env codec host tests gen1" bash tests/gpu/device_run.sh
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -75,15 +75,50 @@ for st in $STAGES; do
       done
       ;;
     codec)
-      # single GPU: the CUDA C++ codec kernels bit for bit (builds them once), then the
-      # codec kernel benchmark against a bf16 copy; Triton alone if the kernels disagree
-      timeout ${T_CODEC_TESTS:-300} python3 -m pytest -q -rf tests/gpu/test_codec_cuda.py \
-        tests/gpu/test_quant_kernels.py 2>&1 | tail -40 | tee "$OUT/codec_tests.log"
+      # single GPU: the CUDA C++ codec kernels bit for bit (builds them once; T_CODEC_TESTS=0
+      # leaves that to the tests stage), then the codec kernel benchmark against a bf16
+      # copy; Triton alone if the kernels disagree
+      [ "${T_CODEC_TESTS:-300}" = 0 ] || timeout ${T_CODEC_TESTS:-300} python3 -m pytest -q -rf \
+        tests/gpu/test_codec_cuda.py tests/gpu/test_quant_kernels.py 2>&1 | tail -40 \
+        | tee "$OUT/codec_tests.log"
       timeout ${T_CODEC_BENCH:-300} python3 tools/bench_codec_kernels.py \
         --json "$OUT/codec_kernels.json" > "$OUT/codec_bench.log" 2>&1 \
         || { tail -3 "$OUT/codec_bench.log"; timeout 200 python3 tools/bench_codec_kernels.py \
              --impl triton --json "$OUT/codec_kernels_triton.json" > "$OUT/codec_bench_triton.log" 2>&1; }
       grep -v "it/s" "$OUT/codec_bench.log" | grep -A 40 "^64 MB" | head -40
+      ;;
+    host)
+      # host microseconds of an eager quantized all-reduce: plan lookup and whole call, at
+      # a decode-sized and a prefill-sized message (one GPU: the launch path of W > 1)
+      for size in 16KB 1MB; do
+        timeout ${T_HOST:-90} torchrun --nproc_per_node=${HOST_NPROC:-1} tools/bench_allreduce.py \
+          --host-overhead --min-size $size --max-size 64MB --comm auto --comm int8:128,path=fused \
+          --comm int4:128,path=fused --comm hadamard-int8:128,path=fused \
+          --comm weighted-hadamard-int5:64,path=fused --comm int4:128,algo=one-shot \
+          --comm weighted-hadamard-int5:64,algo=one-shot \
+          --json "$OUT/host_overhead_w${HOST_NPROC:-1}_$size.json" > "$OUT/host_$size.log" 2>&1
+        grep -E "dispatch|error" "$OUT/host_$size.log" | cut -c1-220
+      done
+      ;;
+    gen1)
+      # one GPU (TP 1): graphed vs eager prefill, graphed decode with and without
+      # torch.compile (llama3-8b), the ring KV cache against the full layout (gemma2-27b)
+      for c in "" "--compile"; do
+        tag=${c:+_compile}
+        timeout ${T_GEN:-200} torchrun --nproc_per_node=1 tools/bench_generate.py $c \
+          --random-weights llama3-8b --comm native --no-lower-bound --eager-prefill \
+          --eager-decode --prefill 512x1,2048x1,8192x1 --decode-batches 1,16 \
+          --decode-steps 100 --repeats 5 --profile \
+          --json "$OUT/generate_llama3-8b_tp1$tag.json" > "$OUT/gen1$tag.log" 2>&1
+        grep -v "it/s" "$OUT/gen1$tag.log" | tail -22
+      done
+      for kv in live full; do
+        timeout ${T_GEN:-200} torchrun --nproc_per_node=1 tools/bench_generate.py \
+          --random-weights gemma2-27b --comm native --no-lower-bound --kv-layout $kv \
+          --prefill 2048x1 --decode-batches 1,16 --context 8192 --decode-steps 50 --repeats 3 \
+          --json "$OUT/generate_gemma2-27b_tp1_$kv.json" > "$OUT/gen1_$kv.log" 2>&1
+        grep -v "it/s" "$OUT/gen1_$kv.log" | tail -12
+      done
       ;;
     ncu)
       # where the codec kernels' time goes (hardware counters: Firecracker machines only)

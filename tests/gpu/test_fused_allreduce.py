@@ -1,4 +1,5 @@
-"""GPU: the fused all-reduce kernels over torch symmetric memory, at world sizes 2 and 4.
+"""GPU: the fused all-reduce kernels over torch symmetric memory, at world sizes 2 and 4;
+the two-shot kernels (CUDA C++ and Triton) also at one rank, on a one-GPU machine.
 
 One spawned NCCL job per world size runs every check and returns plain numbers; the
 tests below assert on them. The reference is comm/algorithms.py's two-step algorithm run
@@ -15,7 +16,7 @@ from tests.gpu._harness import (import_kernels, needs_cuda, reference_all_reduce
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
 CODECS = ["bf16", "int8:128", "int4:128", "int4:32", "int4-int8:128", "int4-sym:64", "fp8:128",
-          "int3:64", "int2:128", "int8:256"]
+          "int3:64", "int2:128", "int8:256", "int5:128", "int5:64"]
 SIZES = [1, 3, 127, 1000, 3 * 4096 * 4 + 17, (1 << 20) + 3]
 
 
@@ -35,22 +36,25 @@ def inputs(world, n, dtype, seed, specials=False):
     return xs
 
 
-def _checks(rank, world):
-    import torch.distributed as dist
+def _setup(rank):
     k = import_kernels()
     from megatron_lite.comm.codecs import get_scheme
-    from megatron_lite.comm.communicator import DistCommunicator
-    from megatron_lite.comm.router import QuantizedCommunicator
-    from megatron_lite.comm.spec import parse_comm
     fa = k.fused_allreduce
-    dev = torch.device("cuda", rank)
     state = k.backends.make_state(None, max_bytes=16 << 20, oneshot_max_bytes=1 << 20)
     assert state.ws is not None, state.why
-    ws = state.ws
     # split the Triton compiles over the ranks (every rank then loads them from the cache)
-    fa.prewarm(ws, [get_scheme(c).kernel_plan(torch.zeros(1)) for c in CODECS],
+    fa.prewarm(state.ws, [get_scheme(c).kernel_plan(torch.zeros(1)) for c in CODECS],
                SIZES + [40000, 300000, (4 << 20) + 5])
-    res = {"fused": [], "dense": [], "wrapped": [], "oneshot": [], "specials": [], "graph": [], "chain": [], "status": None}
+    return k, state, torch.device("cuda", rank)
+
+
+def _two_shot_checks(rank, world, k=None, state=None, dev=None):
+    """Sections 1-1e: the two-shot kernel's bits against the CPU reference."""
+    if k is None:
+        k, state, dev = _setup(rank)
+    from megatron_lite.comm.codecs import get_scheme
+    fa, ws = k.fused_allreduce, state.ws
+    res = {"fused": [], "dense": [], "wrapped": [], "status": None}
 
     # 1. fused two-shot == CPU reference, every codec, odd sizes, three dtypes
     for ci, spec in enumerate(CODECS):
@@ -90,7 +94,8 @@ def _checks(rank, world):
     wrapped = [get_scheme("hadamard-int8:128"), get_scheme("hadamard-int4:128"),
                get_scheme("hadamard-int4-int8:64"),
                WeightedScheme(CodecSpec("weighted-int8", 128), scale),
-               WeightedScheme(CodecSpec("weighted-hadamard-int4", 128), scale)]
+               WeightedScheme(CodecSpec("weighted-hadamard-int4", 128), scale),
+               WeightedScheme(CodecSpec("weighted-hadamard-int5", 64), scale)]
     for ci, codec in enumerate(wrapped):
         for rows, dtype in ((1, torch.bfloat16), (7, torch.float32), (3000, torch.bfloat16)):
             xs = [x.view(rows, h) for x in inputs(world, rows * h, dtype, seed=900 + ci * 10 + rows,
@@ -109,6 +114,22 @@ def _checks(rank, world):
         out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), plan, bpsm=4).view(3000, h)
         res["dense"].append((codec.spec, 3000 * h, 4, grid, sms,
                              same_bits(out, reference_all_reduce(xs, codec))))
+
+    torch.cuda.synchronize()
+    res["status"] = int(ws.status[0].item())
+    return res
+
+
+def _checks(rank, world):
+    import torch.distributed as dist
+    k, state, dev = _setup(rank)
+    from megatron_lite.comm.codecs import get_scheme
+    from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.comm.router import QuantizedCommunicator
+    from megatron_lite.comm.spec import parse_comm
+    fa, ws = k.fused_allreduce, state.ws
+    res = _two_shot_checks(rank, world, k, state, dev)
+    res.update(oneshot=[], specials=[], graph=[], chain=[])
 
     # 2. one-shot == fp32 sum in rank order, rounded once
     for n in SIZES[:5] + [1 << 18]:    # 1 MB fp32: the one-shot buffer's size
@@ -210,17 +231,19 @@ def _checks(rank, world):
 
 
 def results(world):
-    return run_nccl_once(_checks, world)
+    # one rank: the two-shot sections alone (the chain short-cuts a one-rank sum)
+    return run_nccl_once(_two_shot_checks if world == 1 else _checks, world)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_fused_two_shot_matches_reference(world):
     for r in results(world):
         bad = [c for c in r["fused"] if not c[3]]
         assert not bad and len(r["fused"]) >= len(CODECS) * len(SIZES), bad
+        assert r["status"] == 0
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_dense_grids_match_reference(world):
     for r in results(world):
         bad = [c for c in r["dense"] if not c[5]]
@@ -257,11 +280,11 @@ def test_backend_chain_auto(world):
         assert r["status"] == 0
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_fused_wrapped_codecs_match_reference(world):
     for r in results(world):
         bad = [c for c in r["wrapped"] if not c[4]]
-        assert not bad and len(r["wrapped"]) == 15, (bad, len(r["wrapped"]))
+        assert not bad and len(r["wrapped"]) == 18, (bad, len(r["wrapped"]))
 
 
 @pytest.mark.parametrize("world", [2, 4])
