@@ -14,6 +14,7 @@ import torch
 
 from megatron_lite.comm.communicator import Communicator, DistCommunicator
 from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder, bucket_for
+from megatron_lite.inference.engine import Engine
 from megatron_lite.models import decoder as decoder_mod
 from megatron_lite.lab.random_init import (INIT_STD, random_model,
                                               resolve_shape, streamed_weight_bytes,
@@ -152,6 +153,29 @@ def test_streamed_bytes_skip_the_untied_input_embedding():
     assert streamed_weight_bytes(tied) == total_weight_bytes(tied)
 
 
+@pytest.mark.parametrize("shape", ["tiny", "tiny-gemma2"])
+def test_prefill_flops_count_the_matmuls_torch_counts(shape):
+    """The compute floor's FLOPs: the weight matmuls are exactly what torch's flop counter
+    sees in a real prefill (aten.mm: the layers and the LM head on the last tokens only);
+    attention adds causal pairs, a sliding layer's within its window (tiny-gemma2: layer 0
+    slides over 64 tokens), which the counter does not see in the fused SDPA call (tiny)
+    or counts in full, unmasked (tiny-gemma2's soft-capped bmm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_lite.lab.benchmark import prefill_flops
+    model = random_model(resolve_shape(shape), _group(), device="cpu", dtype=torch.float32)
+    T, B, cfg = 100, 2, model.cfg
+    with FlopCounterMode(display=False) as fc:
+        Engine(model, None).prefill(torch.randint(0, cfg.vocab_size, (B, T)),
+                                    torch.full((B,), T), T)
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    pairs = {"tiny": [5050, 5050], "tiny-gemma2": [64 * 65 // 2 + 36 * 64, 5050]}[shape]
+    attn = B * sum(4 * cfg.head_dim * cfg.num_heads * p for p in pairs)
+    assert prefill_flops(model, T, B) == counts["aten.mm"] + attn
+    if "aten.bmm" in counts:                      # unmasked: every (query, key) pair
+        assert counts["aten.bmm"] == B * 2 * 4 * cfg.head_dim * cfg.num_heads * T * T
+
+
 def test_unknown_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown shape 'llama9'"):
         resolve_shape("llama9")
@@ -288,7 +312,11 @@ def test_bench_end_to_end_on_gloo(tmp_path):
     assert res["backends"]["auto"]["prefill_8k"].startswith("auto -> native; transport socket")
     assert res["backends"]["native"]["prefill_8k"].startswith("native")
     assert {r["comm"] for r in res["ttft_comm_removed"]} <= {"auto", "int8:128", "int4:128"}
-    assert res["tpot_floor_ms"] > 0
+    assert res["tpot_floor_ms"] > 0 and res["matmul_TFLOPs"] > 0
+    for r in res["rows"]:
+        if r["phase"] == "prefill":   # CPU: never graphed; the floor from the same run
+            assert r["graph"] is False and r["flops"] > 0
+            assert r["floor_ms"] == pytest.approx(r["flops"] / res["matmul_TFLOPs"] / 1e9)
 
 
 @pytest.mark.parametrize("name,kind", [

@@ -218,6 +218,15 @@ def summarize(result: dict) -> str:
             v = table.get(("decode", 1, result.get("context"), c))
             if v is not None:
                 lines.append(f"  TPOT b1 {c}: {v / result['tpot_floor_ms']:.2f}x floor")
+    if result.get("matmul_TFLOPs"):
+        lines.append(f"compute floor of prefill: its FLOPs at {result['matmul_TFLOPs']:.0f} "
+                     "TFLOP/s (a dense matmul)")
+        for r in result["rows"]:
+            if r["phase"] == "prefill" and r.get("floor_ms") and r["comm"] == NATIVE:
+                lines.append(f"  TTFT {_case_label(r['tokens'], r['batch'])} {r['comm']}"
+                             f"{'' if r.get('graph', True) else ' eager'}: {r['ms']:.3f} ms = "
+                             f"{r['ms'] / r['floor_ms']:.2f}x floor ({r['floor_ms']:.3f} ms, "
+                             f"{r['flops'] / 1e12:.2f} TFLOP)")
     kv = {r["batch"]: r for r in rows if r["phase"] == "decode" and "kv_cache_bytes" in r}
     for b, r in kv.items():
         lines.append(f"KV cache b{b} ({result.get('kv_layout', 'full')}): "
@@ -225,6 +234,14 @@ def summarize(result: dict) -> str:
                      f"{r['kv_read_bytes'] / 2**20:.1f} MiB; floor with KV reads "
                      f"{r['floor_ms']:.3f} ms")
     return "\n".join(lines)
+
+
+def compute_floor(model, tokens: int, batch: int, result: dict) -> dict:
+    """A prefill row's compute floor (this GPU): the FLOPs it must do
+    (``lab.benchmark.prefill_flops``) at the dense matmul rate measured in the same run."""
+    from megatron_lite.lab.benchmark import prefill_flops
+    flops = prefill_flops(model, tokens, batch)
+    return dict(flops=flops, floor_ms=flops / (result["matmul_TFLOPs"] * 1e12) * 1e3)
 
 
 def kv_figures(cache, context: int, result: dict) -> dict:
@@ -357,7 +374,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     from megatron_lite.inference.engine import _resolve_device_dtype
     from megatron_lite.lab.benchmark import (Clock, apply_transport, measure_hbm_GBps,
-                                             nccl_version, transport_label, write_json)
+                                             measure_matmul_TFLOPs, nccl_version,
+                                             transport_label, write_json)
     apply_transport(args.transport)
     from megatron_lite.lab.random_init import streamed_weight_bytes, total_weight_bytes
     from megatron_lite.parallel_state import initialize_model_parallel
@@ -378,6 +396,7 @@ def main(argv=None) -> int:
     graphs = device.type == "cuda"
 
     hbm = measure_hbm_GBps(device, args.hbm_gib, clock)
+    tflops = measure_matmul_TFLOPs(device, dtype, clock)
     streamed = streamed_weight_bytes(model)
     result = dict(
         device=torch.cuda.get_device_name(device) if graphs else "cpu", tp=tp, shape=shape_name,
@@ -390,9 +409,10 @@ def main(argv=None) -> int:
         compiled_decode=args.compile, kv_layout=args.kv_layout,
         hbm_GBps=hbm, weight_bytes_per_gpu=total_weight_bytes(model),
         streamed_weight_bytes_per_gpu=streamed, tpot_floor_ms=streamed / (hbm * 1e9) * 1e3,
-        checks={}, backends={}, skipped={}, rows=[])
+        matmul_TFLOPs=tflops, checks={}, backends={}, skipped={}, rows=[])
     say(f"{shape_name} TP{tp} on {result['device']}: {streamed / 1e9:.2f} GB streamed weights "
-        f"per GPU, HBM copy {hbm:.0f} GB/s -> TPOT floor {result['tpot_floor_ms']:.3f} ms")
+        f"per GPU, HBM copy {hbm:.0f} GB/s -> TPOT floor {result['tpot_floor_ms']:.3f} ms; "
+        f"{str(dtype).replace('torch.', '')} matmul {tflops:.0f} TFLOP/s")
 
     def save():
         if rank == 0 and args.json:
@@ -463,8 +483,9 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
             ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen).to(device)
             ms = time_prefill(engine, ids, args.repeats, clock)
             graphed = bool(graphs and engine.graph_prefill and engine._prefill_fits(tokens))
+            floor = compute_floor(engine.model, tokens, batch, result)
             result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens, comm=mode,
-                                       ms=ms, graph=graphed))
+                                       ms=ms, graph=graphed, **floor))
             say(f"[{mode}] prefill {_case_label(tokens, batch):>6s}: {ms:9.3f} ms"
                 + (" (graphed)" if graphed else ""))
             if args.eager_prefill and graphed and mode == NATIVE:
@@ -472,7 +493,7 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
                 ms = time_prefill(engine, ids, args.repeats, clock)
                 engine.graph_prefill = True
                 result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens,
-                                           comm=mode, ms=ms, graph=False, extra=True))
+                                           comm=mode, ms=ms, graph=False, extra=True, **floor))
                 say(f"[{mode}] prefill {_case_label(tokens, batch):>6s} eager: {ms:9.3f} ms")
         engine.cache = None
         for batch in batches:

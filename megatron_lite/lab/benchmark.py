@@ -74,6 +74,49 @@ def measure_hbm_GBps(device, gib: float, clock: Clock) -> float:
     return 2 * n / (statistics.median(times) * 1e-3) / 1e9
 
 
+def measure_matmul_TFLOPs(device, dtype, clock: Clock, n: int = 8192) -> float:
+    """Dense matmul throughput, TFLOP/s: median of 10 ``n x n @ n x n`` products of random
+    values in ``dtype`` (the prefill compute floor's denominator; 512 on a CPU)."""
+    import torch
+    n = n if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b                                   # warm-up: cuBLAS picks its kernel
+    times = []
+    for _ in range(10):
+        t0 = clock.stamp()
+        a @ b
+        t1 = clock.stamp()
+        clock.sync()
+        times.append(clock.ms(t0, t1))
+    return 2 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def _attended_pairs(tokens: int, window) -> int:
+    """(query, key) pairs of causal attention over ``tokens`` tokens: every earlier key and
+    the query's own, at most ``window`` of them on a sliding layer."""
+    if window is None or tokens <= window:
+        return tokens * (tokens + 1) // 2
+    return window * (window + 1) // 2 + (tokens - window) * window
+
+
+def prefill_flops(model, tokens: int, batch: int) -> float:
+    """FLOPs this rank must do to prefill ``batch`` prompts of ``tokens`` tokens: 2 per
+    multiply-add of every weight matrix it holds per token (the input embedding is a
+    lookup; the LM head runs once per prompt, as the engine keeps only the last token's
+    logits), and causal attention's QK^T and PV, 2 x head_dim multiply-adds per (query,
+    key) pair of each of its heads (a sliding layer's pairs within the window)."""
+    from megatron_lite.models.config import SLIDING
+    cfg, tp = model.cfg, model.group.world_size
+    skip = {id(model.embed_tokens.weight), id(model.lm_head.weight)}
+    mats = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in skip)
+    head = model.lm_head.weight.numel()
+    attn = sum(4 * cfg.head_dim * cfg.local_heads(tp)
+               * _attended_pairs(tokens, cfg.sliding_window if t == SLIDING else None)
+               for t in cfg.layer_types)
+    return float(batch * (2 * mats * tokens + 2 * head + attn))
+
+
 def nccl_version() -> str:
     import torch
     v = torch.cuda.nccl.version()
