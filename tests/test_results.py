@@ -67,3 +67,34 @@ def test_task_lines_judge_the_row_bar_on_every_task(tmp_path, monkeypatch):
     assert "bar" not in mr._task_lines({"safe": spec}, {"rows": {}})     # no bar, no verdict
     cfg["rows"]["safe"]["max_task_drop_pct"] = 1.0
     assert "within 1.0% of bf16 on every task" in mr._task_lines({"safe": spec}, cfg)
+
+
+def test_generate_floor_table_and_host_section(tmp_path, monkeypatch):
+    """The generate page's ``native``-against-floors table (graphed and eager rows of the
+    same case side by side) and the all-reduce page's host-cost section."""
+    mr = load_tool("make_results")
+    monkeypatch.setattr(mr, "RESULTS", tmp_path)
+    rows = [dict(phase="prefill", batch=1, tokens=512, comm="native", ms=2.0, graph=True,
+                 flops=1e12, floor_ms=1.6),
+            dict(phase="prefill", batch=1, tokens=512, comm="native", ms=4.0, graph=False,
+                 extra=True, flops=1e12, floor_ms=1.6),
+            dict(phase="decode", batch=1, tokens=1024, comm="native", ms=3.0, graph=True,
+                 floor_ms=2.5)]
+    gen = dict(shape="llama3-8b", tp=1, device="H200", date="2026-12-05", context=1024,
+               compiled_decode=True, matmul_TFLOPs=625.0, tpot_floor_ms=2.4,
+               streamed_weight_bytes_per_gpu=16e9, hbm_GBps=4000, rows=rows)
+    (tmp_path / "data" / "generate").mkdir(parents=True)
+    (tmp_path / "data" / "generate" / "g.json").write_text(json.dumps(gen))
+    page = mr.generate_page([{"title": "t", "file": "g.json"}])
+    assert "| TTFT 512x1 | 1.600 | 2.000 (graphed) | 1.25x | 4.000 (2.50x) |" in page
+    assert "| TPOT batch 1 | 2.500 | 3.000 (compiled + graphed) | 1.20x | - |" in page
+    assert "(625 TFLOP/s)" in page
+    host = dict(world=1, device="H200", torch="2.11", date="2026-12-05",
+                host_overhead_note="one rank: route",
+                host_overhead={"int4:128,path=fused": dict(dispatch_us=2.04, call_us=17.96,
+                                                           backend="auto", rel_err=0.1)})
+    (tmp_path / "data" / "allreduce").mkdir(parents=True)
+    (tmp_path / "data" / "allreduce" / "h.json").write_text(json.dumps(host))
+    sec = mr._host_section([{"title": "one H200", "file": "h.json"}])
+    assert "| `int4:128,path=fused` | auto | 2.0 | 18.0 | 1.00e-01 |" in sec
+    assert "one rank: route." in sec and mr._host_section([]) == ""

@@ -111,7 +111,7 @@ def accuracy_page(entries) -> str:
     return "".join(parts)
 
 
-def allreduce_page(entries) -> str:
+def allreduce_page(entries, host=None) -> str:
     parts = [HEADER, "# All-reduce speed\n",
              "`tools/bench_allreduce.py`: every row is a `--comm` spec as the engine runs it, "
              "timed against the native NCCL all-reduce in the same run (median of CUDA-event "
@@ -143,6 +143,29 @@ def allreduce_page(entries) -> str:
                      f"{d.get('nccl_version')}, torch {d.get('torch')}, {d['date']}. Source: "
                      f"`data/allreduce/{e['file']}`.\n\n")
         parts.append(_md_table(["`--comm`"] + [_size(s) for s in sizes], table))
+    return "".join(parts) + _host_section(host or [])
+
+
+def _host_section(entries) -> str:
+    """The host cost of an eager call (``bench_allreduce.py --host-overhead``) per run."""
+    if not entries:
+        return ""
+    parts = ["\n## Host cost of an eager call\n\n`tools/bench_allreduce.py --host-overhead`: "
+             "host µs from the call to the backend's entry (the plan lookup, before any kernel "
+             "launch) and of the whole call (what an eager caller waits for; the kernels run "
+             "asynchronously), medians of 2000 calls after the output was checked. Targets: "
+             "10 µs before the first launch, 20 µs for a whole fused all-reduce.\n"]
+    for e in entries:
+        d = load("allreduce", e["file"])
+        note = f" {d['host_overhead_note']}." if d.get("host_overhead_note") else ""
+        parts.append(f"\n### {e['title']}\n\n{d['world']} x {d['device']}, torch "
+                     f"{d.get('torch')}, {d['date']}.{note} Source: "
+                     f"`data/allreduce/{e['file']}`.\n\n")
+        parts.append(_md_table(["`--comm`", "backend", "before launch µs", "whole call µs",
+                                "rel. error"],
+                               [[f"`{k}`", v["backend"], f"{v['dispatch_us']:.1f}",
+                                 f"{v['call_us']:.1f}", f"{v['rel_err']:.2e}"]
+                                for k, v in d["host_overhead"].items()]))
     return "".join(parts)
 
 
@@ -240,7 +263,34 @@ def generate_page(entries) -> str:
                      f"`data/generate/{e['file']}`"
                      + "".join(f", `data/generate/{f}`" for f in e.get("with", [])) + ".\n\n")
         parts.append(_md_table(["case"] + [f"`{c}`" for c in comms], table))
+        parts.append(_floor_table(d))
     return "".join(parts)
+
+
+def _floor_table(d: dict) -> str:
+    """``native`` against its floors, where the run measured them: TTFT against the
+    compute floor (the prefill's FLOPs at the run's dense matmul rate), TPOT against the
+    weight-and-KV streaming floor; graphed or compiled and, where timed, eager."""
+    rows = [r for r in d["rows"] if r["comm"] == "native" and r.get("floor_ms")]
+    if not rows:
+        return ""
+    main = {(r["phase"], r["batch"], r["tokens"]): r for r in rows if not r.get("extra")}
+    eager = {(r["phase"], r["batch"], r["tokens"]): r for r in rows if r.get("extra")}
+    mode = "compiled + graphed" if d.get("compiled_decode") else "graphed"
+    table = []
+    for key, r in main.items():
+        ph, b, t = key
+        how = ("graphed" if r.get("graph") else "eager") if ph == "prefill" else mode
+        e = eager.get(key)
+        table.append([f"TTFT {t}x{b}" if ph == "prefill" else f"TPOT batch {b}",
+                      f"{r['floor_ms']:.3f}", f"{r['ms']:.3f} ({how})",
+                      f"{r['ms'] / r['floor_ms']:.2f}x",
+                      "-" if e is None else f"{e['ms']:.3f} ({e['ms'] / r['floor_ms']:.2f}x)"])
+    tf = d.get("matmul_TFLOPs")
+    return ("\n`native` against its floors: prefill's FLOPs at the dense matmul rate"
+            + (f" measured in the run ({tf:.0f} TFLOP/s)" if tf else "")
+            + "; decode's weight and KV-cache bytes at the run's HBM copy bandwidth.\n\n"
+            + _md_table(["case", "floor ms", "ms", "x floor", "eager ms (x floor)"], table))
 
 
 # ----------------------------------------------------------------------------- recommendation
@@ -403,7 +453,7 @@ def readme_block(table) -> str:
 def build() -> dict:
     src = json.loads((RESULTS / "sources.json").read_text())
     pages = {"accuracy.md": accuracy_page(src["accuracy"]),
-             "allreduce.md": allreduce_page(src["allreduce"]),
+             "allreduce.md": allreduce_page(src["allreduce"], src.get("host_overhead")),
              "generate.md": generate_page(src["generate"])}
     if src.get("codec_kernels"):
         pages["codec_kernels.md"] = codec_kernels_page(src["codec_kernels"])
