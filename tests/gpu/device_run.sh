@@ -2,7 +2,7 @@
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
 #   STAGES="env smoke sweep bench4 bench2 rec transports tests gen" bash tests/gpu/device_run.sh
-# One GPU: STAGES="env codec host tests gen1" bash tests/gpu/device_run.sh
+# One GPU: STAGES="env codec host tests gen1 kv1" bash tests/gpu/device_run.sh
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -101,21 +101,26 @@ for st in $STAGES; do
       done
       ;;
     gen1)
-      # one GPU (TP 1): graphed vs eager prefill, graphed decode with and without
-      # torch.compile (llama3-8b), the ring KV cache against the full layout (gemma2-27b)
+      # one GPU (TP 1), llama3-8b: graphed vs eager prefill against the compute floor,
+      # graphed decode with and without torch.compile against the streaming floor
+      # (compile changes decode only: the compiled run prefills one case)
       for c in "" "--compile"; do
         tag=${c:+_compile}
-        timeout ${T_GEN:-200} torchrun --nproc_per_node=1 tools/bench_generate.py $c \
-          --random-weights llama3-8b --comm native --no-lower-bound --eager-prefill \
-          --eager-decode --prefill 512x1,2048x1,8192x1 --decode-batches 1,16 \
+        pre="--eager-prefill --eager-decode --prefill 512x1,2048x1,8192x1"
+        [ -n "$c" ] && pre="--prefill 512x1"
+        timeout ${T_GEN:-200} torchrun --nproc_per_node=1 tools/bench_generate.py $c $pre \
+          --random-weights llama3-8b --comm native --no-lower-bound --decode-batches 1,16 \
           --decode-steps 100 --repeats 5 --profile \
           --json "$OUT/generate_llama3-8b_tp1$tag.json" > "$OUT/gen1$tag.log" 2>&1
         grep -v "it/s" "$OUT/gen1$tag.log" | tail -22
       done
+      ;;
+    kv1)
+      # one GPU: the ring KV cache of the sliding layers against the full layout
       for kv in live full; do
         timeout ${T_GEN:-200} torchrun --nproc_per_node=1 tools/bench_generate.py \
           --random-weights gemma2-27b --comm native --no-lower-bound --kv-layout $kv \
-          --prefill 2048x1 --decode-batches 1,16 --context 8192 --decode-steps 50 --repeats 3 \
+          --prefill 2048x1 --decode-batches 1,4 --context 8192 --decode-steps 50 --repeats 3 \
           --json "$OUT/generate_gemma2-27b_tp1_$kv.json" > "$OUT/gen1_$kv.log" 2>&1
         grep -v "it/s" "$OUT/gen1_$kv.log" | tail -12
       done
