@@ -222,13 +222,15 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+@functools.lru_cache(maxsize=4096)     # a few µs of host time per eager call, once per shape
 def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: int = 0,
                   mapped: bool = False, bpsm: Optional[int] = None,
                   tile_sizes=TWO_SHOT_TILES):
     """(tile, chunk, tiles, grid): the largest of ``tile_sizes`` that still gives every SM
     a tile; up to ``bpsm`` blocks per SM (default: the configured or measured figure for
     an ``nbytes`` message, with or without the maps of a ``hadamard-``/``weighted-``
-    codec) share the tiles."""
+    codec) share the tiles. Cached: every input is a value, and the figures it reads (SM
+    count, measured tables, the kernel configuration) are fixed per process."""
     sms = min(_num_sms(device), MAX_BLOCKS)
     per_rank = -(-n // world)
     tile = tile_sizes[-1]

@@ -353,6 +353,7 @@ def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
     monkeypatch.delenv("MEGATRON_LITE_BLOCKS_PER_SM", raising=False)
     kernel_config.cache_clear()
     monkeypatch.setattr(fa, "_device_name", lambda device: "NVIDIA H200")
+    fa.two_shot_plan.cache_clear()      # cached per process, as the knob and the GPU kind
     cpu, sms = torch.device("cpu"), fa._num_sms(torch.device("cpu"))
     big, small = 8 << 20, 4 << 20                                 # bf16 bytes
     plan = fa.two_shot_plan(big // 2, 2, 128, cpu, big)
@@ -364,6 +365,7 @@ def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
     # the knob is read once per process (kernels/config.py), checked when read
     monkeypatch.setenv("MEGATRON_LITE_BLOCKS_PER_SM", "2")
     kernel_config.cache_clear()
+    fa.two_shot_plan.cache_clear()
     try:
         assert fa.two_shot_plan(big // 2, 2, 128, cpu, big)[3] == 2 * sms
         monkeypatch.setenv("MEGATRON_LITE_BLOCKS_PER_SM", "many")
@@ -373,3 +375,4 @@ def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
     finally:
         monkeypatch.delenv("MEGATRON_LITE_BLOCKS_PER_SM")
         kernel_config.cache_clear()
+        fa.two_shot_plan.cache_clear()
