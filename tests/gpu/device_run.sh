@@ -135,7 +135,7 @@ for st in $STAGES; do
         "$OUT/ncu_codec.txt" | head -80
       ;;
     tests)
-      timeout ${T_TESTS:-240} python3 -m pytest -q -rf tests/gpu 2>&1 | tail -40 | tee "$OUT/tests.log"
+      timeout ${T_TESTS:-240} python3 -m pytest -q -rf ${GPU_TESTS:-tests/gpu} 2>&1 | tail -40 | tee "$OUT/tests.log"
       ;;
   esac
   log "stage $st done"
