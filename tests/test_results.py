@@ -70,7 +70,9 @@ def test_task_lines_judge_the_row_bar_on_every_task(tmp_path, monkeypatch):
            "arc: not resolved at this sample size)" in line and "lambada," not in line
     assert "bar" not in mr._task_lines({"safe": spec}, {"rows": {}})     # no bar, no verdict
     cfg["rows"]["safe"]["max_task_drop_pct"] = 1.0
-    assert "within 1.0% of bf16 on every task" in mr._task_lines({"safe": spec}, cfg)
+    assert "**misses** the 1.0% bar on hella (`data" in mr._task_lines({"safe": spec}, cfg)
+    cfg["rows"]["safe"]["max_task_drop_pct"] = 4.0
+    assert "within 4.0% of bf16 on every task" in mr._task_lines({"safe": spec}, cfg)
 
 
 def test_generate_floor_table_and_host_section(tmp_path, monkeypatch):
