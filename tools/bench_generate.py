@@ -219,14 +219,14 @@ def summarize(result: dict) -> str:
             if v is not None:
                 lines.append(f"  TPOT b1 {c}: {v / result['tpot_floor_ms']:.2f}x floor")
     if result.get("matmul_TFLOPs"):
-        lines.append(f"compute floor of prefill: its FLOPs at {result['matmul_TFLOPs']:.0f} "
+        lines.append(f"compute floor of prefill: its FLOPs at {result['matmul_TFLOPs']:.3g} "
                      "TFLOP/s (a dense matmul)")
         for r in result["rows"]:
             if r["phase"] == "prefill" and r.get("floor_ms") and r["comm"] == NATIVE:
                 lines.append(f"  TTFT {_case_label(r['tokens'], r['batch'])} {r['comm']}"
                              f"{'' if r.get('graph', True) else ' eager'}: {r['ms']:.3f} ms = "
                              f"{r['ms'] / r['floor_ms']:.2f}x floor ({r['floor_ms']:.3f} ms, "
-                             f"{r['flops'] / 1e12:.2f} TFLOP)")
+                             f"{r['flops'] / 1e12:.3g} TFLOP)")
     kv = {r["batch"]: r for r in rows if r["phase"] == "decode" and "kv_cache_bytes" in r}
     for b, r in kv.items():
         lines.append(f"KV cache b{b} ({result.get('kv_layout', 'full')}): "
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
         matmul_TFLOPs=tflops, checks={}, backends={}, skipped={}, rows=[])
     say(f"{shape_name} TP{tp} on {result['device']}: {streamed / 1e9:.2f} GB streamed weights "
         f"per GPU, HBM copy {hbm:.0f} GB/s -> TPOT floor {result['tpot_floor_ms']:.3f} ms; "
-        f"{str(dtype).replace('torch.', '')} matmul {tflops:.0f} TFLOP/s")
+        f"{str(dtype).replace('torch.', '')} matmul {tflops:.3g} TFLOP/s")
 
     def save():
         if rank == 0 and args.json:

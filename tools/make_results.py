@@ -288,7 +288,7 @@ def _floor_table(d: dict) -> str:
                       "-" if e is None else f"{e['ms']:.3f} ({e['ms'] / r['floor_ms']:.2f}x)"])
     tf = d.get("matmul_TFLOPs")
     return ("\n`native` against its floors: prefill's FLOPs at the dense matmul rate"
-            + (f" measured in the run ({tf:.0f} TFLOP/s)" if tf else "")
+            + (f" measured in the run ({tf:.3g} TFLOP/s)" if tf else "")
             + "; decode's weight and KV-cache bytes at the run's HBM copy bandwidth.\n\n"
             + _md_table(["case", "floor ms", "ms", "x floor", "eager ms (x floor)"], table))
 
