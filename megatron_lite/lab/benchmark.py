@@ -62,16 +62,20 @@ def measure_hbm_GBps(device, gib: float, clock: Clock) -> float:
     n = int(gib * 2 ** 30) if device.type == "cuda" else 64 * 2 ** 20
     src = torch.randn(n // 4, device=device)   # random data: zeros can run faster
     dst = torch.empty_like(src)
-    dst.copy_(src)
+    return 2 * n / (_median_ms(lambda: dst.copy_(src), clock) * 1e-3) / 1e9
+
+
+def _median_ms(fn, clock: Clock, repeats: int = 10) -> float:
+    """Median milliseconds of ``repeats`` timed calls of ``fn`` after one untimed call."""
+    fn()
     times = []
-    for _ in range(10):
+    for _ in range(repeats):
         a = clock.stamp()
-        dst.copy_(src)
+        fn()
         b = clock.stamp()
         clock.sync()
         times.append(clock.ms(a, b))
-    del src, dst
-    return 2 * n / (statistics.median(times) * 1e-3) / 1e9
+    return statistics.median(times)
 
 
 def measure_matmul_TFLOPs(device, dtype, clock: Clock, n: int = 8192) -> float:
@@ -81,15 +85,8 @@ def measure_matmul_TFLOPs(device, dtype, clock: Clock, n: int = 8192) -> float:
     n = n if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b                                   # warm-up: cuBLAS picks its kernel
-    times = []
-    for _ in range(10):
-        t0 = clock.stamp()
-        a @ b
-        t1 = clock.stamp()
-        clock.sync()
-        times.append(clock.ms(t0, t1))
-    return 2 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
+    # the untimed first call lets cuBLAS pick its kernel
+    return 2 * n ** 3 / (_median_ms(lambda: a @ b, clock) * 1e-3) / 1e12
 
 
 def _attended_pairs(tokens: int, window) -> int:
