@@ -77,7 +77,10 @@ def save_tiny_hf_dir(name: str, out: Path, seed: int = 0, dtype=None) -> Path:
 # pytest sets around every phase, and TORCHINDUCTOR_CACHE_DIR, which torch writes into
 # os.environ the first time anything asks for inductor's cache directory, with the value
 # every later call computes anyway (torch/_inductor/runtime/cache_dir_utils.py).
-_UNCOUNTED_ENV = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"})
+# Set by pytest and by torch itself: inductor's first GPU compile exports its cache
+# directories and the ptxas it ships (torch/_inductor), for the rest of the process.
+_UNCOUNTED_ENV = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR",
+                            "TRITON_CACHE_DIR", "TRITON_PTXAS_PATH"})
 
 
 def _global_state() -> dict:

@@ -177,9 +177,10 @@ class CUDAGraphPrefill:
     CUDA graphs, one per (rows R, length bucket L of ``PREFILL_BUCKETS``): a short prompt's
     prefill without its hundreds of kernel launches. ``prefill_fn`` writes the KV cache
     (its addresses are baked in: ``reset()`` when it is reallocated) and must be
-    capturable, as the decode step is. ``__call__(tokens[R, T], lengths[R])`` pads the
-    prompts to the bucket (``pad_prompts``; ``bucket(T)`` says whether one holds T) and
-    returns a view into the graph's static logits, valid until its next replay."""
+    capturable, as the decode step is. ``__call__(tokens[B, T], lengths[B], rows)`` pads the
+    prompts to ``rows`` (the KV cache's rows, B when omitted) by the bucket
+    (``pad_prompts``; ``bucket(T)`` says whether one holds T) and returns a view into the
+    graph's static logits [rows, V], valid until its next replay."""
 
     def __init__(self, prefill_fn: PrefillFn, device, buckets: Sequence[int] = PREFILL_BUCKETS,
                  warmup: int = 2):
@@ -209,8 +210,12 @@ class CUDAGraphPrefill:
         log.debug("captured prefill graph for %d rows x %d tokens", *tokens.shape)
         return entry
 
-    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        rows, T = tokens.shape
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor,
+                 rows: Optional[int] = None) -> torch.Tensor:
+        # rows: a batch padded to its decode bucket has a cache of more rows than prompts,
+        # and prefill_fn writes every cache row
+        B, T = tokens.shape
+        rows = B if rows is None else rows
         length = self.bucket(T)
         if length is None:
             raise ValueError(f"prompt of {T} tokens exceeds the largest prefill bucket "

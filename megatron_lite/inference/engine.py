@@ -178,8 +178,8 @@ class Engine:
         cache = self._ensure_cache(self._cache_rows(B), max_seq)
         if self.graph_prefill and not all_logits and self._prefill_fits(T):
             try:   # short prompts: one graph replay instead of hundreds of launches
-                return self._prefill_graph()(tokens.to(self.device),
-                                             lengths.to(self.device))[:B]
+                return self._prefill_graph()(tokens.to(self.device), lengths.to(self.device),
+                                             rows=cache.batch_size)[:B]
             except RuntimeError as e:   # e.g. an op that cannot be captured
                 import warnings
                 warnings.warn(f"CUDA-graph prefill failed ({e}); prefilling eagerly")
