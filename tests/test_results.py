@@ -102,5 +102,11 @@ def test_generate_floor_table_and_host_section(tmp_path, monkeypatch):
     (tmp_path / "data" / "allreduce").mkdir(parents=True)
     (tmp_path / "data" / "allreduce" / "h.json").write_text(json.dumps(host))
     sec = mr._host_section([{"title": "one H200", "file": "h.json"}])
-    assert "| `int4:128,path=fused` | auto | 2.0 | 18.0 | 1.00e-01 |" in sec
+    assert "| `int4:128,path=fused` | auto | 2.0 | 18.0 | - | 1.00e-01 |" in sec
     assert "one rank: route." in sec and mr._host_section([]) == ""
+    assert "Timed without holding the GPU" in sec      # a run of the older method says so
+    host["host_overhead"]["int4:128,path=fused"].update(gpu_us=41.26, uncovered_batches=0)
+    (tmp_path / "data" / "allreduce" / "h.json").write_text(json.dumps(host))
+    sec = mr._host_section([{"title": "one H200", "file": "h.json"}])
+    assert "| `int4:128,path=fused` | auto | 2.0 | 18.0 | 41.3 | 1.00e-01 |" in sec
+    assert "Timed without holding the GPU" not in sec

@@ -212,8 +212,9 @@ def main(argv=None) -> int:
                 continue
             res = B.host_overhead(comm, x, B.SITE)
             payload["host_overhead"][label] = res
+            gpu = f"   device {res['gpu_us']:9.2f} us" if "gpu_us" in res else ""
             say(f"{label:40s} dispatch {res['dispatch_us']:7.2f} us   call "
-                f"{res['call_us']:9.2f} us   rel err {res['rel_err']:.2e}   "
+                f"{res['call_us']:9.2f} us{gpu}   rel err {res['rel_err']:.2e}   "
                 f"({res['path']}, {x.numel() * 2} B)")
     else:
         payload.update(iters=args.iters, graph_max_bytes=args.graph_max_b,

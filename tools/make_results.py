@@ -152,19 +152,28 @@ def _host_section(entries) -> str:
         return ""
     parts = ["\n## Host cost of an eager call\n\n`tools/bench_allreduce.py --host-overhead`: "
              "host µs from the call to the backend's entry (the plan lookup, before any kernel "
-             "launch) and of the whole call (what an eager caller waits for; the kernels run "
-             "asynchronously), medians of 2000 calls after the output was checked. Targets: "
-             "10 µs before the first launch, 20 µs for a whole fused all-reduce.\n"]
+             "launch) and of the whole call, medians of 2000 calls after the output was "
+             "checked; on a GPU the calls are timed behind a spin kernel, so no launch waits "
+             "for the device, and the device µs per call (back to back) is listed beside "
+             "them: an eager caller waits for the larger of the two. Targets: 10 µs before "
+             "the first launch, 20 µs of host time for a whole fused all-reduce.\n"]
     for e in entries:
         d = load("allreduce", e["file"])
         note = f" {d['host_overhead_note']}." if d.get("host_overhead_note") else ""
+        held = all("gpu_us" in v for v in d["host_overhead"].values())
+        if d["device"] != "cpu" and not held:
+            note += (" Timed without holding the GPU: once the kernels take longer than "
+                     "their launches, a launch waits for the device, so the whole call "
+                     "is host and device time mixed (an upper bound on the host's).")
         parts.append(f"\n### {e['title']}\n\n{d['world']} x {d['device']}, torch "
                      f"{d.get('torch')}, {d['date']}.{note} Source: "
                      f"`data/allreduce/{e['file']}`.\n\n")
         parts.append(_md_table(["`--comm`", "backend", "before launch µs", "whole call µs",
-                                "rel. error"],
+                                "device µs per call", "rel. error"],
                                [[f"`{k}`", v["backend"], f"{v['dispatch_us']:.1f}",
-                                 f"{v['call_us']:.1f}", f"{v['rel_err']:.2e}"]
+                                 f"{v['call_us']:.1f}",
+                                 f"{v['gpu_us']:.1f}" if "gpu_us" in v else "-",
+                                 f"{v['rel_err']:.2e}"]
                                 for k, v in d["host_overhead"].items()]))
     return "".join(parts)
 

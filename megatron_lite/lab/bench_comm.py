@@ -16,6 +16,7 @@ TP ``world``, with seed 0 (the same file on every rank):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -246,11 +247,67 @@ def plot(rows: List[dict], title: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000) -> Dict[str, float]:
+class _GpuHold:
+    """Keeps the GPU busy while a batch of calls is timed on the host, so that what is
+    timed is the host's work alone. Without it a loop of eager calls whose kernels take
+    longer than their launches fills the launch queue, and from then on every launch
+    waits for the GPU: the loop then measures device time, not host time. A batch whose
+    hold ran out before its last call returned is not counted, and the next holds last
+    twice as long."""
+
+    def __init__(self, cycles: int = 20_000_000):
+        self.cycles, self.uncovered = cycles, 0
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(self.cycles)   # a spin kernel: the calls' kernels queue behind it
+        self.done = torch.cuda.Event()
+        self.done.record()
+        return self
+
+    def running(self) -> bool:
+        """After the timed calls: was the spin kernel still running (so no launch could
+        have waited for the GPU)?"""
+        return not self.done.query()
+
+    def extend(self) -> None:
+        """The batch was not covered: drop it, and hold twice as long from now on."""
+        self.uncovered += 1
+        self.cycles *= 2
+        if self.uncovered > 20:
+            raise RuntimeError("the GPU hold never outlasted a batch of calls")
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+
+
+def _device_us(call, x: torch.Tensor, site: str, calls: int = 50, reps: int = 5) -> float:
+    """GPU microseconds per call: CUDA events around ``calls`` back-to-back calls
+    (median of ``reps``)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            call(x, site)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
+                  batch: int = 32) -> Dict[str, float]:
     """Host microseconds of an eager quantized all-reduce: ``dispatch`` from the call to
     the backend's entry (the plan lookup: what runs before the first kernel launch), and
-    ``call``, the whole call's host time (on a GPU the kernels run asynchronously, so
-    this is what an eager caller waits for). Medians of ``calls`` calls after warm-up.
+    ``call``, the whole call's host time. Medians of ``calls`` calls after warm-up.
+
+    On a GPU the calls are timed in batches of ``batch`` behind a spin kernel
+    (:class:`_GpuHold`), so that a launch never waits for the device: ``call`` is the
+    host's own cost, what an eager caller pays whatever the kernels take. ``gpu_us`` is
+    the device time per call, back to back (an eager caller waits for the larger of the
+    two); ``uncovered_batches`` counts batches dropped because their hold ran out.
 
     The output is checked first against the exact sum (``rel_err``, ``ranks_identical``;
     a non-finite or wrong-shaped result raises). At one rank the call is the
@@ -279,17 +336,37 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000) -> Dict[s
         return inner(*a, **kw)
     for _ in range(20):
         call(x, site)
+    extra = {}
+    if x.is_cuda:
+        extra["gpu_us"] = _device_us(call, x, site)
+    hold = _GpuHold() if x.is_cuda else None
     backend.all_reduce = timed
     dispatch, whole = [], []
     try:
-        for _ in range(calls):
-            t0 = time.perf_counter_ns()
-            call(x, site)
-            t1 = time.perf_counter_ns()
-            dispatch.append((entries[-1] - t0) / 1e3)
-            whole.append((t1 - t0) / 1e3)
+        while len(whole) < calls:
+            d, w = [], []
+            with hold or contextlib.nullcontext():
+                for _ in range(min(batch, calls - len(whole))):
+                    t0 = time.perf_counter_ns()
+                    call(x, site)
+                    t1 = time.perf_counter_ns()
+                    d.append((entries[-1] - t0) / 1e3)
+                    w.append((t1 - t0) / 1e3)
+                running = hold is None or hold.running()
+            if hold is not None:
+                # every rank keeps or drops the batch alike, or their call counts diverge
+                flag = torch.tensor([0 if running else 1], device=x.device)
+                if comm.world_size > 1:
+                    dist.all_reduce(flag, group=comm.process_group)
+                if flag.item():
+                    hold.extend()
+                    continue
+            dispatch += d
+            whole += w
     finally:
         del backend.all_reduce        # the instance attribute: the class method again
+    if hold is not None:
+        extra["uncovered_batches"] = hold.uncovered
     return {"dispatch_us": statistics.median(dispatch), "call_us": statistics.median(whole),
-            "backend": backend.name, "path": comm.explain(x, site), "calls": calls,
+            **extra, "backend": backend.name, "path": comm.explain(x, site), "calls": calls,
             "rel_err": float(f"{rel:.3e}"), "ranks_identical": same}
