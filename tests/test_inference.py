@@ -60,6 +60,18 @@ def test_eos_stops_the_sequence_and_is_kept():
     assert r.finish_reason == "eos" and r.token_ids == free[:first + 1]
 
 
+def test_compile_by_default_only_where_measured_faster():
+    """compile=None compiles the decode step on a CUDA device at TP 1 with graph decode
+    (measured faster there), never on CPU or at TP > 1 (unmeasured); explicit wins."""
+    from megatron_lite.inference.engine import default_compile
+    cuda = torch.device("cuda", 0)
+    assert default_compile(cuda, 1, True)
+    assert not default_compile(cuda, 2, True) and not default_compile(cuda, 1, False)
+    assert not default_compile(torch.device("cpu"), 1, False)
+    assert _engine("llama").compiled is False                # CPU: eager
+    assert _engine("llama", compile=True).compiled is True
+
+
 def test_max_new_tokens_and_bad_arguments():
     eng = _engine("llama", max_seq_len=40)
     eng.eos_token_ids = ()

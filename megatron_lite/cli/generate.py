@@ -71,7 +71,9 @@ def build_parser():
                         "nccl with CUDA and gloo without)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (fuses its elementwise kernels); it "
-                        "compiles before the timed run, 30-80 s, reported on its own")
+                        "compiles before the timed run, 30-80 s, reported on its own (default: "
+                        "off, since a one-off generation does not earn the compile back; the "
+                        "Engine API compiles by default at TP 1 on a GPU)")
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="write prompts, completions, token ids, TTFT, tokens/s and the "
                         "compile time (default: none)")

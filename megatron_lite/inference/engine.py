@@ -63,12 +63,22 @@ def _configure_compile() -> None:
         pass
 
 
+def default_compile(device: torch.device, world_size: int, cuda_graphs: bool) -> bool:
+    """Whether ``Engine(compile=None)`` compiles the decode step: where it was measured
+    faster: a CUDA device at TP 1 with CUDA-graph decode (llama3-8b shape on one H200,
+    about 1.3x less time per token at batch 1 and 16; docs/results/generate.md). Not at
+    TP > 1 until measured there, nor on CPU. The compile costs about a minute on first use
+    (``warm_up_decode``), which a long-running engine earns back after some 40 thousand
+    tokens at batch 1."""
+    return torch.device(device).type == "cuda" and world_size == 1 and cuda_graphs
+
+
 class Engine:
     """A TP-sharded decoder plus tokenizer, static KV cache and sampler (docs/architecture.md)."""
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8,
                  max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = (),
-                 cuda_graphs: Optional[bool] = None, compile: bool = False,
+                 cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
                  kv_layout: str = "live"):
         if kv_layout not in LAYOUTS:
             raise ValueError(f"unknown kv_layout {kv_layout!r}; choose one of "
@@ -79,21 +89,24 @@ class Engine:
         # compile: the decode step's model call goes through torch.compile (static shapes;
         # one compile per batch bucket), which fuses the ~30 small elementwise kernels a
         # layer runs between its GEMMs (norms, RoPE, cache writes, activation, residuals).
-        # The TP collectives stay eager graph breaks (parallel_state.TPGroup). Prefill
-        # stays eager: its prompt lengths vary and its time is in the GEMMs.
+        # The TP collectives are custom ops, no graph breaks (parallel_state.TPGroup). Prefill
+        # stays eager: its prompt lengths vary and its time is in the GEMMs. None: where it
+        # was measured faster (default_compile).
+        w = model.embed_tokens.weight
+        self.cuda_graphs = w.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if compile is None:
+            compile = default_compile(w.device, model.group.world_size, self.cuda_graphs)
         self.compiled = bool(compile)
         if compile:
             _configure_compile()
         self._step_model = torch.compile(model, dynamic=False) if compile else model
         self.tokenizer = tokenizer
-        w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
         self.eos_token_ids = tuple(sorted(set(int(e) for e in eos_token_ids)))
         self.cache: Optional[KVCache] = None
-        # None: on for CUDA devices. Set False to decode eagerly (e.g. to profile).
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # cuda_graphs None: on for CUDA devices. False decodes eagerly (e.g. to profile).
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self._graphs: Optional[CUDAGraphDecoder] = None
@@ -105,7 +118,7 @@ class Engine:
     def from_pretrained(cls, path: Union[str, Path], group: Optional[TPGroup] = None,
                         dtype=None, comm=None, max_batch_size: int = 8,
                         max_seq_len: Optional[int] = None, device=None,
-                        compile: bool = False, kv_layout: str = "live") -> "Engine":
+                        compile: Optional[bool] = None, kv_layout: str = "live") -> "Engine":
         """Load a shard directory (its TP must equal the world size) or an HF directory
         (sharded in memory). All checks run before any weights are read.
 
