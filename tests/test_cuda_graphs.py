@@ -342,19 +342,27 @@ def test_compare_runs_matches_rows_and_profiles():
     now = dict(rows=[dict(phase="prefill", batch=1, tokens=512, comm="auto", ms=3.0),
                      dict(phase="decode", batch=1, tokens=1024, comm="auto", ms=2.0, graph=True),
                      dict(phase="decode", batch=1, tokens=1024, comm="auto", ms=9.0, graph=False)],
-               decode_profile_b1={"auto": prof(400, 1.5)})
+               decode_profile_b1={"auto": prof(400, 1.5)},
+               prefill_profile={"auto": dict(tokens=8192, batch=1, **prof(90, 60.0)),
+                                "native": dict(tokens=8192, batch=1, **prof(90, 50.0))})
     before = dict(date="d", device="x",
                   rows=[dict(phase="prefill", batch=1, tokens=512, comm="auto", ms=6.0),
                         dict(phase="decode", batch=1, tokens=1024, comm="auto", ms=4.0),
                         dict(phase="decode", batch=1, tokens=1024, comm="int4:128", ms=1.0)],
-                  decode_profile_b1={"auto": prof(1000, 2.0)})
+                  decode_profile_b1={"auto": prof(1000, 2.0)},
+                  prefill_profile={"auto": dict(tokens=8192, batch=1, **prof(100, 70.0)),
+                                   "native": dict(tokens=2048, batch=1, **prof(90, 9.0))})
     cmp = compare_runs(now, before)
+    # a prefill profile of another case is not compared
+    assert cmp["profiles"]["prefill auto"]["gemm_ms"] == dict(now=60.0, before=70.0)
+    assert "prefill native" not in cmp["profiles"]
     assert [(r["phase"], r["graph"], r["ratio"]) for r in cmp["rows"]] == [
         ("prefill", True, 0.5), ("decode", True, 0.5)]     # eager decode: not measured there
     assert cmp["profiles"]["auto"]["kernels_per_step"] == dict(now=400, before=1000)
     assert cmp["profiles"]["auto"]["gemm_ms"] == dict(now=1.5, before=2.0)
     text = format_comparison(cmp)
     assert "0.500x" in text and "kernels_per_step 400 vs 1e+03" in text
+    assert "prefill auto profile: kernels_per_step 90 vs 100" in text
 
 
 @pytest.mark.parametrize("content,msg", [(None, "cannot read it"),

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time eager prefill, native, of the cases graphed prefill "
                         "takes (power-of-two prompts up to 2048 tokens)")
     p.add_argument("--profile", action="store_true",
-                   help="profile the kernels of a batch-1 decode step (native and auto)")
+                   help="profile the kernels of a batch-1 decode step and of the largest "
+                        "prefill case (native and auto)")
     p.add_argument("--hbm-gib", type=float, default=2.0, metavar="GIB",
                    help="size of the device-to-device copy that measures HBM bandwidth")
     p.add_argument("--kv-layout", choices=("live", "full"), default="live",
@@ -437,8 +438,8 @@ def main(argv=None) -> int:
 def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, save):
     import torch
 
-    from megatron_lite.lab.benchmark import (check_mode, graph_matches_eager, time_decode,
-                                             time_prefill)
+    from megatron_lite.lab.benchmark import (check_mode, graph_matches_eager, profile_prefill,
+                                             time_decode, time_prefill)
     from tqdm import tqdm
     cfg, device, dtype, rank = engine.cfg, engine.device, engine.dtype, group.rank
     graphs, base = result["cuda_graphs"], group.communicator
@@ -479,9 +480,16 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
             if uncompressed and "tokens_equal_to_nccl" in report:
                 ok = ok and report["tokens_equal_to_nccl"]
             say(f"[{mode}] check {'ok' if ok else 'FAILED'}: {report}")
+        longest = max(cases, key=lambda c: c[0] * c[1]) if cases else None
         for tokens, batch in cases:
             ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen).to(device)
             ms = time_prefill(engine, ids, args.repeats, clock)
+            if args.profile and device.type == "cuda" and (tokens, batch) == longest \
+                    and mode in (NATIVE, "auto"):
+                save()   # keep the rows so far if the profiler brings the process down
+                prof = dict(tokens=tokens, batch=batch, **profile_prefill(engine, ids))
+                result.setdefault("prefill_profile", {})[mode] = prof
+                say(f"[{mode}] prefill {_case_label(tokens, batch)} kernels: {prof}")
             graphed = bool(graphs and engine.graph_prefill and engine._prefill_fits(tokens))
             floor = compute_floor(engine.model, tokens, batch, result)
             result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens, comm=mode,

@@ -165,16 +165,16 @@ def kernel_kind(name: str) -> str:
     return next((k for k, rx in _KERNEL_KINDS if re.search(rx, name, re.I)), "other")
 
 
-def profile_steps(step, tok, pos, steps: int = 5) -> dict:
-    """Kernels of ``steps`` decode steps under the CUDA profiler (graph replays included):
-    per-step kernel count, busy time by kind (``kernel_kind``), the span from first kernel
-    start to last kernel end, and the gaps between kernels (span - busy)."""
+def profile_kernels(run, steps: int = 5) -> dict:
+    """Kernels of ``steps`` calls of ``run()`` under the CUDA profiler (graph replays
+    included): per-call kernel count, busy time by kind (``kernel_kind``), the span from
+    first kernel start to last kernel end, and the gaps between kernels (span - busy)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            tok = step(tok, pos).argmax(-1)
+            run()
         torch.cuda.synchronize()
     evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if not evs:
@@ -192,6 +192,18 @@ def profile_steps(step, tok, pos, steps: int = 5) -> dict:
                 gap_ms_per_step=max(0.0, span - busy) / steps / 1e3,
                 by_kind={k: dict(kernels=n / steps, ms=us / steps / 1e3)
                          for k, (n, us) in sorted(by_kind.items())})
+
+
+def profile_prefill(engine, tokens, steps: int = 2) -> dict:
+    """``profile_kernels`` of a prefill of ``tokens`` [B, T] (graphed where the engine
+    graphs it), per prefill; a profiler failure is returned as ``error``, never raised."""
+    import torch
+    B, T = tokens.shape
+    lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)
+    try:
+        return profile_kernels(lambda: engine.prefill(tokens, lengths, T).argmax(-1), steps)
+    except Exception as e:   # noqa: BLE001 - a profiler failure must not lose the timing
+        return dict(error=f"{type(e).__name__}: {e}")
 
 
 def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
@@ -229,7 +241,11 @@ def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
     prof = None
     if profile:
         try:
-            prof = profile_steps(step, tok, pos)
+            state = {"tok": tok}
+
+            def one_step(step=step):   # bound now: the function deletes its name below
+                state["tok"] = step(state["tok"], pos).argmax(-1)
+            prof = profile_kernels(one_step)
         except Exception as e:   # noqa: BLE001 - a profiler failure must not lose the timing
             prof = dict(error=f"{type(e).__name__}: {e}")
         prof.update(kv_cache_bytes=cache.nbytes, kv_read_bytes_per_step=cache.read_bytes(kv_len))
@@ -319,7 +335,8 @@ def compare_runs(now: dict, before: dict) -> dict:
     """This run against an earlier ``tools/bench_generate.py`` JSON: for every row both
     measured (same phase, batch, tokens, comm and graph mode), both times and now/before
     (below 1: faster now); for every comm both profiled, the decode-step profile's kernels,
-    busy and span per step and each kind's ms, now and before."""
+    busy and span per step and each kind's ms, now and before (keyed by comm), and the
+    same of the prefill profile where both profiled the same case (keyed "prefill COMM")."""
     old = {_row_key(r): r["ms"] for r in before.get("rows", [])}
     rows = []
     for r in now["rows"]:
@@ -329,16 +346,18 @@ def compare_runs(now: dict, before: dict) -> dict:
                              comm=r["comm"], graph=bool(r.get("graph", True)), ms=r["ms"],
                              before_ms=b, ratio=r["ms"] / b))
     profiles = {}
-    for comm, p in now.get("decode_profile_b1", {}).items():
-        q = before.get("decode_profile_b1", {}).get(comm)
-        if not q or "error" in p or "error" in q:
-            continue
-        entry = {k: dict(now=p[k], before=q[k]) for k in
-                 ("kernels_per_step", "busy_ms_per_step", "span_ms_per_step")}
-        for kind in sorted(set(p["by_kind"]) | set(q["by_kind"])):
-            entry[f"{kind}_ms"] = dict(now=p["by_kind"].get(kind, {}).get("ms", 0.0),
-                                       before=q["by_kind"].get(kind, {}).get("ms", 0.0))
-        profiles[comm] = entry
+    for key, what in (("decode_profile_b1", "decode b1"), ("prefill_profile", "prefill")):
+        for comm, p in now.get(key, {}).items():
+            q = before.get(key, {}).get(comm)
+            if not q or "error" in p or "error" in q or (
+                    (p.get("tokens"), p.get("batch")) != (q.get("tokens"), q.get("batch"))):
+                continue
+            entry = {k: dict(now=p[k], before=q[k]) for k in
+                     ("kernels_per_step", "busy_ms_per_step", "span_ms_per_step")}
+            for kind in sorted(set(p["by_kind"]) | set(q["by_kind"])):
+                entry[f"{kind}_ms"] = dict(now=p["by_kind"].get(kind, {}).get("ms", 0.0),
+                                           before=q["by_kind"].get(kind, {}).get("ms", 0.0))
+            profiles[comm if key == "decode_profile_b1" else f"{what} {comm}"] = entry
     return dict(before_date=before.get("date"), before_device=before.get("device"),
                 rows=rows, profiles=profiles)
 
@@ -354,7 +373,8 @@ def format_comparison(cmp: dict) -> str:
         lines.append(f"  {r['phase']:8s} {case:>12s} {r['comm']:>24s}: {r['ms']:10.3f} ms "
                      f"vs {r['before_ms']:10.3f} ms  {r['ratio']:6.3f}x")
     for comm, entry in cmp["profiles"].items():
-        lines.append(f"  decode b1 profile, {comm}: " + ", ".join(
+        what = comm if comm.startswith("prefill ") else f"decode b1 {comm}"
+        lines.append(f"  {what} profile: " + ", ".join(
             f"{k} {v['now']:.3g} vs {v['before']:.3g}" for k, v in entry.items()))
     return "\n".join(lines)
 
