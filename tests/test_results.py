@@ -67,7 +67,7 @@ def test_task_lines_judge_the_row_bar_on_every_task(tmp_path, monkeypatch):
     # arc: -0.40 pp against a 0.25 pp bar, within two standard errors (0.40 pp) of it;
     # hella: -2.00 pp against 0.30 pp, well past it
     assert "**misses** the 0.5% bar on arc, hella (by less than two standard errors on " \
-           "arc: not resolved at this sample size)" in line and "lambada," not in line
+           "arc: not resolved by these items)" in line and "lambada," not in line
     assert "bar" not in mr._task_lines({"safe": spec}, {"rows": {}})     # no bar, no verdict
     cfg["rows"]["safe"]["max_task_drop_pct"] = 1.0
     assert "**misses** the 1.0% bar on hella (`data" in mr._task_lines({"safe": spec}, cfg)

@@ -419,12 +419,12 @@ def _task_lines(doc, cfg) -> str:
                 verdict = (f"; within {bar}% of bf16 on every task" if not short else
                            f"; **misses** the {bar}% bar on {', '.join(short)}")
                 # a miss by less than two standard errors of the paired difference is
-                # not resolved by this sample: more items could move it either way
+                # not resolved by these items: other items could move it either way
                 close = [t for t in short if 100 * r["tasks"][t]["delta"] > -(
                     bar * ref["tasks"][t]["accuracy"] + 200 * r["tasks"][t]["delta_se"])]
                 if close:
                     verdict += (f" (by less than two standard errors on {', '.join(close)}: "
-                                "not resolved at this sample size)")
+                                "not resolved by these items)")
             lines.append((order.index(row), f"* **{row}** `{spec}`, {model} TP {tp}: "
                           + "; ".join(parts) + verdict + f" (`data/accuracy/{p.name}`)."))
     lines = [text for _, text in sorted(lines, key=lambda x: x[0])]
