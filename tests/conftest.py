@@ -76,9 +76,9 @@ def save_tiny_hf_dir(name: str, out: Path, seed: int = 0, dtype=None) -> Path:
 # that leaves one changed makes results depend on test order. Not counted: variables that
 # pytest sets around every phase, and TORCHINDUCTOR_CACHE_DIR, which torch writes into
 # os.environ the first time anything asks for inductor's cache directory, with the value
-# every later call computes anyway (torch/_inductor/runtime/cache_dir_utils.py).
-# Set by pytest and by torch itself: inductor's first GPU compile exports its cache
-# directories and the ptxas it ships (torch/_inductor), for the rest of the process.
+# every later call computes anyway (torch/_inductor/runtime/cache_dir_utils.py), and
+# TRITON_CACHE_DIR and TRITON_PTXAS_PATH, which inductor's first GPU compile exports (its
+# Triton cache and the ptxas torch ships) for the rest of the process.
 _UNCOUNTED_ENV = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR",
                             "TRITON_CACHE_DIR", "TRITON_PTXAS_PATH"})
 

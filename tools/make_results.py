@@ -154,8 +154,8 @@ def _host_section(entries) -> str:
              "host µs from the call to the backend's entry (the plan lookup, before any kernel "
              "launch) and of the whole call, medians of 2000 calls after the output was "
              "checked; on a GPU the calls are timed behind a spin kernel, so no launch waits "
-             "for the device, and the device µs per call (back to back) is listed beside "
-             "them: an eager caller waits for the larger of the two. Targets: 10 µs before "
+             "for the device, and the device µs per call (CUDA-graph replays where the path "
+             "captures) is listed beside them: an eager caller waits for the larger of the two. Targets: 10 µs before "
              "the first launch, 20 µs of host time for a whole fused all-reduce.\n"]
     for e in entries:
         d = load("allreduce", e["file"])

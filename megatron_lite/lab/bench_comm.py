@@ -281,22 +281,6 @@ class _GpuHold:
         torch.cuda.synchronize()
 
 
-def _device_us(call, x: torch.Tensor, site: str, calls: int = 50, reps: int = 5) -> float:
-    """GPU microseconds per call: CUDA events around ``calls`` back-to-back calls
-    (median of ``reps``)."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            call(x, site)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
-
-
 def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
                   batch: int = 32) -> Dict[str, float]:
     """Host microseconds of an eager quantized all-reduce: ``dispatch`` from the call to
@@ -306,7 +290,7 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
     On a GPU the calls are timed in batches of ``batch`` behind a spin kernel
     (:class:`_GpuHold`), so that a launch never waits for the device: ``call`` is the
     host's own cost, what an eager caller pays whatever the kernels take. ``gpu_us`` is
-    the device time per call, back to back (an eager caller waits for the larger of the
+    the device time per call (``time_call``; an eager caller waits for the larger of the
     two); ``uncovered_batches`` counts batches dropped because their hold ran out.
 
     The output is checked first against the exact sum (``rel_err``, ``ranks_identical``;
@@ -337,8 +321,10 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
     for _ in range(20):
         call(x, site)
     extra = {}
-    if x.is_cuda:
-        extra["gpu_us"] = _device_us(call, x, site)
+    if x.is_cuda:   # device time per call: CUDA-graph replays where the path captures
+        extra["gpu_us"], _ = time_call(lambda: call(x, site), x.numel() * x.element_size(),
+                                       iters=20, warmup=5, graph_max=1 << 62, graph_calls=10,
+                                       device=x.device)
     hold = _GpuHold() if x.is_cuda else None
     backend.all_reduce = timed
     dispatch, whole = [], []

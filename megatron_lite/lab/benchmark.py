@@ -168,15 +168,19 @@ def kernel_kind(name: str) -> str:
 def profile_kernels(run, steps: int = 5) -> dict:
     """Kernels of ``steps`` calls of ``run()`` under the CUDA profiler (graph replays
     included): per-call kernel count, busy time by kind (``kernel_kind``), the span from
-    first kernel start to last kernel end, and the gaps between kernels (span - busy)."""
+    first kernel start to last kernel end, and the gaps between kernels (span - busy). A
+    profiler failure is returned as ``error``, never raised: it must not lose the timing."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            run()
+    try:
         torch.cuda.synchronize()
-    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                run()
+            torch.cuda.synchronize()
+        evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    except Exception as e:   # noqa: BLE001
+        return dict(error=f"{type(e).__name__}: {e}")
     if not evs:
         return dict(error="the profiler saw no CUDA kernels")
     by_kind: dict = {}
@@ -196,14 +200,11 @@ def profile_kernels(run, steps: int = 5) -> dict:
 
 def profile_prefill(engine, tokens, steps: int = 2) -> dict:
     """``profile_kernels`` of a prefill of ``tokens`` [B, T] (graphed where the engine
-    graphs it), per prefill; a profiler failure is returned as ``error``, never raised."""
+    graphs it), per prefill."""
     import torch
     B, T = tokens.shape
     lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)
-    try:
-        return profile_kernels(lambda: engine.prefill(tokens, lengths, T).argmax(-1), steps)
-    except Exception as e:   # noqa: BLE001 - a profiler failure must not lose the timing
-        return dict(error=f"{type(e).__name__}: {e}")
+    return profile_kernels(lambda: engine.prefill(tokens, lengths, T).argmax(-1), steps)
 
 
 def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
@@ -240,14 +241,11 @@ def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
     ms = statistics.median(clock.ms(a, b) for a, b in zip(stamps, stamps[1:]))
     prof = None
     if profile:
-        try:
-            state = {"tok": tok}
+        state = {"tok": tok}
 
-            def one_step(step=step):   # bound now: the function deletes its name below
-                state["tok"] = step(state["tok"], pos).argmax(-1)
-            prof = profile_kernels(one_step)
-        except Exception as e:   # noqa: BLE001 - a profiler failure must not lose the timing
-            prof = dict(error=f"{type(e).__name__}: {e}")
+        def one_step(step=step):   # bound now: the function deletes its name below
+            state["tok"] = step(state["tok"], pos).argmax(-1)
+        prof = profile_kernels(one_step)
         prof.update(kv_cache_bytes=cache.nbytes, kv_read_bytes_per_step=cache.read_bytes(kv_len))
     del step, runner
     return max_over_ranks(ms, engine.device), prof
