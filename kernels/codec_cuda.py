@@ -1,6 +1,6 @@
-"""CUDA C++ codec kernels (kernels/csrc/codec.cu) for the integer group codecs at 8, 5
-and 4 bits, group 64 or 128 (the symmetric ``int8:G`` and ``int4-sym:G``, the
-asymmetric ``int4:G`` and ``int5:G``), with the ``hadamard-`` rotation and the
+"""CUDA C++ codec kernels (kernels/csrc/codec.cu) for the integer group codecs at 8, 6, 5
+and 4 bits, group 64 or 128 (the symmetric ``int8:G``, ``int6-sym:G`` and ``int4-sym:G``,
+the asymmetric ``int4:G`` and ``int5:G``), with the ``hadamard-`` rotation and the
 ``weighted-`` channel scales folded into quantize. Same functions and same bits as the
 Triton kernels of kernels/quant.py, which serve every other codec; kernels/codec.py
 picks.
@@ -98,11 +98,11 @@ def _ext():
 
 
 _QMAX = {KIND_ASYM: lambda bits: (1 << bits) - 1, KIND_SYM: lambda bits: (1 << (bits - 1)) - 1}
-_BITS = {KIND_ASYM: (4, 5, 8), KIND_SYM: (4, 8)}   # the widths codec.cu's dispatch builds
+_BITS = {KIND_ASYM: (4, 5, 8), KIND_SYM: (4, 6, 8)}   # the widths codec.cu's dispatch builds
 
 
 def serves(kc: KernelCodec) -> bool:
-    """Whether these kernels have codec ``kc``: an integer group codec (symmetric at 8 or
+    """Whether these kernels have codec ``kc``: an integer group codec (symmetric at 8, 6 or
     4 bits, asymmetric at 8, 5 or 4) of group 64 or 128, on a real GPU (not the Triton
     interpreter)."""
     return (not INTERPRET and kc.kind in _BITS and kc.bits in _BITS[kc.kind]

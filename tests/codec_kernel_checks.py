@@ -14,13 +14,15 @@ from tests.gpu._harness import same_bits
 from tests.gpu.test_quant_kernels import hostile
 
 # int8 is the symmetric (absmax) codec, int4 and int5 the asymmetric (min/step) ones (int5
-# in two bit planes, 4 + 1), int4-sym the symmetric one at 4 bits (offset-binary codes)
-SPECS = ["int8:128", "int4:128", "int8:64", "int4:64", "int4-sym:128", "int5:128", "int5:64"]
+# in two bit planes, 4 + 1), int4-sym and int6-sym the symmetric ones at 4 and 6 bits
+# (offset-binary codes; int6 in two bit planes, 4 + 2)
+SPECS = ["int8:128", "int4:128", "int8:64", "int4:64", "int4-sym:128", "int5:128", "int5:64",
+         "int6-sym:128", "int6-sym:64"]
 CASES = ([(s, rot, torch.bfloat16) for s in SPECS for rot in (False, True)]
          + [("int4:128", True, torch.float16), ("int4:128", True, torch.float32),
             ("int8:128", False, torch.float32), ("int8:128", True, torch.float16)])
 SUM_CASES = [("int4:128", True), ("int8:128", False), ("int8:64", True), ("int4-sym:128", False),
-             ("int5:128", True)]
+             ("int5:128", True), ("int6-sym:64", True)]
 
 
 def fwht(x, g):

@@ -144,7 +144,8 @@ def _two_shot_body(rank, world, lib):
                WeightedScheme(CodecSpec("weighted-hadamard-int4", 64), scale),
                WeightedScheme(CodecSpec("weighted-int8", 128), scale),
                get_scheme("hadamard-int5:128"),
-               WeightedScheme(CodecSpec("weighted-hadamard-int5", 64), scale)]
+               WeightedScheme(CodecSpec("weighted-hadamard-int5", 64), scale),
+               WeightedScheme(CodecSpec("weighted-hadamard-int6-sym", 128), scale)]
     for i, scheme in enumerate(schemes):
         for n in (192, 47 * 192, 40 * 192):
             g = torch.Generator().manual_seed(1000 * i + 17 * n + rank)
@@ -171,7 +172,7 @@ def test_two_shot_source_matches_two_step_across_processes(host_lib, world):
     from tests._dist import run_distributed
     ranks = run_distributed(_two_shot_body, world, host_lib, timeout=600)
     for rows in ranks:
-        assert len(rows) == 27
+        assert len(rows) == 30
         bad = [r for r in rows if not r[2] or r[4]]
         assert not bad, bad
     sums = [[r[3] for r in rows] for rows in ranks]

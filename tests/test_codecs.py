@@ -14,8 +14,8 @@ from megatron_lite.comm.codecs import (BF16_MAX, FP16_MAX, GROUP_SIZES, CodecErr
                                        get_codec, get_scheme, parse_codec_spec)
 from megatron_lite.lab.calibration import build_calibration
 
-PLAIN = ["int8", "int5", "int4", "int4-sym", "int3", "int2", "fp8"]
-BITS = {"int8": (8, 1), "int5": (5, 2), "int4": (4, 2), "int4-sym": (4, 1), "int3": (3, 2),
+PLAIN = ["int8", "int6-sym", "int5", "int4", "int4-sym", "int3", "int2", "fp8"]
+BITS = {"int8": (8, 1), "int5": (5, 2), "int4": (4, 2), "int4-sym": (4, 1), "int6-sym": (6, 1), "int3": (3, 2),
         "int2": (2, 2), "fp8": (8, 1)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -101,6 +101,16 @@ def test_layout_symmetric_pinned():
     assert buf[32:].view(torch.bfloat16).item() == 127.0
     buf4 = get_codec("int4-sym:32").encode(torch.tensor([-7.0, -1.0, 0.0, 7.0] + [0.0] * 28))
     assert buf4[:2].tolist() == [(1) | (7 << 4), (8) | (15 << 4)]  # offset binary q + 8
+    # int6-sym: offset binary q + 32 in two planes, the low 4 bits (as int4) then bits 4-5
+    # (as int2, value i at bit 2 * (i % 4) of byte i // 4)
+    q6 = [-31, -1, 0, 31, 5, -6, 17, -17] + [0] * 24
+    buf6 = get_codec("int6-sym:32").encode(torch.tensor(q6, dtype=torch.float32))
+    u = [v + 32 for v in q6]
+    assert buf6[:16].tolist() == [(u[2 * i] & 15) | (u[2 * i + 1] & 15) << 4 for i in range(16)]
+    assert buf6[16:24].tolist() == [sum(((u[4 * i + j] >> 4) & 3) << (2 * j) for j in range(4))
+                                    for i in range(8)]
+    assert buf6[24:].view(torch.bfloat16).item() == 31.0
+    assert get_codec("int6-sym:32").decode(buf6, 32).tolist() == [float(v) for v in q6]
     buf8 = get_codec("fp8:32").encode(torch.tensor([448.0, -2.0] + [0.0] * 30))
     assert buf8[:2].view(torch.float8_e4m3fn).float().tolist() == [448.0, -2.0]
 

@@ -70,7 +70,7 @@ def child_quant():
     from megatron_lite.comm.codecs import get_codec
     out = []
     for spec in ["bf16", "int8:128", "int8:32", "int5:128", "int5:32", "int4:128", "int4:64",
-                 "int4-sym:32", "int3:128", "int3:32", "int2:256", "fp8:128", "fp8:32"]:
+                 "int4-sym:32", "int6-sym:128", "int6-sym:32", "int3:128", "int3:32", "int2:256", "fp8:128", "fp8:32"]:
         codec = get_codec(spec)
         g = getattr(codec, "group_size", 1)
         for dtype in (torch.float32, torch.bfloat16):
@@ -308,7 +308,7 @@ if __name__ == "__main__":
         result = child_quant()
     elif what == "fused2":
         result = child_fused(2, ["int4:128", "int8:32", "bf16", "int4-int8:128", "int3:64",
-                                 "int5:64", "fp8:128", "int2:128", "int4-sym:256"],
+                                 "int5:64", "fp8:128", "int2:128", "int4-sym:256", "int6-sym:64"],
                              [1, 777, 9000])
     else:
         result = child_fused(3, ["int4:128", "fp8:64", "int5:128"], [5, 20000])
@@ -318,7 +318,7 @@ if __name__ == "__main__":
 # ----------------------------------------------------------------------------- tests
 def test_quant_kernels_match_reference_bitwise():
     rows = _run_child("quant")
-    assert len(rows) == 26 + 6
+    assert len(rows) == 30 + 6
     bad = [r for r in rows if not all(r[2:])]
     assert not bad, bad
 

@@ -102,27 +102,31 @@ __device__ __forceinline__ uint32_t rint_bits(float q, float offset) {
   return __float_as_uint(__fadd_rn(q, offset));
 }
 
-// The bits per value of a code's first plane: int5 is two bit planes, its low 4 bits
-// packed as int4 and bit 4 as a 1-bit plane after them (group.py's layout); the others
-// are one plane.
-__host__ __device__ constexpr int plane_bits(int bits) { return bits == 5 ? 4 : bits; }
+// The bits per value of a code's first plane: int5 and int6-sym are two bit planes, their
+// low 4 bits packed as int4 and the bits above as a 1-bit (int5) or 2-bit (int6) plane
+// after them (group.py's layout); the others are one plane.
+__host__ __device__ constexpr int plane_bits(int bits) {
+  return bits == 5 || bits == 6 ? 4 : bits;
+}
 
 // 8 codes (bits 0 .. BITS-1 of each c) packed as stored: 8 bytes (w[0], w[1]), or 8
-// nibbles (w[0]) and, for int5, their bit 4 as one byte (w[1], value i at bit i).
+// nibbles (w[0]) and, for int5, their bit 4 as one byte (w[1], value i at bit i), for
+// int6, their bits 4-5 as two bytes (w[1], value i at bits 2i, 2i + 1).
 template <int BITS>
 __device__ __forceinline__ void pack(const uint32_t c[8], uint32_t w[2]) {
   if (BITS == 8) {
     w[0] = __byte_perm(__byte_perm(c[0], c[1], 0x0040), __byte_perm(c[2], c[3], 0x0040), 0x5410);
     w[1] = __byte_perm(__byte_perm(c[4], c[5], 0x0040), __byte_perm(c[6], c[7], 0x0040), 0x5410);
   } else {
-    uint32_t a = c[0] & 0xFu, b = (c[0] >> 4) & 1u;
+    uint32_t a = c[0] & 0xFu, b = (c[0] >> 4) & (BITS == 6 ? 3u : 1u);
 #pragma unroll
     for (int i = 1; i < 8; ++i) {
       a |= (c[i] & 0xFu) << (4 * i);
       if (BITS == 5) b |= ((c[i] >> 4) & 1u) << i;
+      if (BITS == 6) b |= ((c[i] >> 4) & 3u) << (2 * i);
     }
     w[0] = a;
-    w[1] = BITS == 5 ? b : 0u;
+    w[1] = BITS == 5 || BITS == 6 ? b : 0u;
   }
 }
 
@@ -187,6 +191,7 @@ template <int KIND, int BITS>
 __device__ __forceinline__ float code_value(const uint32_t w[2], int i) {
   uint32_t c = BITS == 8 ? (w[i >> 2] >> (8 * (i & 3))) & 0xFFu : (w[0] >> (4 * i)) & 0xFu;
   if (BITS == 5) c |= ((w[1] >> i) & 1u) << 4;
+  if (BITS == 6) c |= ((w[1] >> (2 * i)) & 3u) << 4;
   if (KIND == kAsym) return __fsub_rn(bits_f(c | 0x4B000000u), 8388608.0f);
   if (BITS == 8) return __fsub_rn(bits_f(c ^ 0x4B000080u), 8388736.0f);  // two's complement
   return __fsub_rn(bits_f(c | 0x4B000000u), 8388608.0f + (float)(1 << (BITS - 1)));

@@ -215,8 +215,8 @@ __device__ __forceinline__ void encode_sym(float x[kChunks][8], uint32_t w[kChun
 }
 
 // Byte offsets of a row's parts (the reference layout: [payload n*BITS/8][meta0: n/G
-// bf16][meta1: n/G bf16]; int5's payload is its 4-bit plane, n/2 bytes, then its 1-bit
-// plane, n/8 bytes).
+// bf16][meta1: n/G bf16]; int5's and int6's payload is its 4-bit plane, n/2 bytes, then
+// its 1-bit plane, n/8 bytes, or 2-bit plane, n/4 bytes).
 template <int BITS, int G>
 struct Where {
   static constexpr int PB = plane_bits(BITS);
@@ -228,7 +228,10 @@ struct Where {
     meta1 = meta0 + 2 * (n / G);
   }
   __device__ __forceinline__ int64_t pay(int64_t col) const { return base + col * PB / 8; }
-  __device__ __forceinline__ int64_t bit4(int64_t col) const { return plane1 + col / 8; }
+  // the upper plane's bytes of the 8 values from col (a multiple of 8)
+  __device__ __forceinline__ int64_t bit4(int64_t col) const {
+    return plane1 + col * (BITS - PB) / 8;
+  }
 };
 
 // A chunk's 8 codes as stored (pack's w) at value col of a row.
@@ -237,6 +240,8 @@ __device__ __forceinline__ void store_codes(uint8_t* buf, const Where<BITS, G>& 
                                             const uint32_t w[2]) {
   store_bytes(buf + at.pay(col), w[0], w[1], plane_bits(BITS));
   if (BITS == 5) buf[at.bit4(col)] = (uint8_t)w[1];
+  // 2-byte aligned: rows and the 4-bit plane are whole multiples of 2 bytes (n % 64 == 0)
+  if (BITS == 6) *reinterpret_cast<uint16_t*>(buf + at.bit4(col)) = (uint16_t)w[1];
 }
 
 template <int BITS, int G>
@@ -244,6 +249,7 @@ __device__ __forceinline__ void load_codes(const uint8_t* buf, const Where<BITS,
                                            int64_t col, uint32_t w[2]) {
   load_bytes(buf + at.pay(col), w[0], w[1], plane_bits(BITS));
   if (BITS == 5) w[1] = __ldcg(buf + at.bit4(col));
+  if (BITS == 6) w[1] = __ldcg(reinterpret_cast<const unsigned short*>(buf + at.bit4(col)));
 }
 
 // This thread's share of one stored group, as loaded: its chunks' payload words and the
@@ -383,9 +389,9 @@ cudaError_t launch(void (*kernel)(P...), int64_t grid, int block, cudaStream_t s
 template <int V> using Int = std::integral_constant<int, V>;
 template <bool V> using Bool = std::integral_constant<bool, V>;
 
-// f(KIND, BITS, G, ROT) with each as a compile-time constant: the 20 kernels per dtype that
-// kernels/codec_cuda.py may ask for (asym at 8, 5 or 4 bits, sym at 8 or 4; group 128 or
-// 64; rotated or not).
+// f(KIND, BITS, G, ROT) with each as a compile-time constant: the 24 kernels per dtype that
+// kernels/codec_cuda.py may ask for (asym at 8, 5 or 4 bits, sym at 8, 6 or 4; group 128
+// or 64; rotated or not).
 template <typename F>
 cudaError_t dispatch(int kind, int bits, int g, bool rot, F f) {
   auto by_rot = [&](auto k, auto b, auto gg) {
@@ -401,6 +407,8 @@ cudaError_t dispatch(int kind, int bits, int g, bool rot, F f) {
     if (bits == 4) return by_group(k, Int<4>());
     if constexpr (decltype(k)::value == kAsym) {
       if (bits == 5) return by_group(k, Int<5>());
+    } else {
+      if (bits == 6) return by_group(k, Int<6>());
     }
     return cudaErrorInvalidValue;
   };

@@ -1,4 +1,4 @@
-"""The group codecs (bf16, int8, int5, int4, int4-sym, int3, int2, fp8, and Flash
+"""The group codecs (bf16, int8, int6-sym, int5, int4, int4-sym, int3, int2, fp8, and Flash
 Communication's two-stage int4-int8): the wire formats and the bit-exact reference every
 kernel matches, with their scheme (flat chunking, comm/algorithms.py).
 
@@ -18,13 +18,15 @@ Byte layout (structure of arrays, little-endian, G = n / g groups)::
   int2: n/4 bytes][bit 2 of every value, packed as 1-bit: n/8 bytes]``. Exactly 3 bits per
   value, no value straddles a byte, and a kernel decodes it with two loads and shifts.
   int5 is the same with a 4-bit plane: ``[low 4 bits, packed as int4: n/2 bytes][bit 4,
-  packed as 1-bit: n/8 bytes]`` (5 bits per value).
-  6 and 7 bits (only inside the ``klt`` codecs, klt.py) follow the same rule:
-  planes of 4, 2 and 1 bits, low bits first (6 = 4 + 2, 7 = 4 + 2 + 1).
+  packed as 1-bit: n/8 bytes]`` (5 bits per value). int6-sym is the same with a 2-bit
+  plane (``[low 4 bits: n/2 bytes][bits 4-5, packed as int2: n/4 bytes]``), and 7 bits
+  (only inside the ``klt`` codecs, klt.py) follows the same rule: planes of 4, 2 and 1
+  bits, low bits first (6 = 4 + 2, 7 = 4 + 2 + 1).
 * meta arrays hold bf16 bit patterns. Asymmetric codecs (int5, int4, int3, int2, and the
   1- to 8-bit widths inside ``klt``; 8-bit codes one byte each): array 0 is the step
-  ``s``, array 1 the offset ``m``. Symmetric codecs (int8, int4-sym, fp8): array 0 is the
-  group's bound ``A`` (no array 1).
+  ``s``, array 1 the offset ``m``. Symmetric codecs (int8, int6-sym, int4-sym, fp8): array
+  0 is the group's bound ``A`` (no array 1); below 8 bits their codes are offset binary,
+  ``q + 2^(b-1)``.
 
 Arithmetic (all fp32, every division and product IEEE round-to-nearest-even, ``rint`` is
 round-half-to-even; a kernel must use correctly rounded division, e.g. ``div_rn``)::
@@ -40,7 +42,7 @@ round-half-to-even; a kernel must use correctly rounded division, e.g. ``div_rn`
       q  = clamp(rint(fl(fl(0.5*x - 0.5*m) * r2)), 0, qmax)
       decode: y = 2 * fl(q * (0.5*s) + 0.5*m)        # q*(0.5 s) is exact, so FMA or not
                                                      # gives the same bits
-    symmetric int, qmax = 2^(b-1) - 1 (127 or 7):
+    symmetric int, qmax = 2^(b-1) - 1 (127, 31 or 7):
       A  = RU_bf16(max |x|)                          # exact for bf16 inputs
       e  = 2^64 if A < 2^-64 else 1                  # tiny groups: exact power-of-2 rescale
       r  = fl(qmax / fl(A*e))  (0 when A == 0)
@@ -136,7 +138,7 @@ class GroupCodec(Codec):
         else:
             self.qmax = 448  # e4m3fn max
         self._kernel = None
-        if bits in (1, 2, 3, 4, 5, 8):   # one bit plane or two (3 = 2 + 1, 5 = 4 + 1)
+        if bits in (1, 2, 3, 4, 5, 6, 8):   # one bit plane or two (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2)
             kk = {"asym": KIND_ASYM, "sym": KIND_SYM, "fp8": KIND_FP8}[kind]
             c2 = float(torch.tensor(2.0 / self.qmax, dtype=torch.float32)) if kind == "asym" else 0.0
             self._kernel = KernelCodec(kk, bits, group_size, self.qmax, c2, self.n_meta)
@@ -364,6 +366,7 @@ PLAIN = {
     "int5": ("asym", 5),
     "int4": ("asym", 4),
     "int4-sym": ("sym", 4),
+    "int6-sym": ("sym", 6),
     "int3": ("asym", 3),
     "int2": ("asym", 2),
     "fp8": ("fp8", 8),
