@@ -18,11 +18,13 @@ tests/test_codec_cuda_source.py runs this same source on the CPU, bit for bit ag
 reference.
 
 The source compiles on first use, on the GPU machine only (``torch.utils.cpp_extension.
-load_inline``, cached by torch under a name that holds the source's hash); CPU machines
-never build it.
+load``, three translation units built in parallel, cached under a name that holds the
+sources' hash, behind an ``flock`` that a killed build cannot leave held: ``build_lock``);
+CPU machines never build it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -38,7 +40,7 @@ from .config import INTERPRET, KIND_ASYM, KIND_SYM, KernelCodec, KernelPlan
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRC = os.path.join(_CSRC, "codec.cu")   # includes the headers of csrc/
-_SOURCES = (_SRC, os.path.join(_CSRC, "two_shot.cu"))   # built as one translation unit
+_SOURCES = (_SRC, os.path.join(_CSRC, "two_shot.cu"))
 _DECLS = """
 int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,
                       int64_t n, int64_t nb, int64_t dtype, int64_t kind, int64_t bits,
@@ -69,32 +71,79 @@ def build() -> None:
     _ext()
 
 
+_FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error", "ml_two_shot")
+
+
+def _build_directory(tag: str) -> str:
+    """Where the extension of source version ``tag`` is built: under torch's extensions
+    root (``TORCH_EXTENSIONS_DIR`` if set), one directory per source, torch, CUDA and
+    Python version."""
+    from torch.utils.cpp_extension import get_default_build_root
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return os.path.join(root, f"megatron_lite_codec_{tag}")
+
+
+@contextlib.contextmanager
+def build_lock(directory: str):
+    """Hold the build of ``directory`` alone. torch's own lock (the file ``lock`` in the
+    build directory, created and deleted around a build) outlives a build killed midway,
+    and every later build then waits on it forever; an ``flock`` is released by the OS
+    when its holder dies. Under it no other builder is running, so a ``lock`` file found
+    there is stale and is removed."""
+    import fcntl
+    os.makedirs(directory, exist_ok=True)
+    with open(directory + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(directory, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return      # an unchanged mtime: ninja does not rebuild it
+    except FileNotFoundError:
+        pass
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 @functools.lru_cache(maxsize=None)
 def _ext():
-    """The compiled extension (built once per source version and machine)."""
-    from torch.utils.cpp_extension import load_inline
-    srcs = []
-    for path in _SOURCES:
-        with open(path) as f:
-            srcs.append(f.read())
-    digest = hashlib.sha256("\n".join(srcs).encode())
-    for name in sorted(os.listdir(_CSRC)):   # the headers they include: part of the version
-        if name.endswith(".cuh"):
+    """The compiled extension (built once per source version and machine). codec.cu,
+    two_shot.cu and the bindings are separate translation units, which ninja compiles in
+    parallel (each .cu takes about a minute of one core)."""
+    from torch.utils.cpp_extension import load
+    digest = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {sys.version_info[:2]}"
+                            .encode())
+    for name in sorted(os.listdir(_CSRC)):   # the sources and the headers they include
+        if name.endswith((".cu", ".cuh")):
             with open(os.path.join(_CSRC, name), "rb") as f:
-                digest.update(f.read())
+                digest.update(name.encode() + f.read())
     tag = digest.hexdigest()[:12]
+    directory = _build_directory(tag)
+    bindings = os.path.join(directory, "bindings.cpp")
     print("building the CUDA codec kernels (kernels/csrc/, once per machine)",
           file=sys.stderr, flush=True)
-    # No FMA contraction anywhere: the reference rounds every product and sum separately
-    # (the source uses explicit _rn intrinsics as well; this keeps any plain expression
-    # added later honest).
-    return load_inline(name=f"megatron_lite_codec_{tag}", cpp_sources=[_DECLS],
-                       cuda_sources=srcs,
-                       functions=["ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error",
-                                  "ml_two_shot"],
-                       extra_cuda_cflags=["-O3", "--fmad=false"],   # torch picks the C++ std
-                       extra_include_paths=[_CSRC],
-                       verbose=False)
+    with build_lock(directory):
+        _write_if_changed(bindings, "#include <torch/extension.h>\n" + _DECLS
+                          + "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
+                          + "".join(f'  m.def("{f}", &{f}, "{f}");\n' for f in _FUNCTIONS)
+                          + "}\n")
+        # No FMA contraction anywhere: the reference rounds every product and sum
+        # separately (the source uses explicit _rn intrinsics as well; this keeps any
+        # plain expression added later honest).
+        return load(name=f"megatron_lite_codec_{tag}", sources=[bindings, *_SOURCES],
+                    extra_cuda_cflags=["-O3", "--fmad=false"],   # torch picks the C++ std
+                    extra_include_paths=[_CSRC], build_directory=directory, verbose=False)
 
 
 _QMAX = {KIND_ASYM: lambda bits: (1 << bits) - 1, KIND_SYM: lambda bits: (1 << (bits - 1)) - 1}

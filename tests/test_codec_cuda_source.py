@@ -177,3 +177,27 @@ def test_two_shot_source_matches_two_step_across_processes(host_lib, world):
         assert not bad, bad
     sums = [[r[3] for r in rows] for rows in ranks]
     assert all(s == sums[0] for s in sums[1:]), sums
+
+
+def test_build_lock_outlives_a_killed_build(tmp_path):
+    """A build killed midway leaves torch's ``lock`` file behind (every later build would
+    wait on it forever) and dies holding the flock: the next builder gets the flock and
+    finds the stale file gone."""
+    import sys
+    from megatron_lite.kernels import codec_cuda
+    d = tmp_path / "megatron_lite_codec_x"
+    d.mkdir()
+    (d / "lock").write_text("")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+         str(d) + ".lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        holder.kill()
+        holder.wait()
+    with codec_cuda.build_lock(str(d)):
+        assert not (d / "lock").exists()
+        (d / "lock").write_text("")      # torch's baton during our own build
+    assert (d / "lock").exists()         # ours: torch removes it itself when done

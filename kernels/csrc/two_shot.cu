@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <thread>   // std::this_thread::yield in the host build (tests/cuda_host/)
 #include <tuple>
 #include <vector>
 

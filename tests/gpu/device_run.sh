@@ -2,7 +2,8 @@
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
 #   STAGES="env smoke sweep bench4 bench2 rec transports tests gen" bash tests/gpu/device_run.sh
-# One GPU: STAGES="env codec host tests gen1 kv1" bash tests/gpu/device_run.sh
+# One GPU: STAGES="env build codec host tests gen1 kv1" bash tests/gpu/device_run.sh
+# (build first: a stage's timeout must not fall inside the CUDA codec build, 1-3 minutes)
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -18,6 +19,14 @@ for st in $STAGES; do
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       nvidia-smi topo -m
       PYTHONPATH=. python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count(),)"
+      ;;
+    build)
+      # the CUDA C++ codec kernels, once per machine (kernels/codec_cuda.py), so that no
+      # timed stage pays for the build or is killed inside it
+      timeout ${T_BUILD:-420} python3 -c "
+import time; t = time.time()
+from megatron_lite.kernels import codec_cuda
+codec_cuda.build(); print(f'CUDA codec kernels built in {time.time() - t:.0f} s')" 2>&1 | tail -3
       ;;
     smoke)
       timeout 150 torchrun --nproc_per_node=2 tools/bench_allreduce.py --min-size 16KB --max-size 64MB \

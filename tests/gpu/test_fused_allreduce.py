@@ -16,7 +16,7 @@ from tests.gpu._harness import (import_kernels, needs_cuda, reference_all_reduce
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
 CODECS = ["bf16", "int8:128", "int4:128", "int4:32", "int4-int8:128", "int4-sym:64", "fp8:128",
-          "int3:64", "int2:128", "int8:256", "int5:128", "int5:64"]
+          "int3:64", "int2:128", "int8:256", "int5:128", "int5:64", "int6-sym:128"]
 SIZES = [1, 3, 127, 1000, 3 * 4096 * 4 + 17, (1 << 20) + 3]
 
 

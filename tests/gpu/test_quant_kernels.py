@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, needs_cuda]
 
 # Each (codec, dtype) pair is a separate Triton compile: the matrix is kept small on purpose.
 SPECS = ["bf16", "int8:128", "int5:128", "int4:128", "int4:32", "int4-sym:64", "int3:128",
-         "int2:256", "fp8:128"]
+         "int2:256", "fp8:128", "int6-sym:64"]
 FULL = ("int4:128", "fp8:128")     # every input and output dtype; the rest bf16 -> fp32
 
 
