@@ -273,7 +273,34 @@ def generate_page(entries) -> str:
                      + "".join(f", `data/generate/{f}`" for f in e.get("with", [])) + ".\n\n")
         parts.append(_md_table(["case"] + [f"`{c}`" for c in comms], table))
         parts.append(_floor_table(d))
+        parts.append(_profile_table(d))
     return "".join(parts)
+
+
+_KINDS = ("gemm", "attention", "allreduce", "elementwise", "copy", "other")   # lab.benchmark's kinds
+
+
+def _profile_table(d: dict) -> str:
+    """Where one step's GPU time goes (``--profile``: the batch-1 decode step and the
+    largest prefill case), per backend: kernels, busy time, the gaps between kernels, and
+    each kind's share of the busy time."""
+    rows = []
+    for key, what in (("decode_profile_b1", "decode batch 1"), ("prefill_profile", "prefill")):
+        for comm, p in (d.get(key) or {}).items():
+            if "busy_ms_per_step" not in p:
+                continue   # a profiler failure, recorded as such in the JSON
+            busy, kinds = p["busy_ms_per_step"], p.get("by_kind", {})
+            case = (f"prefill {p['tokens']}x{p['batch']}" if key == "prefill_profile"
+                    else what)
+            rows.append([case, f"`{comm}`", f"{p['kernels_per_step']:.0f}", f"{busy:.3f}",
+                         f"{max(0.0, p['span_ms_per_step'] - busy):.3f}"]   # older runs: no gap key
+                        + [f"{kinds[k]['ms']:.3f} ({100 * kinds[k]['ms'] / busy:.0f}%)"
+                           if k in kinds else "-" for k in _KINDS])
+    if not rows:
+        return ""
+    return ("\nWhere a step's time goes (`--profile`, torch profiler; ms per step, kinds "
+            "as shares of the busy time):\n\n"
+            + _md_table(["step", "comm", "kernels", "busy ms", "gaps ms"] + list(_KINDS), rows))
 
 
 def _floor_table(d: dict) -> str:
