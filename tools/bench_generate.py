@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (Engine(compile=True)); recorded in "
                         "the JSON")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="torch.compile the prefill too, with dynamic prompt lengths "
+                        "(Engine(compile_prefill=True)); recorded in the JSON")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random weights and the random prompts")
     p.add_argument("--json", type=Path, metavar="FILE",
@@ -311,13 +314,16 @@ def _build_engine(args, group, device, dtype):
     from megatron_lite.lab.random_init import random_model, resolve_shape
     if args.ckpt is not None:
         engine = Engine.from_pretrained(args.ckpt, group=group, dtype=dtype, device=device,
-                                        compile=args.compile, kv_layout=args.kv_layout)
+                                        compile=args.compile,
+                                        compile_prefill=args.compile_prefill,
+                                        kv_layout=args.kv_layout)
         engine.eos_token_ids = ()   # timing runs never stop early
         return engine, args.ckpt.name, engine.model
     model = random_model(resolve_shape(args.random_weights), group, device=device, dtype=dtype,
                          seed=args.seed)
     return (Engine(model, None, max_batch_size=64, compile=args.compile,
-                   kv_layout=args.kv_layout), args.random_weights, model)
+                   compile_prefill=args.compile_prefill, kv_layout=args.kv_layout),
+            args.random_weights, model)
 
 
 def main(argv=None) -> int:
@@ -407,7 +413,8 @@ def main(argv=None) -> int:
                                   if torch.distributed.is_initialized() else "none"),
         dtype=str(dtype).replace("torch.", ""), context=args.context,
         decode_steps=args.decode_steps, prefill_repeats=args.repeats, cuda_graphs=graphs,
-        compiled_decode=args.compile, kv_layout=args.kv_layout,
+        compiled_decode=args.compile, compiled_prefill=args.compile_prefill,
+        kv_layout=args.kv_layout,
         hbm_GBps=hbm, weight_bytes_per_gpu=total_weight_bytes(model),
         streamed_weight_bytes_per_gpu=streamed, tpot_floor_ms=streamed / (hbm * 1e9) * 1e3,
         matmul_TFLOPs=tflops, checks={}, backends={}, skipped={}, rows=[])

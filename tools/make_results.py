@@ -317,16 +317,20 @@ def _floor_table(d: dict) -> str:
     for key, r in main.items():
         ph, b, t = key
         how = ("graphed" if r.get("graph") else "eager") if ph == "prefill" else mode
+        if ph == "prefill" and d.get("compiled_prefill"):
+            how = "compiled" + (" + graphed" if r.get("graph") else "")
         e = eager.get(key)
         table.append([f"TTFT {t}x{b}" if ph == "prefill" else f"TPOT batch {b}",
                       f"{r['floor_ms']:.3f}", f"{r['ms']:.3f} ({how})",
                       f"{r['ms'] / r['floor_ms']:.2f}x",
                       "-" if e is None else f"{e['ms']:.3f} ({e['ms'] / r['floor_ms']:.2f}x)"])
+    ungraphed = "compiled, no graph" if d.get("compiled_prefill") else "eager"
     tf = d.get("matmul_TFLOPs")
     return ("\n`native` against its floors: prefill's FLOPs at the dense matmul rate"
             + (f" measured in the run ({tf:.3g} TFLOP/s)" if tf else "")
             + "; decode's weight and KV-cache bytes at the run's HBM copy bandwidth.\n\n"
-            + _md_table(["case", "floor ms", "ms", "x floor", "eager ms (x floor)"], table))
+            + _md_table(["case", "floor ms", "ms", "x floor", f"{ungraphed} ms (x floor)"],
+                        table))
 
 
 # ----------------------------------------------------------------------------- recommendation

@@ -79,7 +79,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8,
                  max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = (),
                  cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
-                 kv_layout: str = "live"):
+                 compile_prefill: bool = False, kv_layout: str = "live"):
         if kv_layout not in LAYOUTS:
             raise ValueError(f"unknown kv_layout {kv_layout!r}; choose one of "
                              f"{', '.join(LAYOUTS)}")
@@ -90,16 +90,20 @@ class Engine:
         # one compile per batch bucket), which fuses the ~30 small elementwise kernels a
         # layer runs between its GEMMs (norms, RoPE, cache writes, activation, residuals).
         # The TP collectives are custom ops, no graph breaks (parallel_state.TPGroup). Prefill
-        # stays eager: its prompt lengths vary and its time is in the GEMMs. None: where it
-        # was measured faster (default_compile).
+        # stays eager unless ``compile_prefill``: its prompt lengths vary (one compile with
+        # dynamic lengths), and most of its time is in the GEMMs, but about a quarter of an
+        # eager 8k prefill is elementwise kernels (llama3-8b shape, one H200:
+        # docs/results/generate.md). None: where it was measured faster (default_compile).
         w = model.embed_tokens.weight
         self.cuda_graphs = w.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if compile is None:
             compile = default_compile(w.device, model.group.world_size, self.cuda_graphs)
-        self.compiled = bool(compile)
-        if compile:
+        self.compiled, self.compiled_prefill = bool(compile), bool(compile_prefill)
+        if compile or compile_prefill:
             _configure_compile()
         self._step_model = torch.compile(model, dynamic=False) if compile else model
+        self._prefill_model = (torch.compile(model, dynamic=True) if compile_prefill
+                               else model)
         self.tokenizer = tokenizer
         self.device, self.dtype = w.device, w.dtype
         self.max_batch_size = max_batch_size
@@ -118,7 +122,8 @@ class Engine:
     def from_pretrained(cls, path: Union[str, Path], group: Optional[TPGroup] = None,
                         dtype=None, comm=None, max_batch_size: int = 8,
                         max_seq_len: Optional[int] = None, device=None,
-                        compile: Optional[bool] = None, kv_layout: str = "live") -> "Engine":
+                        compile: Optional[bool] = None, compile_prefill: bool = False,
+                        kv_layout: str = "live") -> "Engine":
         """Load a shard directory (its TP must equal the world size) or an HF directory
         (sharded in memory). All checks run before any weights are read.
 
@@ -135,7 +140,7 @@ class Engine:
                                         group=_apply_comm(base, comm, hf_config), dtype=dtype,
                                         device=device, max_batch_size=max_batch_size,
                                         max_seq_len=max_seq_len, compile=compile,
-                                        kv_layout=kv_layout)
+                                        compile_prefill=compile_prefill, kv_layout=kv_layout)
 
     @classmethod
     def from_hf_state_dict(cls, hf_config: dict, hf_sd, tokenizer=None,
@@ -202,9 +207,9 @@ class Engine:
             k, v = [t[:B] for t in k], [t[:B] for t in v]
         positions = torch.arange(T, device=self.device).expand(B, T)
         index = None if all_logits else lengths.to(self.device) - 1
-        return self.model(tokens.to(self.device), positions, k, v, kv_len=T,
-                          logits_index=index, causal_prefill=True,
-                          lengths=lengths.to(self.device))
+        return self._prefill_model(tokens.to(self.device), positions, k, v, kv_len=T,
+                                   logits_index=index, causal_prefill=True,
+                                   lengths=lengths.to(self.device))
 
     def prefill_rows(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Prefill of every cache row at once: right-padded prompts [rows, L] (true
@@ -212,8 +217,9 @@ class Engine:
         syncs: what graphed prefill captures (``pad_prompts`` makes its inputs)."""
         rows, L = tokens.shape
         positions = torch.arange(L, device=self.device).expand(rows, L)
-        return self.model(tokens, positions, self.cache.k, self.cache.v, kv_len=L,
-                          logits_index=lengths - 1, causal_prefill=True, lengths=lengths)
+        return self._prefill_model(tokens, positions, self.cache.k, self.cache.v, kv_len=L,
+                                   logits_index=lengths - 1, causal_prefill=True,
+                                   lengths=lengths)
 
     def _prefill_graph(self) -> CUDAGraphPrefill:
         if self._prefill_graphs is None:

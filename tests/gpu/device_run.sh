@@ -111,12 +111,12 @@ codec_cuda.build(); print(f'CUDA codec kernels built in {time.time() - t:.0f} s'
       ;;
     gen1)
       # one GPU (TP 1), llama3-8b: graphed vs eager prefill against the compute floor,
-      # graphed decode with and without torch.compile against the streaming floor
-      # (compile changes decode only: the compiled run prefills one case)
-      for c in "" "--compile"; do
+      # graphed decode with and without torch.compile against the streaming floor; the
+      # compiled run compiles the prefill too (--compile-prefill: dynamic prompt lengths)
+      for c in "" "--compile --compile-prefill"; do
         tag=${c:+_compile}
         pre="--eager-prefill --eager-decode --prefill 512x1,2048x1,8192x1"
-        [ -n "$c" ] && pre="--prefill 512x1"
+        [ -n "$c" ] && pre="--eager-prefill --prefill 512x1,2048x1,8192x1"
         timeout ${T_GEN:-200} torchrun --nproc_per_node=1 tools/bench_generate.py $c $pre \
           --random-weights llama3-8b --comm native --no-lower-bound --decode-batches 1,16 \
           --decode-steps 100 --repeats 5 --profile \
