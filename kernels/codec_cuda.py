@@ -52,6 +52,10 @@ int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int
 int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n, int64_t nb,
                    int64_t dtype, int64_t kind, int64_t bits, int64_t g, bool rot,
                    double rscale, int64_t stream);
+int ml_one_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
+                std::vector<int64_t> deltas, int64_t n, int64_t block_elems, int64_t flag_off,
+                int64_t data_off, int64_t slot_bytes, int64_t rank, int64_t world,
+                int64_t maxb, int64_t dtype, int64_t spin, int64_t grid, int64_t stream);
 int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
                 std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t chunk,
                 int64_t tiles, int64_t tile, int64_t tile_bytes, int64_t flag_off,
@@ -71,7 +75,8 @@ def build() -> None:
     _ext()
 
 
-_FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error", "ml_two_shot")
+_FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error", "ml_one_shot",
+              "ml_two_shot")
 
 
 def _build_directory(tag: str) -> str:
@@ -317,4 +322,33 @@ def two_shot_all_reduce(ws, x: torch.Tensor, plan: KernelPlan, out: torch.Tensor
         _stream(x)), "two-shot all-reduce")
     if dst is not out:
         out.copy_(dst.view(out.shape))
+    return out
+
+
+def takes_one_shot(x: torch.Tensor) -> bool:
+    """Whether csrc/two_shot.cu's one-shot kernel runs ``x``: a CUDA message in bf16, fp16
+    or fp32 on a real GPU (the interpreter runs the Triton kernel). Every rank decides
+    alike."""
+    return not INTERPRET and x.is_cuda and x.dtype in _DTYPES
+
+
+def one_shot_all_reduce(ws, x: torch.Tensor, out: torch.Tensor, block: int, grid: int,
+                        spin: int) -> torch.Tensor:
+    """kernels/fused_allreduce.py's ``one_shot_all_reduce`` on csrc/two_shot.cu: the same
+    protocol over the same workspace (slots, parity, flags, the epochs of
+    ``counters[0]``), the same grid and elements per block, the same bits. ``x``
+    contiguous; ``out`` of x's shape and dtype, contiguous, 16-byte aligned (else a
+    temporary takes the sum)."""
+    from .workspace import MAX_BLOCKS
+    if x.data_ptr() % 16:
+        x = x.clone()
+    dst = out if out.data_ptr() % 16 == 0 else torch.empty_like(x)
+    lay = ws.layout
+    _check(_ext().ml_one_shot(
+        x.data_ptr(), dst.data_ptr(), ws.buffer.data_ptr(), ws.counters[0].data_ptr(),
+        ws.status.data_ptr(), ws.deltas, x.numel(), block, lay.flag_off, lay.oneshot_off,
+        lay.oneshot_slot, ws.rank, ws.world, MAX_BLOCKS, _DTYPES[x.dtype], spin, grid,
+        _stream(x)), "one-shot all-reduce")
+    if dst is not out:
+        out.copy_(dst)
     return out

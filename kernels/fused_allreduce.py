@@ -1,6 +1,9 @@
 """Fused intra-node all-reduce kernels over a symmetric workspace (``workspace.py``).
 
-one-shot (small messages, bf16/fp16/fp32 as given)
+one-shot (small messages, bf16/fp16/fp32 as given; on a GPU its CUDA C++ twin in
+    kernels/csrc/two_shot.cu runs instead, same protocol and bits, launched through the
+    extension rather than Triton's Python launcher: with the Triton kernel the whole
+    eager call took 44 us of host time, docs/notebook/2026-12-05.md)
     One launch, one barrier. Block b stores its tile of the input into slot [parity][me] of
     every rank, release-signals flag [parity][me][b] on every rank, acquires the W flags
     [parity][*][b] of its own rank, and sums the W slots in fp32 in rank order 0..W-1.
@@ -108,6 +111,8 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
         out = torch.empty_like(x)
     block = one_shot_block(n, x.device)
     grid = one_shot_grid(ws, x.device)
+    if codec_cuda.takes_one_shot(x) and out.is_contiguous():
+        return codec_cuda.one_shot_all_reduce(ws, x, out, block, grid, SPIN_LIMIT)
     lay = ws.layout
     _one_shot_kernel[(grid,)](
         x, out, ws.buffer, ws.counters[0], ws.status, *ws.kernel_deltas,
@@ -345,7 +350,9 @@ def prewarm(ws: SymmWorkspace, plans, numels, dtype=torch.bfloat16, oneshot: boo
             continue
         done += 1
         xs = x[:n]
-        if kind == "oneshot":
+        if kind == "oneshot" and codec_cuda.takes_one_shot(xs):
+            codec_cuda.build()   # csrc/two_shot.cu's one-shot kernel runs instead
+        elif kind == "oneshot":
             block = one_shot_block(n, x.device)
             _one_shot_kernel.warmup(
                 xs, xs, ws.buffer, ws.counters[0], ws.status, *ws.kernel_deltas,

@@ -30,6 +30,7 @@ _ARGS = {
 }
 _TWO_SHOT_ARGS = ([ctypes.c_int64] * 29 + [ctypes.c_bool, ctypes.c_int64]
                   + [ctypes.c_double] * 5 + [ctypes.c_int64] * 3)
+_ONE_SHOT_ARGS = [ctypes.c_int64] * 25
 
 
 def _build(out_dir) -> str:
@@ -69,6 +70,8 @@ def _load(lib: str):
         fns[f"ml_codec_{op}"] = fn
     so.host_two_shot.argtypes, so.host_two_shot.restype = _TWO_SHOT_ARGS, ctypes.c_int
     fns["ml_two_shot"] = _TwoShot(so.host_two_shot)
+    so.host_one_shot.argtypes, so.host_one_shot.restype = _ONE_SHOT_ARGS, ctypes.c_int
+    fns["ml_one_shot"] = _TwoShot(so.host_one_shot)   # the same argument order up to deltas
     return type("HostCodecExtension", (), {k: staticmethod(v) for k, v in fns.items()})
 
 
@@ -177,6 +180,55 @@ def test_two_shot_source_matches_two_step_across_processes(host_lib, world):
         assert not bad, bad
     sums = [[r[3] for r in rows] for rows in ranks]
     assert all(s == sums[0] for s in sums[1:]), sums
+
+
+def _one_shot_body(rank, world, lib):
+    """On every rank: the one-shot kernel on the shared-memory workspace against the exact
+    rank-order fp32 sum, in bf16, fp16 and fp32, at sizes below, at and past a block, with
+    a NaN and an Inf from one rank; several calls in a row (both parities of the slots).
+    Returns (dtype, n, bitwise equal, checksum, status) per call."""
+    import math
+    from megatron_lite.comm import fused as backends
+    from megatron_lite.kernels import codec_cuda, fused_allreduce as fa
+    from tests.gpu._harness import same_bits
+    _use_host_build(codec_cuda, _load(lib))
+    state = backends.make_state(None, max_bytes=1 << 18, oneshot_max_bytes=1 << 15,
+                                cpu_shm=True)
+    ws, res = state.ws, []
+    grid = fa.one_shot_grid(ws, torch.device("cpu"))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for n in (1, 7, 513, 3000, 8191 if dtype != torch.float32 else 4093):
+            g = torch.Generator().manual_seed(31 * n + rank)
+            x = (torch.randn(n, generator=g) * 4 * (rank + 1)).to(dtype)
+            if n > 600 and rank == world - 1:
+                x[5], x[n - 1] = math.nan, math.inf
+            xs = [(torch.randn(n, generator=torch.Generator().manual_seed(31 * n + r))
+                   * 4 * (r + 1)).to(dtype) for r in range(world)]
+            for r in range(world):
+                if n > 600 and r == world - 1:
+                    xs[r][5], xs[r][n - 1] = math.nan, math.inf
+            want = xs[0].float()
+            for r in range(1, world):
+                want = want + xs[r].float()
+            got = codec_cuda.one_shot_all_reduce(ws, x, torch.empty_like(x),
+                                                 fa.one_shot_block(n, x.device), grid, 1 << 20)
+            res.append([str(dtype), n, bool(same_bits(got, want.to(dtype))),
+                        float(torch.nan_to_num(got.float()).sum()), int(ws.status[0])])
+    return res
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_shot_source_matches_rank_order_sum(host_lib, world):
+    """csrc/two_shot.cu's one-shot kernel (the Triton one-shot's twin, launched through the
+    extension) over the /dev/shm workspace: the exact rank-order fp32 sum's bits on every
+    rank, NaN and Inf included, call after call."""
+    from tests._dist import run_distributed
+    ranks = run_distributed(_one_shot_body, world, host_lib, timeout=600)
+    for rows in ranks:
+        assert len(rows) == 15
+        bad = [r for r in rows if not r[2] or r[4]]
+        assert not bad, bad
+    assert all(r == ranks[0] for r in ranks)
 
 
 def test_build_lock_outlives_a_killed_build(tmp_path):

@@ -213,10 +213,132 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads) two_shot_kernel(
   if (threadIdx.x == 0) cnt[b] = epoch;
 }
 
+// One element of the one-shot kernel, as its raw bits U: read as fp32 (exact) and the
+// fp32 sum written back rounded to nearest even (kernels/quant.py's load_f32 / cast_out).
+template <typename T> struct Elt;
+template <> struct Elt<Bf16Bits> {
+  using U = uint16_t;
+  static __device__ __forceinline__ float f32(U u) { return bits_f((uint32_t)u << 16); }
+  static __device__ __forceinline__ U bits(float v) { return (U)bf16_bits(v); }
+};
+template <> struct Elt<__half> {
+  using U = uint16_t;
+  static __device__ __forceinline__ float f32(U u) {
+    return __half2float(*reinterpret_cast<const __half*>(&u));
+  }
+  static __device__ __forceinline__ U bits(float v) {
+    __half h = __float2half_rn(v);
+    return *reinterpret_cast<const U*>(&h);
+  }
+};
+template <> struct Elt<float> {
+  using U = uint32_t;
+  static __device__ __forceinline__ float f32(U u) { return bits_f(u); }
+  static __device__ __forceinline__ U bits(float v) { return __float_as_uint(v); }
+};
+
+constexpr int kOneShotThreads = 256;
+
+// kernels/fused_allreduce.py's one-shot all-reduce (_one_shot_kernel), the same protocol
+// over the same workspace and the same bits, launched through the extension rather than
+// Triton's Python launcher (with the Triton kernel an eager call took 44 us of host time:
+// docs/notebook/2026-12-05.md). Block b owns elements
+// [b * block_elems, (b + 1) * block_elems) of the message: it stores them, as raw bits,
+// into slot [parity][me] of every rank, meets the blocks b of the other ranks at the
+// barrier of row `parity`, and sums the W slots in fp32 in rank order 0 .. W-1. Blocks
+// past the message only meet at the barrier. 16-byte accesses (8 bf16 / fp16 or 4 fp32
+// values); data_off and slot_bytes are multiples of 16 (the launcher checks).
+template <typename T>
+__global__ void __launch_bounds__(kOneShotThreads) one_shot_kernel(
+    const T* __restrict__ x, T* __restrict__ out, uint8_t* ws, int* cnt, int* status,
+    Peers peers, int64_t n, int64_t block_elems, int64_t flag_off, int64_t data_off,
+    int64_t slot_bytes, int rank, int world, int maxb, int64_t spin) {
+  using U = typename Elt<T>::U;
+  constexpr int V = 16 / sizeof(U);
+  const int b = blockIdx.x;
+  const int epoch = cnt[b] + 1;
+  const int par = epoch & 1;
+  const int64_t lo = (int64_t)b * block_elems;
+  const int64_t hi = lo + block_elems < n ? lo + block_elems : n;
+  const int64_t step = (int64_t)blockDim.x * V;
+  const U* xs = reinterpret_cast<const U*>(x);
+  const int64_t mine = data_off + ((int64_t)par * world + rank) * slot_bytes;
+  for (int64_t i = lo + (int64_t)threadIdx.x * V; i < hi; i += step) {
+    if (i + V <= hi) {
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(xs + i));
+      for (int j = 0; j < world; ++j)
+        *reinterpret_cast<uint4*>(ws + peers.delta[j] + mine + i * (int64_t)sizeof(U)) = v;
+    } else {   // the message's last, partial vector
+      for (int64_t e = i; e < hi; ++e) {
+        const U v = xs[e];
+        for (int j = 0; j < world; ++j)
+          *reinterpret_cast<U*>(ws + peers.delta[j] + mine + e * (int64_t)sizeof(U)) = v;
+      }
+    }
+  }
+  block_barrier(ws, peers, flag_off, par, rank, world, maxb, b, epoch, status, spin);
+  const uint8_t* base = ws + data_off + (int64_t)par * world * slot_bytes;
+  U* os = reinterpret_cast<U*>(out);
+  for (int64_t i = lo + (int64_t)threadIdx.x * V; i < hi; i += step) {
+    const int m = i + V <= hi ? V : (int)(hi - i);
+    float acc[V];
+    for (int src = 0; src < world; ++src) {   // fixed order: every rank gets the same bits
+      const U* p = reinterpret_cast<const U*>(base + src * slot_bytes) + i;
+      U u[V];
+      if (m == V) {
+        const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p));
+        const U* w = reinterpret_cast<const U*>(&v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) u[e] = w[e];
+      } else {
+        for (int e = 0; e < m; ++e) u[e] = __ldcg(p + e);
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (e < m) acc[e] = src == 0 ? Elt<T>::f32(u[e]) : __fadd_rn(acc[e], Elt<T>::f32(u[e]));
+      }
+    }
+    if (m == V) {
+      U r[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) r[e] = Elt<T>::bits(acc[e]);
+      *reinterpret_cast<uint4*>(os + i) = *reinterpret_cast<const uint4*>(r);
+    } else {
+      for (int e = 0; e < m; ++e) os[i + e] = Elt<T>::bits(acc[e]);
+    }
+  }
+  if (threadIdx.x == 0) cnt[b] = epoch;
+}
+
 }  // namespace
 
-// Entry point (pointers and the stream as integers; kernels/codec_cuda.py checks every
-// argument). Returns a cudaError_t code, 0 on success.
+// Entry points (pointers and the stream as integers; kernels/codec_cuda.py checks every
+// argument). Each returns a cudaError_t code, 0 on success.
+int ml_one_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
+                std::vector<int64_t> deltas, int64_t n, int64_t block_elems, int64_t flag_off,
+                int64_t data_off, int64_t slot_bytes, int64_t rank, int64_t world,
+                int64_t maxb, int64_t dtype, int64_t spin, int64_t grid, int64_t stream) {
+  if (deltas.size() != 8 || world < 1 || world > 8 || grid < 1 || grid > maxb ||
+      block_elems < 8 || block_elems % 8 || data_off % 16 || slot_bytes % 16 || (x | out) % 16)
+    return (int)cudaErrorInvalidValue;
+  Peers peers;
+  for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  return (int)with_dtype((int)dtype, [&](auto z) {
+    using T = decltype(z);
+    auto kernel = one_shot_kernel<T>;
+    // every block spins at the barrier: the grid must be resident at once (see above);
+    // the Triton kernel runs the same grid, so refuse rather than shrink it
+    const int64_t cap = resident_blocks(kernel, kOneShotThreads);
+    if (cap > 0 && grid > cap) return cudaErrorInvalidValue;
+    return launch(kernel, grid, kOneShotThreads, st, reinterpret_cast<const T*>(x),
+                  reinterpret_cast<T*>(out), reinterpret_cast<uint8_t*>(ws),
+                  reinterpret_cast<int*>(cnt), reinterpret_cast<int*>(status), peers, n,
+                  block_elems, flag_off, data_off, slot_bytes, (int)rank, (int)world,
+                  (int)maxb, spin);
+  });
+}
+
 int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
                 std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t chunk,
                 int64_t tiles, int64_t tile, int64_t tile_bytes, int64_t flag_off,

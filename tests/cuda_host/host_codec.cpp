@@ -1,5 +1,5 @@
 // kernels/csrc/codec.cu and two_shot.cu built for the host (see cuda_runtime.h here) as
-// one translation unit, as kernels/codec_cuda.py builds them for the GPU; their entry
+// one translation unit (kernels/codec_cuda.py builds them as two for the GPU); their entry
 // points exported with C linkage for ctypes.
 #include "codec.cu"
 #include "two_shot.cu"
@@ -22,6 +22,15 @@ int host_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t 
                      int64_t nb, int64_t dtype, int64_t kind, int64_t bits, int64_t g,
                      bool rot, double rscale, int64_t stream) {
   return ml_codec_error(x, buf, out, rows, n, nb, dtype, kind, bits, g, rot, rscale, stream);
+}
+int host_one_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
+                  int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
+                  int64_t d6, int64_t d7, int64_t n, int64_t block_elems, int64_t flag_off,
+                  int64_t data_off, int64_t slot_bytes, int64_t rank, int64_t world,
+                  int64_t maxb, int64_t dtype, int64_t spin, int64_t grid, int64_t stream) {
+  return ml_one_shot(x, out, ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, n,
+                     block_elems, flag_off, data_off, slot_bytes, rank, world, maxb, dtype,
+                     spin, grid, stream);
 }
 int host_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
                   int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
