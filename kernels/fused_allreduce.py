@@ -40,6 +40,7 @@ SPIN_LIMIT = kernel_config().spin_limit
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+@functools.lru_cache(maxsize=None)   # on every eager call's path: a dict lookup, not a query
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
