@@ -110,3 +110,21 @@ def test_generate_floor_table_and_host_section(tmp_path, monkeypatch):
     sec = mr._host_section([{"title": "one H200", "file": "h.json"}])
     assert "| `int4:128,path=fused` | auto | 2.0 | 18.0 | 41.3 | 1.00e-01 |" in sec
     assert "Timed without holding the GPU" not in sec
+
+
+def test_a_row_holds_only_within_its_task_bar():
+    """A recommended row with a task bar holds only if the spec's largest sample of every
+    task stays within it; a smaller sample of the same task does not count."""
+    mr = load_tool("make_results")
+    tasks = {("m", 4, "a"): {"lambada": (98.9, 5153, "f")},
+             ("m", 4, "b"): {"lambada": (100.2, 3000, "g"), "arc": (99.6, 570, "g")}}
+    assert mr._task_misses(tasks, "a", 0.5) == ["lambada 98.90% of bf16 (5153 items)"]
+    assert mr._task_misses(tasks, "b", 0.5) == []
+    assert mr._task_misses(tasks, "a", None) == []            # a row without a task bar
+    assert mr._task_misses(tasks, "b", 0.3) == ["arc 99.60% of bf16 (570 items)"]
+    real = mr._task_index()
+    doc = json.loads((REPO / "docs" / "results" / "recommended.json").read_text())
+    src = json.loads((REPO / "docs" / "results" / "sources.json").read_text())["recommend"]
+    for row, bar in src["rows"].items():
+        if doc["holds"][row]:
+            assert not mr._task_misses(real, doc[row], bar.get("max_task_drop_pct")), row

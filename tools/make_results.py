@@ -360,6 +360,35 @@ def _accuracy_index():
     return out
 
 
+def _task_index():
+    """{(model, tp, spec): {task: (percent of bf16, items, file)}}: for every task, the
+    task-only run with the most items (a larger sample of the same task supersedes a
+    smaller one)."""
+    out = {}
+    for p in sorted((RESULTS / "data" / "accuracy").glob("*.details.json")):
+        d = json.loads(p.read_text())
+        if d.get("text_tokens") or not d.get("tasks"):
+            continue
+        model, tp = _config(p.name)
+        ref = d["rows"][0]
+        for r in d["rows"][1:]:
+            got = out.setdefault((model, tp, r["codec"]), {})
+            for t, info in d["tasks"].items():
+                pct = 100 * r["tasks"][t]["accuracy"] / ref["tasks"][t]["accuracy"]
+                if t not in got or info["n"] > got[t][1]:
+                    got[t] = (pct, info["n"], p.name)
+    return out
+
+
+def _task_misses(tasks, spec: str, bar) -> list:
+    """The tasks on which ``spec`` falls below ``100 - bar`` % of bf16 (largest samples)."""
+    if bar is None:
+        return []
+    return [f"{t} {pct:.2f}% of bf16 ({n} items)"
+            for (_, _, s), per in tasks.items() if s == spec
+            for t, (pct, n, _) in sorted(per.items()) if pct < 100 - bar - 1e-9]
+
+
 def _speed(cfg, spec: str) -> str:
     """Speed-up over native of a spec's kernel path at ``cfg['speed_bytes']``, from the
     all-reduce runs ``cfg['speed_files']`` (in order); a spec with error feedback falls back
@@ -380,7 +409,7 @@ def _speed(cfg, spec: str) -> str:
 
 
 def recommendation(cfg) -> tuple:
-    idx = _accuracy_index()
+    idx, tasks = _accuracy_index(), _task_index()
     configs = [tuple(c) for c in cfg["configs"]]
     doc = {"off": "native"}
     table = [["off", "`native`", "16", "-", "-", "1.00x", "the baseline: the backend's own all-reduce"]]
@@ -394,9 +423,10 @@ def recommendation(cfg) -> tuple:
                 continue
             bits = max(m[0]["bits_per_value"] for m in got.values())
             worst = max(m[0]["delta_ppl_pct"] for m in got.values())
-            holds = bits <= max_bits + 1e-9 and all(
+            misses = _task_misses(tasks, spec, spec_bar.get("max_task_drop_pct"))
+            holds = bits <= max_bits + 1e-9 and not misses and all(
                 m[0]["delta_ppl_pct"] <= bar for m in got.values())
-            cand = (holds, len(got), -worst, spec, got, bits)
+            cand = (holds, len(got), -worst, spec, got, bits, misses)
             if best is None or cand[:3] > best[:3]:
                 best = cand
             if holds and len(got) == len(configs):
@@ -405,13 +435,16 @@ def recommendation(cfg) -> tuple:
             doc[row] = None
             table.append([row, "-", "-", "-", "-", "-", "no candidate measured"])
             continue
-        holds, n, _, spec, got, bits = best
+        holds, n, _, spec, got, bits, misses = best
         doc[row] = spec
         cells = ", ".join(
             f"{c[0]} TP {c[1]} {_pct(got[c][0]['delta_ppl_pct'], got[c][0].get('delta_ppl_pct_se'))}"
             if c in got else f"{c[0]} TP {c[1]} not measured" for c in configs)
+        tbar = spec_bar.get("max_task_drop_pct")
         verdict = ("holds on every measured model" if holds else
-                   f"**does not hold** (best measured candidate; bar ΔPPL ≤ {bar}%)")
+                   f"**does not hold** (best measured candidate; bar ΔPPL ≤ {bar}%"
+                   + (f", tasks within {tbar}% of bf16: misses {', '.join(misses)}"
+                      if misses else "") + ")")
         if holds and n < len(configs):
             verdict += f"; {len(configs) - n} of {len(configs)} configurations not measured"
         table.append([row, f"`{spec}`", f"{bits:.3f}", f"≤ {bar}%", cells, _speed(cfg, spec),
