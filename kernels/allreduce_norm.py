@@ -288,7 +288,7 @@ def all_reduce_add_rmsnorm(ws: SymmWorkspace, x: torch.Tensor, residual: torch.T
         norm_weight if norm_weight is not None else dummy,
         scale if scale is not None else ws.status, res_out,
         normed if normed is not None else dummy,
-        ws.buffer, ws.counters[2], ws.status, *ws.kernel_deltas,
+        ws.buffer, ws.counter_rows[2], ws.status, *ws.kernel_deltas,
         rows, h, float(h), ws.rank, lay.flag_off, lay.norm_off, lay.oneshot_slot,
         _row_bytes(h, x.element_size(), plan), float(eps), float(offset), rscale,
         W=ws.world, MAXB=MAX_BLOCKS, BLOCK=block, NG=ng, G=g, RAW=plan is None, **codec,

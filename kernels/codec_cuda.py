@@ -36,6 +36,7 @@ import torch
 from .calls import (BF16_MAX, check_rotation, dequantize_buffers, error_buffers, geometry,
                     out_limit, quantize_buffers)
 from .config import INTERPRET, KIND_ASYM, KIND_SYM, KernelCodec, KernelPlan
+from .workspace import MAX_BLOCKS
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
@@ -292,7 +293,6 @@ def two_shot_all_reduce(ws, x: torch.Tensor, plan: KernelPlan, out: torch.Tensor
     over ``TWO_SHOT_TILES``: the same protocol over the same workspace (flags, epochs,
     slots), the same bits. The launch caps ``grid`` at the blocks the device holds at
     once (its blocks wait for their peers'; csrc/two_shot.cu says why)."""
-    from .workspace import MAX_BLOCKS
     kc, rot, scale = plan.rs, plan.rot, plan.scale
     rs = _rot(kc, rot)
     x = x.contiguous()
@@ -312,8 +312,8 @@ def two_shot_all_reduce(ws, x: torch.Tensor, plan: KernelPlan, out: torch.Tensor
     dst = out if (out.is_contiguous() and out.data_ptr() % 16 == 0 and out.dtype == x.dtype
                   and out.numel() == x.numel() and out.device == x.device) else torch.empty_like(x)
     _check(_ext().ml_two_shot(
-        x.data_ptr(), dst.data_ptr(), ws.buffer.data_ptr(), ws.counters[1].data_ptr(),
-        ws.status.data_ptr(), list(ws.deltas), scale.data_ptr() if scale is not None else 0,
+        x.data_ptr(), dst.data_ptr(), ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr,
+        ws.deltas, scale.data_ptr() if scale is not None else 0,
         x.numel(), chunk, tiles, tile, tb, lay.flag_off, lay.recv_off, lay.gather_off,
         lay.slot, ws.rank, ws.world, MAX_BLOCKS, kc.kind, kc.bits, kc.group, rot is not None,
         scale.numel() if scale is not None else 1, kc.c2, rs,
@@ -339,14 +339,13 @@ def one_shot_all_reduce(ws, x: torch.Tensor, out: torch.Tensor, block: int, grid
     ``counters[0]``), the same grid and elements per block, the same bits. ``x``
     contiguous; ``out`` of x's shape and dtype, contiguous, 16-byte aligned (else a
     temporary takes the sum)."""
-    from .workspace import MAX_BLOCKS
     if x.data_ptr() % 16:
         x = x.clone()
     dst = out if out.data_ptr() % 16 == 0 else torch.empty_like(x)
     lay = ws.layout
     _check(_ext().ml_one_shot(
-        x.data_ptr(), dst.data_ptr(), ws.buffer.data_ptr(), ws.counters[0].data_ptr(),
-        ws.status.data_ptr(), ws.deltas, x.numel(), block, lay.flag_off, lay.oneshot_off,
+        x.data_ptr(), dst.data_ptr(), ws.buffer_ptr, ws.counter_ptrs[0], ws.status_ptr,
+        ws.deltas, x.numel(), block, lay.flag_off, lay.oneshot_off,
         lay.oneshot_slot, ws.rank, ws.world, MAX_BLOCKS, _DTYPES[x.dtype], spin, grid,
         _stream(x)), "one-shot all-reduce")
     if dst is not out:

@@ -84,7 +84,7 @@ def one_shot_block(n: int, device: torch.device) -> int:
     MAX_BLOCKS and at least 512 elements (1 KB bf16) per block."""
     sms = _num_sms(device)
     block = 512
-    while block < 8192 and triton.cdiv(n, block) > sms:
+    while block < 8192 and -(-n // block) > sms:   # triton.cdiv costs µs on the host
         block *= 2
     return block
 
@@ -116,7 +116,7 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
         return codec_cuda.one_shot_all_reduce(ws, x, out, block, grid, SPIN_LIMIT)
     lay = ws.layout
     _one_shot_kernel[(grid,)](
-        x, out, ws.buffer, ws.counters[0], ws.status, *ws.kernel_deltas,
+        x, out, ws.buffer, ws.counter_rows[0], ws.status, *ws.kernel_deltas,
         n, ws.rank, lay.flag_off, lay.oneshot_off, lay.oneshot_slot,
         W=ws.world, MAXB=MAX_BLOCKS, BLOCK=block, SPIN=SPIN_LIMIT, num_warps=4)
     return out
@@ -314,7 +314,7 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
     if _warmup_only:
         opts["grid"] = (grid,)
     launch(
-        x, out, ws.buffer, ws.counters[1], ws.status, *ws.kernel_deltas,
+        x, out, ws.buffer, ws.counter_rows[1], ws.status, *ws.kernel_deltas,
         n, ws.rank, chunk, tiles, lay.flag_off, lay.recv_off, lay.gather_off, lay.slot,
         W=ws.world, MAXB=MAX_BLOCKS, NG=tile // group, G=group,
         **rs.constexprs("R"), **ag.constexprs("A"),
@@ -356,7 +356,7 @@ def prewarm(ws: SymmWorkspace, plans, numels, dtype=torch.bfloat16, oneshot: boo
         elif kind == "oneshot":
             block = one_shot_block(n, x.device)
             _one_shot_kernel.warmup(
-                xs, xs, ws.buffer, ws.counters[0], ws.status, *ws.kernel_deltas,
+                xs, xs, ws.buffer, ws.counter_rows[0], ws.status, *ws.kernel_deltas,
                 n, ws.rank, ws.layout.flag_off, ws.layout.oneshot_off, ws.layout.oneshot_slot,
                 W=ws.world, MAXB=MAX_BLOCKS, BLOCK=block, SPIN=SPIN_LIMIT, num_warps=4,
                 grid=(1,))

@@ -422,7 +422,7 @@ def quantize(kc: KernelCodec, x: torch.Tensor, rot=None) -> torch.Tensor:
         return out
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
-    grid = (rows * triton.cdiv(n, ng * g),)
+    grid = (rows * -(-n // (ng * g)),)
     _quantize_kernel[grid](x, out, n, nb, NG=ng, G=g, **kc.constexprs(), **rk, **_launch_opts())
     return out
 
@@ -439,7 +439,7 @@ def dequantize(kc: KernelCodec, buf: torch.Tensor, n: int, out_dtype=torch.float
     nb, lim = kc.nbytes(n), out_limit(out_dtype)
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
-    grid = (outs * triton.cdiv(n, ng * g),)
+    grid = (outs * -(-n // (ng * g)),)
     _dequantize_kernel[grid](buf, out, n, nb, per, LIM=lim, NG=ng, G=g, KIND=kc.kind,
                              BITS=kc.bits, QMAX=kc.qmax, SUM=sum_rows, **rk, **_launch_opts())
     return out
@@ -455,7 +455,7 @@ def error_part(kc: KernelCodec, x: torch.Tensor, buf: torch.Tensor, rot=None) ->
         return out
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
-    grid = (rows * triton.cdiv(n, ng * g),)
+    grid = (rows * -(-n // (ng * g)),)
     _error_kernel[grid](x, buf, out, n, nb, LIM=BF16_MAX, NG=ng, G=g, KIND=kc.kind,
                         BITS=kc.bits, QMAX=kc.qmax, **rk, **_launch_opts())
     return out

@@ -119,6 +119,12 @@ class SymmWorkspace:
         self.kernel_deltas = [d + DELTA_BIAS for d in self.deltas]
         self.counters = torch.zeros(3, MAX_BLOCKS, dtype=torch.int32, device=buffer.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=buffer.device)
+        # Made once, not per call: indexing ``counters[k]`` builds a new view (microseconds
+        # on every eager all-reduce). ``counter_rows[k]`` for the Triton launches (views),
+        # the ``*_ptr`` addresses for the CUDA C++ ones.
+        self.counter_rows = tuple(self.counters.unbind(0))
+        self.counter_ptrs = tuple(c.data_ptr() for c in self.counter_rows)
+        self.buffer_ptr, self.status_ptr = buffer.data_ptr(), self.status.data_ptr()
         self._keepalive = keepalive
 
     @property
