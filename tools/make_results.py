@@ -409,9 +409,12 @@ def _speed(cfg, spec: str) -> str:
 
 
 def recommendation(cfg) -> tuple:
+    """(recommended.json's dict, the table's rows, the candidates set aside before the
+    chosen one, each with why). A row takes its first candidate that holds on every
+    configuration, else the best measured one."""
     idx, tasks = _accuracy_index(), _task_index()
     configs = [tuple(c) for c in cfg["configs"]]
-    doc = {"off": "native"}
+    doc, rejected = {"off": "native"}, []
     table = [["off", "`native`", "16", "-", "-", "1.00x", "the baseline: the backend's own all-reduce"]]
     for row, spec_bar in cfg["rows"].items():
         bar, max_bits = spec_bar["max_delta_ppl_pct"], spec_bar["max_bits"]
@@ -427,6 +430,14 @@ def recommendation(cfg) -> tuple:
             holds = bits <= max_bits + 1e-9 and not misses and all(
                 m[0]["delta_ppl_pct"] <= bar for m in got.values())
             cand = (holds, len(got), -worst, spec, got, bits, misses)
+            if not holds:
+                why = ([f"{bits:.3f} bits > {max_bits}"] if bits > max_bits + 1e-9 else [])
+                why += [f"ΔPPL {_pct(m[0]['delta_ppl_pct'], m[0].get('delta_ppl_pct_se'))} on "
+                        f"{c[0]} TP {c[1]}" for c, m in got.items()
+                        if m[0]["delta_ppl_pct"] > bar]
+                why += [f"{m} (task bar: within {spec_bar['max_task_drop_pct']}% of bf16)"
+                        for m in misses]
+                rejected.append((row, spec, "; ".join(why)))
             if best is None or cand[:3] > best[:3]:
                 best = cand
             if holds and len(got) == len(configs):
@@ -447,11 +458,14 @@ def recommendation(cfg) -> tuple:
                       if misses else "") + ")")
         if holds and n < len(configs):
             verdict += f"; {len(configs) - n} of {len(configs)} configurations not measured"
+        if holds and tbar is not None and not any(s == spec for (_, _, s) in tasks):
+            verdict += f"; its task accuracy (bar: within {tbar}% of bf16) is not measured"
         table.append([row, f"`{spec}`", f"{bits:.3f}", f"≤ {bar}%", cells, _speed(cfg, spec),
                       verdict])
     doc["calibration"] = cfg["calibration"]
     doc["holds"] = {r[0]: r[6].startswith("holds") or r[0] == "off" for r in table}
-    return doc, table
+    rejected = [(r, s, why) for r, s, why in rejected if doc.get(r) != s]
+    return doc, table, rejected
 
 
 def _task_lines(doc, cfg) -> str:
@@ -497,12 +511,16 @@ def _task_lines(doc, cfg) -> str:
 
 
 def recommended_page(cfg) -> tuple:
-    doc, table = recommendation(cfg)
+    doc, table, rejected = recommendation(cfg)
     text = (HEADER + "# Which `--comm` to use\n\n" + cfg["intro"] + "\n\n"
             + _md_table(["row", "`--comm`", "bits/value", "bar", "ΔPPL measured (simulated TP, "
                          "[accuracy.md](accuracy.md))", "all-reduce vs NCCL "
                          "([allreduce.md](allreduce.md))", "verdict"], table)
             + _task_lines(doc, cfg)
+            + ("\nCandidates measured and set aside (in sources.json's order of "
+               "preference):\n\n" + "\n".join(f"* **{r}** `{s}`: {why}."
+                                               for r, s, why in rejected) + "\n"
+               if rejected else "")
             + "\nThe calibrated codecs (`weighted-`) need a calibration file made for the model "
               "and TP size (`{text}`: any text file of the model's domain, or `python-docs`, "
               "the prose of the Python standard library's docstrings, which every machine "
@@ -525,6 +543,8 @@ def readme_block(table) -> str:
             worst = max(vals, key=lambda c: float(c.split("TP ")[1].split()[1].rstrip("%")))
             worst = f"{worst.split(' ±')[0]} (worst of {len(vals)} of {len(allc)} measured)"
         state = "" if row == "off" or verdict.startswith("holds") else " (misses its bar)"
+        if "task accuracy" in verdict and "not measured" in verdict:
+            state += " (task bar not measured)"
         rows.append([f"**{row}**{state}", spec, bits, worst, speed])
     return _md_table(["", "`--comm`", "bits/value", "worst ΔPPL measured",
                       "all-reduce vs NCCL"], rows)
