@@ -53,7 +53,6 @@ def load(kind: str, name: str) -> dict:
     return json.loads((RESULTS / "data" / kind / name).read_text())
 
 
-# ----------------------------------------------------------------------------- formatting
 def _pct(v, se=None, digits=2):
     if v is None:
         return "-"
@@ -290,8 +289,7 @@ def _profile_table(d: dict) -> str:
             if "busy_ms_per_step" not in p:
                 continue   # a profiler failure, recorded as such in the JSON
             busy, kinds = p["busy_ms_per_step"], p.get("by_kind", {})
-            case = (f"prefill {p['tokens']}x{p['batch']}" if key == "prefill_profile"
-                    else what)
+            case = f"prefill {p['tokens']}x{p['batch']}" if "tokens" in p else what
             rows.append([case, f"`{comm}`", f"{p['kernels_per_step']:.0f}", f"{busy:.3f}",
                          f"{max(0.0, p['span_ms_per_step'] - busy):.3f}"]   # older runs: no gap key
                         + [f"{kinds[k]['ms']:.3f} ({100 * kinds[k]['ms'] / busy:.0f}%)"
@@ -430,14 +428,13 @@ def recommendation(cfg) -> tuple:
             holds = bits <= max_bits + 1e-9 and not misses and all(
                 m[0]["delta_ppl_pct"] <= bar for m in got.values())
             cand = (holds, len(got), -worst, spec, got, bits, misses)
-            if not holds:
-                why = ([f"{bits:.3f} bits > {max_bits}"] if bits > max_bits + 1e-9 else [])
-                why += [f"ΔPPL {_pct(m[0]['delta_ppl_pct'], m[0].get('delta_ppl_pct_se'))} on "
-                        f"{c[0]} TP {c[1]}" for c, m in got.items()
-                        if m[0]["delta_ppl_pct"] > bar]
-                why += [f"{m} (task bar: within {spec_bar['max_task_drop_pct']}% of bf16)"
-                        for m in misses]
-                rejected.append((row, spec, "; ".join(why)))
+            if not holds:   # why, for recommended.md
+                why = [f"{bits:.3f} bits > {max_bits}"] * (bits > max_bits + 1e-9) + [
+                    f"ΔPPL {_pct(m[0]['delta_ppl_pct'], m[0].get('delta_ppl_pct_se'))} on "
+                    f"{c[0]} TP {c[1]}" for c, m in got.items() if m[0]["delta_ppl_pct"] > bar]
+                rejected.append((row, spec, "; ".join(why + [
+                    f"{m} (task bar: within {spec_bar['max_task_drop_pct']}% of bf16)"
+                    for m in misses])))
             if best is None or cand[:3] > best[:3]:
                 best = cand
             if holds and len(got) == len(configs):
