@@ -56,23 +56,23 @@ def _task_run(tmp_path, acc_ref, acc_spec, spec):
 
 
 def test_task_lines_judge_the_row_bar_on_every_task(tmp_path, monkeypatch):
-    mr = load_tool("make_results")
-    monkeypatch.setattr(mr, "RESULTS", tmp_path)
+    from megatron_lite.lab import results as mr
     spec = "weighted-hadamard-int8:128"
     _task_run(tmp_path, {"lambada": 0.400, "arc": 0.500, "hella": 0.600},
               {"lambada": 0.399, "arc": 0.496, "hella": 0.580}, spec)
     cfg = {"rows": {"safe": {"max_task_drop_pct": 0.5}}}
-    line = mr._task_lines({"safe": spec}, cfg)
+    line = mr._task_lines({"safe": spec}, cfg, tmp_path)
     assert "lambada 99.75% of bf16 (-0.10 ± 0.20 pp, 1000 items)" in line
     # arc: -0.40 pp against a 0.25 pp bar, within two standard errors (0.40 pp) of it;
     # hella: -2.00 pp against 0.30 pp, well past it
     assert "**misses** the 0.5% bar on arc, hella (by less than two standard errors on " \
            "arc: not resolved by these items)" in line and "lambada," not in line
-    assert "bar" not in mr._task_lines({"safe": spec}, {"rows": {}})     # no bar, no verdict
+    assert "bar" not in mr._task_lines({"safe": spec}, {"rows": {}}, tmp_path)   # no bar
     cfg["rows"]["safe"]["max_task_drop_pct"] = 1.0
-    assert "**misses** the 1.0% bar on hella (`data" in mr._task_lines({"safe": spec}, cfg)
+    line = mr._task_lines({"safe": spec}, cfg, tmp_path)
+    assert "**misses** the 1.0% bar on hella (`data" in line
     cfg["rows"]["safe"]["max_task_drop_pct"] = 4.0
-    assert "within 4.0% of bf16 on every task" in mr._task_lines({"safe": spec}, cfg)
+    assert "within 4.0% of bf16 on every task" in mr._task_lines({"safe": spec}, cfg, tmp_path)
 
 
 def test_generate_floor_table_and_host_section(tmp_path, monkeypatch):
@@ -115,16 +115,16 @@ def test_generate_floor_table_and_host_section(tmp_path, monkeypatch):
 def test_a_row_holds_only_within_its_task_bar():
     """A recommended row with a task bar holds only if the spec's largest sample of every
     task stays within it; a smaller sample of the same task does not count."""
-    mr = load_tool("make_results")
+    from megatron_lite.lab import results as mr
     tasks = {("m", 4, "a"): {"lambada": (98.9, 5153, "f")},
              ("m", 4, "b"): {"lambada": (100.2, 3000, "g"), "arc": (99.6, 570, "g")}}
-    assert mr._task_misses(tasks, "a", 0.5) == ["lambada 98.90% of bf16 (5153 items)"]
-    assert mr._task_misses(tasks, "b", 0.5) == []
-    assert mr._task_misses(tasks, "a", None) == []            # a row without a task bar
-    assert mr._task_misses(tasks, "b", 0.3) == ["arc 99.60% of bf16 (570 items)"]
-    real = mr._task_index()
+    assert mr.task_misses(tasks, "a", 0.5) == ["lambada 98.90% of bf16 (5153 items)"]
+    assert mr.task_misses(tasks, "b", 0.5) == []
+    assert mr.task_misses(tasks, "a", None) == []            # a row without a task bar
+    assert mr.task_misses(tasks, "b", 0.3) == ["arc 99.60% of bf16 (570 items)"]
+    real = mr.task_index(REPO / "docs" / "results")
     doc = json.loads((REPO / "docs" / "results" / "recommended.json").read_text())
     src = json.loads((REPO / "docs" / "results" / "sources.json").read_text())["recommend"]
     for row, bar in src["rows"].items():
         if doc["holds"][row]:
-            assert not mr._task_misses(real, doc[row], bar.get("max_task_drop_pct")), row
+            assert not mr.task_misses(real, doc[row], bar.get("max_task_drop_pct")), row
