@@ -19,8 +19,9 @@ TOOLS = CLI_TOOLS + ["bench_generate", "bench_hf_generate", "plot_accuracy",
                      "convert_hf_checkpoint", "bench_allreduce", "make_results"]
 HEAVY = ("torch", "transformers", "matplotlib", "numpy", "safetensors", "tokenizers",
          "megatron_lite.lab", "megatron_lite.comm", "megatron_lite.inference")
-# bench_hf_generate lists the serving shapes in its help: a table of dicts, no imports.
-LIGHT = ("megatron_lite.lab", "megatron_lite.lab.shapes")
+# bench_hf_generate lists the serving shapes in its help: a table of dicts, no imports;
+# make_results's page helpers import only the standard library.
+LIGHT = ("megatron_lite.lab", "megatron_lite.lab.shapes", "megatron_lite.lab.results")
 
 
 def _module(tool):
