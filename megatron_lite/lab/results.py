@@ -79,16 +79,20 @@ def _accuracy_index(results: Path):
     return out
 
 
+def _task_runs(results: Path):
+    """(path, run, model, tp) of every task-only accuracy run (no perplexity text)."""
+    for p in sorted((results / "data" / "accuracy").glob("*.details.json")):
+        d = json.loads(p.read_text())
+        if not d.get("text_tokens") and d.get("tasks"):
+            yield (p, d) + run_config(p.name)
+
+
 def task_index(results: Path):
     """{(model, tp, spec): {task: (percent of bf16, items, file)}}: for every task, the
     task-only run with the most items (a larger sample of the same task supersedes a
     smaller one)."""
     out = {}
-    for p in sorted((results / "data" / "accuracy").glob("*.details.json")):
-        d = json.loads(p.read_text())
-        if d.get("text_tokens") or not d.get("tasks"):
-            continue
-        model, tp = run_config(p.name)
+    for p, d, model, tp in _task_runs(results):
         ref = d["rows"][0]
         for r in d["rows"][1:]:
             got = out.setdefault((model, tp, r["codec"]), {})
@@ -192,11 +196,7 @@ def _task_lines(doc, cfg, results: Path) -> str:
     spec's accuracy at least ``100 - bar`` % of bf16's)."""
     order = ("safe", "balanced", "aggressive")
     lines = []
-    for p in sorted((results / "data" / "accuracy").glob("*.details.json")):
-        d = json.loads(p.read_text())
-        if d.get("text_tokens") or not d.get("tasks"):
-            continue
-        model, tp = run_config(p.name)
+    for p, d, model, tp in _task_runs(results):
         ref = d["rows"][0]
         for row in order:
             spec = doc.get(row)
