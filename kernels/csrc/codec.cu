@@ -82,14 +82,8 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
     p.load(buf, t, Where<BITS, G>(t.row * so, t.g0, n, nbytes_row));
     decode<KIND, BITS, G>(p, lim, acc);   // the first row as is: 0 + (-0) would be +0
     for (int64_t r = 1; r < per; ++r) {
-      float y[kChunks][8];
       p.load(buf, t, Where<BITS, G>(t.row * so + r * sr, t.g0, n, nbytes_row));
-      decode<KIND, BITS, G>(p, lim, y);
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[k][i] = __fadd_rn(acc[k][i], y[k][i]);
-      }
+      decode_add<KIND, BITS, G>(p, lim, acc);
     }
   } else {
 #pragma unroll

@@ -267,19 +267,20 @@ struct Packed {
   }
 };
 
-// Decode a loaded group share to values, clamped to +-lim (NaN passes).
+// Decode chunk k of a loaded group share to values, clamped to +-lim (NaN passes).
+// Chunk by chunk, so that a sum over rows holds 8 decoded values at a time, not the
+// whole share: the register count decides how many blocks an SM holds, and with it how
+// many loads are in flight (32 bytes of codes per thread are too few to hide latency at
+// two blocks per SM).
 template <int KIND, int BITS, int G>
-__device__ __forceinline__ void decode(const Packed<KIND, BITS, G>& p, float lim,
-                                       float y[kChunks][8]) {
+__device__ __forceinline__ void decode_chunk(const Packed<KIND, BITS, G>& p, int k, float lim,
+                                             float y[8]) {
   if (KIND == kAsym) {
     float hs = __fmul_rn(0.5f, p.m0), hm = __fmul_rn(0.5f, p.m1);
 #pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float c = code_value<KIND, BITS>(p.w[k], i);
-        y[k][i] = clamp_keep_nan(__fmul_rn(2.0f, __fadd_rn(__fmul_rn(c, hs), hm)), lim);
-      }
+    for (int i = 0; i < 8; ++i) {
+      float c = code_value<KIND, BITS>(p.w[k], i);
+      y[i] = clamp_keep_nan(__fmul_rn(2.0f, __fadd_rn(__fmul_rn(c, hs), hm)), lim);
     }
   } else {
     constexpr float QMAX = (float)((1 << (BITS - 1)) - 1);
@@ -287,29 +288,35 @@ __device__ __forceinline__ void decode(const Packed<KIND, BITS, G>& p, float lim
     bool tiny = a < kTiny;
     float step = __fdiv_rn(__fmul_rn(a, tiny ? kTinyScale : 1.0f), QMAX);
 #pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float q = code_value<KIND, BITS>(p.w[k], i);
-        float v = __fmul_rn(q, step);
-        y[k][i] = fabsf(q) == QMAX ? copysignf(a, q) : v;
-      }
+    for (int i = 0; i < 8; ++i) {
+      float q = code_value<KIND, BITS>(p.w[k], i);
+      bool edge = fabsf(q) == QMAX;
+      float v = edge ? copysignf(a, q) : __fmul_rn(q, step);
+      // fl(v * 1) is v: only tiny groups pay the extra product (a uniform branch)
+      if (tiny && !edge) v = __fmul_rn(v, kTiny);
+      y[i] = clamp_keep_nan(v, lim);
     }
-    if (tiny) {   // fl(v * 1) is v: only tiny groups pay the extra product
+  }
+}
+
+// Decode a loaded group share to values, clamped to +-lim (NaN passes).
+template <int KIND, int BITS, int G>
+__device__ __forceinline__ void decode(const Packed<KIND, BITS, G>& p, float lim,
+                                       float y[kChunks][8]) {
 #pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
+  for (int k = 0; k < kChunks; ++k) decode_chunk<KIND, BITS, G>(p, k, lim, y[k]);
+}
+
+// acc += decode(p), value by value in fp32 (the sum over ranks, in rank order).
+template <int KIND, int BITS, int G>
+__device__ __forceinline__ void decode_add(const Packed<KIND, BITS, G>& p, float lim,
+                                           float acc[kChunks][8]) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          float q = code_value<KIND, BITS>(p.w[k], i);
-          if (fabsf(q) != QMAX) y[k][i] = __fmul_rn(y[k][i], kTiny);
-        }
-      }
-    }
+  for (int k = 0; k < kChunks; ++k) {
+    float y[8];
+    decode_chunk<KIND, BITS, G>(p, k, lim, y);
 #pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(y[k][i], lim);
-    }
+    for (int i = 0; i < 8; ++i) acc[k][i] = __fadd_rn(acc[k][i], y[i]);
   }
 }
 

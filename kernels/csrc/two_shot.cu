@@ -161,17 +161,12 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads) two_shot_kernel(
   for (int64_t tt = b; tt < a.tiles; tt += nb) {
     const uint8_t* src = ws + a.recv_off + tt * a.tile_bytes;
     Packed<KIND, BITS, G> p;
-    float acc[kChunks][8], y[kChunks][8];
+    float acc[kChunks][8];
     p.load(src, t, at);
     decode<KIND, BITS, G>(p, kBf16Max, acc);
     for (int s = 1; s < a.world; ++s) {
       p.load(src + s * a.slot, t, at);
-      decode<KIND, BITS, G>(p, kBf16Max, y);
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[k][i] = __fadd_rn(acc[k][i], y[k][i]);
-      }
+      decode_add<KIND, BITS, G>(p, kBf16Max, acc);
     }
     const Coded c = encode_group<KIND, BITS, G>(acc, a.c2);
     for (int j = 0; j < a.world; ++j)

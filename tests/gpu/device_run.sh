@@ -105,6 +105,7 @@ codec_cuda.build(); print(f'CUDA codec kernels built in {time.time() - t:.0f} s'
           --comm int4:128,path=fused --comm hadamard-int8:128,path=fused \
           --comm weighted-hadamard-int5:64,path=fused --comm int4:128,algo=one-shot \
           --comm weighted-hadamard-int5:64,algo=one-shot \
+          --comm weighted-hadamard-int6-sym:128,algo=one-shot \
           --json "$OUT/host_overhead_w${HOST_NPROC:-1}_$size.json" > "$OUT/host_$size.log" 2>&1
         grep -E "dispatch|error" "$OUT/host_$size.log" | cut -c1-220
       done
