@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) error_kernel(
     const T* __restrict__ x, const uint8_t* __restrict__ buf, float* __restrict__ out,
     int64_t n, int64_t nbytes_row, float rscale, uint32_t bpr) {
   const Tile<G> t = tile_of<G>(n, bpr);
-  float v[kChunks][8], y[kChunks][8];
+  float v[kChunks][8];
   Packed<KIND, BITS, G> p;
   if (t.live) {
 #pragma unroll
@@ -119,28 +119,23 @@ __global__ void __launch_bounds__(kThreads) error_kernel(
     }
   }
   if (ROT) fwht<G>(v, t.sub, rscale);
-  if (t.live) {
-    decode<KIND, BITS, G>(p, kBf16Max, y);
-  } else {
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) y[k][i] = 0.0f;
-    }
-  }
+  // v becomes decode - v chunk by chunk (8 decoded values live at a time, not 32: see
+  // decode_chunk); lanes past the row's end hold 0 - 0
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
+    float y[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (t.live) decode_chunk<KIND, BITS, G>(p, k, kBf16Max, y);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) y[k][i] = __fsub_rn(y[k][i], v[k][i]);
+    for (int i = 0; i < 8; ++i) v[k][i] = __fsub_rn(y[i], v[k][i]);
   }
-  if (ROT) fwht<G>(y, t.sub, rscale);
+  if (ROT) fwht<G>(v, t.sub, rscale);
   if (!t.live) return;
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
 #pragma unroll
     for (int i = 0; i < 8; ++i)
-      y[k][i] = ((y[k][i] != y[k][i]) || fabsf(y[k][i]) > kFp32Max) ? 0.0f : y[k][i];
-    Io<float>::store(out + t.row * n + t.col(k), y[k]);
+      v[k][i] = ((v[k][i] != v[k][i]) || fabsf(v[k][i]) > kFp32Max) ? 0.0f : v[k][i];
+    Io<float>::store(out + t.row * n + t.col(k), v[k]);
   }
 }
 
