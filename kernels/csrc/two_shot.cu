@@ -118,7 +118,7 @@ struct TwoShotArgs {
 constexpr int kMaxTwoShotThreads = 128;   // a 4096-value tile (codec_cuda.TWO_SHOT_TILES)
 
 template <int KIND, int BITS, int G, bool ROT, bool SCALE>
-__global__ void __launch_bounds__(kMaxTwoShotThreads) two_shot_kernel(
+__global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, uint8_t* ws, int* cnt,
     int* status, Peers peers, const float* __restrict__ scale, TwoShotArgs a) {
   constexpr int LPG = Tile<G>::LPG;
@@ -160,12 +160,16 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads) two_shot_kernel(
   //    fp32 decode), summed in rank order, encoded into every rank's gather[me]
   for (int64_t tt = b; tt < a.tiles; tt += nb) {
     const uint8_t* src = ws + a.recv_off + tt * a.tile_bytes;
-    Packed<KIND, BITS, G> p;
+    // rank s + 1's codes are loaded before rank s's are decoded: two loads in flight per
+    // thread, not one (a block of 128 threads is latency-bound, not bandwidth-bound)
+    Packed<KIND, BITS, G> p, q;
     float acc[kChunks][8];
     p.load(src, t, at);
+    if (a.world > 1) q.load(src + a.slot, t, at);
     decode<KIND, BITS, G>(p, kBf16Max, acc);
     for (int s = 1; s < a.world; ++s) {
-      p.load(src + s * a.slot, t, at);
+      p = q;
+      if (s + 1 < a.world) q.load(src + (s + 1) * a.slot, t, at);
       decode_add<KIND, BITS, G>(p, kBf16Max, acc);
     }
     const Coded c = encode_group<KIND, BITS, G>(acc, a.c2);
@@ -177,10 +181,12 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads) two_shot_kernel(
 
   // 3. every owner's reduced tiles into the output
   for (int64_t tt = b; tt < a.tiles; tt += nb) {
+    Packed<KIND, BITS, G> q;   // the next owner's codes, loaded a step ahead (as in 2.)
+    q.load(ws + a.gather_off + tt * a.tile_bytes, t, at);
     for (int o = 0; o < a.world; ++o) {
-      Packed<KIND, BITS, G> p;
+      const Packed<KIND, BITS, G> p = q;
+      if (o + 1 < a.world) q.load(ws + a.gather_off + (o + 1) * a.slot + tt * a.tile_bytes, t, at);
       float y[kChunks][8];
-      p.load(ws + a.gather_off + o * a.slot + tt * a.tile_bytes, t, at);
       decode<KIND, BITS, G>(p, a.out_lim, y);
       if (ROT) {   // back from the rotated basis, saturated (kernels/maps.py)
         fwht<G>(y, t.sub, a.rscale);
