@@ -78,18 +78,9 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
   const Tile<G> t = tile_of<G>(n, bpr);   // t.row: the output row o
   float acc[kChunks][8];
   if (t.live) {
-    // row r + 1's codes are loaded before row r is decoded, so that a thread has two
-    // rows' loads in flight, not one (the sum over ranks waited on each row in turn)
-    Packed<KIND, BITS, G> p, q;
-    p.load(buf, t, Where<BITS, G>(t.row * so, t.g0, n, nbytes_row));
-    if (per > 1) q.load(buf, t, Where<BITS, G>(t.row * so + sr, t.g0, n, nbytes_row));
-    decode<KIND, BITS, G>(p, lim, acc);   // the first row as is: 0 + (-0) would be +0
-    for (int64_t r = 1; r < per; ++r) {
-      p = q;
-      if (r + 1 < per)
-        q.load(buf, t, Where<BITS, G>(t.row * so + (r + 1) * sr, t.g0, n, nbytes_row));
-      decode_add<KIND, BITS, G>(p, lim, acc);
-    }
+    decode_sum<KIND, BITS, G>(per, lim, [&](int64_t r, Packed<KIND, BITS, G>& p) {
+      p.load(buf, t, Where<BITS, G>(t.row * so + r * sr, t.g0, n, nbytes_row));
+    }, acc);
   } else {
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {

@@ -320,6 +320,24 @@ __device__ __forceinline__ void decode_add(const Packed<KIND, BITS, G>& p, float
   }
 }
 
+// acc = the sum of the decoded rows 0 .. rows-1 (rows >= 1), in fp32 in row order, the
+// first row as is (0 + (-0) would be +0). load(r, p) loads row r's share of the group
+// into p. Row r + 1 is loaded before row r is decoded, so that a thread has two rows'
+// loads in flight, not one: these sums wait on memory, not on arithmetic.
+template <int KIND, int BITS, int G, typename Load>
+__device__ __forceinline__ void decode_sum(int64_t rows, float lim, Load load,
+                                           float acc[kChunks][8]) {
+  Packed<KIND, BITS, G> p, q;
+  load(0, p);
+  if (rows > 1) load(1, q);
+  decode<KIND, BITS, G>(p, lim, acc);
+  for (int64_t r = 1; r < rows; ++r) {
+    p = q;
+    if (r + 1 < rows) load(r + 1, q);
+    decode_add<KIND, BITS, G>(p, lim, acc);
+  }
+}
+
 // The weighted- scales of 8 consecutive values from flat index f: s[(f + i) mod h]. Chunks
 // start at multiples of 8, so where 8 divides h (every model's hidden size) a chunk never
 // wraps and its scales are two 16-byte loads.

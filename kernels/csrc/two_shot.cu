@@ -160,18 +160,10 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
   //    fp32 decode), summed in rank order, encoded into every rank's gather[me]
   for (int64_t tt = b; tt < a.tiles; tt += nb) {
     const uint8_t* src = ws + a.recv_off + tt * a.tile_bytes;
-    // rank s + 1's codes are loaded before rank s's are decoded: two loads in flight per
-    // thread, not one (a block of 128 threads is latency-bound, not bandwidth-bound)
-    Packed<KIND, BITS, G> p, q;
     float acc[kChunks][8];
-    p.load(src, t, at);
-    if (a.world > 1) q.load(src + a.slot, t, at);
-    decode<KIND, BITS, G>(p, kBf16Max, acc);
-    for (int s = 1; s < a.world; ++s) {
-      p = q;
-      if (s + 1 < a.world) q.load(src + (s + 1) * a.slot, t, at);
-      decode_add<KIND, BITS, G>(p, kBf16Max, acc);
-    }
+    decode_sum<KIND, BITS, G>(a.world, kBf16Max, [&](int64_t s, Packed<KIND, BITS, G>& p) {
+      p.load(src + s * a.slot, t, at);
+    }, acc);
     const Coded c = encode_group<KIND, BITS, G>(acc, a.c2);
     for (int j = 0; j < a.world; ++j)
       store_group<KIND, BITS, G>(c, t, ws + peers.delta[j] + a.gather_off + a.rank * a.slot +
@@ -181,7 +173,7 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
 
   // 3. every owner's reduced tiles into the output
   for (int64_t tt = b; tt < a.tiles; tt += nb) {
-    Packed<KIND, BITS, G> q;   // the next owner's codes, loaded a step ahead (as in 2.)
+    Packed<KIND, BITS, G> q;   // the next owner's codes, loaded a step ahead (decode_sum)
     q.load(ws + a.gather_off + tt * a.tile_bytes, t, at);
     for (int o = 0; o < a.world; ++o) {
       const Packed<KIND, BITS, G> p = q;
