@@ -72,6 +72,22 @@ def test_compile_by_default_only_where_measured_faster():
     assert _engine("llama", compile=True).compiled is True
 
 
+def test_compile_prefill_by_default_only_with_a_default_compiled_decode():
+    """compile_prefill=None compiles the prefill where the decode compiles and that is
+    the default (CUDA, TP 1, graph decode: measured faster there), not on CPU even with
+    compile=True; explicit wins."""
+    from megatron_lite.inference.engine import default_compile_prefill
+    cuda = torch.device("cuda", 0)
+    assert default_compile_prefill(True, cuda, 1, True)
+    assert not default_compile_prefill(False, cuda, 1, True)       # eager decode asked for
+    assert not default_compile_prefill(True, cuda, 2, True)        # TP > 1: unmeasured
+    assert not default_compile_prefill(True, cuda, 1, False)
+    assert not default_compile_prefill(True, torch.device("cpu"), 1, False)
+    eng = _engine("llama", compile=True)
+    assert eng.compiled is True and eng.compiled_prefill is False
+    assert _engine("llama", compile_prefill=True).compiled_prefill is True
+
+
 def test_max_new_tokens_and_bad_arguments():
     eng = _engine("llama", max_seq_len=40)
     eng.eos_token_ids = ()

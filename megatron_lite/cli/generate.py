@@ -70,8 +70,9 @@ def build_parser():
                    help="torch.distributed backend (default: $MEGATRON_LITE_BACKEND, else "
                         "nccl with CUDA and gloo without)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (fuses its elementwise kernels); it "
-                        "compiles before the timed run, 30-80 s, reported on its own (default: "
+                   help="torch.compile the decode step, and at TP 1 on a GPU the prefill "
+                        "(fuses their elementwise kernels); it compiles before the timed run, "
+                        "30-80 s, reported on its own (default: "
                         "off, since a one-off generation does not earn the compile back; the "
                         "Engine API compiles by default at TP 1 on a GPU)")
     p.add_argument("--json", type=Path, metavar="FILE",
@@ -186,10 +187,11 @@ def main(argv=None) -> int:
                                         max_batch_size=len(args.prompt), compile=args.compile)
         compile_s = None
         if args.compile:
-            say("compiling the decode step (first call) ...")
+            what = "decode step and prefill" if engine.compiled_prefill else "decode step"
+            say(f"compiling the {what} (first call) ...")
             compile_s = engine.warm_up_decode(len(args.prompt), max(map(len, prompt_ids)),
                                               args.max_new_tokens)
-            say(f"compiled the decode step in {compile_s:.1f} s")
+            say(f"compiled the {what} in {compile_s:.1f} s")
         single = len(args.prompt) == 1
         if rank == 0 and single:
             # a chat reply starts a new turn; a plain completion continues the prompt

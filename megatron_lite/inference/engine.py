@@ -73,13 +73,23 @@ def default_compile(device: torch.device, world_size: int, cuda_graphs: bool) ->
     return torch.device(device).type == "cuda" and world_size == 1 and cuda_graphs
 
 
+def default_compile_prefill(compile: bool, device: torch.device, world_size: int,
+                            cuda_graphs: bool) -> bool:
+    """Whether ``Engine(compile_prefill=None)`` compiles the prefill: with a compiled
+    decode step, where that is the default (``default_compile``). Measured on one H100 at
+    TP 1 (llama3-8b shape, docs/results/generate.md): TTFT 512 16.5 -> 11.9 ms (graphed),
+    2k 60.5 -> 49.0 ms (graphed), 8k 263 -> 216 ms (eager). The dynamic-length compile
+    costs about half a minute once (``warm_up_decode``)."""
+    return bool(compile) and default_compile(device, world_size, cuda_graphs)
+
+
 class Engine:
     """A TP-sharded decoder plus tokenizer, static KV cache and sampler (docs/architecture.md)."""
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8,
                  max_seq_len: Optional[int] = None, eos_token_ids: Sequence[int] = (),
                  cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
-                 compile_prefill: bool = False, kv_layout: str = "live"):
+                 compile_prefill: Optional[bool] = None, kv_layout: str = "live"):
         if kv_layout not in LAYOUTS:
             raise ValueError(f"unknown kv_layout {kv_layout!r}; choose one of "
                              f"{', '.join(LAYOUTS)}")
@@ -89,15 +99,20 @@ class Engine:
         # compile: the decode step's model call goes through torch.compile (static shapes;
         # one compile per batch bucket), which fuses the ~30 small elementwise kernels a
         # layer runs between its GEMMs (norms, RoPE, cache writes, activation, residuals).
-        # The TP collectives are custom ops, no graph breaks (parallel_state.TPGroup). Prefill
-        # stays eager unless ``compile_prefill``: its prompt lengths vary (one compile with
-        # dynamic lengths), and most of its time is in the GEMMs, but about a quarter of an
-        # eager 8k prefill is elementwise kernels (llama3-8b shape, one H200:
-        # docs/results/generate.md). None: where it was measured faster (default_compile).
+        # The TP collectives are custom ops, no graph breaks (parallel_state.TPGroup).
+        # compile_prefill: the prefill through a second compile with dynamic prompt lengths
+        # (one compile for all of them; graphed prefill captures that compiled model per
+        # length bucket). An eager 8k prefill spends about a quarter of its time in
+        # elementwise kernels, and compiled it ran 1.2-1.4x faster at 512 to 8k tokens
+        # (llama3-8b shape, one H100: docs/results/generate.md). None: each where it was
+        # measured faster (default_compile, default_compile_prefill).
         w = model.embed_tokens.weight
         self.cuda_graphs = w.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        tp = model.group.world_size
         if compile is None:
-            compile = default_compile(w.device, model.group.world_size, self.cuda_graphs)
+            compile = default_compile(w.device, tp, self.cuda_graphs)
+        if compile_prefill is None:
+            compile_prefill = default_compile_prefill(compile, w.device, tp, self.cuda_graphs)
         self.compiled, self.compiled_prefill = bool(compile), bool(compile_prefill)
         if compile or compile_prefill:
             _configure_compile()
@@ -122,7 +137,8 @@ class Engine:
     def from_pretrained(cls, path: Union[str, Path], group: Optional[TPGroup] = None,
                         dtype=None, comm=None, max_batch_size: int = 8,
                         max_seq_len: Optional[int] = None, device=None,
-                        compile: Optional[bool] = None, compile_prefill: bool = False,
+                        compile: Optional[bool] = None,
+                        compile_prefill: Optional[bool] = None,
                         kv_layout: str = "live") -> "Engine":
         """Load a shard directory (its TP must equal the world size) or an HF directory
         (sharded in memory). All checks run before any weights are read.
@@ -313,8 +329,9 @@ class Engine:
         """Run one decode step at the shapes a ``generate`` call of that batch size,
         longest prompt and ``max_new_tokens`` will use, so that compiling the step (with
         ``compile``) and capturing its CUDA graph happen here instead of inside the timed
-        decode loop: one step for each KV read length the decode steps will use (and, with
-        graphed prefill, one prefill that captures the prompt length's graph). Returns
+        decode loop: one step for each KV read length the decode steps will use (and one
+        prefill at the prompt length, which compiles the prefill with ``compile_prefill``
+        and, with graphed prefill, captures the length's graph). Returns
         the seconds it took. Every rank must call it (the step runs the TP collectives).
         The cache's contents are left undefined; ``generate`` prefills it anew."""
         rows = self._cache_rows(batch_size)
@@ -325,7 +342,7 @@ class Engine:
         positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._sync()
         t0 = time.perf_counter()
-        if self.graph_prefill and self._prefill_fits(prompt_len):
+        if self.compiled_prefill or (self.graph_prefill and self._prefill_fits(prompt_len)):
             self.prefill(tokens.new_zeros(batch_size, prompt_len),
                          torch.full((batch_size,), prompt_len, device=self.device),
                          cache.max_seq)
