@@ -286,43 +286,67 @@ def takes_two_shot(plan: KernelPlan, x: torch.Tensor) -> bool:
             and x.dtype == torch.bfloat16 and x.numel() % 8 == 0)
 
 
+class TwoShotLaunch:
+    """kernels/fused_allreduce.py's ``two_shot_all_reduce`` on csrc/two_shot.cu, for what
+    ``takes_two_shot`` accepts, bound to one workspace, plan and message length ``n``
+    with the geometry ``fused_allreduce.two_shot_plan`` chose over ``TWO_SHOT_TILES``:
+    the same protocol over the same workspace (flags, epochs, slots), the same bits.
+    Everything but the two data pointers and the stream is checked and converted once,
+    here, so that a call costs one extension call (an eager caller's host time). The
+    launch caps ``grid`` at the blocks the device holds at once (its blocks wait for
+    their peers'; csrc/two_shot.cu says why)."""
+
+    def __init__(self, ws, plan: KernelPlan, n: int, dtype: torch.dtype, tile: int,
+                 chunk: int, tiles: int, grid: int, spin: int):
+        kc, rot, scale = plan.rs, plan.rot, plan.scale
+        tb = kc.nbytes(tile)
+        if tiles * tb > ws.layout.slot:
+            raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "
+                             f"workspace has {ws.layout.slot} B")
+        if scale is not None and (scale.dtype != torch.float32 or scale.device != ws.device
+                                  or n % scale.numel()):
+            raise ValueError("scale must be fp32 on the message's device and divide its "
+                             "length")
+        lim = out_limit(dtype)
+        lay = ws.layout
+        self.n, self.dtype, self._scale = n, dtype, scale    # the scale outlives the launch
+        self._fn = _ext().ml_two_shot
+        self._args = (
+            ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, list(ws.deltas),
+            scale.data_ptr() if scale is not None else 0,
+            n, chunk, tiles, tile, tb, lay.flag_off, lay.recv_off, lay.gather_off,
+            lay.slot, ws.rank, ws.world, MAX_BLOCKS, kc.kind, kc.bits, kc.group,
+            rot is not None, scale.numel() if scale is not None else 1, kc.c2,
+            _rot(kc, rot),
+            # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
+            BF16_MAX if plan.mapped else lim, BF16_MAX if scale is not None else lim, lim,
+            spin, grid)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` (contiguous, ``n`` values of the bound dtype) into ``out`` (x's
+        numel and dtype; a temporary takes the sum where ``out`` is not contiguous or
+        not 16-byte aligned)."""
+        if x.data_ptr() % 16:
+            x = x.clone()
+        # the kernel stores 16-byte vectors into a contiguous bf16 output of x's length
+        dst = out if out.data_ptr() % 16 == 0 and out.is_contiguous() else torch.empty_like(x)
+        _check(self._fn(x.data_ptr(), dst.data_ptr(), *self._args,
+                        _stream(x)),
+               "two-shot all-reduce")
+        if dst is not out:
+            out.copy_(dst.view(out.shape))
+        return out
+
+
 def two_shot_all_reduce(ws, x: torch.Tensor, plan: KernelPlan, out: torch.Tensor,
                         tile: int, chunk: int, tiles: int, grid: int, spin: int) -> torch.Tensor:
-    """kernels/fused_allreduce.py's ``two_shot_all_reduce`` on csrc/two_shot.cu, for what
-    ``takes_two_shot`` accepts, with the geometry ``fused_allreduce.two_shot_plan`` chose
-    over ``TWO_SHOT_TILES``: the same protocol over the same workspace (flags, epochs,
-    slots), the same bits. The launch caps ``grid`` at the blocks the device holds at
-    once (its blocks wait for their peers'; csrc/two_shot.cu says why)."""
-    kc, rot, scale = plan.rs, plan.rot, plan.scale
-    rs = _rot(kc, rot)
+    """One call of :class:`TwoShotLaunch` (an ``out`` of another dtype, length or device
+    gets a copy of the sum)."""
     x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    tb = kc.nbytes(tile)
-    if tiles * tb > ws.layout.slot:
-        raise ValueError(f"message of {x.numel()} values needs {tiles * tb} B per rank slot, "
-                         f"workspace has {ws.layout.slot} B")
-    if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
-                              or x.numel() % scale.numel()):
-        raise ValueError("scale must be fp32 on the message's device and divide its length")
-    lim = out_limit(x.dtype)
-    mapped = plan.mapped
-    lay = ws.layout
-    # the kernel stores 16-byte vectors into a contiguous bf16 output of x's length
-    dst = out if (out.is_contiguous() and out.data_ptr() % 16 == 0 and out.dtype == x.dtype
-                  and out.numel() == x.numel() and out.device == x.device) else torch.empty_like(x)
-    _check(_ext().ml_two_shot(
-        x.data_ptr(), dst.data_ptr(), ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr,
-        ws.deltas, scale.data_ptr() if scale is not None else 0,
-        x.numel(), chunk, tiles, tile, tb, lay.flag_off, lay.recv_off, lay.gather_off,
-        lay.slot, ws.rank, ws.world, MAX_BLOCKS, kc.kind, kc.bits, kc.group, rot is not None,
-        scale.numel() if scale is not None else 1, kc.c2, rs,
-        # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
-        BF16_MAX if mapped else lim, BF16_MAX if scale is not None else lim, lim, spin, grid,
-        _stream(x)), "two-shot all-reduce")
-    if dst is not out:
-        out.copy_(dst.view(out.shape))
-    return out
+    launch = TwoShotLaunch(ws, plan, x.numel(), x.dtype, tile, chunk, tiles, grid, spin)
+    if out.dtype == x.dtype and out.numel() == x.numel() and out.device == x.device:
+        return launch(x, out)
+    return out.copy_(launch(x, torch.empty_like(x)).view(out.shape))
 
 
 def takes_one_shot(x: torch.Tensor) -> bool:
@@ -332,22 +356,36 @@ def takes_one_shot(x: torch.Tensor) -> bool:
     return not INTERPRET and x.is_cuda and x.dtype in _DTYPES
 
 
+class OneShotLaunch:
+    """kernels/fused_allreduce.py's ``one_shot_all_reduce`` on csrc/two_shot.cu, bound to
+    one workspace, message length, dtype, block and grid: the same protocol over the same
+    workspace (slots, parity, flags, the epochs of ``counters[0]``), the same grid and
+    elements per block, the same bits. As :class:`TwoShotLaunch`, a call passes only the
+    data pointers and the stream."""
+
+    def __init__(self, ws, n: int, dtype: torch.dtype, block: int, grid: int, spin: int):
+        lay = ws.layout
+        self.n, self.dtype = n, dtype
+        self._fn = _ext().ml_one_shot
+        self._args = (ws.buffer_ptr, ws.counter_ptrs[0], ws.status_ptr, list(ws.deltas), n,
+                      block, lay.flag_off, lay.oneshot_off, lay.oneshot_slot, ws.rank,
+                      ws.world, MAX_BLOCKS, _DTYPES[dtype], spin, grid)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``x`` contiguous; ``out`` of x's shape and dtype, contiguous (a temporary takes
+        the sum where it is not 16-byte aligned)."""
+        if x.data_ptr() % 16:
+            x = x.clone()
+        dst = out if out.data_ptr() % 16 == 0 else torch.empty_like(x)
+        _check(self._fn(x.data_ptr(), dst.data_ptr(), *self._args,
+                        _stream(x)),
+               "one-shot all-reduce")
+        if dst is not out:
+            out.copy_(dst)
+        return out
+
+
 def one_shot_all_reduce(ws, x: torch.Tensor, out: torch.Tensor, block: int, grid: int,
                         spin: int) -> torch.Tensor:
-    """kernels/fused_allreduce.py's ``one_shot_all_reduce`` on csrc/two_shot.cu: the same
-    protocol over the same workspace (slots, parity, flags, the epochs of
-    ``counters[0]``), the same grid and elements per block, the same bits. ``x``
-    contiguous; ``out`` of x's shape and dtype, contiguous, 16-byte aligned (else a
-    temporary takes the sum)."""
-    if x.data_ptr() % 16:
-        x = x.clone()
-    dst = out if out.data_ptr() % 16 == 0 else torch.empty_like(x)
-    lay = ws.layout
-    _check(_ext().ml_one_shot(
-        x.data_ptr(), dst.data_ptr(), ws.buffer_ptr, ws.counter_ptrs[0], ws.status_ptr,
-        ws.deltas, x.numel(), block, lay.flag_off, lay.oneshot_off,
-        lay.oneshot_slot, ws.rank, ws.world, MAX_BLOCKS, _DTYPES[x.dtype], spin, grid,
-        _stream(x)), "one-shot all-reduce")
-    if dst is not out:
-        out.copy_(dst)
-    return out
+    """One call of :class:`OneShotLaunch`."""
+    return OneShotLaunch(ws, x.numel(), x.dtype, block, grid, spin)(x, out)

@@ -21,7 +21,7 @@ CUDA graph; every rank decodes the same bytes in the same order, so ranks agree 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -120,6 +120,32 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
         n, ws.rank, lay.flag_off, lay.oneshot_off, lay.oneshot_slot,
         W=ws.world, MAXB=MAX_BLOCKS, BLOCK=block, SPIN=SPIN_LIMIT, num_warps=4)
     return out
+
+
+Launcher = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _fresh_output(launch) -> Launcher:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        return launch(x, torch.empty_like(x))
+    return run
+
+
+def one_shot_launcher(ws: SymmWorkspace, x: torch.Tensor) -> Launcher:
+    """``one_shot_all_reduce(ws, ·)`` for messages of ``x``'s length and dtype on the
+    workspace's device, with what depends on those alone (block, grid, the bound CUDA
+    launch) worked out once: a call allocates its output and launches. The communicator's
+    backends keep one per kind of message (comm/fused.py); an eager call's host time is
+    what tools/bench_allreduce.py --host-overhead measures."""
+    n = x.numel()
+    if n * x.element_size() > ws.layout.oneshot_max_bytes:
+        raise ValueError(f"one-shot all-reduce takes at most {ws.layout.oneshot_max_bytes} "
+                         f"bytes, got {n * x.element_size()}")
+    if not codec_cuda.takes_one_shot(x):
+        return functools.partial(one_shot_all_reduce, ws)
+    return _fresh_output(codec_cuda.OneShotLaunch(ws, n, x.dtype, one_shot_block(n, x.device),
+                                                  one_shot_grid(ws, x.device), SPIN_LIMIT))
 
 
 # ----------------------------------------------------------------------------- two-shot
@@ -328,6 +354,18 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
         LIM_ROT=BF16_MAX if scale is not None else lim, FLIM=lim,
         num_warps=8 if tile >= 4096 else 4, **opts)
     return out
+
+
+def two_shot_launcher(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan) -> Launcher:
+    """``two_shot_all_reduce(ws, ·, plan)`` for messages of ``x``'s length and dtype, set
+    up once as ``one_shot_launcher``: on the CUDA kernel the geometry and every argument
+    but the data pointers are bound (``codec_cuda.TwoShotLaunch``)."""
+    n = x.numel()
+    if n == 0 or not codec_cuda.takes_two_shot(plan, x):
+        return lambda y: two_shot_all_reduce(ws, y, plan)
+    geo = two_shot_plan(n, ws.world, plan.group, x.device, n * x.element_size(), plan.mapped,
+                        None, codec_cuda.TWO_SHOT_TILES)
+    return _fresh_output(codec_cuda.TwoShotLaunch(ws, plan, n, x.dtype, *geo, SPIN_LIMIT))
 
 
 def prewarm(ws: SymmWorkspace, plans, numels, dtype=torch.bfloat16, oneshot: bool = True) -> int:

@@ -162,9 +162,16 @@ def _two_shot_body(rank, world, lib):
             got = codec_cuda.two_shot_all_reduce(ws, x, plan, torch.empty_like(x), *geo,
                                                  1 << 22)
             want = two_step_all_reduce(base, x, scheme)
-            res.append([scheme.spec if hasattr(scheme, "spec") else str(i), n,
-                        bool(same_bits(got, want)), int(got.view(torch.int16).sum()),
-                        int(ws.status[0])])
+            res.append([str(scheme.spec), n, bool(same_bits(got, want)),
+                        int(got.view(torch.int16).sum()), int(ws.status[0])])
+            # a launch bound once (what the backends keep per kind of message), on another
+            # message of the same kind
+            y = (x.float() * -0.75 + 1).to(torch.bfloat16)
+            launch = codec_cuda.TwoShotLaunch(ws, plan, n, x.dtype, *geo, 1 << 22)
+            got = launch(y, torch.empty_like(y))
+            res.append([f"{scheme.spec} bound", n,
+                        bool(same_bits(got, two_step_all_reduce(base, y, scheme))),
+                        int(got.view(torch.int16).sum()), int(ws.status[0])])
     return res
 
 
@@ -175,7 +182,7 @@ def test_two_shot_source_matches_two_step_across_processes(host_lib, world):
     from tests._dist import run_distributed
     ranks = run_distributed(_two_shot_body, world, host_lib, timeout=600)
     for rows in ranks:
-        assert len(rows) == 30
+        assert len(rows) == 60
         bad = [r for r in rows if not r[2] or r[4]]
         assert not bad, bad
     sums = [[r[3] for r in rows] for rows in ranks]
@@ -214,6 +221,16 @@ def _one_shot_body(rank, world, lib):
                                                  fa.one_shot_block(n, x.device), grid, 1 << 20)
             res.append([str(dtype), n, bool(same_bits(got, want.to(dtype))),
                         float(torch.nan_to_num(got.float()).sum()), int(ws.status[0])])
+            # bound once, called twice (the backends' prepared launch)
+            launch = codec_cuda.OneShotLaunch(ws, n, dtype, fa.one_shot_block(n, x.device),
+                                              grid, 1 << 20)
+            for k in (2, 3):
+                want_k = (xs[0] * k).float()
+                for r in range(1, world):
+                    want_k = want_k + (xs[r] * k).float()
+                got = launch(x * k, torch.empty_like(x))
+                res.append([f"{dtype} bound x{k}", n, bool(same_bits(got, want_k.to(dtype))),
+                            float(torch.nan_to_num(got.float()).sum()), int(ws.status[0])])
     return res
 
 
@@ -225,7 +242,7 @@ def test_one_shot_source_matches_rank_order_sum(host_lib, world):
     from tests._dist import run_distributed
     ranks = run_distributed(_one_shot_body, world, host_lib, timeout=600)
     for rows in ranks:
-        assert len(rows) == 15
+        assert len(rows) == 45
         bad = [r for r in rows if not r[2] or r[4]]
         assert not bad, bad
     assert all(r == ranks[0] for r in ranks)

@@ -98,6 +98,25 @@ class FusedState:
                                                      plan=plan, **norm)
 
 
+class Launchers:
+    """A backend's prepared launches, one per kind of message: ``(shape, dtype, scheme)``
+    -> a callable that sums such a message (kernels/fused_allreduce.py's
+    ``*_launcher``). The plan's checks, the kernel's geometry and its arguments are
+    worked out on a kind's first call, so a later eager call allocates the output and
+    launches. A backend serves one workspace, hence one device, and a scheme lives as
+    long as its communicator (held here, so its id is never reused)."""
+
+    def __init__(self):
+        self._runs: Dict[tuple, tuple] = {}
+
+    def get(self, x: torch.Tensor, scheme: Optional[Scheme], make):
+        key = (x.shape, x.dtype, id(scheme))
+        got = self._runs.get(key)
+        if got is None:
+            got = self._runs[key] = (scheme, make())
+        return got[1]
+
+
 class OneShotBackend(Backend):
     """One-shot bf16/fp16/fp32 all-reduce (ignores the scheme: full precision)."""
 
@@ -106,6 +125,7 @@ class OneShotBackend(Backend):
 
     def __init__(self, state: FusedState):
         self.state = state
+        self.launchers = Launchers()
 
     def unsupported(self, x, scheme, comm):
         why = self.state.unsupported(x)
@@ -113,9 +133,13 @@ class OneShotBackend(Backend):
             why = f"{x.numel() * x.element_size()} B > one-shot buffer"
         return why
 
-    def all_reduce(self, x, scheme, comm):
+    def launcher(self, x: torch.Tensor):
+        """The prepared one-shot launch of messages like ``x`` (see ``Launchers``)."""
         from megatron_lite.kernels import fused_allreduce as fa
-        return fa.one_shot_all_reduce(self.state.ws, x).view(x.shape)
+        return self.launchers.get(x, None, lambda: fa.one_shot_launcher(self.state.ws, x))
+
+    def all_reduce(self, x, scheme, comm):
+        return self.launcher(x)(x)
 
 
 class FusedTwoShotBackend(Backend):
@@ -126,6 +150,7 @@ class FusedTwoShotBackend(Backend):
 
     def __init__(self, state: FusedState):
         self.state = state
+        self.launchers = Launchers()
 
     def unsupported(self, x, scheme, comm):
         why = self.state.unsupported(x)
@@ -135,9 +160,14 @@ class FusedTwoShotBackend(Backend):
             why = f"{x.numel()} values > workspace ({self.state.ws.layout.max_elems})"
         return why
 
-    def all_reduce(self, x, scheme, comm):
+    def launcher(self, x: torch.Tensor, scheme: Scheme):
+        """The prepared two-shot launch of messages like ``x`` with ``scheme``."""
         from megatron_lite.kernels import fused_allreduce as fa
-        return fa.two_shot_all_reduce(self.state.ws, x, scheme.kernel_plan(x)).view(x.shape)
+        return self.launchers.get(x, scheme, lambda: fa.two_shot_launcher(
+            self.state.ws, x, scheme.kernel_plan(x)))
+
+    def all_reduce(self, x, scheme, comm):
+        return self.launcher(x, scheme)(x)
 
 
 def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_error: bool = False,
@@ -244,6 +274,7 @@ class AutoBackend(Backend):
         self.fused = FusedTwoShotBackend(state)
         self.table = table
         self.fuses_add_rmsnorm = state.ws is not None
+        self.launchers = Launchers()
 
     def _table(self) -> Dict:
         if self.table is None:
@@ -301,12 +332,16 @@ class AutoBackend(Backend):
         return self.state.all_reduce_add_rmsnorm(x, None, residual, norm_weight, eps, **norm)
 
     def all_reduce(self, x, scheme, comm):
+        # the choice depends on the message's size, dtype and the spec alone: made once
+        return self.launchers.get(x, scheme, lambda: self._launcher(x, scheme, comm))(x)
+
+    def _launcher(self, x, scheme, comm):
         which = self.choose(x, scheme, comm)
         if which == "oneshot":
-            return self.oneshot.all_reduce(x, scheme, comm)
+            return self.oneshot.launcher(x)
         if which == "fused":
-            return self.fused.all_reduce(x, scheme, comm)
-        return comm.base.all_reduce(x)
+            return self.fused.launcher(x, scheme)
+        return comm.base.all_reduce
 
 
 def make_state(group=None, max_bytes: int = 128 << 20, oneshot_max_bytes: int = 1 << 20,
