@@ -2,7 +2,7 @@
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
 #   STAGES="env smoke sweep bench4 bench2 rec transports tests gen" bash tests/gpu/device_run.sh
-# One GPU: STAGES="env build codec host tests gen1 kv1" bash tests/gpu/device_run.sh
+# One GPU: STAGES="env build codec host hostprof tests gen1 kv1" bash tests/gpu/device_run.sh
 # (build first: a stage's timeout must not fall inside the CUDA codec build, 1-3 minutes)
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -109,6 +109,13 @@ codec_cuda.build(); print(f'CUDA codec kernels built in {time.time() - t:.0f} s'
           --json "$OUT/host_overhead_w${HOST_NPROC:-1}_$size.json" > "$OUT/host_$size.log" 2>&1
         grep -E "dispatch|error" "$OUT/host_$size.log" | cut -c1-220
       done
+      ;;
+    hostprof)
+      # where an eager call's host time goes: cProfile of each path and the cost of the
+      # single host operations it makes (tests/gpu/profile_host.py; one GPU)
+      timeout ${T_HOST:-90} torchrun --nproc_per_node=1 tests/gpu/profile_host.py \
+        > "$OUT/profile_host.log" 2>&1
+      grep -A 20 "^single operations" "$OUT/profile_host.log"
       ;;
     gen1)
       # one GPU (TP 1), llama3-8b: graphed vs eager prefill against the compute floor,
