@@ -331,3 +331,27 @@ def test_build_communicator_and_routing(tmp_path):
     qc = build_communicator(twos[0], "outlier-int4", calibration=path)
     with pytest.raises(CalibrationError, match="no site"):
         qc.sites.scheme_for("layers.9.mlp.down_proj")
+
+
+def test_kernel_backends_prepare_one_launch_per_kind_of_message():
+    """comm/fused.py's ``Launchers``: a kernel backend works out a launch once per
+    (shape, dtype, scheme) and reuses it for every later message of that kind, and only
+    for that kind."""
+    from megatron_lite.comm.codecs import get_scheme
+    from megatron_lite.comm.fused import Launchers
+    made, launchers = [], Launchers()
+    a, b = get_scheme("int4:128"), get_scheme("int8:128")
+    x = torch.zeros(4, 256)
+
+    def make(tag):
+        def prepare():
+            made.append(tag)
+            return lambda t: tag
+        return prepare
+    assert launchers.get(x, a, make("a"))(x) == "a"
+    assert launchers.get(torch.ones(4, 256), a, make("again"))(x) == "a"   # same kind
+    assert launchers.get(x, b, make("b"))(x) == "b"
+    assert launchers.get(x.to(torch.bfloat16), a, make("bf16"))(x) == "bf16"
+    assert launchers.get(torch.zeros(2, 256), a, make("shape"))(x) == "shape"
+    assert launchers.get(x, None, make("no scheme"))(x) == "no scheme"
+    assert made == ["a", "b", "bf16", "shape", "no scheme"]
