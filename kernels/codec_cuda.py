@@ -286,7 +286,26 @@ def takes_two_shot(plan: KernelPlan, x: torch.Tensor) -> bool:
             and x.dtype == torch.bfloat16 and x.numel() % 8 == 0)
 
 
-class TwoShotLaunch:
+class _BoundLaunch:
+    """An extension entry point with every argument but the two data pointers and the
+    stream bound (``_fn``, ``_args``; ``_what`` names it in errors)."""
+
+    _fn = _args = _what = None
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` (contiguous, of the bound length and dtype) into ``out`` (x's numel
+        and dtype). The kernels move 16-byte vectors: a misaligned ``x`` is copied, and a
+        temporary takes the sum where ``out`` is misaligned or not contiguous."""
+        if x.data_ptr() % 16:
+            x = x.clone()
+        dst = out if out.data_ptr() % 16 == 0 and out.is_contiguous() else torch.empty_like(x)
+        _check(self._fn(x.data_ptr(), dst.data_ptr(), *self._args, _stream(x)), self._what)
+        if dst is not out:
+            out.copy_(dst.view(out.shape))
+        return out
+
+
+class TwoShotLaunch(_BoundLaunch):
     """kernels/fused_allreduce.py's ``two_shot_all_reduce`` on csrc/two_shot.cu, for what
     ``takes_two_shot`` accepts, bound to one workspace, plan and message length ``n``
     with the geometry ``fused_allreduce.two_shot_plan`` chose over ``TWO_SHOT_TILES``:
@@ -309,8 +328,8 @@ class TwoShotLaunch:
                              "length")
         lim = out_limit(dtype)
         lay = ws.layout
-        self.n, self.dtype, self._scale = n, dtype, scale    # the scale outlives the launch
-        self._fn = _ext().ml_two_shot
+        self._scale = scale                      # bound by address: it must outlive the launch
+        self._fn, self._what = _ext().ml_two_shot, "two-shot all-reduce"
         self._args = (
             ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, list(ws.deltas),
             scale.data_ptr() if scale is not None else 0,
@@ -321,21 +340,6 @@ class TwoShotLaunch:
             # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
             BF16_MAX if plan.mapped else lim, BF16_MAX if scale is not None else lim, lim,
             spin, grid)
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` (contiguous, ``n`` values of the bound dtype) into ``out`` (x's
-        numel and dtype; a temporary takes the sum where ``out`` is not contiguous or
-        not 16-byte aligned)."""
-        if x.data_ptr() % 16:
-            x = x.clone()
-        # the kernel stores 16-byte vectors into a contiguous bf16 output of x's length
-        dst = out if out.data_ptr() % 16 == 0 and out.is_contiguous() else torch.empty_like(x)
-        _check(self._fn(x.data_ptr(), dst.data_ptr(), *self._args,
-                        _stream(x)),
-               "two-shot all-reduce")
-        if dst is not out:
-            out.copy_(dst.view(out.shape))
-        return out
 
 
 def two_shot_all_reduce(ws, x: torch.Tensor, plan: KernelPlan, out: torch.Tensor,
@@ -356,7 +360,7 @@ def takes_one_shot(x: torch.Tensor) -> bool:
     return not INTERPRET and x.is_cuda and x.dtype in _DTYPES
 
 
-class OneShotLaunch:
+class OneShotLaunch(_BoundLaunch):
     """kernels/fused_allreduce.py's ``one_shot_all_reduce`` on csrc/two_shot.cu, bound to
     one workspace, message length, dtype, block and grid: the same protocol over the same
     workspace (slots, parity, flags, the epochs of ``counters[0]``), the same grid and
@@ -365,24 +369,10 @@ class OneShotLaunch:
 
     def __init__(self, ws, n: int, dtype: torch.dtype, block: int, grid: int, spin: int):
         lay = ws.layout
-        self.n, self.dtype = n, dtype
-        self._fn = _ext().ml_one_shot
+        self._fn, self._what = _ext().ml_one_shot, "one-shot all-reduce"
         self._args = (ws.buffer_ptr, ws.counter_ptrs[0], ws.status_ptr, list(ws.deltas), n,
                       block, lay.flag_off, lay.oneshot_off, lay.oneshot_slot, ws.rank,
                       ws.world, MAX_BLOCKS, _DTYPES[dtype], spin, grid)
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``x`` contiguous; ``out`` of x's shape and dtype, contiguous (a temporary takes
-        the sum where it is not 16-byte aligned)."""
-        if x.data_ptr() % 16:
-            x = x.clone()
-        dst = out if out.data_ptr() % 16 == 0 else torch.empty_like(x)
-        _check(self._fn(x.data_ptr(), dst.data_ptr(), *self._args,
-                        _stream(x)),
-               "one-shot all-reduce")
-        if dst is not out:
-            out.copy_(dst)
-        return out
 
 
 def one_shot_all_reduce(ws, x: torch.Tensor, out: torch.Tensor, block: int, grid: int,

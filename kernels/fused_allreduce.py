@@ -100,14 +100,18 @@ def one_shot_grid(ws: SymmWorkspace, device: torch.device) -> int:
     return min(MAX_BLOCKS, max(_num_sms(device), most))
 
 
+def _check_one_shot_size(ws: SymmWorkspace, x: torch.Tensor) -> None:
+    nbytes = x.numel() * x.element_size()
+    if nbytes > ws.layout.oneshot_max_bytes:
+        raise ValueError(f"one-shot all-reduce takes at most {ws.layout.oneshot_max_bytes} bytes, "
+                         f"got {nbytes}")
+
+
 def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
     """Sum ``x`` over the workspace's ranks with the one-shot kernel (one launch)."""
     x = x.contiguous()
     n = x.numel()
-    nbytes = n * x.element_size()
-    if nbytes > ws.layout.oneshot_max_bytes:
-        raise ValueError(f"one-shot all-reduce takes at most {ws.layout.oneshot_max_bytes} bytes, "
-                         f"got {nbytes}")
+    _check_one_shot_size(ws, x)
     if out is None:
         out = torch.empty_like(x)
     block = one_shot_block(n, x.device)
@@ -139,9 +143,7 @@ def one_shot_launcher(ws: SymmWorkspace, x: torch.Tensor) -> Launcher:
     backends keep one per kind of message (comm/fused.py); an eager call's host time is
     what tools/bench_allreduce.py --host-overhead measures."""
     n = x.numel()
-    if n * x.element_size() > ws.layout.oneshot_max_bytes:
-        raise ValueError(f"one-shot all-reduce takes at most {ws.layout.oneshot_max_bytes} "
-                         f"bytes, got {n * x.element_size()}")
+    _check_one_shot_size(ws, x)
     if not codec_cuda.takes_one_shot(x):
         return functools.partial(one_shot_all_reduce, ws)
     return _fresh_output(codec_cuda.OneShotLaunch(ws, n, x.dtype, one_shot_block(n, x.device),
@@ -278,6 +280,14 @@ def two_shot_plan(n: int, world: int, group: int, device: torch.device, nbytes: 
     return tile, chunk, tiles, min(tiles, bpsm * _num_sms(device), MAX_BLOCKS)
 
 
+def _cuda_geometry(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
+                   bpsm: Optional[int] = None):
+    """``two_shot_plan`` of ``x`` over the CUDA two-shot kernel's tile sizes."""
+    n = x.numel()
+    return two_shot_plan(n, ws.world, plan.group, x.device, n * x.element_size(), plan.mapped,
+                         bpsm, codec_cuda.TWO_SHOT_TILES)
+
+
 def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
                         out: torch.Tensor = None, _warmup_only: bool = False,
                         bpsm: Optional[int] = None) -> torch.Tensor:
@@ -320,8 +330,7 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
         if _warmup_only:
             codec_cuda.build()
             return out
-        geo = two_shot_plan(n, ws.world, group, x.device, n * x.element_size(), mapped, bpsm,
-                            codec_cuda.TWO_SHOT_TILES)
+        geo = _cuda_geometry(ws, x, plan, bpsm)
         return codec_cuda.two_shot_all_reduce(ws, x, plan, out, *geo, SPIN_LIMIT)
     tile, chunk, tiles, grid = two_shot_plan(n, ws.world, group, x.device,
                                               n * x.element_size(), mapped, bpsm)
@@ -363,9 +372,8 @@ def two_shot_launcher(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan) -> L
     n = x.numel()
     if n == 0 or not codec_cuda.takes_two_shot(plan, x):
         return lambda y: two_shot_all_reduce(ws, y, plan)
-    geo = two_shot_plan(n, ws.world, plan.group, x.device, n * x.element_size(), plan.mapped,
-                        None, codec_cuda.TWO_SHOT_TILES)
-    return _fresh_output(codec_cuda.TwoShotLaunch(ws, plan, n, x.dtype, *geo, SPIN_LIMIT))
+    return _fresh_output(codec_cuda.TwoShotLaunch(ws, plan, n, x.dtype,
+                                                  *_cuda_geometry(ws, x, plan), SPIN_LIMIT))
 
 
 def prewarm(ws: SymmWorkspace, plans, numels, dtype=torch.bfloat16, oneshot: bool = True) -> int:
