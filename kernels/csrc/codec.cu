@@ -58,8 +58,9 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
     }
   }
   if (SCALE && t.live) {
+    const Channels<G> ch(t.row * n + t.col(0), h);
 #pragma unroll
-    for (int k = 0; k < kChunks; ++k) scale_chunk(v[k], scale, h, t.row * n + t.col(k));
+    for (int k = 0; k < kChunks; ++k) scale_chunk(v[k], scale, h, ch.at(k));
   }
   if (ROT) fwht<G>(v, t.sub, rscale);
   const Coded c = encode_group<KIND, BITS, G>(v, c2);

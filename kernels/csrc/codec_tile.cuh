@@ -338,13 +338,29 @@ __device__ __forceinline__ void decode_sum(int64_t rows, float lim, Load load,
   }
 }
 
-// The weighted- scales of 8 consecutive values from flat index f: s[(f + i) mod h]. Chunks
+// The channel (flat index mod h) of each chunk of a lane's share, from that of its chunk
+// 0: one modulo per thread, not one per chunk (a 32-bit one where both fit: the 64-bit
+// remainder is a long instruction sequence on sm_90). A share's chunks lie within G
+// values, so chunk k's channel wraps h at most G / h + 1 times.
+template <int G>
+struct Channels {
+  int64_t c0, h;
+  __device__ __forceinline__ Channels(int64_t f0, int64_t h_) : h(h_) {
+    c0 = f0 < 0xFFFFFFFFll && h < 0xFFFFFFFFll ? (int64_t)((uint32_t)f0 % (uint32_t)h)
+                                              : f0 % h;
+  }
+  __device__ __forceinline__ int64_t at(int k) const {
+    int64_t c = c0 + (int64_t)k * Tile<G>::STRIDE;
+    while (c >= h) c -= h;
+    return c;
+  }
+};
+
+// The weighted- scales of 8 consecutive values from channel ch: s[(ch + i) mod h]. Chunks
 // start at multiples of 8, so where 8 divides h (every model's hidden size) a chunk never
 // wraps and its scales are two 16-byte loads.
 __device__ __forceinline__ void chunk_scales(const float* __restrict__ scale, int64_t h,
-                                             int64_t f, float s[8]) {
-  int64_t ch = f < 0xFFFFFFFFll && h < 0xFFFFFFFFll ? (int64_t)((uint32_t)f % (uint32_t)h)
-                                                    : f % h;
+                                             int64_t ch, float s[8]) {
   if ((h & 7) == 0 && (reinterpret_cast<uintptr_t>(scale) & 15) == 0) {
     float4 a = __ldg(reinterpret_cast<const float4*>(scale + ch));
     float4 b = __ldg(reinterpret_cast<const float4*>(scale + ch) + 1);
@@ -359,11 +375,11 @@ __device__ __forceinline__ void chunk_scales(const float* __restrict__ scale, in
   }
 }
 
-// weighted-: v = fl32(x) * s[channel], the channel being the flat index f mod h.
+// weighted-: v = fl32(x) * s[ch + i], ch the chunk's channel (Channels).
 __device__ __forceinline__ void scale_chunk(float v[8], const float* __restrict__ scale,
-                                            int64_t h, int64_t f) {
+                                            int64_t h, int64_t ch) {
   float s[8];
-  chunk_scales(scale, h, f, s);
+  chunk_scales(scale, h, ch, s);
 #pragma unroll
   for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], s[i]);
 }

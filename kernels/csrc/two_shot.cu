@@ -136,13 +136,14 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
   for (int64_t tt = b; tt < a.tiles; tt += nb) {
     for (int j = 0; j < a.world; ++j) {
       const int64_t f0 = j * a.chunk + tt * tile;
+      const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, SCALE ? a.h : 1);
       float v[kChunks][8];
 #pragma unroll
       for (int k = 0; k < kChunks; ++k) {
         const int64_t f = f0 + t.col(k);
         if (f < a.n) {   // the host sends messages of whole 8-value chunks only
           Io<Bf16Bits>::load(x + f, v[k]);
-          if (SCALE) scale_chunk(v[k], scale, a.h, f);
+          if (SCALE) scale_chunk(v[k], scale, a.h, ch.at(k));
         } else {
 #pragma unroll
           for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
@@ -189,13 +190,14 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
         }
       }
       const int64_t f0 = o * a.chunk + tt * tile;
+      const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, SCALE ? a.h : 1);
 #pragma unroll
       for (int k = 0; k < kChunks; ++k) {
         const int64_t f = f0 + t.col(k);
         if (f >= a.n) continue;
         if (SCALE) {
           float s[8];
-          chunk_scales(scale, a.h, f, s);
+          chunk_scales(scale, a.h, ch.at(k), s);
 #pragma unroll
           for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(__fdiv_rn(y[k][i], s[i]), a.flim);
         }
