@@ -27,14 +27,14 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// A block covers kThreads * kVals values of one row; the row is blockIdx.x / bpr, uniform
-// in the block (no 64-bit division per thread).
+// A block covers blockDim.x * kVals values of one row (blockDim.x: threads_for); the row
+// is blockIdx.x / bpr, uniform in the block (no 64-bit division per thread).
 template <int G>
 __device__ __forceinline__ Tile<G> tile_of(int64_t n, uint32_t bpr) {
   Tile<G> t;
   uint32_t row = blockIdx.x / bpr;
   uint32_t b = blockIdx.x - row * bpr;
-  int64_t gi = ((int64_t)b * kThreads + threadIdx.x) / Tile<G>::LPG;
+  int64_t gi = ((int64_t)b * blockDim.x + threadIdx.x) / Tile<G>::LPG;
   t.row = row;
   t.g0 = gi * G;
   t.sub = threadIdx.x & (Tile<G>::LPG - 1);
@@ -136,10 +136,25 @@ __global__ void __launch_bounds__(kThreads) error_kernel(
   }
 }
 
-// Blocks per row of n values (the grid: rows * that, at most 2^31 - 1 blocks).
-uint32_t blocks_per_row(int64_t n) {
-  int64_t per = (int64_t)kThreads * kVals;
+// Blocks per row of n values at `threads` per block (the grid: rows * that, at most
+// 2^31 - 1 blocks).
+uint32_t blocks_per_row(int64_t n, int threads) {
+  int64_t per = (int64_t)threads * kVals;
   return (uint32_t)((n + per - 1) / per);
+}
+
+// Threads per block: kThreads, or fewer where blocks of kThreads would leave SMs idle. A
+// thread's share is fixed (kVals values, the Tile layout), so a small message has few
+// threads, and in blocks of 256 they land on a fraction of the SMs: a 1 MB dequantize-
+// and-sum of 4 rows is 16 blocks on an H100's 132 SMs, and ran at half of Triton's speed
+// (docs/results/codec_kernels.md). Smaller blocks spread the same threads over more SMs,
+// and with them more loads in flight. kFillBlocks: two blocks for each SM of an H100 or
+// H200 (132); past it every block keeps kThreads.
+constexpr int64_t kFillBlocks = 2 * 132;
+int threads_for(int64_t rows, int64_t n) {
+  int th = kThreads;
+  while (th > 32 && rows * (int64_t)blocks_per_row(n, th) < kFillBlocks) th /= 2;
+  return th;
 }
 
 }  // namespace
@@ -151,7 +166,8 @@ int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t 
                       int64_t g, bool rot, double c2, double rscale, int64_t stream) {
   const float* sp = reinterpret_cast<const float*>(scale);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  uint32_t bpr = blocks_per_row(n);
+  const int th = threads_for(rows, n);
+  uint32_t bpr = blocks_per_row(n, th);
   int64_t nblk = rows * bpr;
   if (nblk > 0x7FFFFFFFll) return (int)cudaErrorInvalidConfiguration;
   return (int)with_dtype((int)dtype, [&](auto z) {
@@ -163,7 +179,7 @@ int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t 
       constexpr bool R = decltype(r)::value;
       auto kernel = sp ? quantize_kernel<T, K, B, G, R, true>
                        : quantize_kernel<T, K, B, G, R, false>;
-      return launch(kernel, nblk, kThreads, st, xp, bp, sp, h, n, nb, (float)c2, (float)rscale,
+      return launch(kernel, nblk, th, st, xp, bp, sp, h, n, nb, (float)c2, (float)rscale,
                     bpr);
     });
   });
@@ -174,7 +190,8 @@ int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int
                         int64_t bits, int64_t g, bool rot, double lim, double rscale,
                         int64_t stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  uint32_t bpr = blocks_per_row(n);
+  const int th = threads_for(outs, n);
+  uint32_t bpr = blocks_per_row(n, th);
   int64_t nblk = outs * bpr;
   if (nblk > 0x7FFFFFFFll) return (int)cudaErrorInvalidConfiguration;
   return (int)with_dtype((int)dtype, [&](auto z) {
@@ -183,7 +200,7 @@ int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int
     T* op = reinterpret_cast<T*>(out);
     return dispatch((int)kind, (int)bits, (int)g, rot, [&](auto k, auto b, auto gg, auto r) {
       constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
-      return launch(dequantize_kernel<T, K, B, G, decltype(r)::value>, nblk, kThreads, st, bp,
+      return launch(dequantize_kernel<T, K, B, G, decltype(r)::value>, nblk, th, st, bp,
                     op, per, so, sr, n, nb, (float)lim, (float)rscale, bpr);
     });
   });
@@ -193,7 +210,8 @@ int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n,
                    int64_t dtype, int64_t kind, int64_t bits, int64_t g, bool rot,
                    double rscale, int64_t stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  uint32_t bpr = blocks_per_row(n);
+  const int th = threads_for(rows, n);
+  uint32_t bpr = blocks_per_row(n, th);
   int64_t nblk = rows * bpr;
   if (nblk > 0x7FFFFFFFll) return (int)cudaErrorInvalidConfiguration;
   return (int)with_dtype((int)dtype, [&](auto z) {
@@ -203,7 +221,7 @@ int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n,
     float* op = reinterpret_cast<float*>(out);
     return dispatch((int)kind, (int)bits, (int)g, rot, [&](auto k, auto b, auto gg, auto r) {
       constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
-      return launch(error_kernel<T, K, B, G, decltype(r)::value>, nblk, kThreads, st, xp, bp,
+      return launch(error_kernel<T, K, B, G, decltype(r)::value>, nblk, th, st, xp, bp,
                     op, n, nb, (float)rscale, bpr);
     });
   });
