@@ -64,6 +64,12 @@ int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
                 int64_t world, int64_t maxb, int64_t kind, int64_t bits, int64_t g, bool rot,
                 int64_t h, double c2, double rscale, double out_lim, double lim_rot,
                 double flim, int64_t spin, int64_t grid, int64_t stream);
+int ml_one_shot_q(int64_t x, int64_t out, int64_t err, int64_t ws, int64_t cnt, int64_t status,
+                  std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t tiles,
+                  int64_t tile, int64_t tile_bytes, int64_t flag_off, int64_t recv_off,
+                  int64_t slot, int64_t rank, int64_t world, int64_t maxb, int64_t kind,
+                  int64_t bits, int64_t g, bool rot, int64_t h, double c2, double rscale,
+                  int64_t spin, int64_t grid, int64_t stream);
 """
 
 
@@ -77,7 +83,7 @@ def build() -> None:
 
 
 _FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error", "ml_one_shot",
-              "ml_two_shot")
+              "ml_two_shot", "ml_one_shot_q")
 
 
 def _build_directory(tag: str) -> str:
@@ -379,3 +385,60 @@ def one_shot_all_reduce(ws, x: torch.Tensor, out: torch.Tensor, block: int, grid
                         spin: int) -> torch.Tensor:
     """One call of :class:`OneShotLaunch`."""
     return OneShotLaunch(ws, x.numel(), x.dtype, block, grid, spin)(x, out)
+
+
+class OneShotQLaunch:
+    """The one-shot algorithm's quantized all-reduce (comm/fused.py's
+    ``one_shot_kernels_all_reduce``: quantize, all-gather, dequantize-and-sum, the
+    scheme's finish and restore) in one launch of csrc/two_shot.cu's one-shot kernel, for
+    what ``takes_two_shot`` accepts, bound to one workspace, plan and message length
+    ``n``, with the two-shot kernel's tile geometry (``tile``, ``tiles``, ``grid``): each
+    rank's codes go straight into every peer's ``recv`` slot, the same bits. A call
+    ``launch(x, out)`` returns ``out``; ``launch(x, out, err)`` also writes this rank's
+    error part (fp32, ``x``'s shape, as ``Scheme.own_error`` through the scheme's
+    restore) into ``err`` and returns ``(out, err)``. Arguments are checked once, here."""
+
+    def __init__(self, ws, plan: KernelPlan, n: int, tile: int, tiles: int, grid: int,
+                 spin: int):
+        kc, rot, scale = plan.rs, plan.rot, plan.scale
+        if plan.ag != kc or not serves(kc):
+            raise ValueError("the one-shot kernel takes a one-stage codec of codec.cu")
+        if n % 8 or n < 1:
+            raise ValueError(f"message of {n} values: whole 8-value chunks only")
+        tb = kc.nbytes(tile)
+        if tiles * tile < n or tiles * tb > ws.layout.slot:
+            raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "
+                             f"workspace has {ws.layout.slot} B")
+        if scale is not None and (scale.dtype != torch.float32 or scale.device != ws.device
+                                  or scale.dim() != 1 or n % scale.numel()):
+            raise ValueError("scale must be 1-D fp32 on the message's device and divide its "
+                             "length")
+        lay = ws.layout
+        self._scale = scale                      # bound by address: it must outlive the launch
+        self._fn = _ext().ml_one_shot_q
+        self._tail = (ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, list(ws.deltas),
+                      scale.data_ptr() if scale is not None else 0, n, tiles, tile, tb,
+                      lay.flag_off, lay.recv_off, lay.slot, ws.rank, ws.world, MAX_BLOCKS,
+                      kc.kind, kc.bits, kc.group, rot is not None,
+                      scale.numel() if scale is not None else 1, kc.c2, _rot(kc, rot), spin,
+                      grid)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, err: Optional[torch.Tensor] = None):
+        """``x``: bf16, contiguous, of the bound length; ``out`` likewise; ``err`` fp32 of
+        that length. 16-byte vectors: a misaligned ``x`` is copied, and a misaligned or
+        non-contiguous ``out`` / ``err`` gets its result through a temporary."""
+        if x.data_ptr() % 16:
+            x = x.clone()
+        dst = out if out.data_ptr() % 16 == 0 and out.is_contiguous() else torch.empty_like(x)
+        edst = err
+        if err is not None and (err.data_ptr() % 16 or not err.is_contiguous()):
+            edst = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        _check(self._fn(x.data_ptr(), dst.data_ptr(), edst.data_ptr() if edst is not None else 0,
+                        *self._tail, _stream(x)), "one-shot quantized all-reduce")
+        if dst is not out:
+            out.copy_(dst.view(out.shape))
+        if err is None:
+            return out
+        if edst is not err:
+            err.copy_(edst.view(err.shape))
+        return out, err

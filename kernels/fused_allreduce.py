@@ -376,6 +376,34 @@ def two_shot_launcher(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan) -> L
                                                   *_cuda_geometry(ws, x, plan), SPIN_LIMIT))
 
 
+# ------------------------------------------------------------------ one-shot, quantized
+def one_shot_q_geometry(ws: SymmWorkspace, n: int, plan: KernelPlan, device: torch.device):
+    """(tile, tiles, grid) of csrc/two_shot.cu's one-shot quantized kernel for a message
+    of ``n`` values (the two-shot kernel's geometry for one chunk of the whole message:
+    the largest tile that still gives every SM a tile), or None where the whole coded
+    message does not fit a ``recv`` slot. The same on every rank."""
+    tile, _, tiles, grid = two_shot_plan(n, 1, plan.group, device, 2 * n, plan.mapped,
+                                         tile_sizes=codec_cuda.TWO_SHOT_TILES)
+    if tiles * plan.rs.nbytes(tile) > ws.layout.slot:
+        return None
+    return tile, tiles, grid
+
+
+def one_shot_q_launcher(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan
+                        ) -> Optional["codec_cuda.OneShotQLaunch"]:
+    """The one-launch one-shot quantized all-reduce of messages like ``x`` with ``plan``
+    (``codec_cuda.OneShotQLaunch``: ``launch(x, out[, err])``), or None where it does not
+    run them: not a bf16 CUDA message of whole 8-value chunks with a codec of codec.cu
+    (``codec_cuda.takes_two_shot``), or a coded message above a ``recv`` slot. Every
+    rank decides alike."""
+    if x.numel() == 0 or not codec_cuda.takes_two_shot(plan, x):
+        return None
+    geo = one_shot_q_geometry(ws, x.numel(), plan, x.device)
+    if geo is None:
+        return None
+    return codec_cuda.OneShotQLaunch(ws, plan, x.numel(), *geo, SPIN_LIMIT)
+
+
 def prewarm(ws: SymmWorkspace, plans, numels, dtype=torch.bfloat16, oneshot: bool = True) -> int:
     """Compile every kernel variant that ``numels`` x ``plans`` (KernelPlans) will launch,
     splitting the variants over the ranks (rank r compiles variants r, r+W, ...) so W

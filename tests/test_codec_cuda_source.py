@@ -31,6 +31,8 @@ _ARGS = {
 _TWO_SHOT_ARGS = ([ctypes.c_int64] * 29 + [ctypes.c_bool, ctypes.c_int64]
                   + [ctypes.c_double] * 5 + [ctypes.c_int64] * 3)
 _ONE_SHOT_ARGS = [ctypes.c_int64] * 25
+_ONE_SHOT_Q_ARGS = ([ctypes.c_int64] * 28 + [ctypes.c_bool, ctypes.c_int64, ctypes.c_double,
+                                             ctypes.c_double] + [ctypes.c_int64] * 3)
 
 
 def _build(out_dir) -> str:
@@ -51,13 +53,14 @@ def _build(out_dir) -> str:
 
 
 class _TwoShot:
-    """``ml_two_shot`` as the extension takes it (the 8 peer deltas as a list)."""
+    """``ml_two_shot`` as the extension takes it (the 8 peer deltas as a list, argument
+    ``at``)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, at: int = 5):
+        self.fn, self.at = fn, at
 
-    def __call__(self, x, out, ws, cnt, status, deltas, *rest):
-        return self.fn(x, out, ws, cnt, status, *deltas, *rest)
+    def __call__(self, *args):
+        return self.fn(*args[:self.at], *args[self.at], *args[self.at + 1:])
 
 
 def _load(lib: str):
@@ -72,6 +75,8 @@ def _load(lib: str):
     fns["ml_two_shot"] = _TwoShot(so.host_two_shot)
     so.host_one_shot.argtypes, so.host_one_shot.restype = _ONE_SHOT_ARGS, ctypes.c_int
     fns["ml_one_shot"] = _TwoShot(so.host_one_shot)   # the same argument order up to deltas
+    so.host_one_shot_q.argtypes, so.host_one_shot_q.restype = _ONE_SHOT_Q_ARGS, ctypes.c_int
+    fns["ml_one_shot_q"] = _TwoShot(so.host_one_shot_q, at=6)
     return type("HostCodecExtension", (), {k: staticmethod(v) for k, v in fns.items()})
 
 
@@ -252,6 +257,80 @@ def test_one_shot_source_matches_rank_order_sum(host_lib, world):
         bad = [r for r in rows if not r[2] or r[4]]
         assert not bad, bad
     assert all(r == ranks[0] for r in ranks)
+
+
+def _one_shot_q_body(rank, world, lib):
+    """On every rank: the one-shot quantized kernel over the shared-memory workspace
+    against comm/algorithms.py's one-shot all-reduce and the scheme's own error part
+    (restored, as error feedback takes it), for plain, rotated and weighted codecs at 4,
+    5, 6 and 8 bits, a NaN from one rank, messages of partial groups; a two-shot call
+    between (the kernels share the recv slots and their flags). Per call: (codec, n, sum
+    equal, error equal, checksum, status)."""
+    import math
+
+    from megatron_lite.comm import fused as backends
+    from megatron_lite.comm.algorithms import Trace, one_shot_all_reduce, two_step_all_reduce
+    from megatron_lite.comm.codecs import CodecSpec, get_scheme
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
+    from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.kernels import codec_cuda, fused_allreduce as fa
+    from tests.gpu._harness import same_bits
+    _use_host_build(codec_cuda, _load(lib))
+    state = backends.make_state(None, max_bytes=1 << 18, oneshot_max_bytes=1 << 14,
+                                cpu_shm=True)
+    ws, base, res, cpu = state.ws, DistCommunicator(), [], torch.device("cpu")
+    scale = torch.rand(192, generator=torch.Generator().manual_seed(7)) * 8 + 0.05
+    schemes = [get_scheme("int4:128"), get_scheme("int8:64"), get_scheme("hadamard-int4:64"),
+               get_scheme("hadamard-int8:128"), get_scheme("hadamard-int5:128"),
+               WeightedScheme(CodecSpec("weighted-hadamard-int4", 128), scale),
+               WeightedScheme(CodecSpec("weighted-int8", 64), scale),
+               WeightedScheme(CodecSpec("weighted-hadamard-int6-sym", 128), scale)]
+    for i, scheme in enumerate(schemes):
+        weighted = isinstance(scheme, WeightedScheme)
+        for n in (192, 47 * 192, 40 * 192) + (() if weighted else (1000,)):
+            g = torch.Generator().manual_seed(100 * i + 7 * n + rank)
+            x = (torch.randn(n, generator=g) * (rank + 1) * 3).to(torch.bfloat16)
+            if n > 600 and rank == world - 1:
+                x[300] = math.nan
+            x = x.view(-1, 192) if weighted else x
+            plan = scheme.kernel_plan(x)
+            geo = fa.one_shot_q_geometry(ws, n, plan, cpu)
+            launch = codec_cuda.OneShotQLaunch(ws, plan, n, *geo, 1 << 22)
+            trace = Trace()
+            want = one_shot_all_reduce(base, x, scheme, trace)
+            want_err = trace.restore(scheme.own_error(trace.chunks, trace.acc, rank)).float()
+            got, err = launch(x, torch.empty_like(x), torch.empty(x.shape, dtype=torch.float32))
+            res.append([str(scheme.spec), n, bool(same_bits(got, want)),
+                        bool(same_bits(err, want_err)), int(got.view(torch.int16).sum()),
+                        int(ws.status[0])])
+            # the recv slots' other user in between, then the sum alone
+            tgeo = fa.two_shot_plan(n, world, plan.group, cpu, 2 * n, plan.mapped,
+                                    tile_sizes=codec_cuda.TWO_SHOT_TILES)
+            y = (x.float() * -0.5 + 1).to(torch.bfloat16)
+            got = codec_cuda.two_shot_all_reduce(ws, y, plan, torch.empty_like(y), *tgeo,
+                                                 1 << 22)
+            ok = bool(same_bits(got, two_step_all_reduce(base, y, scheme)))
+            got = launch(y, torch.empty_like(y))
+            res.append([f"{scheme.spec} sum", n,
+                        ok and bool(same_bits(got, one_shot_all_reduce(base, y, scheme))), True,
+                        int(got.view(torch.int16).sum()), int(ws.status[0])])
+    return res
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_shot_quantized_source_matches_one_shot_algorithm(host_lib, world):
+    """csrc/two_shot.cu's one-launch one-shot quantized all-reduce over the /dev/shm
+    workspace: the bits of the one-shot algorithm's sum and of each rank's error part
+    (what error feedback carries), on every rank, call after call, between two-shot
+    calls over the same slots."""
+    from tests._dist import run_distributed
+    ranks = run_distributed(_one_shot_q_body, world, host_lib, timeout=600)
+    for rows in ranks:
+        assert len(rows) == 58
+        bad = [r for r in rows if not (r[2] and r[3]) or r[5]]
+        assert not bad, bad
+    sums = [[r[4] for r in rows] for rows in ranks]
+    assert all(s == sums[0] for s in sums[1:]), sums
 
 
 def test_build_lock_outlives_a_killed_build(tmp_path):

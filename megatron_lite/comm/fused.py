@@ -10,9 +10,12 @@ symmetric workspace for a QuantizedCommunicator and puts, in front of its chain:
   - ``nccl``     the base communicator's own all-reduce (uncompressed),
   - ``fused``    the one-launch two-shot kernel with the site's scheme;
 
-* :class:`OneShotKernelsBackend` for ``algo=one-shot``: the reference one-shot algorithm
-  with the quantize and dequantize-and-sum codec kernels around NCCL's all-gather (no
-  workspace needed), which also returns each rank's error part for error feedback.
+* :class:`OneShotKernelsBackend` for ``algo=one-shot``, which also returns each rank's
+  error part for error feedback: for a bf16 message and a codec of the CUDA codec
+  kernels, one launch over the workspace (kernels/csrc/two_shot.cu's one-shot kernel:
+  each rank's codes go straight into its peers' slots); otherwise the reference one-shot
+  algorithm with the quantize and dequantize-and-sum codec kernels around NCCL's
+  all-gather (no workspace needed).
 
 Whatever they cannot take (no P2P, a CPU tensor, a scheme without a kernel plan such as
 outlier-int4 or klt, a message above the workspace) falls through to the portable path
@@ -215,18 +218,32 @@ def one_shot_kernels_all_reduce(base, x: torch.Tensor, scheme: Scheme, with_erro
 
 
 class OneShotKernelsBackend(Backend):
-    """``algo=one-shot`` through :func:`one_shot_kernels_all_reduce` (CUDA tensors; CPU
-    ones under ``TRITON_INTERPRET=1`` for tests). ``path=two-step`` keeps the portable
-    path."""
+    """``algo=one-shot``: one launch over the workspace where
+    ``fused_allreduce.one_shot_q_launcher`` takes the message, else
+    :func:`one_shot_kernels_all_reduce` (CUDA tensors; CPU ones under
+    ``TRITON_INTERPRET=1`` for tests); the same bits either way. ``path=two-step`` keeps
+    the portable path."""
 
     name = "one-shot-kernels"
     uses_kernels = True
     returns_error = True
 
     def __init__(self, state: Optional[FusedState] = None):
-        # the workspace serves only the fused add + RMSNorm; the sum alone needs none
+        # with a workspace, the sum (and its error part) is one launch where the codec and
+        # message fit it, and the fused add + RMSNorm runs; without one, the codec
+        # kernels around NCCL's all-gather
         self.state = state if state is not None else FusedState(None, "no workspace given")
         self.fuses_add_rmsnorm = self.state.ws is not None
+        self.launchers = Launchers()
+
+    def launcher(self, x: torch.Tensor, scheme: Scheme):
+        """The prepared one-launch kernel for messages like ``x`` with ``scheme``
+        (kernels/fused_allreduce.py's ``one_shot_q_launcher``), or None."""
+        if self.state.unsupported(x) is not None:
+            return None
+        from megatron_lite.kernels import fused_allreduce as fa
+        return self.launchers.get(x, scheme, lambda: fa.one_shot_q_launcher(
+            self.state.ws, x, scheme.kernel_plan(x)))
 
     def unsupported(self, x, scheme, comm):
         if comm.spec.algo != Algo.ONE_SHOT:
@@ -240,15 +257,26 @@ class OneShotKernelsBackend(Backend):
         return no_kernel(scheme, x)
 
     def all_reduce(self, x, scheme, comm):
+        launch = self.launcher(x, scheme)
+        if launch is not None:   # the same bits in one launch (``chunk=`` has no use there)
+            x = x.contiguous()
+            return launch(x, torch.empty_like(x))
         return one_shot_kernels_all_reduce(comm.base, x, scheme,
                                            chunk_bytes=comm.spec.chunk_bytes)
 
     def all_reduce_with_error(self, x, scheme, comm):
         """``(sum, this rank's error part)`` for error feedback (comm/feedback.py)."""
+        launch = self.launcher(x, scheme)
+        if launch is not None:
+            x = x.contiguous()
+            return launch(x, torch.empty_like(x),
+                          torch.empty(x.shape, dtype=torch.float32, device=x.device))
         return one_shot_kernels_all_reduce(comm.base, x, scheme, with_error=True,
                                            chunk_bytes=comm.spec.chunk_bytes)
 
     def describe(self, x, scheme, comm):
+        if self.launcher(x, scheme) is not None:
+            return self.name + " (one launch over the workspace)"
         return self.name + in_pieces(x, scheme, comm.spec.chunk_bytes)
 
     def add_rmsnorm_unsupported(self, x, scheme, comm):

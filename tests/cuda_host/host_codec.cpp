@@ -45,4 +45,15 @@ int host_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t statu
                      world, maxb, kind, bits, g, rot, h, c2, rscale, out_lim, lim_rot, flim, spin,
                      grid, stream);
 }
+int host_one_shot_q(int64_t x, int64_t out, int64_t err, int64_t ws, int64_t cnt,
+                    int64_t status, int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4,
+                    int64_t d5, int64_t d6, int64_t d7, int64_t scale, int64_t n, int64_t tiles,
+                    int64_t tile, int64_t tile_bytes, int64_t flag_off, int64_t recv_off,
+                    int64_t slot, int64_t rank, int64_t world, int64_t maxb, int64_t kind,
+                    int64_t bits, int64_t g, bool rot, int64_t h, double c2, double rscale,
+                    int64_t spin, int64_t grid, int64_t stream) {
+  return ml_one_shot_q(x, out, err, ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, scale,
+                       n, tiles, tile, tile_bytes, flag_off, recv_off, slot, rank, world, maxb,
+                       kind, bits, g, rot, h, c2, rscale, spin, grid, stream);
+}
 }
