@@ -18,7 +18,7 @@ tests/test_codec_cuda_source.py runs this same source on the CPU, bit for bit ag
 reference.
 
 The source compiles on first use, on the GPU machine only (``torch.utils.cpp_extension.
-load``, three translation units built in parallel, cached under a name that holds the
+load``, four translation units built in parallel, cached under a name that holds the
 sources' hash, behind an ``flock`` that a killed build cannot leave held: ``build_lock``);
 CPU machines never build it.
 """
@@ -41,7 +41,7 @@ from .workspace import MAX_BLOCKS
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRC = os.path.join(_CSRC, "codec.cu")   # includes the headers of csrc/
-_SOURCES = (_SRC, os.path.join(_CSRC, "two_shot.cu"))
+_SOURCES = (_SRC, os.path.join(_CSRC, "two_shot.cu"), os.path.join(_CSRC, "one_shot_q.cu"))
 _DECLS = """
 int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,
                       int64_t n, int64_t nb, int64_t dtype, int64_t kind, int64_t bits,
@@ -131,8 +131,8 @@ def _write_if_changed(path: str, text: str) -> None:
 @functools.lru_cache(maxsize=None)
 def _ext():
     """The compiled extension (built once per source version and machine). codec.cu,
-    two_shot.cu and the bindings are separate translation units, which ninja compiles in
-    parallel (each .cu takes about a minute of one core)."""
+    two_shot.cu, one_shot_q.cu and the bindings are separate translation units, which
+    ninja compiles in parallel (each .cu takes about a minute of one core)."""
     from torch.utils.cpp_extension import load
     digest = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {sys.version_info[:2]}"
                             .encode())

@@ -1,8 +1,9 @@
-// kernels/csrc/codec.cu and two_shot.cu built for the host (see cuda_runtime.h here) as
-// one translation unit (kernels/codec_cuda.py builds them as two for the GPU); their entry
-// points exported with C linkage for ctypes.
+// kernels/csrc/codec.cu, two_shot.cu and one_shot_q.cu built for the host (see
+// cuda_runtime.h here) as one translation unit (kernels/codec_cuda.py builds them apart for
+// the GPU); their entry points exported with C linkage for ctypes.
 #include "codec.cu"
 #include "two_shot.cu"
+#include "one_shot_q.cu"
 
 extern "C" {
 int host_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,

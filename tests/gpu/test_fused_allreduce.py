@@ -115,9 +115,65 @@ def _two_shot_checks(rank, world, k=None, state=None, dev=None):
         res["dense"].append((codec.spec, 3000 * h, 4, grid, sms,
                              same_bits(out, reference_all_reduce(xs, codec))))
 
+    # 1f. the one-launch one-shot quantized all-reduce (OneShotKernelsBackend's path for
+    #     algo=one-shot) == the one-shot algorithm's bits, with each rank's error part
+    #     (what error feedback carries), NaN/Inf included; then under CUDA-graph replay
+    res["oneshot_q"] = []
+    osq = [get_scheme("int4:128"), get_scheme("int8:64"), get_scheme("hadamard-int8:128"),
+           get_scheme("hadamard-int5:128"), get_scheme("int6-sym:128"), wrapped[3], wrapped[4],
+           wrapped[5]]
+    for ci, codec in enumerate(osq):
+        for rows in (1, 41, 3000):
+            n = rows * h
+            xs = [x.view(rows, h) for x in inputs(world, n, torch.bfloat16, seed=980 + ci,
+                                                  specials=rows > 1)]
+            x = xs[rank].to(dev)
+            launch = fa.one_shot_q_launcher(ws, x, codec.kernel_plan(x))
+            if launch is None:
+                res["oneshot_q"].append((codec.spec, n, "no launch", False))
+                continue
+            out, err = launch(x, torch.empty_like(x),
+                              torch.empty(x.shape, dtype=torch.float32, device=dev))
+            want, want_err = reference_one_shot_with_error(xs, codec, rank)
+            res["oneshot_q"].append((codec.spec, n, None,
+                                     same_bits(out, want) and same_bits(err, want_err)))
+    codec, n = osq[6], 300 * h
+    static_x = torch.zeros(300, h, dtype=torch.bfloat16, device=dev)
+    launch = fa.one_shot_q_launcher(ws, static_x, codec.kernel_plan(static_x))
+    o, e = torch.empty_like(static_x), torch.empty(300, h, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        launch(static_x, o, e)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch(static_x, o, e)
+    for rep in range(3):
+        xs = [x.view(300, h) for x in inputs(world, n, torch.bfloat16, seed=990 + rep)]
+        static_x.copy_(xs[rank].to(dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, want_err = reference_one_shot_with_error(xs, codec, rank)
+        res["oneshot_q"].append((f"{codec.spec} graph", n, None,
+                                 same_bits(o, want) and same_bits(e, want_err)))
+
     torch.cuda.synchronize()
     res["status"] = int(ws.status[0].item())
     return res
+
+
+def reference_one_shot_with_error(xs, scheme, rank):
+    """The one-shot algorithm's sum (comm/algorithms.py) on CPU over simulated ranks, and
+    rank ``rank``'s error part as error feedback takes it (fp32, the message's shape)."""
+    from megatron_lite.comm.algorithms import Trace, one_shot_all_reduce
+    from megatron_lite.comm.simulate import run_simulated
+
+    def body(comm, xs):
+        t = Trace()
+        y = one_shot_all_reduce(comm, xs[comm.rank], scheme, t)
+        return y, t.restore(scheme.own_error(t.chunks, t.acc, comm.rank)).float()
+    return run_simulated(body, len(xs), [x.cpu() for x in xs])[rank]
 
 
 def _checks(rank, world):
@@ -225,6 +281,16 @@ def _checks(rank, world):
                                  same_bits(out, reference_all_reduce(xs, int4))))
         res.setdefault("path_status", 0)
         res["path_status"] += int(qp.backends[0].state.ws.status[0].item())
+    # algo=one-shot through the chain: the one launch where it fits the recv slots (here
+    # 8 MB of bf16, as int4 codes, at W = 2 and 4), else the codec kernels around NCCL
+    res["osq_chain"] = []
+    qo = QuantizedCommunicator(DistCommunicator(), parse_comm("int4:128,algo=one-shot"))
+    k.backends.install_fused(qo, max_bytes=8 << 20, oneshot_max_bytes=1 << 20, table=table)
+    for n in (4096, 1 << 20, 16 << 20):
+        xs = inputs(world, n, torch.bfloat16, seed=n % 89)
+        out = qo.all_reduce(xs[rank].to(dev), site)
+        res["osq_chain"].append((n, qo.explain(xs[rank].to(dev), site),
+                                 same_bits(out, reference_all_reduce(xs, int4, "one-shot"))))
     torch.cuda.synchronize()
     res["status"] = int(ws.status[0].item()) + int(qc.backends[0].state.ws.status[0].item())
     return res
@@ -285,6 +351,19 @@ def test_fused_wrapped_codecs_match_reference(world):
     for r in results(world):
         bad = [c for c in r["wrapped"] if not c[4]]
         assert not bad and len(r["wrapped"]) == 18, (bad, len(r["wrapped"]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_one_shot_quantized_matches_one_shot_algorithm(world):
+    """The one-launch one-shot quantized kernel (csrc/two_shot.cu) gives the one-shot
+    algorithm's sum and each rank's error part bit for bit, eager and graph-replayed."""
+    for r in results(world):
+        bad = [c for c in r["oneshot_q"] if not c[3]]
+        assert not bad and len(r["oneshot_q"]) == 27, (bad, len(r["oneshot_q"]))
+        assert r["status"] == 0
+        if world > 1:   # through the communicator chain: one launch up to the recv slot
+            launches = [("one launch" in why, ok) for n, why, ok in r["osq_chain"]]
+            assert launches == [(True, True), (True, True), (False, True)], r["osq_chain"]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,0 +1,98 @@
+// The cross-rank synchronisation of the kernels that run over the symmetric workspace
+// (kernels/workspace.py): the resident-grid cap, the peers' byte distances, and the
+// per-block barrier of kernels/sync.py. Included by two_shot.cu and one_shot_q.cu.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <map>
+#include <mutex>
+#include <thread>   // std::this_thread::yield in the host build (tests/cuda_host/)
+#include <tuple>
+
+namespace {
+
+// Every block spins at its barriers until the blocks of the same index on the other ranks
+// arrive. With more blocks than the GPU holds at once, a rank's later blocks start only as
+// earlier ones finish, so progress would rest on every rank starting its blocks in index
+// order, which CUDA does not promise; the launch therefore caps the grid at what the device
+// holds at once (occupancy x SMs). The cap is the same on every rank of one GPU model, as
+// the tiles' ownership requires (block b owns tiles b, b + grid, ...).
+#ifndef ML_CODEC_HOST_LAUNCH
+template <typename... P>
+int64_t resident_blocks(void (*kernel)(P...), int block) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int64_t> cache;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), block, dev);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int per_sm = 0, sms = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();   // clear it: the launch reports its own errors
+    return 0;             // unknown: no cap
+  }
+  return cache[key] = (int64_t)per_sm * sms;
+}
+#else
+// tests/cuda_host/ runs a grid's blocks one at a time, in index order, on every rank: the
+// order that makes any grid safe, so no cap.
+template <typename... P>
+int64_t resident_blocks(void (*)(P...), int) { return 0; }
+#endif
+
+struct Peers {
+  int64_t delta[8];   // byte distance from this rank's workspace to rank j's
+};
+
+// The flag accesses of kernels/sync.py: release store and acquire load at system scope.
+__device__ __forceinline__ void store_release_sys(int* p, int v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+#else   // the host build of tests/cuda_host/
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+#endif
+}
+
+__device__ __forceinline__ int load_acquire_sys(const int* p) {
+#ifdef __CUDA_ARCH__
+  int v;
+  asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#else
+  std::this_thread::yield();   // host threads poll a peer process: let it run
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#endif
+}
+
+// Block b of every rank meets here (kernels/sync.py's block_barrier): every thread's
+// stores are observed by thread 0 at the block barrier, which release-writes `epoch` into
+// flag (row, me, b) of every rank, acquires the flags (row, *, b) of its own rank, and the
+// block meets again before anyone reads. A flag that never comes raises status[0] after
+// `spin` polls instead of hanging.
+__device__ __forceinline__ void block_barrier(uint8_t* ws, const Peers& peers, int64_t flag_off,
+                                              int row, int rank, int world, int maxb, int b,
+                                              int epoch, int* status, int64_t spin) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t mine = flag_off + ((int64_t)(row * world + rank) * maxb + b) * 4;
+    for (int j = 0; j < world; ++j)
+      store_release_sys(reinterpret_cast<int*>(ws + peers.delta[j] + mine), epoch);
+    for (int src = 0; src < world; ++src) {
+      const int* p = reinterpret_cast<const int*>(
+          ws + flag_off + ((int64_t)(row * world + src) * maxb + b) * 4);
+      int v = load_acquire_sys(p);
+      for (int64_t n = 0; v != epoch && n < spin; ++n) v = load_acquire_sys(p);
+      if (v != epoch) atomicExch(status, 1);
+    }
+  }
+  __syncthreads();
+}
+
+// Threads per block of the tile kernels: a 4096-value tile (codec_cuda.TWO_SHOT_TILES)
+constexpr int kMaxTwoShotThreads = 128;
+
+}  // namespace
