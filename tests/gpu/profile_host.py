@@ -19,7 +19,7 @@ from megatron_lite.comm.communicator import DistCommunicator
 from megatron_lite.comm.fused import install_fused
 
 SPECS = sys.argv[1:] or ["auto", "int4:128,path=fused", "int4:128,algo=one-shot",
-                         "weighted-hadamard-int5:64,algo=one-shot"]
+                         "hadamard-int8:128,algo=one-shot"]   # weighted- needs a calibration
 SITE = "layers.0.mlp.down_proj"
 
 
