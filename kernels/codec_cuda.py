@@ -53,23 +53,27 @@ int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int
 int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n, int64_t nb,
                    int64_t dtype, int64_t kind, int64_t bits, int64_t g, bool rot,
                    double rscale, int64_t stream);
-int ml_one_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
-                std::vector<int64_t> deltas, int64_t n, int64_t block_elems, int64_t flag_off,
-                int64_t data_off, int64_t slot_bytes, int64_t rank, int64_t world,
-                int64_t maxb, int64_t dtype, int64_t spin, int64_t grid, int64_t stream);
-int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
-                std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t chunk,
-                int64_t tiles, int64_t tile, int64_t tile_bytes, int64_t flag_off,
-                int64_t recv_off, int64_t gather_off, int64_t slot, int64_t rank,
-                int64_t world, int64_t maxb, int64_t kind, int64_t bits, int64_t g, bool rot,
-                int64_t h, double c2, double rscale, double out_lim, double lim_rot,
-                double flim, int64_t spin, int64_t grid, int64_t stream);
-int ml_one_shot_q(int64_t x, int64_t out, int64_t err, int64_t ws, int64_t cnt, int64_t status,
-                  std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t tiles,
-                  int64_t tile, int64_t tile_bytes, int64_t flag_off, int64_t recv_off,
-                  int64_t slot, int64_t rank, int64_t world, int64_t maxb, int64_t kind,
-                  int64_t bits, int64_t g, bool rot, int64_t h, double c2, double rscale,
-                  int64_t spin, int64_t grid, int64_t stream);
+int64_t ml_one_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
+                            std::vector<int64_t> deltas, int64_t n, int64_t block_elems,
+                            int64_t flag_off, int64_t data_off, int64_t slot_bytes,
+                            int64_t rank, int64_t world, int64_t maxb, int64_t dtype,
+                            int64_t spin, int64_t grid);
+int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
+                            std::vector<int64_t> deltas, int64_t scale, int64_t n,
+                            int64_t chunk, int64_t tiles, int64_t tile, int64_t tile_bytes,
+                            int64_t flag_off, int64_t recv_off, int64_t gather_off,
+                            int64_t slot, int64_t rank, int64_t world, int64_t maxb,
+                            int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
+                            double c2, double rscale, double out_lim, double lim_rot,
+                            double flim, int64_t spin, int64_t grid);
+int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
+                              std::vector<int64_t> deltas, int64_t scale, int64_t n,
+                              int64_t tiles, int64_t tile, int64_t tile_bytes,
+                              int64_t flag_off, int64_t recv_off, int64_t slot, int64_t rank,
+                              int64_t world, int64_t maxb, int64_t kind, int64_t bits,
+                              int64_t g, bool rot, int64_t h, double c2, double rscale,
+                              bool with_error, int64_t spin, int64_t grid);
+int ml_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream);
 """
 
 
@@ -82,8 +86,8 @@ def build() -> None:
     _ext()
 
 
-_FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error", "ml_one_shot",
-              "ml_two_shot", "ml_one_shot_q")
+_FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error",
+              "ml_one_shot_prepare", "ml_two_shot_prepare", "ml_one_shot_q_prepare", "ml_launch")
 
 
 def _build_directory(tag: str) -> str:
@@ -292,11 +296,35 @@ def takes_two_shot(plan: KernelPlan, x: torch.Tensor) -> bool:
             and x.dtype == torch.bfloat16 and x.numel() % 8 == 0)
 
 
-class _BoundLaunch:
-    """An extension entry point with every argument but the two data pointers and the
-    stream bound (``_fn``, ``_args``; ``_what`` names it in errors)."""
+# (extension, entry, arguments) -> (extension, handle): each distinct argument set is
+# prepared once (a handle holds its arguments for the life of the process), however many
+# bound launches ask for it (tests and the one-call functions below make a new one per call)
+_HANDLES: dict = {}
 
-    _fn = _args = _what = None
+
+def _prepare(entry: str, args: tuple) -> int:
+    """The handle of ``entry``'s launch with ``args`` bound (csrc/peers.cuh)."""
+    ext = _ext()
+    key = (id(ext), entry, args)
+    got = _HANDLES.get(key)
+    if got is None:
+        h = getattr(ext, entry)(*args)
+        if h < 0:
+            raise CudaCodecError(f"CUDA codec kernel {entry} failed: cudaError {-h}")
+        got = _HANDLES[key] = (ext, h)   # the extension kept alive: its id stays its own
+    return got[1]
+
+
+class _BoundLaunch:
+    """A prepared launch of the extension (``_handle``, from ``_prepare``: every argument
+    but the data pointers and the stream bound in C++; ``_what`` names it in errors), so
+    that an eager call converts five integers (``ml_launch``)."""
+
+    _handle = _what = None
+
+    def _bind(self, entry: str, what: str, *args) -> None:
+        self._handle, self._what = _prepare(entry, args), what
+        self._launch = _ext().ml_launch
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` (contiguous, of the bound length and dtype) into ``out`` (x's numel
@@ -305,7 +333,8 @@ class _BoundLaunch:
         if x.data_ptr() % 16:
             x = x.clone()
         dst = out if out.data_ptr() % 16 == 0 and out.is_contiguous() else torch.empty_like(x)
-        _check(self._fn(x.data_ptr(), dst.data_ptr(), *self._args, _stream(x)), self._what)
+        _check(self._launch(self._handle, x.data_ptr(), dst.data_ptr(), 0, _stream(x)),
+               self._what)
         if dst is not out:
             out.copy_(dst.view(out.shape))
         return out
@@ -335,9 +364,9 @@ class TwoShotLaunch(_BoundLaunch):
         lim = out_limit(dtype)
         lay = ws.layout
         self._scale = scale                      # bound by address: it must outlive the launch
-        self._fn, self._what = _ext().ml_two_shot, "two-shot all-reduce"
-        self._args = (
-            ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, list(ws.deltas),
+        self._bind(
+            "ml_two_shot_prepare", "two-shot all-reduce",
+            ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, tuple(ws.deltas),
             scale.data_ptr() if scale is not None else 0,
             n, chunk, tiles, tile, tb, lay.flag_off, lay.recv_off, lay.gather_off,
             lay.slot, ws.rank, ws.world, MAX_BLOCKS, kc.kind, kc.bits, kc.group,
@@ -375,10 +404,10 @@ class OneShotLaunch(_BoundLaunch):
 
     def __init__(self, ws, n: int, dtype: torch.dtype, block: int, grid: int, spin: int):
         lay = ws.layout
-        self._fn, self._what = _ext().ml_one_shot, "one-shot all-reduce"
-        self._args = (ws.buffer_ptr, ws.counter_ptrs[0], ws.status_ptr, list(ws.deltas), n,
-                      block, lay.flag_off, lay.oneshot_off, lay.oneshot_slot, ws.rank,
-                      ws.world, MAX_BLOCKS, _DTYPES[dtype], spin, grid)
+        self._bind("ml_one_shot_prepare", "one-shot all-reduce",
+                   ws.buffer_ptr, ws.counter_ptrs[0], ws.status_ptr, tuple(ws.deltas), n,
+                   block, lay.flag_off, lay.oneshot_off, lay.oneshot_slot, ws.rank, ws.world,
+                   MAX_BLOCKS, _DTYPES[dtype], spin, grid)
 
 
 def one_shot_all_reduce(ws, x: torch.Tensor, out: torch.Tensor, block: int, grid: int,
@@ -415,13 +444,21 @@ class OneShotQLaunch:
                              "length")
         lay = ws.layout
         self._scale = scale                      # bound by address: it must outlive the launch
-        self._fn = _ext().ml_one_shot_q
-        self._tail = (ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, list(ws.deltas),
+        self._args = (ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, tuple(ws.deltas),
                       scale.data_ptr() if scale is not None else 0, n, tiles, tile, tb,
                       lay.flag_off, lay.recv_off, lay.slot, ws.rank, ws.world, MAX_BLOCKS,
                       kc.kind, kc.bits, kc.group, rot is not None,
-                      scale.numel() if scale is not None else 1, kc.c2, _rot(kc, rot), spin,
-                      grid)
+                      scale.numel() if scale is not None else 1, kc.c2, _rot(kc, rot))
+        self._tail = (spin, grid)
+        self._handles = [None, None]             # without, with the error part: on first use
+        self._launch = _ext().ml_launch
+
+    def _handle(self, with_error: bool) -> int:
+        h = self._handles[with_error]
+        if h is None:
+            h = self._handles[with_error] = _prepare(
+                "ml_one_shot_q_prepare", self._args + (with_error,) + self._tail)
+        return h
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, err: Optional[torch.Tensor] = None):
         """``x``: bf16, contiguous, of the bound length; ``out`` likewise; ``err`` fp32 of
@@ -433,8 +470,9 @@ class OneShotQLaunch:
         edst = err
         if err is not None and (err.data_ptr() % 16 or not err.is_contiguous()):
             edst = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        _check(self._fn(x.data_ptr(), dst.data_ptr(), edst.data_ptr() if edst is not None else 0,
-                        *self._tail, _stream(x)), "one-shot quantized all-reduce")
+        _check(self._launch(self._handle(err is not None), x.data_ptr(), dst.data_ptr(),
+                            edst.data_ptr() if edst is not None else 0, _stream(x)),
+               "one-shot quantized all-reduce")
         if dst is not out:
             out.copy_(dst.view(out.shape))
         if err is None:

@@ -28,11 +28,16 @@ _ARGS = {
                                            ctypes.c_int64],
     "error": [ctypes.c_int64] * 10 + [ctypes.c_bool, ctypes.c_double, ctypes.c_int64],
 }
-_TWO_SHOT_ARGS = ([ctypes.c_int64] * 29 + [ctypes.c_bool, ctypes.c_int64]
-                  + [ctypes.c_double] * 5 + [ctypes.c_int64] * 3)
-_ONE_SHOT_ARGS = [ctypes.c_int64] * 25
-_ONE_SHOT_Q_ARGS = ([ctypes.c_int64] * 28 + [ctypes.c_bool, ctypes.c_int64, ctypes.c_double,
-                                             ctypes.c_double] + [ctypes.c_int64] * 3)
+# the prepared launches (csrc/peers.cuh): every argument but the data pointers and the
+# stream, the 8 peer deltas spelled out
+_PREPARE_ARGS = {
+    "one_shot": [ctypes.c_int64] * 22,
+    "two_shot": ([ctypes.c_int64] * 27 + [ctypes.c_bool, ctypes.c_int64]
+                 + [ctypes.c_double] * 5 + [ctypes.c_int64] * 2),
+    "one_shot_q": ([ctypes.c_int64] * 25 + [ctypes.c_bool, ctypes.c_int64, ctypes.c_double,
+                                            ctypes.c_double, ctypes.c_bool]
+                   + [ctypes.c_int64] * 2),
+}
 
 
 def _build(out_dir) -> str:
@@ -52,15 +57,15 @@ def _build(out_dir) -> str:
     return lib
 
 
-class _TwoShot:
-    """``ml_two_shot`` as the extension takes it (the 8 peer deltas as a list, argument
-    ``at``)."""
+class _Prepare:
+    """An ``ml_*_prepare`` entry as the extension takes it (the 8 peer deltas as a
+    sequence, argument 3)."""
 
-    def __init__(self, fn, at: int = 5):
-        self.fn, self.at = fn, at
+    def __init__(self, fn):
+        self.fn = fn
 
     def __call__(self, *args):
-        return self.fn(*args[:self.at], *args[self.at], *args[self.at + 1:])
+        return self.fn(*args[:3], *args[3], *args[4:])
 
 
 def _load(lib: str):
@@ -71,12 +76,12 @@ def _load(lib: str):
         fn = getattr(so, f"host_codec_{op}")
         fn.argtypes, fn.restype = args, ctypes.c_int
         fns[f"ml_codec_{op}"] = fn
-    so.host_two_shot.argtypes, so.host_two_shot.restype = _TWO_SHOT_ARGS, ctypes.c_int
-    fns["ml_two_shot"] = _TwoShot(so.host_two_shot)
-    so.host_one_shot.argtypes, so.host_one_shot.restype = _ONE_SHOT_ARGS, ctypes.c_int
-    fns["ml_one_shot"] = _TwoShot(so.host_one_shot)   # the same argument order up to deltas
-    so.host_one_shot_q.argtypes, so.host_one_shot_q.restype = _ONE_SHOT_Q_ARGS, ctypes.c_int
-    fns["ml_one_shot_q"] = _TwoShot(so.host_one_shot_q, at=6)
+    for kind, args in _PREPARE_ARGS.items():
+        fn = getattr(so, f"host_{kind}_prepare")
+        fn.argtypes, fn.restype = args, ctypes.c_int64
+        fns[f"ml_{kind}_prepare"] = _Prepare(fn)
+    so.host_launch.argtypes, so.host_launch.restype = [ctypes.c_int64] * 5, ctypes.c_int
+    fns["ml_launch"] = so.host_launch
     return type("HostCodecExtension", (), {k: staticmethod(v) for k, v in fns.items()})
 
 
@@ -124,6 +129,22 @@ def test_codec_source_bitwise_full_blocks(cc):
 @pytest.mark.parametrize("spec,rot", SUM_CASES)
 def test_codec_source_sum_ranks(cc, spec, rot):
     check_sum_ranks(cc, spec, rot, "cpu")
+
+
+def test_prepared_launches_are_shared_and_checked(cc):
+    """A launch is prepared once per distinct argument set (a handle holds its arguments
+    for good, so a per-call launch object must not add one each call); bad arguments are
+    refused at prepare time and an unknown handle at launch time, as error codes the
+    wrappers raise."""
+    deltas = (0,) * 8
+    args = (0, 0, 0, deltas, 4096, 512, 0, 0, 1 << 14, 0, 2, 64, 1, 1 << 10, 8)
+    h = cc._prepare("ml_one_shot_prepare", args)
+    assert cc._prepare("ml_one_shot_prepare", args) == h
+    assert cc._prepare("ml_one_shot_prepare", args[:4] + (8192,) + args[5:]) != h
+    with pytest.raises(cc.CudaCodecError, match="cudaError 1"):
+        cc._prepare("ml_one_shot_prepare", args[:10] + (9,) + args[11:])   # 9 ranks
+    with pytest.raises(cc.CudaCodecError):
+        cc._check(cc._ext().ml_launch(1 << 40, 0, 0, 0, 0), "launch")
 
 
 def test_codec_source_refuses_what_it_has_no_kernel_for(cc):

@@ -158,40 +158,47 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
 
 }  // namespace
 
-// The entry point (pointers and the stream as integers; kernels/codec_cuda.py checks every
-// argument): a cudaError_t code, 0 on success.
-int ml_one_shot_q(int64_t x, int64_t out, int64_t err, int64_t ws, int64_t cnt, int64_t status,
-                  std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t tiles,
-                  int64_t tile, int64_t tile_bytes, int64_t flag_off, int64_t recv_off,
-                  int64_t slot, int64_t rank, int64_t world, int64_t maxb, int64_t kind,
-                  int64_t bits, int64_t g, bool rot, int64_t h, double c2, double rscale,
-                  int64_t spin, int64_t grid, int64_t stream) {
+// The entry point (pointers as integers; kernels/codec_cuda.py checks every argument): the
+// handle of the prepared launch (>= 0; peers.cuh), or minus a cudaError_t code. With
+// `with_error` the launch takes the error part's buffer (ml_launch's err).
+int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
+                              std::vector<int64_t> deltas, int64_t scale, int64_t n,
+                              int64_t tiles, int64_t tile, int64_t tile_bytes,
+                              int64_t flag_off, int64_t recv_off, int64_t slot, int64_t rank,
+                              int64_t world, int64_t maxb, int64_t kind, int64_t bits,
+                              int64_t g, bool rot, int64_t h, double c2, double rscale,
+                              bool with_error, int64_t spin, int64_t grid) {
   if (deltas.size() != 8 || world < 1 || world > 8 || tile % kVals ||
       tile / kVals > kMaxTwoShotThreads || (tile / kVals) % 32 || grid < 1 || grid > maxb ||
-      n % 8 || (x | out | err) % 16)
-    return (int)cudaErrorInvalidValue;
+      n % 8)
+    return -(int64_t)cudaErrorInvalidValue;
   Peers peers;
   for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
   OneShotQArgs a{n, tiles, tile_bytes, flag_off, recv_off, slot, (int)rank, (int)world,
                  (int)maxb, h, spin, (float)c2, (float)rscale};
   const float* sp = reinterpret_cast<const float*>(scale);
-  float* ep = reinterpret_cast<float*>(err);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const Bf16Bits* xp = reinterpret_cast<const Bf16Bits*>(x);
-  Bf16Bits* op = reinterpret_cast<Bf16Bits*>(out);
   uint8_t* wp = reinterpret_cast<uint8_t*>(ws);
   int* cp = reinterpret_cast<int*>(cnt);
   int* stp = reinterpret_cast<int*>(status);
-  return (int)dispatch((int)kind, (int)bits, (int)g, rot, [&](auto k, auto b, auto gg, auto r) {
+  int64_t handle = -(int64_t)cudaErrorInvalidValue;
+  const cudaError_t e = dispatch((int)kind, (int)bits, (int)g, rot,
+                                 [&](auto k, auto b, auto gg, auto r) {
     constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
     constexpr bool R = decltype(r)::value;
-    auto kernel = sp ? (ep ? one_shot_q_kernel<K, B, G, R, true, true>
-                           : one_shot_q_kernel<K, B, G, R, true, false>)
-                     : (ep ? one_shot_q_kernel<K, B, G, R, false, true>
-                           : one_shot_q_kernel<K, B, G, R, false, false>);
+    auto kernel = sp ? (with_error ? one_shot_q_kernel<K, B, G, R, true, true>
+                                   : one_shot_q_kernel<K, B, G, R, true, false>)
+                     : (with_error ? one_shot_q_kernel<K, B, G, R, false, true>
+                                   : one_shot_q_kernel<K, B, G, R, false, false>);
     const int block = (int)(tile / kVals);
     const int64_t cap = resident_blocks(kernel, block);
-    return launch(kernel, cap > 0 ? std::min(grid, cap) : grid, block, st, xp, op, ep, wp, cp,
-                  stp, peers, sp, a);
+    const int64_t gr = cap > 0 ? std::min(grid, cap) : grid;
+    handle = ml_prepared::add([=](int64_t x, int64_t out, int64_t err, cudaStream_t st) {
+      if ((x | out | err) % 16 || with_error != (err != 0)) return cudaErrorInvalidValue;
+      return launch(kernel, gr, block, st, reinterpret_cast<const Bf16Bits*>(x),
+                    reinterpret_cast<Bf16Bits*>(out), reinterpret_cast<float*>(err), wp, cp,
+                    stp, peers, sp, a);
+    });
+    return cudaSuccess;
   });
+  return e != cudaSuccess ? -(int64_t)e : handle;
 }

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>   // std::this_thread::yield in the host build (tests/cuda_host/)
@@ -96,3 +97,44 @@ __device__ __forceinline__ void block_barrier(uint8_t* ws, const Peers& peers, i
 constexpr int kMaxTwoShotThreads = 128;
 
 }  // namespace
+
+// Prepared launches: a kernel with every argument but the data pointers and the stream
+// bound once (ml_*_prepare), called by handle (ml_launch), so that an eager call converts
+// five integers instead of about thirty arguments (pybind11 takes microseconds for those;
+// docs/notebook/2026-12-06.md). One table for the whole extension: an inline function's
+// statics are shared by every translation unit that includes this header. Handles are
+// never reused; kernels/codec_cuda.py prepares each distinct argument set once.
+namespace ml_prepared {
+using Launch = std::function<cudaError_t(int64_t x, int64_t out, int64_t err, cudaStream_t)>;
+constexpr int64_t kCap = 1 << 16;
+inline Launch* table() {
+  static Launch t[kCap];
+  return t;
+}
+inline std::mutex& table_lock() {
+  static std::mutex mu;
+  return mu;
+}
+inline int64_t& table_size() {
+  static int64_t n = 0;
+  return n;
+}
+// the new launch's handle (>= 0), or minus a cudaError_t code
+inline int64_t add(Launch f) {
+  std::lock_guard<std::mutex> lock(table_lock());
+  int64_t& n = table_size();
+  if (n >= kCap) return -(int64_t)cudaErrorMemoryAllocation;
+  table()[n] = std::move(f);
+  return n++;
+}
+inline int call(int64_t h, int64_t x, int64_t out, int64_t err, int64_t stream) {
+  int64_t n;
+  {
+    std::lock_guard<std::mutex> lock(table_lock());
+    n = table_size();
+  }
+  if (h < 0 || h >= n) return (int)cudaErrorInvalidValue;
+  return (int)table()[h](x, out, err, reinterpret_cast<cudaStream_t>(stream));
+}
+}  // namespace ml_prepared
+

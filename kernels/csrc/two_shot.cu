@@ -222,63 +222,81 @@ __global__ void __launch_bounds__(kOneShotThreads) one_shot_kernel(
 
 }  // namespace
 
-// Entry points (pointers and the stream as integers; kernels/codec_cuda.py checks every
-// argument). Each returns a cudaError_t code, 0 on success.
-int ml_one_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
-                std::vector<int64_t> deltas, int64_t n, int64_t block_elems, int64_t flag_off,
-                int64_t data_off, int64_t slot_bytes, int64_t rank, int64_t world,
-                int64_t maxb, int64_t dtype, int64_t spin, int64_t grid, int64_t stream) {
+// Entry points (pointers as integers; kernels/codec_cuda.py checks every argument). A
+// prepare returns the launch's handle (>= 0) or minus a cudaError_t code.
+int64_t ml_one_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
+                            std::vector<int64_t> deltas, int64_t n, int64_t block_elems,
+                            int64_t flag_off, int64_t data_off, int64_t slot_bytes,
+                            int64_t rank, int64_t world, int64_t maxb, int64_t dtype,
+                            int64_t spin, int64_t grid) {
   if (deltas.size() != 8 || world < 1 || world > 8 || grid < 1 || grid > maxb ||
-      block_elems < 8 || block_elems % 8 || data_off % 16 || slot_bytes % 16 || (x | out) % 16)
-    return (int)cudaErrorInvalidValue;
+      block_elems < 8 || block_elems % 8 || data_off % 16 || slot_bytes % 16)
+    return -(int64_t)cudaErrorInvalidValue;
   Peers peers;
   for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  return (int)with_dtype((int)dtype, [&](auto z) {
+  int64_t handle = -(int64_t)cudaErrorInvalidValue;
+  const cudaError_t e = with_dtype((int)dtype, [&](auto z) {
     using T = decltype(z);
     auto kernel = one_shot_kernel<T>;
     // every block spins at the barrier: the grid must be resident at once (see above);
     // the Triton kernel runs the same grid, so refuse rather than shrink it
     const int64_t cap = resident_blocks(kernel, kOneShotThreads);
     if (cap > 0 && grid > cap) return cudaErrorInvalidValue;
-    return launch(kernel, grid, kOneShotThreads, st, reinterpret_cast<const T*>(x),
-                  reinterpret_cast<T*>(out), reinterpret_cast<uint8_t*>(ws),
-                  reinterpret_cast<int*>(cnt), reinterpret_cast<int*>(status), peers, n,
-                  block_elems, flag_off, data_off, slot_bytes, (int)rank, (int)world,
-                  (int)maxb, spin);
+    handle = ml_prepared::add([=](int64_t x, int64_t out, int64_t, cudaStream_t st) {
+      if ((x | out) % 16) return cudaErrorInvalidValue;
+      return launch(kernel, grid, kOneShotThreads, st, reinterpret_cast<const T*>(x),
+                    reinterpret_cast<T*>(out), reinterpret_cast<uint8_t*>(ws),
+                    reinterpret_cast<int*>(cnt), reinterpret_cast<int*>(status), peers, n,
+                    block_elems, flag_off, data_off, slot_bytes, (int)rank, (int)world,
+                    (int)maxb, spin);
+    });
+    return cudaSuccess;
   });
+  return e != cudaSuccess ? -(int64_t)e : handle;
 }
 
-int ml_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
-                std::vector<int64_t> deltas, int64_t scale, int64_t n, int64_t chunk,
-                int64_t tiles, int64_t tile, int64_t tile_bytes, int64_t flag_off,
-                int64_t recv_off, int64_t gather_off, int64_t slot, int64_t rank,
-                int64_t world, int64_t maxb, int64_t kind, int64_t bits, int64_t g, bool rot,
-                int64_t h, double c2, double rscale, double out_lim, double lim_rot,
-                double flim, int64_t spin, int64_t grid, int64_t stream) {
+int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
+                            std::vector<int64_t> deltas, int64_t scale, int64_t n,
+                            int64_t chunk, int64_t tiles, int64_t tile, int64_t tile_bytes,
+                            int64_t flag_off, int64_t recv_off, int64_t gather_off,
+                            int64_t slot, int64_t rank, int64_t world, int64_t maxb,
+                            int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
+                            double c2, double rscale, double out_lim, double lim_rot,
+                            double flim, int64_t spin, int64_t grid) {
   if (deltas.size() != 8 || world < 1 || world > 8 || tile % kVals ||
       tile / kVals > kMaxTwoShotThreads ||
       (tile / kVals) % 32 || grid < 1 || grid > maxb)
-    return (int)cudaErrorInvalidValue;
+    return -(int64_t)cudaErrorInvalidValue;
   Peers peers;
   for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
   TwoShotArgs a{n, chunk, tiles, tile_bytes, flag_off, recv_off, gather_off, slot,
                 (int)rank, (int)world, (int)maxb, h, spin, (float)c2, (float)rscale,
                 (float)out_lim, (float)lim_rot, (float)flim};
   const float* sp = reinterpret_cast<const float*>(scale);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const Bf16Bits* xp = reinterpret_cast<const Bf16Bits*>(x);
-  Bf16Bits* op = reinterpret_cast<Bf16Bits*>(out);
   uint8_t* wp = reinterpret_cast<uint8_t*>(ws);
   int* cp = reinterpret_cast<int*>(cnt);
   int* stp = reinterpret_cast<int*>(status);
-  return (int)dispatch((int)kind, (int)bits, (int)g, rot, [&](auto k, auto b, auto gg, auto r) {
+  int64_t handle = -(int64_t)cudaErrorInvalidValue;
+  const cudaError_t e = dispatch((int)kind, (int)bits, (int)g, rot,
+                                 [&](auto k, auto b, auto gg, auto r) {
     constexpr int K = decltype(k)::value, B = decltype(b)::value, G = decltype(gg)::value;
     constexpr bool R = decltype(r)::value;
     auto kernel = sp ? two_shot_kernel<K, B, G, R, true> : two_shot_kernel<K, B, G, R, false>;
     const int block = (int)(tile / kVals);
     const int64_t cap = resident_blocks(kernel, block);
-    return launch(kernel, cap > 0 ? std::min(grid, cap) : grid, block, st, xp, op, wp, cp, stp,
-                  peers, sp, a);
+    const int64_t gr = cap > 0 ? std::min(grid, cap) : grid;
+    handle = ml_prepared::add([=](int64_t x, int64_t out, int64_t, cudaStream_t st) {
+      if ((x | out) % 16) return cudaErrorInvalidValue;
+      return launch(kernel, gr, block, st, reinterpret_cast<const Bf16Bits*>(x),
+                    reinterpret_cast<Bf16Bits*>(out), wp, cp, stp, peers, sp, a);
+    });
+    return cudaSuccess;
   });
+  return e != cudaSuccess ? -(int64_t)e : handle;
+}
+
+// A prepared launch (ml_*_prepare) on the data at x, out (and err, where the kernel writes
+// one) on the stream: a cudaError_t code, 0 on success.
+int ml_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream) {
+  return ml_prepared::call(handle, x, out, err, stream);
 }

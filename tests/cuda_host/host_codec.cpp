@@ -24,37 +24,44 @@ int host_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t 
                      bool rot, double rscale, int64_t stream) {
   return ml_codec_error(x, buf, out, rows, n, nb, dtype, kind, bits, g, rot, rscale, stream);
 }
-int host_one_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
-                  int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
-                  int64_t d6, int64_t d7, int64_t n, int64_t block_elems, int64_t flag_off,
-                  int64_t data_off, int64_t slot_bytes, int64_t rank, int64_t world,
-                  int64_t maxb, int64_t dtype, int64_t spin, int64_t grid, int64_t stream) {
-  return ml_one_shot(x, out, ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, n,
-                     block_elems, flag_off, data_off, slot_bytes, rank, world, maxb, dtype,
-                     spin, grid, stream);
+int64_t host_one_shot_prepare(int64_t ws, int64_t cnt, int64_t status, int64_t d0,
+                              int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
+                              int64_t d6, int64_t d7, int64_t n, int64_t block_elems,
+                              int64_t flag_off, int64_t data_off, int64_t slot_bytes,
+                              int64_t rank, int64_t world, int64_t maxb, int64_t dtype,
+                              int64_t spin, int64_t grid) {
+  return ml_one_shot_prepare(ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, n, block_elems,
+                             flag_off, data_off, slot_bytes, rank, world, maxb, dtype, spin,
+                             grid);
 }
-int host_two_shot(int64_t x, int64_t out, int64_t ws, int64_t cnt, int64_t status,
-                  int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
-                  int64_t d6, int64_t d7, int64_t scale, int64_t n, int64_t chunk,
-                  int64_t tiles, int64_t tile, int64_t tile_bytes, int64_t flag_off,
-                  int64_t recv_off, int64_t gather_off, int64_t slot, int64_t rank,
-                  int64_t world, int64_t maxb, int64_t kind, int64_t bits, int64_t g, bool rot,
-                  int64_t h, double c2, double rscale, double out_lim, double lim_rot,
-                  double flim, int64_t spin, int64_t grid, int64_t stream) {
-  return ml_two_shot(x, out, ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, scale, n,
-                     chunk, tiles, tile, tile_bytes, flag_off, recv_off, gather_off, slot, rank,
-                     world, maxb, kind, bits, g, rot, h, c2, rscale, out_lim, lim_rot, flim, spin,
-                     grid, stream);
+int64_t host_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status, int64_t d0,
+                              int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
+                              int64_t d6, int64_t d7, int64_t scale, int64_t n, int64_t chunk,
+                              int64_t tiles, int64_t tile, int64_t tile_bytes,
+                              int64_t flag_off, int64_t recv_off, int64_t gather_off,
+                              int64_t slot, int64_t rank, int64_t world, int64_t maxb,
+                              int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
+                              double c2, double rscale, double out_lim, double lim_rot,
+                              double flim, int64_t spin, int64_t grid) {
+  return ml_two_shot_prepare(ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, scale, n,
+                             chunk, tiles, tile, tile_bytes, flag_off, recv_off, gather_off,
+                             slot, rank, world, maxb, kind, bits, g, rot, h, c2, rscale,
+                             out_lim, lim_rot, flim, spin, grid);
 }
-int host_one_shot_q(int64_t x, int64_t out, int64_t err, int64_t ws, int64_t cnt,
-                    int64_t status, int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t d4,
-                    int64_t d5, int64_t d6, int64_t d7, int64_t scale, int64_t n, int64_t tiles,
-                    int64_t tile, int64_t tile_bytes, int64_t flag_off, int64_t recv_off,
-                    int64_t slot, int64_t rank, int64_t world, int64_t maxb, int64_t kind,
-                    int64_t bits, int64_t g, bool rot, int64_t h, double c2, double rscale,
-                    int64_t spin, int64_t grid, int64_t stream) {
-  return ml_one_shot_q(x, out, err, ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, scale,
-                       n, tiles, tile, tile_bytes, flag_off, recv_off, slot, rank, world, maxb,
-                       kind, bits, g, rot, h, c2, rscale, spin, grid, stream);
+int64_t host_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status, int64_t d0,
+                                int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
+                                int64_t d6, int64_t d7, int64_t scale, int64_t n,
+                                int64_t tiles, int64_t tile, int64_t tile_bytes,
+                                int64_t flag_off, int64_t recv_off, int64_t slot,
+                                int64_t rank, int64_t world, int64_t maxb, int64_t kind,
+                                int64_t bits, int64_t g, bool rot, int64_t h, double c2,
+                                double rscale, bool with_error, int64_t spin, int64_t grid) {
+  return ml_one_shot_q_prepare(ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, scale, n,
+                               tiles, tile, tile_bytes, flag_off, recv_off, slot, rank, world,
+                               maxb, kind, bits, g, rot, h, c2, rscale, with_error, spin,
+                               grid);
+}
+int host_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream) {
+  return ml_launch(handle, x, out, err, stream);
 }
 }
