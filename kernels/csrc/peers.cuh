@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -106,35 +107,30 @@ constexpr int kMaxTwoShotThreads = 128;
 // never reused; kernels/codec_cuda.py prepares each distinct argument set once.
 namespace ml_prepared {
 using Launch = std::function<cudaError_t(int64_t x, int64_t out, int64_t err, cudaStream_t)>;
-constexpr int64_t kCap = 1 << 16;
-inline Launch* table() {
-  static Launch t[kCap];
+// a deque: growing it never moves the launches already in it, so a launch found under the
+// lock stays valid after it is released
+inline std::deque<Launch>& table() {
+  static std::deque<Launch> t;
   return t;
 }
 inline std::mutex& table_lock() {
   static std::mutex mu;
   return mu;
 }
-inline int64_t& table_size() {
-  static int64_t n = 0;
-  return n;
-}
-// the new launch's handle (>= 0), or minus a cudaError_t code
+// the new launch's handle (>= 0)
 inline int64_t add(Launch f) {
   std::lock_guard<std::mutex> lock(table_lock());
-  int64_t& n = table_size();
-  if (n >= kCap) return -(int64_t)cudaErrorMemoryAllocation;
-  table()[n] = std::move(f);
-  return n++;
+  table().push_back(std::move(f));
+  return (int64_t)table().size() - 1;
 }
 inline int call(int64_t h, int64_t x, int64_t out, int64_t err, int64_t stream) {
-  int64_t n;
+  const Launch* f = nullptr;
   {
     std::lock_guard<std::mutex> lock(table_lock());
-    n = table_size();
+    if (h >= 0 && h < (int64_t)table().size()) f = &table()[h];
   }
-  if (h < 0 || h >= n) return (int)cudaErrorInvalidValue;
-  return (int)table()[h](x, out, err, reinterpret_cast<cudaStream_t>(stream));
+  if (f == nullptr) return (int)cudaErrorInvalidValue;
+  return (int)(*f)(x, out, err, reinterpret_cast<cudaStream_t>(stream));
 }
 }  // namespace ml_prepared
 

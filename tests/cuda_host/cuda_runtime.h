@@ -28,7 +28,7 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 
 typedef void* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1,
                    cudaErrorInvalidConfiguration = 9 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
