@@ -101,6 +101,13 @@ class FusedState:
                                                      plan=plan, **norm)
 
 
+def _fa():
+    """kernels/fused_allreduce.py, imported where a launch is first prepared (it imports
+    triton), not on every call."""
+    from megatron_lite.kernels import fused_allreduce
+    return fused_allreduce
+
+
 class Launchers:
     """A backend's prepared launches, one per kind of message: ``(shape, dtype, scheme)``
     -> a callable that sums such a message (kernels/fused_allreduce.py's
@@ -138,8 +145,7 @@ class OneShotBackend(Backend):
 
     def launcher(self, x: torch.Tensor):
         """The prepared one-shot launch of messages like ``x`` (see ``Launchers``)."""
-        from megatron_lite.kernels import fused_allreduce as fa
-        return self.launchers.get(x, None, lambda: fa.one_shot_launcher(self.state.ws, x))
+        return self.launchers.get(x, None, lambda: _fa().one_shot_launcher(self.state.ws, x))
 
     def all_reduce(self, x, scheme, comm):
         return self.launcher(x)(x)
@@ -165,8 +171,7 @@ class FusedTwoShotBackend(Backend):
 
     def launcher(self, x: torch.Tensor, scheme: Scheme):
         """The prepared two-shot launch of messages like ``x`` with ``scheme``."""
-        from megatron_lite.kernels import fused_allreduce as fa
-        return self.launchers.get(x, scheme, lambda: fa.two_shot_launcher(
+        return self.launchers.get(x, scheme, lambda: _fa().two_shot_launcher(
             self.state.ws, x, scheme.kernel_plan(x)))
 
     def all_reduce(self, x, scheme, comm):
@@ -241,8 +246,7 @@ class OneShotKernelsBackend(Backend):
         (kernels/fused_allreduce.py's ``one_shot_q_launcher``), or None."""
         if self.state.unsupported(x) is not None:
             return None
-        from megatron_lite.kernels import fused_allreduce as fa
-        return self.launchers.get(x, scheme, lambda: fa.one_shot_q_launcher(
+        return self.launchers.get(x, scheme, lambda: _fa().one_shot_q_launcher(
             self.state.ws, x, scheme.kernel_plan(x)))
 
     def unsupported(self, x, scheme, comm):
