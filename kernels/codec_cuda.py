@@ -419,7 +419,7 @@ def one_shot_all_reduce(ws, x: torch.Tensor, out: torch.Tensor, block: int, grid
 class OneShotQLaunch:
     """The one-shot algorithm's quantized all-reduce (comm/fused.py's
     ``one_shot_kernels_all_reduce``: quantize, all-gather, dequantize-and-sum, the
-    scheme's finish and restore) in one launch of csrc/two_shot.cu's one-shot kernel, for
+    scheme's finish and restore) in one launch of csrc/one_shot_q.cu's kernel, for
     what ``takes_two_shot`` accepts, bound to one workspace, plan and message length
     ``n``, with the two-shot kernel's tile geometry (``tile``, ``tiles``, ``grid``): each
     rank's codes go straight into every peer's ``recv`` slot, the same bits. A call

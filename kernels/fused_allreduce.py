@@ -378,7 +378,7 @@ def two_shot_launcher(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan) -> L
 
 # ------------------------------------------------------------------ one-shot, quantized
 def one_shot_q_geometry(ws: SymmWorkspace, n: int, plan: KernelPlan, device: torch.device):
-    """(tile, tiles, grid) of csrc/two_shot.cu's one-shot quantized kernel for a message
+    """(tile, tiles, grid) of csrc/one_shot_q.cu's kernel for a message
     of ``n`` values (the two-shot kernel's geometry for one chunk of the whole message:
     the largest tile that still gives every SM a tile), or None where the whole coded
     message does not fit a ``recv`` slot. The same on every rank."""

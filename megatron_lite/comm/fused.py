@@ -12,7 +12,7 @@ symmetric workspace for a QuantizedCommunicator and puts, in front of its chain:
 
 * :class:`OneShotKernelsBackend` for ``algo=one-shot``, which also returns each rank's
   error part for error feedback: for a bf16 message and a codec of the CUDA codec
-  kernels, one launch over the workspace (kernels/csrc/two_shot.cu's one-shot kernel:
+  kernels, one launch over the workspace (kernels/csrc/one_shot_q.cu:
   each rank's codes go straight into its peers' slots); otherwise the reference one-shot
   algorithm with the quantize and dequantize-and-sum codec kernels around NCCL's
   all-gather (no workspace needed).
