@@ -42,39 +42,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRC = os.path.join(_CSRC, "codec.cu")   # includes the headers of csrc/
 _SOURCES = (_SRC, os.path.join(_CSRC, "two_shot.cu"), os.path.join(_CSRC, "one_shot_q.cu"))
-_DECLS = """
-int ml_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,
-                      int64_t n, int64_t nb, int64_t dtype, int64_t kind, int64_t bits,
-                      int64_t g, bool rot, double c2, double rscale, int64_t stream);
-int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int64_t so,
-                        int64_t sr, int64_t n, int64_t nb, int64_t dtype, int64_t kind,
-                        int64_t bits, int64_t g, bool rot, double lim, double rscale,
-                        int64_t stream);
-int ml_codec_error(int64_t x, int64_t buf, int64_t out, int64_t rows, int64_t n, int64_t nb,
-                   int64_t dtype, int64_t kind, int64_t bits, int64_t g, bool rot,
-                   double rscale, int64_t stream);
-int64_t ml_one_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
-                            std::vector<int64_t> deltas, int64_t n, int64_t block_elems,
-                            int64_t flag_off, int64_t data_off, int64_t slot_bytes,
-                            int64_t rank, int64_t world, int64_t maxb, int64_t dtype,
-                            int64_t spin, int64_t grid);
-int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
-                            std::vector<int64_t> deltas, int64_t scale, int64_t n,
-                            int64_t chunk, int64_t tiles, int64_t tile, int64_t tile_bytes,
-                            int64_t flag_off, int64_t recv_off, int64_t gather_off,
-                            int64_t slot, int64_t rank, int64_t world, int64_t maxb,
-                            int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
-                            double c2, double rscale, double out_lim, double lim_rot,
-                            double flim, int64_t spin, int64_t grid);
-int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
-                              std::vector<int64_t> deltas, int64_t scale, int64_t n,
-                              int64_t tiles, int64_t tile, int64_t tile_bytes,
-                              int64_t flag_off, int64_t recv_off, int64_t slot, int64_t rank,
-                              int64_t world, int64_t maxb, int64_t kind, int64_t bits,
-                              int64_t g, bool rot, int64_t h, double c2, double rscale,
-                              bool with_error, int64_t spin, int64_t grid);
-int ml_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream);
-"""
+_ENTRY = "entry.h"   # csrc/entry.h: the entry points' declarations
 
 
 class CudaCodecError(RuntimeError):
@@ -141,7 +109,7 @@ def _ext():
     digest = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {sys.version_info[:2]}"
                             .encode())
     for name in sorted(os.listdir(_CSRC)):   # the sources and the headers they include
-        if name.endswith((".cu", ".cuh")):
+        if name.endswith((".cu", ".cuh", ".h")):
             with open(os.path.join(_CSRC, name), "rb") as f:
                 digest.update(name.encode() + f.read())
     tag = digest.hexdigest()[:12]
@@ -150,7 +118,7 @@ def _ext():
     print("building the CUDA codec kernels (kernels/csrc/, once per machine)",
           file=sys.stderr, flush=True)
     with build_lock(directory):
-        _write_if_changed(bindings, "#include <torch/extension.h>\n" + _DECLS
+        _write_if_changed(bindings, f'#include <torch/extension.h>\n#include "{_ENTRY}"\n'
                           + "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
                           + "".join(f'  m.def("{f}", &{f}, "{f}");\n' for f in _FUNCTIONS)
                           + "}\n")
