@@ -35,6 +35,18 @@ struct Tile {
   }
 };
 
+// This lane's share of a tile of blockDim.x * kVals values that holds whole groups (all
+// live): the layout of the tile kernels over the workspace (two_shot.cu, one_shot_q.cu).
+template <int G>
+__device__ __forceinline__ Tile<G> tile_lane() {
+  Tile<G> t;
+  t.row = 0;
+  t.g0 = (int64_t)(threadIdx.x / Tile<G>::LPG) * G;
+  t.sub = threadIdx.x & (Tile<G>::LPG - 1);
+  t.live = true;
+  return t;
+}
+
 // Normalised Walsh-Hadamard transform of the group, in the reference's stage order
 // h = 1, 2, 4, ...: h < 8 within a chunk; 8 <= h < STRIDE across the group's lanes (the
 // partner lane holds element i ^ h); h >= STRIDE across this thread's chunks.

@@ -57,15 +57,10 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, float* __restrict__ err,
     uint8_t* ws, int* cnt, int* status, Peers peers, const float* __restrict__ scale,
     OneShotQArgs a) {
-  constexpr int LPG = Tile<G>::LPG;
   const int64_t tile = (int64_t)blockDim.x * kVals;
   const int b = blockIdx.x, nb = gridDim.x;
   const int epoch = cnt[b] + 1;
-  Tile<G> t;   // this lane's share of a tile, which holds whole groups: all live
-  t.row = 0;
-  t.g0 = (int64_t)(threadIdx.x / LPG) * G;
-  t.sub = threadIdx.x & (LPG - 1);
-  t.live = true;
+  const Tile<G> t = tile_lane<G>();
   const Where<BITS, G> at(0, t.g0, tile, a.tile_bytes);   // within a stored tile
   const int64_t h = SCALE ? a.h : 1;
 
@@ -169,12 +164,10 @@ int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
                               int64_t world, int64_t maxb, int64_t kind, int64_t bits,
                               int64_t g, bool rot, int64_t h, double c2, double rscale,
                               bool with_error, int64_t spin, int64_t grid) {
-  if (deltas.size() != 8 || world < 1 || world > 8 || tile % kVals ||
-      tile / kVals > kMaxTwoShotThreads || (tile / kVals) % 32 || grid < 1 || grid > maxb ||
+  Peers peers;
+  if (!make_peers(deltas, world, peers) || !tile_fits(tile) || grid < 1 || grid > maxb ||
       n % 8)
     return -(int64_t)cudaErrorInvalidValue;
-  Peers peers;
-  for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
   OneShotQArgs a{n, tiles, tile_bytes, flag_off, recv_off, slot, (int)rank, (int)world,
                  (int)maxb, h, spin, (float)c2, (float)rscale};
   const float* sp = reinterpret_cast<const float*>(scale);
@@ -191,8 +184,7 @@ int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
                      : (with_error ? one_shot_q_kernel<K, B, G, R, false, true>
                                    : one_shot_q_kernel<K, B, G, R, false, false>);
     const int block = (int)(tile / kVals);
-    const int64_t cap = resident_blocks(kernel, block);
-    const int64_t gr = cap > 0 ? std::min(grid, cap) : grid;
+    const int64_t gr = resident_grid(kernel, block, grid);
     handle = ml_prepared::add([=](int64_t x, int64_t out, int64_t err, cudaStream_t st) {
       if ((x | out | err) % 16 || with_error != (err != 0)) return cudaErrorInvalidValue;
       return launch(kernel, gr, block, st, reinterpret_cast<const Bf16Bits*>(x),

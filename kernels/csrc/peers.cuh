@@ -5,12 +5,16 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <thread>   // std::this_thread::yield in the host build (tests/cuda_host/)
 #include <tuple>
+#include <vector>
+
+#include "codec_tile.cuh"   // kVals
 
 namespace {
 
@@ -46,9 +50,25 @@ template <typename... P>
 int64_t resident_blocks(void (*)(P...), int) { return 0; }
 #endif
 
+// `grid`, capped at the blocks of `kernel` the device holds at once (no cap where that is
+// unknown): the grid of a kernel whose blocks wait for their peers.
+template <typename... P>
+int64_t resident_grid(void (*kernel)(P...), int block, int64_t grid) {
+  const int64_t cap = resident_blocks(kernel, block);
+  return cap > 0 ? std::min(grid, cap) : grid;
+}
+
 struct Peers {
   int64_t delta[8];   // byte distance from this rank's workspace to rank j's
 };
+
+// `peers` from the extension's list of 8 byte distances, for a world of 1 to 8 ranks; false
+// where either is out of range.
+inline bool make_peers(const std::vector<int64_t>& deltas, int64_t world, Peers& peers) {
+  if (deltas.size() != 8 || world < 1 || world > 8) return false;
+  for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
+  return true;
+}
 
 // The flag accesses of kernels/sync.py: release store and acquire load at system scope.
 __device__ __forceinline__ void store_release_sys(int* p, int v) {
@@ -96,6 +116,12 @@ __device__ __forceinline__ void block_barrier(uint8_t* ws, const Peers& peers, i
 
 // Threads per block of the tile kernels: a 4096-value tile (codec_cuda.TWO_SHOT_TILES)
 constexpr int kMaxTwoShotThreads = 128;
+
+// Whether the tile kernels take tiles of `tile` values: kVals values per thread, whole
+// warps, at most kMaxTwoShotThreads threads.
+inline bool tile_fits(int64_t tile) {
+  return tile % kVals == 0 && tile / kVals <= kMaxTwoShotThreads && (tile / kVals) % 32 == 0;
+}
 
 }  // namespace
 

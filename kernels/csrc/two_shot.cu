@@ -37,15 +37,10 @@ template <int KIND, int BITS, int G, bool ROT, bool SCALE>
 __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, uint8_t* ws, int* cnt,
     int* status, Peers peers, const float* __restrict__ scale, TwoShotArgs a) {
-  constexpr int LPG = Tile<G>::LPG;
   const int64_t tile = (int64_t)blockDim.x * kVals;
   const int b = blockIdx.x, nb = gridDim.x;
   const int epoch = cnt[b] + 1;
-  Tile<G> t;   // this lane's share of a tile, which holds whole groups: all live
-  t.row = 0;
-  t.g0 = (int64_t)(threadIdx.x / LPG) * G;
-  t.sub = threadIdx.x & (LPG - 1);
-  t.live = true;
+  const Tile<G> t = tile_lane<G>();
   const Where<BITS, G> at(0, t.g0, tile, a.tile_bytes);   // within a stored tile
 
   // 1. my tiles of every chunk j, encoded into rank j's recv[me]
@@ -230,11 +225,10 @@ int64_t ml_one_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
                             int64_t flag_off, int64_t data_off, int64_t slot_bytes,
                             int64_t rank, int64_t world, int64_t maxb, int64_t dtype,
                             int64_t spin, int64_t grid) {
-  if (deltas.size() != 8 || world < 1 || world > 8 || grid < 1 || grid > maxb ||
-      block_elems < 8 || block_elems % 8 || data_off % 16 || slot_bytes % 16)
-    return -(int64_t)cudaErrorInvalidValue;
   Peers peers;
-  for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
+  if (!make_peers(deltas, world, peers) || grid < 1 || grid > maxb || block_elems < 8 ||
+      block_elems % 8 || data_off % 16 || slot_bytes % 16)
+    return -(int64_t)cudaErrorInvalidValue;
   int64_t handle = -(int64_t)cudaErrorInvalidValue;
   const cudaError_t e = with_dtype((int)dtype, [&](auto z) {
     using T = decltype(z);
@@ -264,12 +258,9 @@ int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
                             int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
                             double c2, double rscale, double out_lim, double lim_rot,
                             double flim, int64_t spin, int64_t grid) {
-  if (deltas.size() != 8 || world < 1 || world > 8 || tile % kVals ||
-      tile / kVals > kMaxTwoShotThreads ||
-      (tile / kVals) % 32 || grid < 1 || grid > maxb)
-    return -(int64_t)cudaErrorInvalidValue;
   Peers peers;
-  for (int j = 0; j < 8; ++j) peers.delta[j] = deltas[j];
+  if (!make_peers(deltas, world, peers) || !tile_fits(tile) || grid < 1 || grid > maxb)
+    return -(int64_t)cudaErrorInvalidValue;
   TwoShotArgs a{n, chunk, tiles, tile_bytes, flag_off, recv_off, gather_off, slot,
                 (int)rank, (int)world, (int)maxb, h, spin, (float)c2, (float)rscale,
                 (float)out_lim, (float)lim_rot, (float)flim};
@@ -284,8 +275,7 @@ int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
     constexpr bool R = decltype(r)::value;
     auto kernel = sp ? two_shot_kernel<K, B, G, R, true> : two_shot_kernel<K, B, G, R, false>;
     const int block = (int)(tile / kVals);
-    const int64_t cap = resident_blocks(kernel, block);
-    const int64_t gr = cap > 0 ? std::min(grid, cap) : grid;
+    const int64_t gr = resident_grid(kernel, block, grid);
     handle = ml_prepared::add([=](int64_t x, int64_t out, int64_t, cudaStream_t st) {
       if ((x | out) % 16) return cudaErrorInvalidValue;
       return launch(kernel, gr, block, st, reinterpret_cast<const Bf16Bits*>(x),
