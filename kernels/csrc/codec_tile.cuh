@@ -396,6 +396,24 @@ __device__ __forceinline__ void scale_chunk(float v[8], const float* __restrict_
   for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], s[i]);
 }
 
+// fn(k, f, s) for each chunk k of a lane's share of the tile at flat index f0 that lies in
+// the message (f = its first value's flat index < n), with s its weighted- scales (not set
+// without SCALE): where the tile kernels map a tile back and store it.
+template <bool SCALE, int G, typename Fn>
+__device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, int64_t n,
+                                                const Channels<G>& ch,
+                                                const float* __restrict__ scale, int64_t h,
+                                                Fn fn) {
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t f = f0 + t.col(k);
+    if (f >= n) continue;
+    float s[8];
+    if (SCALE) chunk_scales(scale, h, ch.at(k), s);
+    fn(k, f, s);
+  }
+}
+
 // A group's codes as this thread holds them, and the group's metadata.
 struct Coded {
   uint32_t w[kChunks][2];

@@ -102,12 +102,7 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
         for (int i = 0; i < 8; ++i) v[k][i] = __fsub_rn(y[i], v[k][i]);
       }
       if (ROT) fwht<G>(v, t.sub, a.rscale);
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-        const int64_t f = f0 + t.col(k);
-        if (f >= a.n) continue;
-        float s[8];
-        if (SCALE) chunk_scales(scale, h, ch.at(k), s);
+      each_live_chunk<SCALE>(t, f0, a.n, ch, scale, h, [&](int k, int64_t f, const float* s) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           float e = ((v[k][i] != v[k][i]) || fabsf(v[k][i]) > kFp32Max) ? 0.0f : v[k][i];
@@ -115,7 +110,7 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
           v[k][i] = e;
         }
         Io<float>::store(err + f, v[k]);
-      }
+      });
     }
   }
   block_barrier(ws, peers, a.flag_off, 2, a.rank, a.world, a.maxb, b, epoch, status, a.spin);
@@ -131,14 +126,9 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
     if (ROT) fwht<G>(acc, t.sub, a.rscale);
     const int64_t f0 = tt * tile;
     const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, h);
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t f = f0 + t.col(k);
-      if (f >= a.n) continue;
-      // the scheme's finish (saturate to bf16's range; fp32 for weighted-, whose range is
-      // bf16's as well) and, for weighted-, restore's division and saturation
-      float s[8];
-      if (SCALE) chunk_scales(scale, h, ch.at(k), s);
+    // the scheme's finish (saturate to bf16's range; fp32 for weighted-, whose range is
+    // bf16's as well) and, for weighted-, restore's division and saturation
+    each_live_chunk<SCALE>(t, f0, a.n, ch, scale, h, [&](int k, int64_t f, const float* s) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         float y = clamp_keep_nan(acc[k][i], kBf16Max);
@@ -146,7 +136,7 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
         acc[k][i] = y;
       }
       Io<Bf16Bits>::store(out + f, acc[k]);
-    }
+    });
   }
   block_barrier(ws, peers, a.flag_off, 3, a.rank, a.world, a.maxb, b, epoch, status, a.spin);
   if (threadIdx.x == 0) cnt[b] = epoch;

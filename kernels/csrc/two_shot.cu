@@ -102,18 +102,13 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
       }
       const int64_t f0 = o * a.chunk + tt * tile;
       const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, SCALE ? a.h : 1);
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-        const int64_t f = f0 + t.col(k);
-        if (f >= a.n) continue;
+      each_live_chunk<SCALE>(t, f0, a.n, ch, scale, a.h, [&](int k, int64_t f, const float* s) {
         if (SCALE) {
-          float s[8];
-          chunk_scales(scale, a.h, ch.at(k), s);
 #pragma unroll
           for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(__fdiv_rn(y[k][i], s[i]), a.flim);
         }
         Io<Bf16Bits>::store(out + f, y[k]);
-      }
+      });
     }
   }
   if (threadIdx.x == 0) cnt[b] = epoch;
