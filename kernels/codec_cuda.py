@@ -181,9 +181,7 @@ def quantize(kc: KernelCodec, x: torch.Tensor, rot: Optional[int] = None,
     rs = _rot(kc, rot)
     if x.dtype not in _DTYPES:
         raise ValueError(f"input dtype {x.dtype}: expected bf16, fp16 or fp32")
-    if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
-                              or scale.dim() != 1 or x.numel() % scale.numel()):
-        raise ValueError("scale must be 1-D fp32 on the input's device and divide its length")
+    check_scale(scale, x.device, x.numel())
     x, out, rows, n, nb = quantize_buffers(kc, x)
     if out.numel() == 0:
         return out
@@ -283,29 +281,62 @@ def _prepare(entry: str, args: tuple) -> int:
     return got[1]
 
 
-class _BoundLaunch:
-    """A prepared launch of the extension (``_handle``, from ``_prepare``: every argument
-    but the data pointers and the stream bound in C++; ``_what`` names it in errors), so
-    that an eager call converts five integers (``ml_launch``)."""
+def check_scale(scale: Optional[torch.Tensor], device: torch.device, n: int) -> None:
+    """Raise unless ``scale`` (the ``weighted-`` channel scales; None: none) is 1-D fp32 on
+    ``device`` and its length divides the message's ``n`` values."""
+    if scale is not None and (scale.dtype != torch.float32 or scale.device != device
+                              or scale.dim() != 1 or n % scale.numel()):
+        raise ValueError("scale must be 1-D fp32 on the message's device and divide its length")
 
-    _handle = _what = None
+
+def _writable(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` where the kernels can store 16-byte vectors into it (contiguous and aligned),
+    else a temporary of ``like``'s shape."""
+    if t.data_ptr() % 16 == 0 and t.is_contiguous():
+        return t
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
+
+
+class _BoundLaunch:
+    """A prepared launch of the extension (from ``_prepare``: every argument but the data
+    pointers and the stream bound in C++; ``_what`` names it in errors), so that an eager
+    call converts five integers (``ml_launch``). ``_handles``: the launch without and with
+    an error part (None where the kernel writes none, or until ``_prepare_handle`` makes
+    it)."""
+
+    _handles = (None, None)
+    _what = None
 
     def _bind(self, entry: str, what: str, *args) -> None:
-        self._handle, self._what = _prepare(entry, args), what
+        self._handles, self._what = (_prepare(entry, args), None), what
         self._launch = _ext().ml_launch
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _prepare_handle(self, with_error: bool) -> int:
+        raise ValueError(f"{self._what}: no launch {'with' if with_error else 'without'} an "
+                         "error part")
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, err: Optional[torch.Tensor] = None):
         """Sum ``x`` (contiguous, of the bound length and dtype) into ``out`` (x's numel
-        and dtype). The kernels move 16-byte vectors: a misaligned ``x`` is copied, and a
-        temporary takes the sum where ``out`` is misaligned or not contiguous."""
+        and dtype) and return ``out``; with ``err`` (fp32, x's numel) also write this rank's
+        error part into it and return ``(out, err)``. The kernels move 16-byte vectors: a
+        misaligned ``x`` is copied, and a temporary takes a result where ``out`` or ``err``
+        is misaligned or not contiguous."""
+        h = self._handles[err is not None]
+        if h is None:
+            h = self._prepare_handle(err is not None)
         if x.data_ptr() % 16:
             x = x.clone()
-        dst = out if out.data_ptr() % 16 == 0 and out.is_contiguous() else torch.empty_like(x)
-        _check(self._launch(self._handle, x.data_ptr(), dst.data_ptr(), 0, _stream(x)),
-               self._what)
+        dst = _writable(out, x, x.dtype)
+        edst = None if err is None else _writable(err, x, torch.float32)
+        _check(self._launch(h, x.data_ptr(), dst.data_ptr(),
+                            edst.data_ptr() if edst is not None else 0, _stream(x)), self._what)
         if dst is not out:
             out.copy_(dst.view(out.shape))
-        return out
+        if err is None:
+            return out
+        if edst is not err:
+            err.copy_(edst.view(err.shape))
+        return out, err
 
 
 class TwoShotLaunch(_BoundLaunch):
@@ -325,10 +356,7 @@ class TwoShotLaunch(_BoundLaunch):
         if tiles * tb > ws.layout.slot:
             raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "
                              f"workspace has {ws.layout.slot} B")
-        if scale is not None and (scale.dtype != torch.float32 or scale.device != ws.device
-                                  or n % scale.numel()):
-            raise ValueError("scale must be fp32 on the message's device and divide its "
-                             "length")
+        check_scale(scale, ws.device, n)
         lim = out_limit(dtype)
         lay = ws.layout
         self._scale = scale                      # bound by address: it must outlive the launch
@@ -384,7 +412,7 @@ def one_shot_all_reduce(ws, x: torch.Tensor, out: torch.Tensor, block: int, grid
     return OneShotLaunch(ws, x.numel(), x.dtype, block, grid, spin)(x, out)
 
 
-class OneShotQLaunch:
+class OneShotQLaunch(_BoundLaunch):
     """The one-shot algorithm's quantized all-reduce (comm/fused.py's
     ``one_shot_kernels_all_reduce``: quantize, all-gather, dequantize-and-sum, the
     scheme's finish and restore) in one launch of csrc/one_shot_q.cu's kernel, for
@@ -406,10 +434,7 @@ class OneShotQLaunch:
         if tiles * tile < n or tiles * tb > ws.layout.slot:
             raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "
                              f"workspace has {ws.layout.slot} B")
-        if scale is not None and (scale.dtype != torch.float32 or scale.device != ws.device
-                                  or scale.dim() != 1 or n % scale.numel()):
-            raise ValueError("scale must be 1-D fp32 on the message's device and divide its "
-                             "length")
+        check_scale(scale, ws.device, n)
         lay = ws.layout
         self._scale = scale                      # bound by address: it must outlive the launch
         self._args = (ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, tuple(ws.deltas),
@@ -419,32 +444,10 @@ class OneShotQLaunch:
                       scale.numel() if scale is not None else 1, kc.c2, _rot(kc, rot))
         self._tail = (spin, grid)
         self._handles = [None, None]             # without, with the error part: on first use
+        self._what = "one-shot quantized all-reduce"
         self._launch = _ext().ml_launch
 
-    def _handle(self, with_error: bool) -> int:
-        h = self._handles[with_error]
-        if h is None:
-            h = self._handles[with_error] = _prepare(
-                "ml_one_shot_q_prepare", self._args + (with_error,) + self._tail)
+    def _prepare_handle(self, with_error: bool) -> int:
+        h = self._handles[with_error] = _prepare(
+            "ml_one_shot_q_prepare", self._args + (with_error,) + self._tail)
         return h
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor, err: Optional[torch.Tensor] = None):
-        """``x``: bf16, contiguous, of the bound length; ``out`` likewise; ``err`` fp32 of
-        that length. 16-byte vectors: a misaligned ``x`` is copied, and a misaligned or
-        non-contiguous ``out`` / ``err`` gets its result through a temporary."""
-        if x.data_ptr() % 16:
-            x = x.clone()
-        dst = out if out.data_ptr() % 16 == 0 and out.is_contiguous() else torch.empty_like(x)
-        edst = err
-        if err is not None and (err.data_ptr() % 16 or not err.is_contiguous()):
-            edst = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        _check(self._launch(self._handle(err is not None), x.data_ptr(), dst.data_ptr(),
-                            edst.data_ptr() if edst is not None else 0, _stream(x)),
-               "one-shot quantized all-reduce")
-        if dst is not out:
-            out.copy_(dst.view(out.shape))
-        if err is None:
-            return out
-        if edst is not err:
-            err.copy_(edst.view(err.shape))
-        return out, err

@@ -340,9 +340,7 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
                          f"{ws.layout.slot} B")
     lay = ws.layout
     lim = out_limit(x.dtype)
-    if scale is not None and (scale.dtype != torch.float32 or scale.device != x.device
-                              or n % scale.numel()):
-        raise ValueError("scale must be fp32 on the message's device and divide its length")
+    codec_cuda.check_scale(scale, x.device, n)
     log2g, rscale = geometry(rot)
     opts = {} if INTERPRET else {"enable_fp_fusion": False}
     launch = (_two_shot_kernel.warmup if _warmup_only else _two_shot_kernel[(grid,)])
