@@ -123,17 +123,14 @@ __device__ __forceinline__ bool group_all(bool b) {
   return (ballot & mine) == mine;
 }
 
-// Whether every value of the group is finite in bf16's range; if not, its values become
-// zeros (the group is stored as codes 0 and meta0 NaN). Uniform in the group, so the
-// zeroing is a branch, not a select per value.
+// Whether every value of the group is finite in bf16's range, from each lane's `ok` (its
+// extremes compared against kBf16Max; the extremes are NaN-propagating max and min, so a
+// NaN reaches them and fails the comparison). If not, the group's values become zeros
+// (the group is stored as codes 0 and meta0 NaN), and the caller zeroes its extremes.
+// Uniform in the group, so the zeroing is a branch, not a select per value, and the check
+// is two comparisons per lane, not one per value.
 template <int LPG>
-__device__ __forceinline__ bool finite_or_zero(float x[kChunks][8]) {
-  bool ok = true;
-#pragma unroll
-  for (int k = 0; k < kChunks; ++k) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) ok &= fabsf(x[k][i]) <= kBf16Max;   // false for NaN
-  }
+__device__ __forceinline__ bool finite_or_zero(float x[kChunks][8], bool ok) {
   bool finite = group_all<LPG>(ok);
   if (!finite) {
 #pragma unroll
@@ -147,22 +144,29 @@ __device__ __forceinline__ bool finite_or_zero(float x[kChunks][8]) {
 
 // Asymmetric min/max code of the group (held by LPG lanes): this thread's packed codes,
 // and the group's stored meta0 (step, NaN for a non-finite group) and meta1 (min).
+//
+// The reference clamps the rounded code to [0, QMAX]; here that clamp is never active,
+// so it is left out. With D(x) = fl(fl(0.5 x) - fl(0.5 m)): m = RD_bf16(lo) <= x <= hi and
+// rounding is monotone, so 0 <= D(x) <= D(hi), hence u = fl(D(x) r2) >= 0; s >=
+// fl(D(hi) c2) (or 2^-126 > it), so u <= D(hi) * 2 / (D(hi) c2) * (1 + 4 eps) = QMAX (1 + 5
+// eps) with c2 = fl(2 / QMAX), far below QMAX + 1/2: rint(u) lies in [0, QMAX] already.
+// A non-finite group is all zeros (u = 0).
 template <int G, int BITS>
 __device__ __forceinline__ void encode_asym(float x[kChunks][8], float c2,
                                             uint32_t w[kChunks][2], float& meta0,
                                             float& meta1) {
   constexpr int LPG = Tile<G>::LPG;
-  constexpr float QMAX = (float)((1 << BITS) - 1);
-  bool finite = finite_or_zero<LPG>(x);
-  float hi = -INFINITY, lo = INFINITY;
+  float hi = x[0][0], lo = x[0][0];
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      hi = fmaxf(hi, x[k][i]);
-      lo = fminf(lo, x[k][i]);
+      hi = fmax_nan(hi, x[k][i]);
+      lo = fmin_nan(lo, x[k][i]);
     }
   }
+  bool finite = finite_or_zero<LPG>(x, hi <= kBf16Max && lo >= -kBf16Max);
+  if (!finite) hi = lo = 0.0f;
   hi = group_max<LPG>(hi);
   lo = group_min<LPG>(lo);
   float m = __fadd_rn(round_down_bf16(lo), 0.0f);                // -0.0 -> +0.0
@@ -175,12 +179,8 @@ __device__ __forceinline__ void encode_asym(float x[kChunks][8], float c2,
   for (int k = 0; k < kChunks; ++k) {
     uint32_t c[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float u = __fmul_rn(__fsub_rn(__fmul_rn(0.5f, x[k][i]), hm), r2);
-      // clamp, then round: the same as round, then clamp (the bounds are integers; a
-      // NaN becomes 0 either way)
-      c[i] = rint_bits(fminf(fmaxf(u, 0.0f), QMAX), kRound);
-    }
+    for (int i = 0; i < 8; ++i)
+      c[i] = rint_bits(__fmul_rn(__fsub_rn(__fmul_rn(0.5f, x[k][i]), hm), r2), kRound);
     pack<BITS>(c, w[k]);
   }
   meta0 = finite ? s : NAN;
@@ -191,18 +191,23 @@ __device__ __forceinline__ void encode_asym(float x[kChunks][8], float c2,
 // codes (two's complement bytes at 8 bits, offset binary q + 2^(BITS-1) below) and the
 // group's stored bound a (NaN for a non-finite group). Groups whose bound is below 2^-64
 // are scaled by 2^64 first, so that QMAX / a stays finite (group.py's _tiny_rescale).
+//
+// The reference clamps the rounded code to [-QMAX, QMAX]; that clamp is never active
+// either: a = RU_bf16(max |x|) >= |x| and the 2^64 rescale is exact, so |fl(x e r)| <=
+// |x| e QMAX / (a e) (1 + 2 eps) <= QMAX (1 + 2 eps), and rint of it is within +-QMAX.
 template <int G, int BITS>
 __device__ __forceinline__ void encode_sym(float x[kChunks][8], uint32_t w[kChunks][2],
                                            float& meta0) {
   constexpr int LPG = Tile<G>::LPG;
   constexpr float QMAX = (float)((1 << (BITS - 1)) - 1);
-  bool finite = finite_or_zero<LPG>(x);
-  float am = 0.0f;
+  float am = fabsf(x[0][0]);
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) am = fmaxf(am, fabsf(x[k][i]));
+    for (int i = 0; i < 8; ++i) am = fmax_nan(am, fabsf(x[k][i]));
   }
+  bool finite = finite_or_zero<LPG>(x, am <= kBf16Max);
+  if (!finite) am = 0.0f;
   float a = round_up_bf16(group_max<LPG>(am));
   bool tiny = a < kTiny;
   float e = tiny ? kTinyScale : 1.0f;
@@ -219,8 +224,7 @@ __device__ __forceinline__ void encode_sym(float x[kChunks][8], uint32_t w[kChun
   for (int k = 0; k < kChunks; ++k) {
     uint32_t c[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
-      c[i] = rint_bits(fminf(fmaxf(__fmul_rn(x[k][i], r), -QMAX), QMAX), off);
+    for (int i = 0; i < 8; ++i) c[i] = rint_bits(__fmul_rn(x[k][i], r), off);
     pack<BITS>(c, w[k]);
   }
   meta0 = finite ? a : NAN;
