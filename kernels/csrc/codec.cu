@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
   float acc[kChunks][8];
   if (t.live) {
     decode_sum<KIND, BITS, G>(per, lim, [&](int64_t r, Packed<KIND, BITS, G>& p) {
-      p.load(buf, t, Where<BITS, G>(t.row * so + r * sr, t.g0, n, nbytes_row));
+      p.template load<true>(buf, t, Where<BITS, G>(t.row * so + r * sr, t.g0, n, nbytes_row));
     }, acc);
   } else {
 #pragma unroll
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) error_kernel(
   if (t.live) {
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) Io<T>::load(x + t.row * n + t.col(k), v[k]);
-    p.load(buf, t, Where<BITS, G>(t.row, t.g0, n, nbytes_row));
+    p.template load<true>(buf, t, Where<BITS, G>(t.row, t.g0, n, nbytes_row));
   } else {
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {

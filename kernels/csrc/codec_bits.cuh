@@ -179,27 +179,39 @@ __device__ __forceinline__ void store_bytes(uint8_t* p, uint32_t a, uint32_t b, 
 }
 
 // Codes and metadata are read through L2 only (ld.global.cg), never through L1 or the
-// read-only path: in the two-shot kernel peers write them while it runs (after the
-// barrier's acquire, but into lines an earlier call may have left in L1).
+// read-only path, where a buffer may change while the kernel runs: in the two-shot kernel
+// peers write them (after the barrier's acquire, but into lines an earlier call may have
+// left in L1). L1 = true (codec.cu's kernels, whose buffers nothing writes meanwhile)
+// reads through L1 instead: a lane's chunks are G/4 values apart, so at 4 bits a warp's
+// four chunk loads each touch the same 32-byte sectors, and each sector comes from L2
+// once, not two (G = 128) or four (G = 64) times.
+template <bool L1, typename T>
+__device__ __forceinline__ T ld_code(const T* p) {
+  if (L1) return __ldg(p);
+  return __ldcg(p);
+}
+
+template <bool L1 = false>
 __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t& a, uint32_t& b,
                                            int nbytes) {
   uintptr_t u = reinterpret_cast<uintptr_t>(p);
   b = 0;
   if (nbytes == 8 && (u & 7) == 0) {
-    uint2 v = __ldcg(reinterpret_cast<const uint2*>(p));
+    uint2 v = ld_code<L1>(reinterpret_cast<const uint2*>(p));
     a = v.x; b = v.y;
   } else if ((u & 3) == 0) {
-    a = __ldcg(reinterpret_cast<const unsigned int*>(p));
-    if (nbytes == 8) b = __ldcg(reinterpret_cast<const unsigned int*>(p) + 1);
+    a = ld_code<L1>(reinterpret_cast<const unsigned int*>(p));
+    if (nbytes == 8) b = ld_code<L1>(reinterpret_cast<const unsigned int*>(p) + 1);
   } else {
     const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
-    a = (uint32_t)__ldcg(h) | ((uint32_t)__ldcg(h + 1) << 16);
-    if (nbytes == 8) b = (uint32_t)__ldcg(h + 2) | ((uint32_t)__ldcg(h + 3) << 16);
+    a = (uint32_t)ld_code<L1>(h) | ((uint32_t)ld_code<L1>(h + 1) << 16);
+    if (nbytes == 8) b = (uint32_t)ld_code<L1>(h + 2) | ((uint32_t)ld_code<L1>(h + 3) << 16);
   }
 }
 
+template <bool L1 = false>
 __device__ __forceinline__ float bf16_at(const uint8_t* buf, int64_t at) {
-  return bits_f((uint32_t)__ldcg(reinterpret_cast<const unsigned short*>(buf + at)) << 16);
+  return bits_f((uint32_t)ld_code<L1>(reinterpret_cast<const unsigned short*>(buf + at)) << 16);
 }
 
 // max(y, -lim) then min(., lim), NaN passing through (PTX's NaN-propagating min / max,

@@ -260,12 +260,13 @@ __device__ __forceinline__ void store_codes(uint8_t* buf, const Where<BITS, G>& 
   if (BITS == 6) *reinterpret_cast<uint16_t*>(buf + at.bit4(col)) = (uint16_t)w[1];
 }
 
-template <int BITS, int G>
+// (L1: see load_bytes)
+template <bool L1, int BITS, int G>
 __device__ __forceinline__ void load_codes(const uint8_t* buf, const Where<BITS, G>& at,
                                            int64_t col, uint32_t w[2]) {
-  load_bytes(buf + at.pay(col), w[0], w[1], plane_bits(BITS));
-  if (BITS == 5) w[1] = __ldcg(buf + at.bit4(col));
-  if (BITS == 6) w[1] = __ldcg(reinterpret_cast<const unsigned short*>(buf + at.bit4(col)));
+  load_bytes<L1>(buf + at.pay(col), w[0], w[1], plane_bits(BITS));
+  if (BITS == 5) w[1] = ld_code<L1>(buf + at.bit4(col));
+  if (BITS == 6) w[1] = ld_code<L1>(reinterpret_cast<const unsigned short*>(buf + at.bit4(col)));
 }
 
 // This thread's share of one stored group, as loaded: its chunks' payload words and the
@@ -274,12 +275,14 @@ template <int KIND, int BITS, int G>
 struct Packed {
   uint32_t w[kChunks][2];   // each chunk's 8 codes as pack() made them
   float m0, m1;             // the group's meta0 and (asym) meta1
+  // L1: through L1, for buffers nothing writes while the kernel runs (see load_bytes)
+  template <bool L1 = false>
   __device__ __forceinline__ void load(const uint8_t* buf, const Tile<G>& t,
                                        const Where<BITS, G>& at) {
 #pragma unroll
-    for (int k = 0; k < kChunks; ++k) load_codes(buf, at, t.col(k), w[k]);
-    m0 = bf16_at(buf, at.meta0);
-    m1 = KIND == kAsym ? bf16_at(buf, at.meta1) : 0.0f;
+    for (int k = 0; k < kChunks; ++k) load_codes<L1>(buf, at, t.col(k), w[k]);
+    m0 = bf16_at<L1>(buf, at.meta0);
+    m1 = KIND == kAsym ? bf16_at<L1>(buf, at.meta1) : 0.0f;
   }
 };
 
