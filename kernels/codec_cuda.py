@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from ..lru import LruDict
 from .calls import (BF16_MAX, check_rotation, dequantize_buffers, error_buffers, geometry,
                     out_limit, quantize_buffers)
 from .config import INTERPRET, KIND_ASYM, KIND_SYM, KernelCodec, KernelPlan
@@ -55,7 +56,8 @@ def build() -> None:
 
 
 _FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error",
-              "ml_one_shot_prepare", "ml_two_shot_prepare", "ml_one_shot_q_prepare", "ml_launch")
+              "ml_one_shot_prepare", "ml_two_shot_prepare", "ml_one_shot_q_prepare", "ml_launch",
+              "ml_release")
 
 
 def _build_directory(tag: str) -> str:
@@ -262,13 +264,31 @@ def takes_two_shot(plan: KernelPlan, x: torch.Tensor) -> bool:
             and x.dtype == torch.bfloat16 and x.numel() % 8 == 0)
 
 
-# (extension, entry, arguments) -> (extension, handle): each distinct argument set is
-# prepared once (a handle holds its arguments for the life of the process), however many
-# bound launches ask for it (tests and the one-call functions below make a new one per call)
-_HANDLES: dict = {}
+class _Handle:
+    """A prepared launch's handle in the extension's table (csrc/peers.cuh), released
+    there when the last holder (``_HANDLES`` or a bound launch) drops it, so that the
+    table holds the launches in use."""
+
+    __slots__ = ("h", "_ext")
+
+    def __init__(self, ext, h: int):
+        self._ext, self.h = ext, h   # the extension kept alive while its handle is
+
+    def __del__(self):
+        try:
+            self._ext.ml_release(self.h)
+        except Exception:   # at interpreter exit the extension may be gone before it
+            pass
 
 
-def _prepare(entry: str, args: tuple) -> int:
+# (extension, entry, arguments) -> _Handle of the most recently used _MAX_HANDLES argument
+# sets: each is prepared once while in use, however many bound launches ask for it (tests
+# and the one-call functions below make a new launch per call); a process that sees every
+# prompt length keeps at most these and the launches its backends hold (comm/fused.py)
+_HANDLES = LruDict(1024)
+
+
+def _prepare(entry: str, args: tuple) -> _Handle:
     """The handle of ``entry``'s launch with ``args`` bound (csrc/peers.cuh)."""
     ext = _ext()
     key = (id(ext), entry, args)
@@ -277,8 +297,8 @@ def _prepare(entry: str, args: tuple) -> int:
         h = getattr(ext, entry)(*args)
         if h < 0:
             raise CudaCodecError(f"CUDA codec kernel {entry} failed: cudaError {-h}")
-        got = _HANDLES[key] = (ext, h)   # the extension kept alive: its id stays its own
-    return got[1]
+        got = _HANDLES[key] = _Handle(ext, h)
+    return got
 
 
 def check_scale(scale: Optional[torch.Tensor], device: torch.device, n: int) -> None:
@@ -311,7 +331,7 @@ class _BoundLaunch:
         self._handles, self._what = (_prepare(entry, args), None), what
         self._launch = _ext().ml_launch
 
-    def _prepare_handle(self, with_error: bool) -> int:
+    def _prepare_handle(self, with_error: bool) -> _Handle:
         raise ValueError(f"{self._what}: no launch {'with' if with_error else 'without'} an "
                          "error part")
 
@@ -328,7 +348,7 @@ class _BoundLaunch:
             x = x.clone()
         dst = _writable(out, x, x.dtype)
         edst = None if err is None else _writable(err, x, torch.float32)
-        _check(self._launch(h, x.data_ptr(), dst.data_ptr(),
+        _check(self._launch(h.h, x.data_ptr(), dst.data_ptr(),
                             edst.data_ptr() if edst is not None else 0, _stream(x)), self._what)
         if dst is not out:
             out.copy_(dst.view(out.shape))
@@ -447,7 +467,7 @@ class OneShotQLaunch(_BoundLaunch):
         self._what = "one-shot quantized all-reduce"
         self._launch = _ext().ml_launch
 
-    def _prepare_handle(self, with_error: bool) -> int:
+    def _prepare_handle(self, with_error: bool) -> _Handle:
         h = self._handles[with_error] = _prepare(
             "ml_one_shot_q_prepare", self._args + (with_error,) + self._tail)
         return h

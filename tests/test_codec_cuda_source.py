@@ -82,6 +82,8 @@ def _load(lib: str):
         fns[f"ml_{kind}_prepare"] = _Prepare(fn)
     so.host_launch.argtypes, so.host_launch.restype = [ctypes.c_int64] * 5, ctypes.c_int
     fns["ml_launch"] = so.host_launch
+    so.host_release.argtypes, so.host_release.restype = [ctypes.c_int64], ctypes.c_int
+    fns["ml_release"] = so.host_release
     return type("HostCodecExtension", (), {k: staticmethod(v) for k, v in fns.items()})
 
 
@@ -132,10 +134,9 @@ def test_codec_source_sum_ranks(cc, spec, rot):
 
 
 def test_prepared_launches_are_shared_and_checked(cc):
-    """A launch is prepared once per distinct argument set (a handle holds its arguments
-    for good, so a per-call launch object must not add one each call); bad arguments are
-    refused at prepare time and an unknown handle at launch time, as error codes the
-    wrappers raise."""
+    """A launch is prepared once per distinct argument set while it is in use (a per-call
+    launch object must not add one each call); bad arguments are refused at prepare time
+    and an unknown handle at launch time, as error codes the wrappers raise."""
     deltas = (0,) * 8
     args = (0, 0, 0, deltas, 4096, 512, 0, 0, 1 << 14, 0, 2, 64, 1, 1 << 10, 8)
     h = cc._prepare("ml_one_shot_prepare", args)
@@ -145,6 +146,32 @@ def test_prepared_launches_are_shared_and_checked(cc):
         cc._prepare("ml_one_shot_prepare", args[:10] + (9,) + args[11:])   # 9 ranks
     with pytest.raises(cc.CudaCodecError):
         cc._check(cc._ext().ml_launch(1 << 40, 0, 0, 0, 0), "launch")
+
+
+def test_prepared_launch_slots_are_released_and_reused(cc, monkeypatch):
+    """csrc/peers.cuh's table holds the launches in use: a handle that neither the cache
+    (here two argument sets) nor a launch holds is released, a released handle launches
+    nothing and is not released twice, and its slot takes the next prepared launch."""
+    import gc
+
+    from megatron_lite.lru import LruDict
+    monkeypatch.setattr(cc, "_HANDLES", LruDict(2))
+    gc.collect()                      # nothing else is released during the test
+
+    def prepare(n):
+        return cc._prepare("ml_one_shot_prepare",
+                           (0, 0, 0, (0,) * 8, n, 512, 0, 0, 1 << 14, 0, 2, 64, 1, 1 << 10, 8))
+
+    ext = cc._ext()
+    a, b = prepare(4096), prepare(8192)
+    assert prepare(4096) is a and a.h != b.h
+    prepare(16384)                    # the cache drops 8192's handle, which b still holds
+    assert len(cc._HANDLES) == 2 and prepare(8192) is not b
+    freed = b.h
+    del b                             # the last holder: released now
+    assert ext.ml_release(freed) == 1   # cudaErrorInvalidValue: already released
+    assert ext.ml_launch(freed, 0, 0, 0, 0) == 1
+    assert prepare(32768).h == freed  # the slot is taken again
 
 
 def test_codec_source_refuses_what_it_has_no_kernel_for(cc):

@@ -1,8 +1,8 @@
 // The extension's entry points, as kernels/codec_cuda.py binds them (its generated
 // bindings include this file) and as codec.cu, two_shot.cu and one_shot_q.cu define them:
-// pointers and streams as integers; a quantize / dequantize / error / launch returns a
-// cudaError_t code (0 on success), a prepare the launch's handle (>= 0, peers.cuh) or minus
-// a cudaError_t code.
+// pointers and streams as integers; a quantize / dequantize / error / launch / release
+// returns a cudaError_t code (0 on success), a prepare the launch's handle (>= 0,
+// peers.cuh) or minus a cudaError_t code.
 #pragma once
 #include <stdint.h>
 
@@ -39,3 +39,4 @@ int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
                               int64_t g, bool rot, int64_t h, double c2, double rscale,
                               bool with_error, int64_t spin, int64_t grid);
 int ml_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream);
+int ml_release(int64_t handle);

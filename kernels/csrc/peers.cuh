@@ -129,8 +129,12 @@ inline bool tile_fits(int64_t tile) {
 // bound once (ml_*_prepare), called by handle (ml_launch), so that an eager call converts
 // five integers instead of about thirty arguments (pybind11 takes microseconds for those;
 // docs/notebook/2026-12-06.md). One table for the whole extension: an inline function's
-// statics are shared by every translation unit that includes this header. Handles are
-// never reused; kernels/codec_cuda.py prepares each distinct argument set once.
+// statics are shared by every translation unit that includes this header.
+// kernels/codec_cuda.py prepares each distinct argument set once while it is in use and
+// releases its handle (ml_release) when no launch holds it; a released slot takes the
+// next prepared launch, so the table holds the launches in use, not every kind of message
+// the process ever saw. Prepare, launch and release come from Python, one at a time (the
+// bindings hold the GIL).
 namespace ml_prepared {
 using Launch = std::function<cudaError_t(int64_t x, int64_t out, int64_t err, cudaStream_t)>;
 // a deque: growing it never moves the launches already in it, so a launch found under the
@@ -139,21 +143,40 @@ inline std::deque<Launch>& table() {
   static std::deque<Launch> t;
   return t;
 }
+inline std::vector<int64_t>& free_slots() {
+  static std::vector<int64_t> f;
+  return f;
+}
 inline std::mutex& table_lock() {
   static std::mutex mu;
   return mu;
 }
-// the new launch's handle (>= 0)
+// the new launch's handle (>= 0): a released slot, else a new one
 inline int64_t add(Launch f) {
   std::lock_guard<std::mutex> lock(table_lock());
+  std::vector<int64_t>& free = free_slots();
+  if (!free.empty()) {
+    int64_t h = free.back();
+    free.pop_back();
+    table()[h] = std::move(f);
+    return h;
+  }
   table().push_back(std::move(f));
   return (int64_t)table().size() - 1;
+}
+// 0, or cudaErrorInvalidValue for a handle that holds no launch
+inline int release(int64_t h) {
+  std::lock_guard<std::mutex> lock(table_lock());
+  if (h < 0 || h >= (int64_t)table().size() || !table()[h]) return (int)cudaErrorInvalidValue;
+  table()[h] = nullptr;
+  free_slots().push_back(h);
+  return 0;
 }
 inline int call(int64_t h, int64_t x, int64_t out, int64_t err, int64_t stream) {
   const Launch* f = nullptr;
   {
     std::lock_guard<std::mutex> lock(table_lock());
-    if (h >= 0 && h < (int64_t)table().size()) f = &table()[h];
+    if (h >= 0 && h < (int64_t)table().size() && table()[h]) f = &table()[h];
   }
   if (f == nullptr) return (int)cudaErrorInvalidValue;
   return (int)(*f)(x, out, err, reinterpret_cast<cudaStream_t>(stream));

@@ -286,3 +286,8 @@ int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
 int ml_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream) {
   return ml_prepared::call(handle, x, out, err, stream);
 }
+
+// Frees a prepared launch's slot for the next ml_*_prepare (kernels/codec_cuda.py calls it
+// when no launch holds the handle): 0, or cudaErrorInvalidValue for a handle that holds
+// none.
+int ml_release(int64_t handle) { return ml_prepared::release(handle); }

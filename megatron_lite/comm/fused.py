@@ -44,8 +44,13 @@ from megatron_lite.comm.router import Backend, QuantizedCommunicator
 from megatron_lite.comm.spec import Path
 from megatron_lite.comm.transport import Transport
 from megatron_lite.kernels.config import INTERPRET, KernelPlan
+from megatron_lite.lru import LruDict
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+# Prepared launches kept per backend (megatron_lite/lru.py): the kinds of message in use;
+# one forgotten is prepared again on its next call.
+LAUNCH_CACHE_SIZE = 1024
 
 
 def kernel_plan(scheme: Scheme, x: torch.Tensor) -> Optional[KernelPlan]:
@@ -114,10 +119,12 @@ class Launchers:
     ``*_launcher``). The plan's checks, the kernel's geometry and its arguments are
     worked out on a kind's first call, so a later eager call allocates the output and
     launches. A backend serves one workspace, hence one device, and a scheme lives as
-    long as its communicator (held here, so its id is never reused)."""
+    long as its communicator (held here, so its id is never reused). The most recently
+    used ``LAUNCH_CACHE_SIZE`` kinds are kept: a process that sees every prompt length
+    does not keep a launch for each."""
 
     def __init__(self):
-        self._runs: Dict[tuple, tuple] = {}
+        self._runs = LruDict(LAUNCH_CACHE_SIZE)
 
     def get(self, x: torch.Tensor, scheme: Optional[Scheme], make):
         key = (x.shape, x.dtype, id(scheme))

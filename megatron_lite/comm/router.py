@@ -42,6 +42,11 @@ from megatron_lite.comm.norm import Layout, check_layout
 from megatron_lite.comm.spec import AUTO, BF16, EMBED_SITE, Budget, CommSpec, Path
 from megatron_lite.comm.transport import TransportInfo
 from megatron_lite.kernels.thresholds import Table, table_for
+from megatron_lite.lru import LruDict
+
+# Plans kept per communicator (megatron_lite/lru.py): a model's sites times the message
+# shapes in use; one forgotten is planned again on its next call (tens of microseconds).
+PLAN_CACHE_SIZE = 4096
 
 
 class Backend:
@@ -185,7 +190,7 @@ class QuantizedCommunicator(WrappingCommunicator):
         self.sites = SiteCodecs(spec, num_layers)
         if self.sites.calibration is not None:
             self.sites.calibration.check(tp=base.world_size, hf_config=hf_config)
-        self._plans: Dict[tuple, Plan] = {}
+        self._plans = LruDict(PLAN_CACHE_SIZE)   # plans and the other per-call answers
         self._tables: Dict[torch.device, Table] = {}
         self.set_backends(list(backends) if backends else [PortableBackend()])
 

@@ -64,4 +64,5 @@ int64_t host_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status, int64_t
 int host_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream) {
   return ml_launch(handle, x, out, err, stream);
 }
+int host_release(int64_t handle) { return ml_release(handle); }
 }
