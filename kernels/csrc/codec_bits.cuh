@@ -125,6 +125,11 @@ __host__ __device__ constexpr int plane_bits(int bits) {
   return bits == 5 || bits == 6 ? 4 : bits;
 }
 
+// The low bytes of a, b, c, d as one word (a's lowest): three prmt.
+__device__ __forceinline__ uint32_t low_bytes(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
+}
+
 // 8 codes (bits 0 .. BITS-1 of each c; as rint_bits leaves them, bits BITS .. 7 are clear)
 // packed as stored: 8 bytes (w[0], w[1]), or 8 nibbles (w[0]) and, for int5, their bit 4
 // as one byte (w[1], value i at bit i), for int6, their bits 4-5 as two bytes (w[1], value
@@ -132,24 +137,24 @@ __host__ __device__ constexpr int plane_bits(int bits) {
 template <int BITS>
 __device__ __forceinline__ void pack(const uint32_t c[8], uint32_t w[2]) {
   if (BITS == 8) {
-    w[0] = __byte_perm(__byte_perm(c[0], c[1], 0x0040), __byte_perm(c[2], c[3], 0x0040), 0x5410);
-    w[1] = __byte_perm(__byte_perm(c[4], c[5], 0x0040), __byte_perm(c[6], c[7], 0x0040), 0x5410);
+    w[0] = low_bytes(c[0], c[1], c[2], c[3]);
+    w[1] = low_bytes(c[4], c[5], c[6], c[7]);
   } else if (BITS == 4) {
     // Codes below 16 with bits 4-7 clear (rint_bits' offsets have a zero low byte), so
     // c[2j] + (c[2j+1] << 4) has the byte of codes 2j and 2j+1 in its low byte (the bits
     // are disjoint: no carry into it): one shift-add per two codes, then int8's byte
-    // gather, against a mask, a shift and an OR per code.
+    // gather (low_bytes), against a mask, a shift and an OR per code.
     uint32_t p[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) p[j] = c[2 * j] + (c[2 * j + 1] << 4);
-    w[0] = __byte_perm(__byte_perm(p[0], p[1], 0x0040), __byte_perm(p[2], p[3], 0x0040), 0x5410);
+    w[0] = low_bytes(p[0], p[1], p[2], p[3]);
     w[1] = 0u;
   } else {
     // the 4-bit plane as above, each pair's low byte masked first (codes reach bit 4 or 5)
     uint32_t p[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) p[j] = (c[2 * j] & 0xFu) | ((c[2 * j + 1] << 4) & ~0xFu);
-    w[0] = __byte_perm(__byte_perm(p[0], p[1], 0x0040), __byte_perm(p[2], p[3], 0x0040), 0x5410);
+    w[0] = low_bytes(p[0], p[1], p[2], p[3]);
     uint32_t b = (c[0] >> 4) & (BITS == 6 ? 3u : 1u);
 #pragma unroll
     for (int i = 1; i < 8; ++i) {
@@ -214,21 +219,8 @@ __device__ __forceinline__ float bf16_at(const uint8_t* buf, int64_t at) {
   return bits_f((uint32_t)ld_code<L1>(reinterpret_cast<const unsigned short*>(buf + at)) << 16);
 }
 
-// max(y, -lim) then min(., lim), NaN passing through (PTX's NaN-propagating min / max,
-// sm_80+): the reference's saturate, which keeps NaN, in two instructions.
-__device__ __forceinline__ float clamp_keep_nan(float y, float lim) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800   // NaN-propagating min / max: sm_80+
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(y), "f"(-lim));
-  asm("min.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(lim));
-  return r;
-#else   // the same values (any NaN stays a NaN) elsewhere
-  return y != y ? y : fminf(fmaxf(y, -lim), lim);
-#endif
-}
-
-// max and min that return NaN where either input is NaN (PTX max.NaN / min.NaN, sm_80+),
-// so that a group's extremes carry a NaN to the finiteness check.
+// max and min that return NaN where either input is NaN (PTX max.NaN / min.NaN, sm_80+):
+// a group's extremes carry a NaN to the finiteness check, and clamp_keep_nan keeps it.
 __device__ __forceinline__ float fmax_nan(float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   float r;
@@ -247,6 +239,12 @@ __device__ __forceinline__ float fmin_nan(float a, float b) {
 #else
   return a != a ? a : (b != b ? b : fminf(a, b));
 #endif
+}
+
+// max(y, -lim) then min(., lim), NaN passing through: the reference's saturate, which
+// keeps NaN, in two instructions.
+__device__ __forceinline__ float clamp_keep_nan(float y, float lim) {
+  return fmin_nan(fmax_nan(y, -lim), lim);
 }
 
 // Code i of a chunk as an exact float: its bits ORed into 2^23's (spacing 1 there), less
