@@ -281,11 +281,12 @@ class _Handle:
             pass
 
 
-# (extension, entry, arguments) -> _Handle of the most recently used _MAX_HANDLES argument
-# sets: each is prepared once while in use, however many bound launches ask for it (tests
-# and the one-call functions below make a new launch per call); a process that sees every
-# prompt length keeps at most these and the launches its backends hold (comm/fused.py)
-_HANDLES = LruDict(1024)
+# (extension, entry, arguments) -> _Handle of the most recently used HANDLE_CACHE_SIZE
+# argument sets: each is prepared once while in use, however many bound launches ask for it
+# (tests and the one-call functions below make a new launch per call); a process that sees
+# every prompt length keeps at most these and the launches its backends hold (comm/fused.py)
+HANDLE_CACHE_SIZE = 1024
+_HANDLES = LruDict(HANDLE_CACHE_SIZE)
 
 
 def _prepare(entry: str, args: tuple) -> _Handle:
