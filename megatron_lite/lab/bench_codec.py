@@ -78,7 +78,9 @@ def _traffic(op: str, plan, d) -> int:
         return code + rows * c * (4 if plan.rot else 2)
     if op == "dequantize_sum":
         return d["full"].numel() + 4 * n
-    return 2 * rows * c + code + 4 * rows * c
+    # the error part reads the quantize's input as the scheme hands it over: bf16, or fp32
+    # for weighted- (its chunks are scaled in fp32 before the kernel)
+    return d["xs"].element_size() * rows * c + code + 4 * rows * c
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

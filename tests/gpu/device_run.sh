@@ -144,10 +144,12 @@ codec_cuda.build(); print(f'CUDA codec kernels built in {time.time() - t:.0f} s'
       done
       ;;
     ncu)
-      # where the codec kernels' time goes (hardware counters: Firecracker machines only)
+      # where the codec kernels' time goes (hardware counters: Firecracker machines only;
+      # NCU_SET: tests/gpu/profile_codec.py's set of kernels)
       timeout ${T_NCU:-150} ncu --clock-control none --section SpeedOfLight --section Occupancy \
-        --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:_kernel \
-        python3 tests/gpu/profile_codec.py \
+        --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section LaunchStats -k regex:_kernel \
+        python3 tests/gpu/profile_codec.py ${NCU_SET:-quantize} \
         > "$OUT/ncu_codec.txt" 2>&1
       grep -E "_kernel<|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
         "$OUT/ncu_codec.txt" | head -80

@@ -1,20 +1,25 @@
 """Profile target for Nsight Compute: the CUDA codec kernels once each on a 64 MB bf16
-message in 4 chunks (int8:128 and hadamard-int4:128: quantize, dequantize,
-dequantize-and-sum; the weighted- quantize of hadamard-int4:128 and hadamard-int6-sym:128,
-with random channel scales of a 4096-wide model), so that `ncu` can say where their time
-goes:
+message in 4 chunks, so that `ncu` can say where their time goes:
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy \\
-        --section WarpStateStats -k regex:_kernel python3 tests/gpu/profile_codec.py
+        --section WarpStateStats -k regex:_kernel python3 tests/gpu/profile_codec.py [SET]
+
+SET ``quantize`` (default): int8:128 and hadamard-int4:128 quantize, dequantize and
+dequantize-and-sum, and the weighted- quantize of hadamard-int4:128 and
+hadamard-int6-sym:128 (random channel scales of a 4096-wide model). SET ``decode``: the
+decode side of the plain and rotated codecs at G = 128 and 64 (dequantize to bf16 and
+fp32, dequantize-and-sum, error part), the kernels that run below the copy's speed in
+docs/results/codec_kernels.md.
 """
+import sys
+
 import torch
 
 from megatron_lite.comm.codecs import get_codec
 from megatron_lite.kernels import codec_cuda as cc
 
 
-def main():
-    x = torch.randn(4, 8 << 20, device="cuda").to(torch.bfloat16)
+def _quantize_set(x: torch.Tensor) -> None:
     n = x.shape[-1]
     for spec, rot in (("int8:128", None), ("hadamard-int4:128", 128)):
         kc = get_codec(spec.replace("hadamard-", "")).kernel_codec()
@@ -24,8 +29,27 @@ def main():
     scale = torch.rand(4096, device="cuda") + 0.5
     for spec in ("int4:128", "int6-sym:128"):
         cc.quantize(get_codec(spec).kernel_codec(), x, rot=128, scale=scale)
+
+
+def _decode_set(x: torch.Tensor) -> None:
+    n = x.shape[-1]
+    for spec, rot in (("int4:128", None), ("int4:64", None), ("int8:128", None),
+                      ("int4:64", 64), ("int6-sym:128", 128)):
+        kc = get_codec(spec).kernel_codec()
+        buf = cc.quantize(kc, x, rot=rot)
+        cc.dequantize(kc, buf, n, torch.float32 if rot else torch.bfloat16, rot=rot)
+        cc.dequantize(kc, buf, n, torch.float32, sum_rows=True, rot=rot)
+        cc.error_part(kc, x, buf, rot=rot)
+
+
+def main(which: str = "quantize") -> None:
+    sets = {"quantize": _quantize_set, "decode": _decode_set}
+    if which not in sets:
+        raise SystemExit(f"profile_codec.py: unknown set {which!r} (one of {sorted(sets)})")
+    x = torch.randn(4, 8 << 20, device="cuda").to(torch.bfloat16)
+    sets[which](x)
     torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

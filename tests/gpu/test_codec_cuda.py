@@ -93,3 +93,23 @@ def test_codec_cuda_sum_ranks(spec, rot):
                                          rot=r) for j in range(gathered.shape[1])])
     assert same_bits(want, got), (spec, n, "sum_ranks vs triton", value_diff(want.cpu(), got))
     assert same_bits(got, codec_ops.sum_ranks(kc, gathered, n, rot=r))
+
+
+@pytest.mark.parametrize("spec", ["int5:128", "int5:64"])
+def test_codec_cuda_dequantize_two_tiles_per_block(spec):
+    """int5's dequantize without rotation (csrc/codec.cu's decode_kernel) does two tiles
+    per block from about 17 MB (tiles_for): an odd number of tiles, rows that end inside a
+    tile, and the last block's spare tile, each output dtype, against the reference."""
+    _, cc, _ = _kernels()
+    from megatron_lite.comm.codecs import get_codec
+    from tests.gpu.test_quant_kernels import hostile
+    codec = get_codec(spec)
+    kc = codec.kernel_codec()
+    rows, n = 3, 31249 * 128            # 3 x 489 tiles of 8192 values (256 threads)
+    assert (rows * -(-n // 8192)) % 2 == 1
+    x = hostile(rows, n, torch.bfloat16, seed=5)
+    ref = codec.encode(x)
+    for od in (torch.float32, torch.bfloat16, torch.float16):
+        want = codec.decode(ref, n, od)
+        have = cc.dequantize(kc, ref.to("cuda"), n, od)
+        assert same_bits(want, have), (spec, od, value_diff(want, have))
