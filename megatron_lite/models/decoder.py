@@ -169,8 +169,6 @@ def attention(q, k, v, mask, scale: float, softcap: Optional[float]) -> torch.Te
     q head h reads KV head h // (Hq / Hkv) (HF repeat_kv). Without soft-capping this is
     SDPA; Gemma 2's ``cap * tanh(scores / cap)`` sits between the scaling and the softmax,
     which SDPA cannot express, so that path is written out (softmax in fp32, as HF eager).
-    A one-token query on a GPU (a decode step) runs kernels/decode_attention.py, which
-    splits the KV slots over blocks: SDPA's kernel runs a block per head over all of them.
     """
     B, hq, T, D = q.shape
     hkv, S = k.shape[1], k.shape[2]
@@ -178,10 +176,6 @@ def attention(q, k, v, mask, scale: float, softcap: Optional[float]) -> torch.Te
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=hq != hkv)
     if softcap is None:
-        if T == 1 and q.is_cuda:   # a decode step: KV slots split over blocks
-            from megatron_lite.kernels import decode_attention as da
-            if da.takes(q, k):
-                return da.decode_attention(q, k, v, mask, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=hq != hkv)
     g = hq // hkv
