@@ -1,7 +1,7 @@
 """The checks of the CUDA C++ codec kernels (kernels/csrc/codec.cu, called through
 kernels/codec_cuda.py) against the reference codecs, on any device the kernels run on:
 the GPU (tests/gpu/test_codec_cuda.py) and the CPU, where tests/cuda_host/ builds the same
-source for host threads (tests/test_codec_cuda_source.py).
+source for the host (tests/test_codec_cuda_source.py).
 
 Bit for bit: integer payloads, bf16 metadata (any NaN pattern counts as NaN), decoded
 values, the in-order fp32 sum of rows, the hadamard- rotation and the weighted- scaling

@@ -1,11 +1,11 @@
 """The CUDA C++ kernels' own source (kernels/csrc/: the codec kernels and the fused
-two-shot all-reduce), built for the CPU with tests/cuda_host/ (a block's threads on host
-threads, IEEE single precision as on the GPU) and called through kernels/codec_cuda.py's
-wrappers: the codec kernels bit for bit against the reference codecs with the GPU test's
-checks (tests/codec_kernel_checks.py), and the two-shot kernel across gloo processes over
-the /dev/shm workspace against comm/algorithms.py's two-step all-reduce. This checks the
-kernels' logic, layout, rounding and protocol on every CI run; tests/gpu/ checks the GPU
-build, its memory ordering and its speed.
+two-shot all-reduce), built for the CPU with tests/cuda_host/ (a block's threads as
+fibers on one host thread, IEEE single precision as on the GPU) and called through
+kernels/codec_cuda.py's wrappers: the codec kernels bit for bit against the reference
+codecs with the GPU test's checks (tests/codec_kernel_checks.py), and the two-shot kernel
+across gloo processes over the /dev/shm workspace against comm/algorithms.py's two-step
+all-reduce. This checks the kernels' logic, layout, rounding and protocol on every CI
+run; tests/gpu/ checks the GPU build, its memory ordering and its speed.
 """
 import ctypes
 import hashlib
@@ -118,7 +118,7 @@ def cc(host_ext, monkeypatch):
 def test_codec_source_bitwise(cc, spec, rot, dtype):
     from megatron_lite.comm.codecs import get_codec
     g = get_codec(spec).group_size
-    # the GPU test's odd group counts, and a row of several blocks, kept small for host threads
+    # the GPU test's odd group counts, and a row of several blocks, kept small for the host
     check_bitwise(cc, spec, rot, dtype, "cpu", sizes=((5, g * 3), (3, g * 37), (2, 8192 + 5 * g)))
 
 

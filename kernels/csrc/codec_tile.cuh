@@ -455,7 +455,7 @@ __device__ __forceinline__ void store_group(const Coded& c, const Tile<G>& t, ui
 
 #ifndef ML_CODEC_HOST_LAUNCH
 // kernel<<<grid, block, 0, stream>>>(args): the one launch site, which the CPU test of
-// this file (tests/cuda_host/) replaces by a warp-by-warp run on host threads.
+// this file (tests/cuda_host/) replaces by a run of each block's threads as fibers.
 template <typename... P, typename... A>
 cudaError_t launch(void (*kernel)(P...), int64_t grid, int block, cudaStream_t stream,
                    A... args) {
