@@ -10,17 +10,17 @@ through layout conversions, and the ``weighted-`` scaling is a separate torch mu
 Here a thread holds 32 values of one group (four 16-byte loads), a group is G/32 lanes
 of one warp, the reductions and the butterflies that cross threads are warp shuffles,
 rounding is a float addition (no conversion instructions), and the scales are applied in
-the same pass. docs/results/codec_kernels.md holds the H200 measurements of the previous
-layout (8 values per thread: rotated quantize about twice Triton's speed, weighted about
-four times, bound by instruction issue); this layout issues about 40% fewer instructions
-per value (ptxas output, docs/notebook/2026-12-05.md) and awaits its GPU measurement.
-tests/test_codec_cuda_source.py runs this same source on the CPU, bit for bit against the
-reference.
+the same pass. docs/results/codec_kernels.md holds their measurements against Triton's
+and a bf16 copy. tests/test_codec_cuda_source.py runs this same source on the CPU, bit
+for bit against the reference.
 
 The source compiles on first use, on the GPU machine only (``torch.utils.cpp_extension.
 load``, four translation units built in parallel, cached under a name that holds the
 sources' hash, behind an ``flock`` that a killed build cannot leave held: ``build_lock``);
-CPU machines never build it.
+CPU machines never build it. ``MEGATRON_LITE_CUDA_DEFINES`` (``NAME`` or ``NAME=VALUE``,
+separated by spaces or commas) adds preprocessor definitions to that build, in a build
+directory of its own, so that one GPU session can build and time variants of a kernel
+side by side (processes with different definitions): the sources define none of them.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import sys
 from typing import Optional
 
@@ -58,6 +59,37 @@ def build() -> None:
 _FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error",
               "ml_one_shot_prepare", "ml_two_shot_prepare", "ml_one_shot_q_prepare", "ml_launch",
               "ml_release")
+
+
+DEFINES_ENV = "MEGATRON_LITE_CUDA_DEFINES"
+_DEFINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+-]+)?")
+
+
+def build_defines(text: Optional[str] = None) -> tuple:
+    """The preprocessor definitions of ``text`` (default: ``$MEGATRON_LITE_CUDA_DEFINES``):
+    ``NAME`` or ``NAME=VALUE`` items separated by spaces or commas, in order. Raises
+    ValueError naming the first item that is not one."""
+    text = os.environ.get(DEFINES_ENV, "") if text is None else text
+    items = tuple(t for t in re.split(r"[\s,]+", text) if t)
+    for t in items:
+        if not _DEFINE.fullmatch(t):
+            raise ValueError(f"{DEFINES_ENV}: {t!r} is not NAME or NAME=VALUE (letters, digits, "
+                             "_ . + -)")
+    return items
+
+
+def source_tag(defines: tuple = ()) -> str:
+    """The build's name: a hash of torch's, CUDA's and Python's versions, every source
+    and header of csrc/, and the preprocessor definitions."""
+    digest = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {sys.version_info[:2]}"
+                            .encode())
+    for name in sorted(os.listdir(_CSRC)):   # the sources and the headers they include
+        if name.endswith((".cu", ".cuh", ".h")):
+            with open(os.path.join(_CSRC, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    if defines:
+        digest.update(("-D" + " -D".join(defines)).encode())
+    return digest.hexdigest()[:12]
 
 
 def _build_directory(tag: str) -> str:
@@ -108,16 +140,12 @@ def _ext():
     two_shot.cu, one_shot_q.cu and the bindings are separate translation units, which
     ninja compiles in parallel (each .cu takes about a minute of one core)."""
     from torch.utils.cpp_extension import load
-    digest = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {sys.version_info[:2]}"
-                            .encode())
-    for name in sorted(os.listdir(_CSRC)):   # the sources and the headers they include
-        if name.endswith((".cu", ".cuh", ".h")):
-            with open(os.path.join(_CSRC, name), "rb") as f:
-                digest.update(name.encode() + f.read())
-    tag = digest.hexdigest()[:12]
+    defines = build_defines()
+    tag = source_tag(defines)
     directory = _build_directory(tag)
     bindings = os.path.join(directory, "bindings.cpp")
-    print("building the CUDA codec kernels (kernels/csrc/, once per machine)",
+    print("building the CUDA codec kernels (kernels/csrc/, once per machine"
+          + (f"; with -D{' -D'.join(defines)}" if defines else "") + ")",
           file=sys.stderr, flush=True)
     with build_lock(directory):
         _write_if_changed(bindings, f'#include <torch/extension.h>\n#include "{_ENTRY}"\n'
@@ -128,7 +156,8 @@ def _ext():
         # separately (the source uses explicit _rn intrinsics as well; this keeps any
         # plain expression added later honest).
         return load(name=f"megatron_lite_codec_{tag}", sources=[bindings, *_SOURCES],
-                    extra_cuda_cflags=["-O3", "--fmad=false"],   # torch picks the C++ std
+                    # torch picks the C++ std
+                    extra_cuda_cflags=["-O3", "--fmad=false"] + [f"-D{d}" for d in defines],
                     extra_include_paths=[_CSRC], build_directory=directory, verbose=False)
 
 

@@ -403,3 +403,21 @@ def test_build_lock_outlives_a_killed_build(tmp_path):
         assert not (d / "lock").exists()
         (d / "lock").write_text("")      # torch's baton during our own build
     assert (d / "lock").exists()         # ours: torch removes it itself when done
+
+
+def test_build_defines_name_their_own_build(monkeypatch):
+    """MEGATRON_LITE_CUDA_DEFINES: NAME or NAME=VALUE items, spaces or commas between, in
+    a build of their own (another tag); anything else is refused naming the item."""
+    from megatron_lite.kernels import codec_cuda
+    assert codec_cuda.build_defines("") == ()
+    assert codec_cuda.build_defines(" ML_A, ML_B=3  ML_C=0.5") == ("ML_A", "ML_B=3", "ML_C=0.5")
+    for bad in ("ML_A=", "1ML", "ML_A=$(rm)", "-DML_A", "ML A=1=2"):
+        with pytest.raises(ValueError, match="MEGATRON_LITE_CUDA_DEFINES"):
+            codec_cuda.build_defines(bad)
+    monkeypatch.setenv(codec_cuda.DEFINES_ENV, "ML_X=2")
+    assert codec_cuda.build_defines() == ("ML_X=2",)
+    plain = codec_cuda.source_tag()
+    assert plain == codec_cuda.source_tag(())
+    tags = {plain, codec_cuda.source_tag(("ML_X=2",)), codec_cuda.source_tag(("ML_X=3",)),
+            codec_cuda.source_tag(("ML_X=2", "ML_Y"))}
+    assert len(tags) == 4

@@ -28,6 +28,12 @@ time, the convention of a copy's bandwidth; ``bytes`` is the bf16 message size.
 Output: a table, ``--json`` (``{"device", "date", "copy_TBps", "copy", "rows": [{"codec",
 "op", "impl", "bytes", "us", "TBps", "vs_copy"}]}``) and a plot next to it. On a CPU, under
 ``TRITON_INTERPRET=1``, the Triton path runs (a smoke test of the tool, not a speed).
+
+A variant of the CUDA kernels (``MEGATRON_LITE_CUDA_DEFINES``, kernels/codec_cuda.py)
+builds in a directory of its own and is named in the JSON (``cuda_defines``), so that
+variants run side by side, one process each:
+
+    MEGATRON_LITE_CUDA_DEFINES=ML_SOME_VARIANT python tools/bench_codec_kernels.py ...
 """
 from __future__ import annotations
 
@@ -113,6 +119,14 @@ def main(argv=None) -> int:
     if "cuda" in impls and (interp or not cuda):
         print("error: --impl cuda needs a CUDA GPU without TRITON_INTERPRET", file=sys.stderr)
         return 2
+    defines = ()
+    if "cuda" in impls:
+        from megatron_lite.kernels import codec_cuda
+        try:
+            defines = codec_cuda.build_defines()
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from megatron_lite.lab import bench_codec as BC
     dev = torch.device("cuda" if cuda and not interp else "cpu")
     with tempfile.TemporaryDirectory(prefix="bench-calib-") as tmp:
@@ -123,7 +137,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
-    print(f"device {name}, torch {torch.__version__}; impls {', '.join(impls)}", flush=True)
+    print(f"device {name}, torch {torch.__version__}; impls {', '.join(impls)}"
+          + (f"; CUDA kernels built with -D{' -D'.join(defines)}" if defines else ""),
+          flush=True)
     from megatron_lite.lab.benchmark import write_json
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -136,6 +152,8 @@ def main(argv=None) -> int:
                "rows_per_message": args.rows, "iters": args.iters,
                "graph_calls": args.graph_calls,
                "copy_TBps": (c64 or copy)[-1]["TBps"], "copy": copy, "rows": rows}
+        if defines:   # a variant build of the CUDA kernels (codec_cuda.DEFINES_ENV)
+            out["cuda_defines"] = list(defines)
         if partial:   # a cut-off run keeps the sizes it finished, marked as such
             out["partial"] = True
         return out
