@@ -114,6 +114,25 @@ def cc(host_ext, monkeypatch):
     return codec_cuda
 
 
+def test_host_emulator_shuffles_syncs_and_reports_a_stuck_block(host_lib):
+    """tests/cuda_host/'s fibers: a shuffle reads the partner lane, __syncthreads orders
+    the block's stores, blocks run with their own blockIdx; a block whose threads can
+    never all meet (a lane returned before a shuffle) is a launch error, not a hang."""
+    so = ctypes.CDLL(host_lib)
+    probe = so.host_emulator_probe
+    probe.argtypes, probe.restype = [ctypes.c_int64] * 4, ctypes.c_int
+    grid, block = 3, 96
+    out = torch.full((2 * grid * block,), -1.0)
+    assert probe(out.data_ptr(), grid, block, 0) == 0
+    t = torch.arange(block)
+    for b in range(grid):
+        shuffled = b * 1000 + (t ^ 1)
+        assert torch.equal(out[b * block:(b + 1) * block], shuffled.float())
+        after = out[grid * block + b * block:grid * block + (b + 1) * block]
+        assert torch.equal(after, shuffled.roll(-1).float())
+    assert probe(out.data_ptr(), 1, 64, 1) != 0
+
+
 @pytest.mark.parametrize("spec,rot,dtype", CASES)
 def test_codec_source_bitwise(cc, spec, rot, dtype):
     from megatron_lite.comm.codecs import get_codec

@@ -5,7 +5,25 @@
 #include "two_shot.cu"
 #include "one_shot_q.cu"
 
+// The emulator's own check (tests/test_codec_cuda_source.py): out[i] is lane t ^ 1's
+// value after a shuffle, out[N + i] thread (t + 1)'s out after __syncthreads (N = grid *
+// block). With `stray`, thread 0 returns before the shuffle: its warp can never meet, which
+// the launch must report as an error instead of hanging.
+namespace {
+__global__ void emulator_probe(float* out, int stray) {
+  const int t = threadIdx.x, base = blockIdx.x * blockDim.x;
+  if (stray && t == 0) return;
+  out[base + t] = __shfl_xor_sync(0xffffffffu, (float)(blockIdx.x * 1000 + t), 1);
+  __syncthreads();
+  out[gridDim.x * blockDim.x + base + t] = out[base + (t + 1) % blockDim.x];
+}
+}  // namespace
+
 extern "C" {
+int host_emulator_probe(int64_t out, int64_t grid, int64_t block, int64_t stray) {
+  return launch(emulator_probe, grid, (int)block, nullptr, reinterpret_cast<float*>(out),
+                (int)stray);
+}
 int host_codec_quantize(int64_t x, int64_t buf, int64_t scale, int64_t h, int64_t rows,
                         int64_t n, int64_t nb, int64_t dtype, int64_t kind, int64_t bits,
                         int64_t g, bool rot, double c2, double rscale, int64_t stream) {
