@@ -141,12 +141,12 @@ def _ext():
     ninja compiles in parallel (each .cu takes about a minute of one core)."""
     from torch.utils.cpp_extension import load
     defines = build_defines()
+    flags = [f"-D{d}" for d in defines]
     tag = source_tag(defines)
     directory = _build_directory(tag)
     bindings = os.path.join(directory, "bindings.cpp")
     print("building the CUDA codec kernels (kernels/csrc/, once per machine"
-          + (f"; with -D{' -D'.join(defines)}" if defines else "") + ")",
-          file=sys.stderr, flush=True)
+          + (f"; with {' '.join(flags)}" if flags else "") + ")", file=sys.stderr, flush=True)
     with build_lock(directory):
         _write_if_changed(bindings, f'#include <torch/extension.h>\n#include "{_ENTRY}"\n'
                           + "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
@@ -157,7 +157,7 @@ def _ext():
         # plain expression added later honest).
         return load(name=f"megatron_lite_codec_{tag}", sources=[bindings, *_SOURCES],
                     # torch picks the C++ std
-                    extra_cuda_cflags=["-O3", "--fmad=false"] + [f"-D{d}" for d in defines],
+                    extra_cuda_cflags=["-O3", "--fmad=false"] + flags,
                     extra_include_paths=[_CSRC], build_directory=directory, verbose=False)
 
 

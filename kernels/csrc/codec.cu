@@ -28,13 +28,14 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// A block covers blockDim.x * kVals values of one row (blockDim.x: threads_for); the row
-// is blockIdx.x / bpr, uniform in the block (no 64-bit division per thread).
+// Tile vb covers blockDim.x * kVals values of one row (blockDim.x: threads_for): the
+// row's block vb % bpr; the row is vb / bpr, uniform in the block (no 64-bit division per
+// thread).
 template <int G>
-__device__ __forceinline__ Tile<G> tile_of(int64_t n, uint32_t bpr) {
+__device__ __forceinline__ Tile<G> tile_at(int64_t n, uint32_t bpr, uint32_t vb) {
   Tile<G> t;
-  uint32_t row = blockIdx.x / bpr;
-  uint32_t b = blockIdx.x - row * bpr;
+  uint32_t row = vb / bpr;
+  uint32_t b = vb - row * bpr;
   int64_t gi = ((int64_t)b * blockDim.x + threadIdx.x) / Tile<G>::LPG;
   t.row = row;
   t.g0 = gi * G;
@@ -43,18 +44,18 @@ __device__ __forceinline__ Tile<G> tile_of(int64_t n, uint32_t bpr) {
   return t;
 }
 
-// The same for tile vb of `tiles` per block (decode_kernel): not live at or past nblk.
+// The block's own tile (one tile per block).
+template <int G>
+__device__ __forceinline__ Tile<G> tile_of(int64_t n, uint32_t bpr) {
+  return tile_at<G>(n, bpr, blockIdx.x);
+}
+
+// Tile vb of a grid of `tiles` per block (decode_kernel): not live at or past nblk.
 template <int G>
 __device__ __forceinline__ Tile<G> tile_of(int64_t n, uint32_t bpr, uint32_t vb,
                                            uint32_t nblk) {
-  Tile<G> t;
-  uint32_t row = vb / bpr;
-  uint32_t b = vb - row * bpr;
-  int64_t gi = ((int64_t)b * blockDim.x + threadIdx.x) / Tile<G>::LPG;
-  t.row = row;
-  t.g0 = gi * G;
-  t.sub = threadIdx.x & (Tile<G>::LPG - 1);
-  t.live = vb < nblk && t.g0 < n;
+  Tile<G> t = tile_at<G>(n, bpr, vb);
+  t.live = vb < nblk && t.live;
   return t;
 }
 
@@ -251,9 +252,9 @@ int ml_codec_dequantize(int64_t buf, int64_t out, int64_t outs, int64_t per, int
     const uint8_t* bp = reinterpret_cast<const uint8_t*>(buf);
     T* op = reinterpret_cast<T*>(out);
     if (kind == kAsym && bits == 5 && !rot && per == 1) {   // so = sr = 1
+      if (g != 128 && g != 64) return cudaErrorInvalidValue;
       const uint32_t tiles = tiles_for(nblk);
       const int64_t grid = (nblk + tiles - 1) / tiles;
-      if (g != 128 && g != 64) return cudaErrorInvalidValue;
       auto kernel = g == 128 ? decode_kernel<T, kAsym, 5, 128> : decode_kernel<T, kAsym, 5, 64>;
       return launch(kernel, grid, th, st, bp, op, n, nb, (float)lim, bpr, (uint32_t)nblk,
                     tiles);
