@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #define ML_CODEC_HOST_LAUNCH 1
@@ -165,7 +166,7 @@ template <typename... P, typename... A>
 cudaError_t launch(void (*kernel)(P...), int64_t grid, int block, cudaStream_t, A... args) {
   if (block % 32 || block < 32 || block > 1024) return cudaErrorInvalidConfiguration;
   constexpr size_t kStack = 256 << 10;
-  std::vector<char> stacks((size_t)block * kStack);
+  std::unique_ptr<char[]> stacks(new char[(size_t)block * kStack]);   // not zero-filled
   auto call = [&]() { kernel(args...); };
   emu::Sched s;
   s.body = [](void* f) { (*static_cast<decltype(call)*>(f))(); };
@@ -181,7 +182,7 @@ cudaError_t launch(void (*kernel)(P...), int64_t grid, int block, cudaStream_t, 
       emu::Fiber& f = s.fibers[tid];
       f.tid = tid;
       getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = stacks.data() + (size_t)tid * kStack;
+      f.ctx.uc_stack.ss_sp = stacks.get() + (size_t)tid * kStack;
       f.ctx.uc_stack.ss_size = kStack;
       f.ctx.uc_link = &s.main;
       makecontext(&f.ctx, emu::fiber_main, 0);
