@@ -16,6 +16,7 @@ import subprocess
 import pytest
 import torch
 
+from megatron_lite.kernels.codec_cuda import build_defines
 from tests.codec_kernel_checks import CASES, SUM_CASES, check_bitwise, check_sum_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +48,14 @@ def _build(out_dir) -> str:
         pytest.skip("no C++ compiler on PATH")
     files = sorted(os.path.join(d, f) for d in (HOST, CSRC) for f in os.listdir(d)
                    if f.endswith((".h", ".cuh", ".cu", ".cpp")))
-    tag = hashlib.sha256(b"".join(open(f, "rb").read() for f in files)).hexdigest()[:12]
+    # the GPU build's MEGATRON_LITE_CUDA_DEFINES, so that a kernel variant is checked here
+    defines = [f"-D{d}" for d in build_defines()]
+    tag = hashlib.sha256(b"".join(open(f, "rb").read() for f in files)
+                         + " ".join(defines).encode()).hexdigest()[:12]
     lib = os.path.join(str(out_dir), f"host_codec_{tag}.so")
     # -ffp-contract=off: no FMA contraction, as the GPU build's --fmad=false
     subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC",
-                    "-shared", "-pthread", "-I", HOST, "-I", CSRC,
+                    "-shared", "-pthread", *defines, "-I", HOST, "-I", CSRC,
                     os.path.join(HOST, "host_codec.cpp"), "-o", lib],
                    check=True, capture_output=True, text=True)
     return lib
@@ -116,20 +120,24 @@ def cc(host_ext, monkeypatch):
 
 def test_host_emulator_shuffles_syncs_and_reports_a_stuck_block(host_lib):
     """tests/cuda_host/'s fibers: a shuffle reads the partner lane, __syncthreads orders
-    the block's stores, blocks run with their own blockIdx; a block whose threads can
-    never all meet (a lane returned before a shuffle) is a launch error, not a hang."""
+    the block's stores, __syncwarp a warp's shared-memory stores, blocks run with their
+    own blockIdx; a block whose threads can never all meet (a lane returned before a
+    shuffle) is a launch error, not a hang."""
     so = ctypes.CDLL(host_lib)
     probe = so.host_emulator_probe
     probe.argtypes, probe.restype = [ctypes.c_int64] * 4, ctypes.c_int
     grid, block = 3, 96
-    out = torch.full((2 * grid * block,), -1.0)
+    n = grid * block
+    out = torch.full((3 * n,), -1.0)
     assert probe(out.data_ptr(), grid, block, 0) == 0
     t = torch.arange(block)
     for b in range(grid):
         shuffled = b * 1000 + (t ^ 1)
         assert torch.equal(out[b * block:(b + 1) * block], shuffled.float())
-        after = out[grid * block + b * block:grid * block + (b + 1) * block]
+        after = out[n + b * block:n + (b + 1) * block]
         assert torch.equal(after, shuffled.roll(-1).float())
+        in_warp = shuffled.view(-1, 32).roll(-1, dims=1).flatten()
+        assert torch.equal(out[2 * n + b * block:2 * n + (b + 1) * block], in_warp.float())
     assert probe(out.data_ptr(), 1, 64, 1) != 0
 
 

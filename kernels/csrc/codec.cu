@@ -59,19 +59,124 @@ __device__ __forceinline__ Tile<G> tile_of(int64_t n, uint32_t bpr, uint32_t vb,
   return t;
 }
 
+// A warp's tile, 32 * kVals consecutive values of one row, through shared memory: each
+// global load or store instruction of the warp then covers 512 contiguous bytes. The Tile
+// layout's own accesses cover, per instruction, 16 pieces of 32 bytes at G = 64 (bf16),
+// one per 128-byte line, and at fp32 every other 16 bytes of the lines they touch. Slots
+// are the tile's 16-byte words in row order; slot s sits at s ^ mask, the mask made of the
+// group's index within a quarter warp put into the slot bits that a group's lanes do not
+// vary, so that neither the Tile-ordered nor the row-ordered accesses of a quarter warp (8
+// lanes, one shared-memory wavefront of 128 bytes) meet a bank conflict.
+//
+// Where it pays, measured on an H100 at 64 MB against the direct accesses
+// (docs/notebook/2026-12-06.md, fourth part): at G = 64 every store (int4:64 dequantize
+// 1.87 -> 2.50 TB/s, error part 1.87 -> 2.83, hadamard-int4:64 dequantize 1.85 -> 2.75)
+// and every load (int4:64 quantize 2.73 -> 2.88); at G = 128 the fp32 stores of a
+// dequantize (rotated: 2.60 -> 2.74) and of the unrotated error part (int4:128 2.50 ->
+// 2.81). Elsewhere at G = 128 it cost 2-9% (bf16 stores, loads, the sums and the rotated
+// error part, whose instruction issue is the limit), so those keep the direct accesses.
+__device__ __forceinline__ uint4* stage_words() {
+  __shared__ uint4 words[kThreads * kVals * 4 / 16];   // fp32 values: 32 KB per block
+  return words + (threadIdx.x / 32) * (32 * kVals * 4 / 16);
+}
+
+template <typename T, int G>
+struct Stage {
+  using I = Io<T>;
+  static constexpr int W = I::kWords;                 // slots per chunk of 8 values
+  static constexpr int LPG = Tile<G>::LPG;
+  static constexpr int SG = LPG * kChunks * W;        // slots per group
+  static constexpr int ROUNDS = kChunks * W;          // a warp's row-ordered accesses
+  static constexpr int LO = W == 1 ? 0 : 1;           // log2 W: the slot bits of W
+  static constexpr int LW = LPG == 2 ? 1 : 2;         // log2 LPG: the bits of a group's lanes
+  static_assert(LPG == 2 || LPG == 4, "G = 64 or 128");
+
+  static __device__ __forceinline__ int at(int s) {
+    const int jq = (s / SG) & (8 / LPG - 1);
+    int m = 0, b = 0;
+#pragma unroll
+    for (int bit = 0; bit < 3; ++bit) {
+      if (bit < LO || bit >= LO + LW) {
+        m |= ((jq >> b) & 1) << bit;
+        ++b;
+      }
+    }
+    return s ^ m;
+  }
+  // slot of word h of this lane's chunk k (lane: t.sub of group j of the warp)
+  static __device__ __forceinline__ int mine(int j, int sub, int k, int h) {
+    return at(j * SG + (k * LPG + sub) * W + h);
+  }
+  // the warp's first value in its row, from any of its lanes' tiles
+  static __device__ __forceinline__ int64_t base(const Tile<G>& t) {
+    return t.g0 - (int64_t)((threadIdx.x & 31) / LPG) * G;
+  }
+
+  // v (every lane of the warp, live or not) to the row `row` of n values: the live
+  // groups. The kernel's last use of the words (no barrier after it).
+  static __device__ __forceinline__ void store(T* row, int64_t n, const Tile<G>& t,
+                                               const float v[kChunks][8]) {
+    uint4* w = stage_words();
+    const int lane = threadIdx.x & 31, j = lane / LPG;
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      uint4 p[W];
+      I::pack(v[k], p);
+#pragma unroll
+      for (int h = 0; h < W; ++h) w[mine(j, t.sub, k, h)] = p[h];
+    }
+    __syncwarp();
+    const int64_t b0 = base(t);
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      const int s = r * 32 + lane;
+      if (b0 + (int64_t)(s / SG) * G < n)
+        *reinterpret_cast<uint4*>(row + b0 + s * (8 / W)) = w[at(s)];
+    }
+  }
+
+  // the row's values of this lane's chunks into v (0 past the row's end)
+  static __device__ __forceinline__ void load(const T* row, int64_t n, const Tile<G>& t,
+                                              float v[kChunks][8]) {
+    uint4* w = stage_words();
+    const int lane = threadIdx.x & 31, j = lane / LPG;
+    const int64_t b0 = base(t);
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      const int s = r * 32 + lane;
+      w[at(s)] = b0 + (int64_t)(s / SG) * G < n
+                     ? __ldcs(reinterpret_cast<const uint4*>(row + b0 + s * (8 / W)))
+                     : make_uint4(0u, 0u, 0u, 0u);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      uint4 p[W];
+#pragma unroll
+      for (int h = 0; h < W; ++h) p[h] = w[mine(j, t.sub, k, h)];
+      I::unpack(p, v[k]);
+    }
+    __syncwarp();   // every lane has read before the words are written again
+  }
+};
+
 template <typename T, int KIND, int BITS, int G, bool ROT, bool SCALE>
 __global__ void __launch_bounds__(kThreads) quantize_kernel(
     const T* __restrict__ x, uint8_t* __restrict__ buf, const float* __restrict__ scale,
     int64_t h, int64_t n, int64_t nbytes_row, float c2, float rscale, uint32_t bpr) {
   const Tile<G> t = tile_of<G>(n, bpr);
   float v[kChunks][8];
+  if constexpr (G == 64) {
+    Stage<T, G>::load(x + t.row * n, n, t, v);
+  } else {
 #pragma unroll
-  for (int k = 0; k < kChunks; ++k) {
-    if (t.live) {
-      Io<T>::load(x + t.row * n + t.col(k), v[k]);
-    } else {
+    for (int k = 0; k < kChunks; ++k) {
+      if (t.live) {
+        Io<T>::load(x + t.row * n + t.col(k), v[k]);
+      } else {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
+        for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
+      }
     }
   }
   if (SCALE && t.live) {
@@ -107,6 +212,10 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
     }
   }
   if (ROT) fwht<G>(acc, t.sub, rscale);
+  if (G == 64 || (sizeof(T) == 4 && per == 1)) {   // see Stage
+    Stage<T, G>::store(out + t.row * n, n, t, acc);
+    return;
+  }
   if (!t.live) return;
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) Io<T>::store(out + t.row * n + t.col(k), acc[k]);
@@ -152,7 +261,10 @@ __global__ void __launch_bounds__(kThreads) error_kernel(
   const Tile<G> t = tile_of<G>(n, bpr);
   float v[kChunks][8];
   Packed<KIND, BITS, G> p;
-  if (t.live) {
+  if constexpr (G == 64) {
+    Stage<T, G>::load(x + t.row * n, n, t, v);
+    if (t.live) p.template load<true>(buf, t, Where<BITS, G>(t.row, t.g0, n, nbytes_row));
+  } else if (t.live) {
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) Io<T>::load(x + t.row * n + t.col(k), v[k]);
     p.template load<true>(buf, t, Where<BITS, G>(t.row, t.g0, n, nbytes_row));
@@ -174,14 +286,16 @@ __global__ void __launch_bounds__(kThreads) error_kernel(
     for (int i = 0; i < 8; ++i) v[k][i] = __fsub_rn(y[i], v[k][i]);
   }
   if (ROT) fwht<G>(v, t.sub, rscale);
-  if (!t.live) return;
+  constexpr bool stage = G == 64 || !ROT;   // see Stage
+  if (!stage && !t.live) return;
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
 #pragma unroll
     for (int i = 0; i < 8; ++i)
       v[k][i] = ((v[k][i] != v[k][i]) || fabsf(v[k][i]) > kFp32Max) ? 0.0f : v[k][i];
-    Io<float>::store(out + t.row * n + t.col(k), v[k]);
+    if constexpr (!stage) Io<float>::store(out + t.row * n + t.col(k), v[k]);
   }
+  if constexpr (stage) Stage<float, G>::store(out + t.row * n, n, t, v);
 }
 
 // Blocks per row of n values at `threads` per block (the grid: rows * that, at most

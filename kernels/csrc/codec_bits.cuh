@@ -39,29 +39,42 @@ struct Bf16Bits { uint16_t x; };   // a bf16 tensor's element, as its bits
 template <typename T> struct Io;
 
 template <> struct Io<float> {
+  static constexpr int kWords = 2;   // 16-byte words per 8 values
+  static __device__ __forceinline__ void unpack(const uint4 w[2], float v[8]) {
+    const uint32_t u[8] = {w[0].x, w[0].y, w[0].z, w[0].w, w[1].x, w[1].y, w[1].z, w[1].w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = bits_f(u[i]);
+  }
+  static __device__ __forceinline__ void pack(const float v[8], uint4 w[2]) {
+    w[0] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+    w[1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]),
+                      __float_as_uint(v[7]));
+  }
   static __device__ __forceinline__ void load(const float* p, float v[8]) {
-    float4 a = __ldcs(reinterpret_cast<const float4*>(p));
-    float4 b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    uint4 w[2] = {__ldcs(reinterpret_cast<const uint4*>(p)),
+                  __ldcs(reinterpret_cast<const uint4*>(p) + 1)};
+    unpack(w, v);
   }
   static __device__ __forceinline__ void store(float* p, const float v[8]) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    uint4 w[2];
+    pack(v, w);
+    reinterpret_cast<uint4*>(p)[0] = w[0];
+    reinterpret_cast<uint4*>(p)[1] = w[1];
   }
 };
 
 template <> struct Io<Bf16Bits> {   // bf16 as its bits
-  static __device__ __forceinline__ void load(const Bf16Bits* p, float v[8]) {
-    uint4 a = __ldcs(reinterpret_cast<const uint4*>(p));
-    uint32_t w[4] = {a.x, a.y, a.z, a.w};
+  static constexpr int kWords = 1;
+  static __device__ __forceinline__ void unpack(const uint4 w[1], float v[8]) {
+    const uint32_t u[4] = {w[0].x, w[0].y, w[0].z, w[0].w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      v[2 * i] = bits_f(w[i] << 16);
-      v[2 * i + 1] = bits_f(w[i] & 0xFFFF0000u);
+      v[2 * i] = bits_f(u[i] << 16);
+      v[2 * i + 1] = bits_f(u[i] & 0xFFFF0000u);
     }
   }
-  static __device__ __forceinline__ void store(Bf16Bits* p, const float v[8]) {
+  static __device__ __forceinline__ void pack(const float v[8], uint4 w[1]) {
     uint4 a;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     // One cvt.rn.bf16x2 per two values (round to nearest even, as bf16_bits) instead of
@@ -75,7 +88,7 @@ template <> struct Io<Bf16Bits> {   // bf16 as its bits
       asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(a.y) : "f"(v[3]), "f"(v[2]));
       asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(a.z) : "f"(v[5]), "f"(v[4]));
       asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(a.w) : "f"(v[7]), "f"(v[6]));
-      *reinterpret_cast<uint4*>(p) = a;
+      w[0] = a;
       return;
     }
 #endif
@@ -83,23 +96,39 @@ template <> struct Io<Bf16Bits> {   // bf16 as its bits
     a.y = bf16_bits(v[2]) | (bf16_bits(v[3]) << 16);
     a.z = bf16_bits(v[4]) | (bf16_bits(v[5]) << 16);
     a.w = bf16_bits(v[6]) | (bf16_bits(v[7]) << 16);
-    *reinterpret_cast<uint4*>(p) = a;
+    w[0] = a;
+  }
+  static __device__ __forceinline__ void load(const Bf16Bits* p, float v[8]) {
+    uint4 w[1] = {__ldcs(reinterpret_cast<const uint4*>(p))};
+    unpack(w, v);
+  }
+  static __device__ __forceinline__ void store(Bf16Bits* p, const float v[8]) {
+    uint4 w[1];
+    pack(v, w);
+    *reinterpret_cast<uint4*>(p) = w[0];
   }
 };
 
 template <> struct Io<__half> {
-  static __device__ __forceinline__ void load(const __half* p, float v[8]) {
-    uint4 a = __ldcs(reinterpret_cast<const uint4*>(p));
-    const __half* h = reinterpret_cast<const __half*>(&a);
+  static constexpr int kWords = 1;
+  static __device__ __forceinline__ void unpack(const uint4 w[1], float v[8]) {
+    const __half* h = reinterpret_cast<const __half*>(&w[0]);
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = __half2float(h[i]);
   }
-  static __device__ __forceinline__ void store(__half* p, const float v[8]) {
-    uint4 a;
-    __half* h = reinterpret_cast<__half*>(&a);
+  static __device__ __forceinline__ void pack(const float v[8], uint4 w[1]) {
+    __half* h = reinterpret_cast<__half*>(&w[0]);
 #pragma unroll
     for (int i = 0; i < 8; ++i) h[i] = __float2half_rn(v[i]);
-    *reinterpret_cast<uint4*>(p) = a;
+  }
+  static __device__ __forceinline__ void load(const __half* p, float v[8]) {
+    uint4 w[1] = {__ldcs(reinterpret_cast<const uint4*>(p))};
+    unpack(w, v);
+  }
+  static __device__ __forceinline__ void store(__half* p, const float v[8]) {
+    uint4 w[1];
+    pack(v, w);
+    *reinterpret_cast<uint4*>(p) = w[0];
   }
 };
 

@@ -21,6 +21,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// a block's shared memory: one object for the block's fibers (blocks run one at a time)
+#define __shared__ static
 
 struct dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -37,6 +39,7 @@ struct uint4 { unsigned x, y, z, w; };
 struct uint2 { unsigned x, y; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcs(const T* p) { return *p; }
@@ -158,6 +161,9 @@ inline unsigned __ballot_sync(unsigned, bool b) {
 
 // Every thread of the block calls it (the kernels never return before their last one).
 inline void __syncthreads() { emu::block->wait(); }
+
+// Every lane of the warp calls it: it orders their shared-memory stores and loads.
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) { emu::warp->barrier.wait(); }
 
 // kernel<<<grid, block>>>(args), one block at a time, its threads as fibers on this host
 // thread, run in turn from one barrier to the next. A block whose fibers all wait (a

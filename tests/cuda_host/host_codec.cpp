@@ -6,16 +6,21 @@
 #include "one_shot_q.cu"
 
 // The emulator's own check (tests/test_codec_cuda_source.py): out[i] is lane t ^ 1's
-// value after a shuffle, out[N + i] thread (t + 1)'s out after __syncthreads (N = grid *
-// block). With `stray`, thread 0 returns before the shuffle: its warp can never meet, which
-// the launch must report as an error instead of hanging.
+// value after a shuffle, out[N + i] thread (t + 1)'s out after __syncthreads, out[2N + i]
+// lane (t + 1) % 32's shared-memory word after __syncwarp (N = grid * block). With
+// `stray`, thread 0 returns before the shuffle: its warp can never meet, which the launch
+// must report as an error instead of hanging.
 namespace {
 __global__ void emulator_probe(float* out, int stray) {
-  const int t = threadIdx.x, base = blockIdx.x * blockDim.x;
+  const int t = threadIdx.x, base = blockIdx.x * blockDim.x, n = gridDim.x * blockDim.x;
   if (stray && t == 0) return;
   out[base + t] = __shfl_xor_sync(0xffffffffu, (float)(blockIdx.x * 1000 + t), 1);
   __syncthreads();
-  out[gridDim.x * blockDim.x + base + t] = out[base + (t + 1) % blockDim.x];
+  out[n + base + t] = out[base + (t + 1) % blockDim.x];
+  __shared__ float words[1024];
+  words[t] = out[base + t];
+  __syncwarp();
+  out[2 * n + base + t] = words[(t & ~31) + ((t + 1) & 31)];
 }
 }  // namespace
 

@@ -96,6 +96,27 @@ codec_cuda.build(); print(f'CUDA codec kernels built in {time.time() - t:.0f} s'
              --impl triton --json "$OUT/codec_kernels_triton.json" > "$OUT/codec_bench_triton.log" 2>&1; }
       grep -v "it/s" "$OUT/codec_bench.log" | grep -A 40 "^64 MB" | head -40
       ;;
+    codecab)
+      # kernel variants side by side on one machine: AB_DEFINES="D1;D2;..." (each item a
+      # MEGATRON_LITE_CUDA_DEFINES value; an empty item is the sources as they are), built in
+      # parallel, then each benchmarked in turn (AB_ARGS) and the first once more at the
+      # end, so that drift shows
+      IFS=';' read -ra VARS <<< "${AB_DEFINES:-}"
+      for v in "${VARS[@]}"; do
+        MEGATRON_LITE_CUDA_DEFINES="$v" timeout ${T_BUILD:-420} python3 -c "
+from megatron_lite.kernels import codec_cuda; codec_cuda.build()" > "$OUT/ab_build_${v//[^A-Za-z0-9]/_}.log" 2>&1 &
+      done
+      wait
+      log "variants built"
+      i=0
+      for v in "${VARS[@]}" "${VARS[0]}"; do
+        MEGATRON_LITE_CUDA_DEFINES="$v" timeout ${T_AB:-150} python3 tools/bench_codec_kernels.py \
+          --impl cuda ${AB_ARGS:---min-size 16MB --max-size 256MB} \
+          --json "$OUT/ab_${i}_${v//[^A-Za-z0-9]/_}.json" > "$OUT/ab_$i.log" 2>&1 \
+          || { log "variant '$v' failed"; tail -5 "$OUT/ab_$i.log"; }
+        i=$((i + 1))
+      done
+      ;;
     host)
       # host microseconds of an eager quantized all-reduce: plan lookup and whole call, at
       # a decode-sized and a prefill-sized message (one GPU: the launch path of W > 1)
