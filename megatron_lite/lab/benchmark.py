@@ -165,11 +165,13 @@ def kernel_kind(name: str) -> str:
     return next((k for k, rx in _KERNEL_KINDS if re.search(rx, name, re.I)), "other")
 
 
-def profile_kernels(run, steps: int = 5) -> dict:
+def profile_kernels(run, steps: int = 5, top: int = 12) -> dict:
     """Kernels of ``steps`` calls of ``run()`` under the CUDA profiler (graph replays
     included): per-call kernel count, busy time by kind (``kernel_kind``), the span from
-    first kernel start to last kernel end, and the gaps between kernels (span - busy). A
-    profiler failure is returned as ``error``, never raised: it must not lose the timing."""
+    first kernel start to last kernel end, the gaps between kernels (span - busy), and the
+    ``top`` kernel names by busy time (name cut to 120 characters, kind, calls and ms per
+    call of ``run``). A profiler failure is returned as ``error``, never raised: it must not
+    lose the timing."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     try:
@@ -184,10 +186,14 @@ def profile_kernels(run, steps: int = 5) -> dict:
     if not evs:
         return dict(error="the profiler saw no CUDA kernels")
     by_kind: dict = {}
+    by_name: dict = {}
     for e in evs:
         kind = kernel_kind(e.name)
         n, us = by_kind.get(kind, (0, 0.0))
         by_kind[kind] = (n + 1, us + e.time_range.elapsed_us())
+        n, us = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, us + e.time_range.elapsed_us())
+    names = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     span = max(e.time_range.end for e in evs) - min(e.time_range.start for e in evs)
     busy = sum(us for _, us in by_kind.values())
     return dict(kernels_per_step=len(evs) / steps,
@@ -195,7 +201,9 @@ def profile_kernels(run, steps: int = 5) -> dict:
                 span_ms_per_step=span / steps / 1e3,
                 gap_ms_per_step=max(0.0, span - busy) / steps / 1e3,
                 by_kind={k: dict(kernels=n / steps, ms=us / steps / 1e3)
-                         for k, (n, us) in sorted(by_kind.items())})
+                         for k, (n, us) in sorted(by_kind.items())},
+                top=[dict(name=name[:120], kind=kernel_kind(name), calls=n / steps,
+                          ms=us / steps / 1e3) for name, (n, us) in names])
 
 
 def profile_prefill(engine, tokens, steps: int = 2) -> dict:
