@@ -15,7 +15,7 @@ and a bf16 copy. tests/test_codec_cuda_source.py runs this same source on the CP
 for bit against the reference.
 
 The source compiles on first use, on the GPU machine only (``torch.utils.cpp_extension.
-load``, four translation units built in parallel, cached under a name that holds the
+load``, five translation units built in parallel, cached under a name that holds the
 sources' hash, behind an ``flock`` that a killed build cannot leave held: ``build_lock``);
 CPU machines never build it. ``MEGATRON_LITE_CUDA_DEFINES`` (``NAME`` or ``NAME=VALUE``,
 separated by spaces or commas) adds preprocessor definitions to that build, in a build
@@ -43,7 +43,7 @@ from .workspace import MAX_BLOCKS
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRC = os.path.join(_CSRC, "codec.cu")   # includes the headers of csrc/
-_SOURCES = (_SRC, os.path.join(_CSRC, "two_shot.cu"), os.path.join(_CSRC, "one_shot_q.cu"))
+_SOURCES = (_SRC, *(os.path.join(_CSRC, f) for f in ("two_shot.cu", "one_shot_q.cu", "gemv.cu")))
 _ENTRY = "entry.h"   # csrc/entry.h: the entry points' declarations
 
 
@@ -58,7 +58,7 @@ def build() -> None:
 
 _FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error",
               "ml_one_shot_prepare", "ml_two_shot_prepare", "ml_one_shot_q_prepare", "ml_launch",
-              "ml_release")
+              "ml_release", "ml_gemv")
 
 
 DEFINES_ENV = "MEGATRON_LITE_CUDA_DEFINES"
@@ -137,7 +137,7 @@ def _write_if_changed(path: str, text: str) -> None:
 @functools.lru_cache(maxsize=None)
 def _ext():
     """The compiled extension (built once per source version and machine). codec.cu,
-    two_shot.cu, one_shot_q.cu and the bindings are separate translation units, which
+    two_shot.cu, one_shot_q.cu, gemv.cu and the bindings are separate translation units, which
     ninja compiles in parallel (each .cu takes about a minute of one core)."""
     from torch.utils.cpp_extension import load
     defines = build_defines()

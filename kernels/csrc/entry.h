@@ -1,8 +1,8 @@
 // The extension's entry points, as kernels/codec_cuda.py binds them (its generated
-// bindings include this file) and as codec.cu, two_shot.cu and one_shot_q.cu define them:
-// pointers and streams as integers; a quantize / dequantize / error / launch / release
-// returns a cudaError_t code (0 on success), a prepare the launch's handle (>= 0,
-// peers.cuh) or minus a cudaError_t code.
+// bindings include this file) and as codec.cu, two_shot.cu, one_shot_q.cu and gemv.cu
+// define them: pointers and streams as integers; a quantize / dequantize / error / gemv /
+// launch / release returns a cudaError_t code (0 on success), a prepare the launch's
+// handle (>= 0, peers.cuh) or minus a cudaError_t code.
 #pragma once
 #include <stdint.h>
 
@@ -38,5 +38,7 @@ int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
                               int64_t world, int64_t maxb, int64_t kind, int64_t bits,
                               int64_t g, bool rot, int64_t h, double c2, double rscale,
                               bool with_error, int64_t spin, int64_t grid);
+// y [n] = x [k] W^T, W [n, k], bf16 (gemv.cu)
+int ml_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t stream);
 int ml_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream);
 int ml_release(int64_t handle);

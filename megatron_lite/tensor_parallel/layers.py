@@ -6,7 +6,9 @@ bias is held whole by every rank and added once, after the TP sum.
 
 Every layer takes its ``TPGroup`` explicitly and owns only this rank's slice of the weight;
 the slicing itself lives in ``megatron_lite.checkpoint.layout``. Parameters are created
-uninitialised (``torch.empty``): they are always loaded from a checkpoint.
+uninitialised (``torch.empty``): they are always loaded from a checkpoint. The products are
+``F.linear``'s, except for one bf16 row on a GPU (a batch-1 decode step), which
+kernels/gemv.py computes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch import nn
 
 from megatron_lite.parallel_state import TPGroup
 from megatron_lite.comm.norm import add_rmsnorm
+from megatron_lite.kernels.gemv import linear
 from megatron_lite.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region,
     reduce_add_rmsnorm_from_tensor_model_parallel_region,
@@ -60,7 +63,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -104,7 +107,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.group)
-        partial = F.linear(x, self.weight)
+        partial = linear(x, self.weight)
         y = reduce_from_tensor_model_parallel_region(partial, self.group, self.site)
         # Every rank adds the same b to bitwise-identical sums: ranks stay identical.
         return y if self.bias is None else y + self.bias
@@ -118,7 +121,7 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.group)
         return reduce_add_rmsnorm_from_tensor_model_parallel_region(
-            F.linear(x, self.weight), residual, norm_weight, eps, self.group, self.site,
+            linear(x, self.weight), residual, norm_weight, eps, self.group, self.site,
             bias=self.bias, **norm)
 
     def extra_repr(self) -> str:
@@ -187,7 +190,7 @@ class ParallelLMHead(nn.Module):
                                                device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        logits = F.linear(copy_to_tensor_model_parallel_region(h, self.group), self.weight)
+        logits = linear(copy_to_tensor_model_parallel_region(h, self.group), self.weight)
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         if self.n_pad_local:

@@ -1,9 +1,10 @@
-// kernels/csrc/codec.cu, two_shot.cu and one_shot_q.cu built for the host (see
+// kernels/csrc/codec.cu, two_shot.cu, one_shot_q.cu and gemv.cu built for the host (see
 // cuda_runtime.h here) as one translation unit (kernels/codec_cuda.py builds them apart for
 // the GPU); their entry points exported with C linkage for ctypes.
 #include "codec.cu"
 #include "two_shot.cu"
 #include "one_shot_q.cu"
+#include "gemv.cu"
 
 // The emulator's own check (tests/test_codec_cuda_source.py): out[i] is lane t ^ 1's
 // value after a shuffle, out[N + i] thread (t + 1)'s out after __syncthreads, out[2N + i]
@@ -88,4 +89,7 @@ int host_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t str
   return ml_launch(handle, x, out, err, stream);
 }
 int host_release(int64_t handle) { return ml_release(handle); }
+int host_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t stream) {
+  return ml_gemv(x, w, y, n, k, stream);
+}
 }

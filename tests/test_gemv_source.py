@@ -1,0 +1,94 @@
+"""kernels/csrc/gemv.cu built for the CPU (tests/cuda_host/, as tests/test_codec_cuda_source.py
+builds the codec kernels) and called through kernels/gemv.py: bit for bit against the
+kernel's sum order (tests/gemv_reference.py) on odd sizes, NaN and infinities; a view at
+an odd offset takes F.linear; and the layers call it only for one bf16 row on a GPU."""
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.gemv_reference import gemv_reference
+from tests.test_codec_cuda_source import _build
+
+
+@pytest.fixture(scope="module")
+def host_gemv(tmp_path_factory):
+    so = ctypes.CDLL(_build(tmp_path_factory.mktemp("cuda_host")))
+    so.host_gemv.argtypes, so.host_gemv.restype = [ctypes.c_int64] * 6, ctypes.c_int
+    return so.host_gemv
+
+
+@pytest.fixture
+def gemv(host_gemv, monkeypatch):
+    """kernels/gemv.py with the host build in place of the GPU one."""
+    from megatron_lite.kernels import codec_cuda, gemv
+    ext = type("HostGemv", (), {"ml_gemv": staticmethod(host_gemv)})
+    monkeypatch.setattr(codec_cuda, "_ext", lambda: ext)
+    monkeypatch.setattr(codec_cuda, "_stream", lambda t: 0)
+    return gemv
+
+
+@pytest.mark.parametrize("n,k", [(1, 8), (13, 264), (9, 1024), (17, 4104)])
+def test_gemv_source_bitwise(gemv, n, k):
+    g = torch.Generator().manual_seed(n * k)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    y = gemv._gemv(x, w)
+    assert y.shape == (1, n) and y.dtype == torch.bfloat16
+    ref = gemv_reference(x, w)
+    assert torch.equal(y[0].view(torch.int16), ref.view(torch.int16))
+    # the same sum as cuBLAS's up to bf16 rounding of a differently ordered fp32 sum
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
+
+
+def test_gemv_source_sum_order(gemv):
+    """Rows whose fp32 sum depends on the order (2^25 + 1 rounds to 2^25): the butterfly's
+    (xor 16 first), a lane's words' (L before L + 32) and a word's values' (in order). A
+    kernel that sums in another order gives 0 where these give 1, or the reverse."""
+    big = 2.0 ** 25
+    w = torch.zeros(3, 512)
+    w[0, 0], w[0, 16 * 8], w[0, 1 * 8] = big, -big, 1.0          # lanes 0, 16 and 1
+    w[1, 0:4] = torch.tensor([big, 1.0, -big, 1.0])               # one word
+    w[2, 0], w[2, 32 * 8], w[2, 32 * 8 + 1] = big, -big, 1.0      # words 0 and 32 of lane 0
+    w = w.to(torch.bfloat16)
+    x = torch.ones(512, dtype=torch.bfloat16)
+    y = gemv._gemv(x, w)
+    assert torch.equal(y.view(torch.int16), gemv_reference(x, w).view(torch.int16))
+    assert y.float().tolist() == [1.0, 1.0, 1.0]
+
+
+def test_gemv_source_nan_and_infinities(gemv):
+    w = torch.randn(16, 256).to(torch.bfloat16)
+    x = torch.randn(256).to(torch.bfloat16)
+    w[3, 7] = float("nan")
+    w[5, 0] = float("inf")
+    w[6, 1], w[6, 2] = float("inf"), float("-inf")   # +inf - inf: NaN
+    y = gemv._gemv(x, w)
+    ref = gemv_reference(x, w)
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+    assert y[3].isnan() and y[6].isnan() and y[5].isinf()
+    assert y[3].view(torch.int16) == 0x7FC0   # c10's NaN, as every kernel here writes
+
+
+def test_gemv_odd_offset_takes_f_linear(gemv):
+    w = torch.randn(8, 64).to(torch.bfloat16)
+    x = torch.randn(65).to(torch.bfloat16)[1:]   # 2 bytes past a 16-byte boundary
+    assert x.data_ptr() % 16
+    assert torch.equal(gemv._gemv(x, w), F.linear(x, w))
+
+
+def test_gemv_takes_one_bf16_row_on_a_gpu_only():
+    from megatron_lite.kernels.gemv import linear, takes
+    w = torch.randn(8, 64).to(torch.bfloat16)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    assert not takes(x, w)                                     # a CPU tensor
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    meta_w = torch.empty(8, 64, dtype=torch.bfloat16, device="meta")
+    cuda_like = torch.empty(1, 1, 64, dtype=torch.bfloat16, device="meta")
+    assert not takes(cuda_like, meta_w)                        # not CUDA either
+    if torch.cuda.is_available():
+        cw = w.cuda()
+        assert takes(x.cuda(), cw) and takes(x.view(1, 1, 64).cuda(), cw)
+        assert not takes(torch.randn(2, 64, device="cuda").to(torch.bfloat16), cw)
+        assert not takes(x.cuda().float(), cw.float())
