@@ -148,6 +148,9 @@ def time_prefill(engine, tokens, repeats: int, clock: Clock) -> float:
 
 
 _KERNEL_KINDS = (   # (kind, regex on the kernel name), first match wins
+    # inductor's fused Triton kernels, whatever ops their names list (one that fuses around
+    # the gemv custom op or SDPA is still elementwise work)
+    ("elementwise", r"^triton_(poi|red|per)_"),
     # the codec kernels (CUDA quantize_kernel / dequantize_kernel / error_kernel, Triton
     # _quantize_kernel ...) run only inside the quantized all-reduce
     ("allreduce", r"nccl|one_shot|two_shot|allreduce|all_reduce|quantize_kernel|error_kernel"),
