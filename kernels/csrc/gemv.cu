@@ -30,11 +30,23 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(
   if (row >= n) return;   // the whole warp: rows are warp-uniform
   const uint4* wr = w + row * words;
   float acc = 0.0f;
-  for (int64_t s = lane; s < words; s += 32 * kInFlight) {
-    uint4 a[kInFlight];
+  uint4 a[kInFlight];
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      if (s + 32 * u < words) a[u] = __ldcs(wr + s + 32 * u);
+  for (int u = 0; u < kInFlight; ++u) {
+    if (lane + 32 * u < words) a[u] = __ldcs(wr + lane + 32 * u);
+  }
+#if defined(ML_GEMV_PDL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // launched before the kernel that writes x has finished (launch_after): the weight is
+  // never written by a kernel, so its first words load before this wait; x is read and y
+  // written (its memory may still be in use by that kernel) only after it
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  for (int64_t s = lane; s < words; s += 32 * kInFlight) {
+    if (s != lane) {
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        if (s + 32 * u < words) a[u] = __ldcs(wr + s + 32 * u);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
@@ -54,6 +66,33 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(
   if (lane == 0) y[row] = (uint16_t)bf16_bits(acc);
 }
 
+#if defined(ML_GEMV_PDL) && !defined(ML_CODEC_HOST_LAUNCH)
+// kernel<<<grid, block, 0, stream>>>(args) as a programmatic dependent launch: it may
+// start while the stream's previous kernel finishes (griddepcontrol.wait in the kernel
+// orders what depends on it)
+template <typename... P, typename... A>
+cudaError_t launch_after(void (*kernel)(P...), int64_t grid, int block, cudaStream_t stream,
+                         A... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)grid);
+  cfg.blockDim = dim3((unsigned)block);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<P>(args)...);
+}
+#else
+template <typename... P, typename... A>
+cudaError_t launch_after(void (*kernel)(P...), int64_t grid, int block, cudaStream_t stream,
+                         A... args) {
+  return launch(kernel, grid, block, stream, args...);
+}
+#endif
+
 }  // namespace
 
 int ml_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t stream) {
@@ -61,7 +100,7 @@ int ml_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t strea
   const int rows = kGemvThreads / 32;
   const int64_t grid = (n + rows - 1) / rows;
   if (grid > 0x7FFFFFFFll) return (int)cudaErrorInvalidConfiguration;
-  return (int)launch(gemv_kernel, grid, kGemvThreads, reinterpret_cast<cudaStream_t>(stream),
+  return (int)launch_after(gemv_kernel, grid, kGemvThreads, reinterpret_cast<cudaStream_t>(stream),
                      reinterpret_cast<const uint4*>(x), reinterpret_cast<const uint4*>(w),
                      reinterpret_cast<uint16_t*>(y), n, k / 8);
 }
