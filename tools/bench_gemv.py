@@ -129,7 +129,7 @@ def run(args) -> dict:
                          cublas_us=round(cub, 3), gemv_us=round(gem, 3),
                          cublas_TBps=round(nbytes / cub / 1e6, 3),
                          gemv_TBps=round(nbytes / gem / 1e6, 3), speedup=round(cub / gem, 3)))
-        del ws
+        ws.clear()   # free the copies before the next layer
     step = {f"{impl}_ms": round(sum(r[f"{impl}_us"] * r["count"] for r in rows) / 1e3, 4)
             for impl in ("cublas", "gemv")}
     return dict(device=torch.cuda.get_device_name(dev), date=time.strftime("%Y-%m-%d"),
