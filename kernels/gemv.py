@@ -1,8 +1,8 @@
 """``linear(x, weight, bias)``: ``F.linear``, except for one row of bf16 activations on a
 CUDA GPU, where csrc/gemv.cu's kernel streams the weight (a batch-1 decode step's linear
-layers and LM head). Measured on an H100 against cuBLAS on the llama3-8b shapes, CUDA
-graphs of 20 calls: gate_up 80.9 -> 77.0 us, down 43.5 -> 42.1, LM head 353.9 -> 330.2
-(docs/notebook/2026-12-06.md, fourth part); at 2 and 4 rows cuBLAS was as fast or
+layers and LM head). Measured on an H100 on the llama3-8b shapes (tools/bench_gemv.py):
+a step's linear layers 6.020 ms with cuBLAS, 5.543 ms here; a compiled, graphed decode
+step 6.259 -> 5.937 ms (docs/results/generate.md). At 2 and 4 rows cuBLAS was as fast or
 faster, so more rows keep ``F.linear``.
 
 The kernel sums each output in a fixed order (fp32, csrc/gemv.cu), so every rank and every

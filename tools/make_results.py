@@ -245,6 +245,29 @@ def generate_page(entries) -> str:
     return "".join(parts)
 
 
+def gemv_section(entries) -> str:
+    """generate.md's section on the batch-1 linear layers (tools/bench_gemv.py)."""
+    parts = ["\n# Batch-1 linear layers: the GEMV kernel against cuBLAS\n\n"
+             "`tools/bench_gemv.py`: this rank's linear layers of a decode step at batch 1, "
+             "each product after the small kernel that writes its input (as in the model), "
+             "over weight copies that leave L2; µs per producer + product pair (the "
+             "producer's time included, so TB/s is a lower bound). The GEMV output was "
+             "checked against an fp32 product before timing.\n"]
+    for e in entries:
+        d = load("gemv", e["file"])
+        rows = [[r["layer"], str(r["n"]), str(r["k"]), f"{r['cublas_us']:.2f}",
+                 f"{r['cublas_TBps']:.2f}", f"{r['gemv_us']:.2f}", f"{r['gemv_TBps']:.2f}",
+                 f"{r['speedup']:.3f}x"] for r in d["rows"]]
+        s = d["step"]
+        parts.append(f"\n## {e['title']}\n\n{d['shape']} at TP {d['tp']} on {d['device']}, "
+                     f"{d['date']}; producer alone {d['producer_us']:.2f} µs. A step's linear "
+                     f"layers: cuBLAS {s['cublas_ms']:.3f} ms, GEMV {s['gemv_ms']:.3f} ms. "
+                     f"Source: `data/gemv/{e['file']}`.\n\n")
+        parts.append(md_table(["layer", "n", "k", "cuBLAS µs", "TB/s", "GEMV µs", "TB/s",
+                               "speedup"], rows))
+    return "".join(parts)
+
+
 _KINDS = ("gemm", "attention", "allreduce", "elementwise", "copy", "other")   # lab.benchmark's kinds
 
 
@@ -304,7 +327,7 @@ def build() -> dict:
     src = json.loads((RESULTS / "sources.json").read_text())
     pages = {"accuracy.md": accuracy_page(src["accuracy"]),
              "allreduce.md": allreduce_page(src["allreduce"], src.get("host_overhead")),
-             "generate.md": generate_page(src["generate"])}
+             "generate.md": generate_page(src["generate"]) + gemv_section(src.get("gemv", []))}
     if src.get("codec_kernels"):
         pages["codec_kernels.md"] = codec_kernels_page(src["codec_kernels"])
     text, doc = recommended_page(src["recommend"], RESULTS, HEADER)
