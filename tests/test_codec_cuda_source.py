@@ -53,12 +53,24 @@ def _build(out_dir) -> str:
     tag = hashlib.sha256(b"".join(open(f, "rb").read() for f in files)
                          + " ".join(defines).encode()).hexdigest()[:12]
     lib = os.path.join(str(out_dir), f"host_codec_{tag}.so")
+    if os.path.exists(lib):   # built by another module of this session
+        return lib
+    tmp = f"{lib}.{os.getpid()}.tmp"
     # -ffp-contract=off: no FMA contraction, as the GPU build's --fmad=false
     subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC",
                     "-shared", "-pthread", *defines, "-I", HOST, "-I", CSRC,
-                    os.path.join(HOST, "host_codec.cpp"), "-o", lib],
+                    os.path.join(HOST, "host_codec.cpp"), "-o", tmp],
                    check=True, capture_output=True, text=True)
+    os.replace(tmp, lib)
     return lib
+
+
+def shared_build_dir(tmp_path_factory):
+    """One directory per test session for the host build, so that the modules that load
+    it (this one, tests/test_gemv_source.py) compile it once."""
+    d = tmp_path_factory.getbasetemp() / "cuda_host"
+    d.mkdir(exist_ok=True)
+    return d
 
 
 class _Prepare:
@@ -102,7 +114,7 @@ def _use_host_build(codec_cuda, ext, monkeypatch=None):
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("cuda_host"))
+    return _build(shared_build_dir(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")

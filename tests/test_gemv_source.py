@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.gemv_reference import gemv_reference
-from tests.test_codec_cuda_source import _build
+from tests.test_codec_cuda_source import _build, shared_build_dir
 
 
 @pytest.fixture(scope="module")
 def host_gemv(tmp_path_factory):
-    so = ctypes.CDLL(_build(tmp_path_factory.mktemp("cuda_host")))
+    so = ctypes.CDLL(_build(shared_build_dir(tmp_path_factory)))
     so.host_gemv.argtypes, so.host_gemv.restype = [ctypes.c_int64] * 6, ctypes.c_int
     return so.host_gemv
 
