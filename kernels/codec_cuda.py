@@ -15,7 +15,7 @@ and a bf16 copy. tests/test_codec_cuda_source.py runs this same source on the CP
 for bit against the reference.
 
 The source compiles on first use, on the GPU machine only (``torch.utils.cpp_extension.
-load``, five translation units built in parallel, cached under a name that holds the
+load``, four translation units built in parallel, cached under a name that holds the
 sources' hash, behind an ``flock`` that a killed build cannot leave held: ``build_lock``);
 CPU machines never build it. ``MEGATRON_LITE_CUDA_DEFINES`` (``NAME`` or ``NAME=VALUE``,
 separated by spaces or commas) adds preprocessor definitions to that build, in a build
@@ -43,7 +43,7 @@ from .workspace import MAX_BLOCKS
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRC = os.path.join(_CSRC, "codec.cu")   # includes the headers of csrc/
-_SOURCES = (_SRC, *(os.path.join(_CSRC, f) for f in ("two_shot.cu", "one_shot_q.cu", "gemv.cu")))
+_SOURCES = (_SRC, os.path.join(_CSRC, "two_shot.cu"), os.path.join(_CSRC, "one_shot_q.cu"))
 _ENTRY = "entry.h"   # csrc/entry.h: the entry points' declarations
 
 
@@ -58,7 +58,7 @@ def build() -> None:
 
 _FUNCTIONS = ("ml_codec_quantize", "ml_codec_dequantize", "ml_codec_error",
               "ml_one_shot_prepare", "ml_two_shot_prepare", "ml_one_shot_q_prepare", "ml_launch",
-              "ml_release", "ml_gemv")
+              "ml_release")
 
 
 DEFINES_ENV = "MEGATRON_LITE_CUDA_DEFINES"
@@ -92,13 +92,13 @@ def source_tag(defines: tuple = ()) -> str:
     return digest.hexdigest()[:12]
 
 
-def _build_directory(tag: str) -> str:
-    """Where the extension of source version ``tag`` is built: under torch's extensions
-    root (``TORCH_EXTENSIONS_DIR`` if set), one directory per source, torch, CUDA and
-    Python version."""
+def _build_directory(tag: str, what: str = "codec") -> str:
+    """Where extension ``what`` of source version ``tag`` is built: under torch's extensions
+    root (``TORCH_EXTENSIONS_DIR`` if set), one directory per extension, source, torch,
+    CUDA and Python version."""
     from torch.utils.cpp_extension import get_default_build_root
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return os.path.join(root, f"megatron_lite_codec_{tag}")
+    return os.path.join(root, f"megatron_lite_{what}_{tag}")
 
 
 @contextlib.contextmanager
@@ -134,31 +134,44 @@ def _write_if_changed(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-@functools.lru_cache(maxsize=None)
-def _ext():
-    """The compiled extension (built once per source version and machine). codec.cu,
-    two_shot.cu, one_shot_q.cu, gemv.cu and the bindings are separate translation units, which
-    ninja compiles in parallel (each .cu takes about a minute of one core)."""
+def _load(what: str, sources, functions):
+    """Build (once per source version and machine) and load extension ``what`` of
+    ``sources``, binding ``functions`` (declared in csrc/entry.h)."""
     from torch.utils.cpp_extension import load
     defines = build_defines()
     flags = [f"-D{d}" for d in defines]
     tag = source_tag(defines)
-    directory = _build_directory(tag)
+    directory = _build_directory(tag, what)
     bindings = os.path.join(directory, "bindings.cpp")
-    print("building the CUDA codec kernels (kernels/csrc/, once per machine"
+    print(f"building the CUDA {what} kernels (kernels/csrc/, once per machine"
           + (f"; with {' '.join(flags)}" if flags else "") + ")", file=sys.stderr, flush=True)
     with build_lock(directory):
         _write_if_changed(bindings, f'#include <torch/extension.h>\n#include "{_ENTRY}"\n'
                           + "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
-                          + "".join(f'  m.def("{f}", &{f}, "{f}");\n' for f in _FUNCTIONS)
+                          + "".join(f'  m.def("{f}", &{f}, "{f}");\n' for f in functions)
                           + "}\n")
         # No FMA contraction anywhere: the reference rounds every product and sum
         # separately (the source uses explicit _rn intrinsics as well; this keeps any
         # plain expression added later honest).
-        return load(name=f"megatron_lite_codec_{tag}", sources=[bindings, *_SOURCES],
+        return load(name=f"megatron_lite_{what}_{tag}", sources=[bindings, *sources],
                     # torch picks the C++ std
                     extra_cuda_cflags=["-O3", "--fmad=false"] + flags,
                     extra_include_paths=[_CSRC], build_directory=directory, verbose=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _ext():
+    """The codec extension (built once per source version and machine). codec.cu,
+    two_shot.cu, one_shot_q.cu and the bindings are separate translation units, which
+    ninja compiles in parallel (each .cu takes about a minute of one core)."""
+    return _load("codec", _SOURCES, _FUNCTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_ext():
+    """csrc/gemv.cu alone (kernels/gemv.py), so that a decode step without a quantized
+    all-reduce does not wait for the codec kernels' build."""
+    return _load("gemv", (os.path.join(_CSRC, "gemv.cu"),), ("ml_gemv",))
 
 
 _QMAX = {KIND_ASYM: lambda bits: (1 << bits) - 1, KIND_SYM: lambda bits: (1 << (bits - 1)) - 1}

@@ -20,7 +20,9 @@ SPECS = ["int8:128", "int4:128", "int8:64", "int4:64", "int4-sym:128", "int5:128
          "int6-sym:128", "int6-sym:64"]
 CASES = ([(s, rot, torch.bfloat16) for s in SPECS for rot in (False, True)]
          + [("int4:128", True, torch.float16), ("int4:128", True, torch.float32),
-            ("int8:128", False, torch.float32), ("int8:128", True, torch.float16)])
+            ("int8:128", False, torch.float32), ("int8:128", True, torch.float16),
+            # G = 64 stages its loads through shared memory at every input width
+            ("int4:64", True, torch.float32), ("int8:64", False, torch.float16)])
 SUM_CASES = [("int4:128", True), ("int8:128", False), ("int8:64", True), ("int4-sym:128", False),
              ("int5:128", True), ("int6-sym:64", True)]
 

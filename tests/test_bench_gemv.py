@@ -30,7 +30,9 @@ def test_bench_gemv_layers_are_the_ranks_slices():
     # TP 4: q heads split, the 8 KV heads split to 2 per rank, vocab split
     assert layers("llama3-8b", 4)[0] == ("qkv", (8 + 2 * 2) * 128, 4096, 32)
     assert layers("llama3-70b", 8)[0] == ("qkv", (8 + 2 * 1) * 128, 8192, 80)
-    assert layers("llama3-8b", 4)[-1] == ("lm_head", 32064, 4096, 1)
+    # the vocab padded to a multiple of 128 * tp, as the model's LM head holds it
+    assert layers("llama3-8b", 4)[-1] == ("lm_head", 32128, 4096, 1)
+    assert layers("llama2-13b", 4)[-1] == ("lm_head", 8064, 5120, 1)
     with pytest.raises(ValueError, match="does not divide"):
         layers("llama3-8b", 3)
 

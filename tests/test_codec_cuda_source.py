@@ -161,10 +161,12 @@ def test_codec_source_bitwise(cc, spec, rot, dtype):
     check_bitwise(cc, spec, rot, dtype, "cpu", sizes=((5, g * 3), (3, g * 37), (2, 8192 + 5 * g)))
 
 
-def test_codec_source_bitwise_full_blocks(cc):
+@pytest.mark.parametrize("spec", ["int4:128", "int4:64"])
+def test_codec_source_bitwise_full_blocks(cc, spec):
     """A message big enough that every block keeps its 256 threads (codec.cu's
-    threads_for: the smaller messages above run in blocks of 32 to 128)."""
-    check_bitwise(cc, "int4:128", True, torch.bfloat16, "cpu", sizes=((264, 7808),))
+    threads_for: the smaller messages above run in blocks of 32 to 128), so that every
+    warp of a block stages its tile (G = 64) through its own shared-memory words."""
+    check_bitwise(cc, spec, True, torch.bfloat16, "cpu", sizes=((264, 7808),))
 
 
 @pytest.mark.parametrize("spec,rot", SUM_CASES)

@@ -24,7 +24,7 @@ def gemv(host_gemv, monkeypatch):
     """kernels/gemv.py with the host build in place of the GPU one."""
     from megatron_lite.kernels import codec_cuda, gemv
     ext = type("HostGemv", (), {"ml_gemv": staticmethod(host_gemv)})
-    monkeypatch.setattr(codec_cuda, "_ext", lambda: ext)
+    monkeypatch.setattr(codec_cuda, "gemv_ext", lambda: ext)
     monkeypatch.setattr(codec_cuda, "_stream", lambda t: 0)
     return gemv
 
@@ -81,16 +81,43 @@ def test_gemv_odd_offset_takes_f_linear(gemv):
 
 
 def test_gemv_takes_one_bf16_row_on_a_gpu_only():
+    """``takes`` on fake CUDA tensors (no GPU needed to ask it): one bf16 row, a contiguous
+    bf16 weight on the same device, no bias, no autograd; real CPU tensors go to F.linear."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from megatron_lite.kernels.gemv import linear, takes
     w = torch.randn(8, 64).to(torch.bfloat16)
     x = torch.randn(1, 64).to(torch.bfloat16)
     assert not takes(x, w)                                     # a CPU tensor
     assert torch.equal(linear(x, w), F.linear(x, w))
-    meta_w = torch.empty(8, 64, dtype=torch.bfloat16, device="meta")
-    cuda_like = torch.empty(1, 1, 64, dtype=torch.bfloat16, device="meta")
-    assert not takes(cuda_like, meta_w)                        # not CUDA either
-    if torch.cuda.is_available():
-        cw = w.cuda()
-        assert takes(x.cuda(), cw) and takes(x.view(1, 1, 64).cuda(), cw)
-        assert not takes(torch.randn(2, 64, device="cuda").to(torch.bfloat16), cw)
-        assert not takes(x.cuda().float(), cw.float())
+    bf = dict(dtype=torch.bfloat16, device="cuda")
+    with FakeTensorMode():
+        cw, cx = torch.empty(8, 64, **bf), torch.empty(1, 64, **bf)
+        assert takes(cx, cw) and takes(torch.empty(1, 1, 64, **bf), cw)
+        assert not takes(torch.empty(2, 64, **bf), cw)                     # two rows
+        assert not takes(cx.float(), cw.float())                           # fp32
+        assert not takes(cx, cw, torch.empty(8, **bf))                     # a bias
+        assert not takes(cx, torch.empty_strided((8, 64), (1, 8), **bf))   # not contiguous
+        assert not takes(torch.empty(1, 60, **bf), torch.empty(8, 60, **bf))   # 60 % 8
+        assert not takes(torch.empty(1, 64, **bf, requires_grad=True), cw)     # autograd
+        assert not takes(cx, torch.empty(0, 64, **bf))                     # no rows
+        assert not takes(cx, torch.empty(8, 64, dtype=torch.bfloat16, device="cuda:1"))
+        with torch.no_grad():
+            assert takes(torch.empty(1, 64, **bf, requires_grad=True), cw)
+
+
+def test_gemv_without_a_kernel_build_is_f_linear(gemv, monkeypatch):
+    """A machine that cannot build the extension (no CUDA compiler): one warning, then
+    F.linear for every call."""
+    def fail():
+        raise OSError("nvcc not found")
+    monkeypatch.setattr(gemv.codec_cuda, "gemv_ext", fail)
+    monkeypatch.setattr(gemv, "_UNAVAILABLE", [])
+    w = torch.randn(8, 64).to(torch.bfloat16)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="nvcc not found"):
+        assert torch.equal(gemv._gemv(x, w), F.linear(x, w))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(gemv._gemv(x, w), F.linear(x, w))

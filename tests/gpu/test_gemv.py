@@ -1,7 +1,7 @@
 """kernels/gemv.py's CUDA kernel (csrc/gemv.cu) on the GPU: bit for bit against its sum
 order (tests/gemv_reference.py) on the llama3-8b decode shapes and odd ones, NaN, the
-same bits under CUDA-graph replay and under torch.compile, and the layers' decode step
-through it."""
+same bits under CUDA-graph replay and under torch.compile (where the op must run), and a
+TP layer's one-row product through it."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,5 +48,41 @@ def test_gemv_nan_graph_replay_and_compile():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(_bits(out), _bits(gemv.linear(x, w)))
-    compiled = torch.compile(lambda a, b: gemv.linear(a, b) * 2, fullgraph=True)
-    assert torch.equal(_bits(compiled(x, w)), _bits(gemv.linear(x, w) * 2))
+    calls = []
+    real = gemv._gemv
+
+    def counted(a, b):
+        calls.append(1)
+        return real(a, b)
+    gemv._gemv = counted   # the custom op's body looks it up at run time
+    try:
+        compiled = torch.compile(lambda a, b: gemv.linear(a, b) * 2, fullgraph=True)
+        assert torch.equal(_bits(compiled(x, w)), _bits(real(x, w) * 2))
+    finally:
+        gemv._gemv = real
+    assert calls, "the compiled graph did not run the GEMV op"
+
+
+def test_layers_take_the_gemv_for_one_row():
+    """A TP 1 column-parallel layer: one bf16 row goes through the kernel (its sum order's
+    bits), a bias or a second row through F.linear."""
+    from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.parallel_state import TPGroup
+    from megatron_lite.tensor_parallel.layers import ColumnParallelLinear
+    group = TPGroup(DistCommunicator(None))
+    for bias in (False, True):
+        layer = ColumnParallelLinear(256, 40, group=group, bias=bias, device="cuda",
+                                     dtype=torch.bfloat16)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(40, 256) * 0.05)
+            if bias:
+                layer.bias.copy_(torch.randn(40))
+            x = torch.randn(1, 1, 256, device="cuda").to(torch.bfloat16)
+            y = layer(x)
+            two = layer(torch.cat([x, x], dim=1))
+        if bias:
+            assert torch.equal(_bits(y), _bits(F.linear(x, layer.weight, layer.bias)))
+        else:
+            assert torch.equal(_bits(y.view(-1).cpu()), _bits(gemv_reference(x, layer.weight)))
+        assert torch.equal(_bits(two), _bits(F.linear(torch.cat([x, x], dim=1), layer.weight,
+                                                      layer.bias)))
