@@ -3,6 +3,7 @@ builds the codec kernels) and called through kernels/gemv.py: bit for bit agains
 kernel's sum order (tests/gemv_reference.py) on odd sizes, NaN and infinities; a view at
 an odd offset takes F.linear; and the layers call it only for one bf16 row on a GPU."""
 import ctypes
+import os
 
 import pytest
 import torch
@@ -121,3 +122,22 @@ def test_gemv_without_a_kernel_build_is_f_linear(gemv, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(gemv._gemv(x, w), F.linear(x, w))
+
+
+def test_gemv_extension_is_gemv_cu_alone(monkeypatch, tmp_path):
+    """codec_cuda.gemv_ext builds csrc/gemv.cu with bindings for ml_gemv alone, in a build
+    directory of its own (not the codec extension's, whose build takes minutes)."""
+    import torch.utils.cpp_extension as ext
+
+    from megatron_lite.kernels import codec_cuda
+    seen = {}
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(ext, "load", lambda **kw: seen.update(kw) or "loaded")
+    assert codec_cuda.gemv_ext.__wrapped__() == "loaded"
+    bindings, *sources = seen["sources"]
+    assert [os.path.basename(s) for s in sources] == ["gemv.cu"]
+    text = open(bindings).read()
+    assert 'm.def("ml_gemv", &ml_gemv' in text and "ml_codec" not in text
+    assert seen["name"].startswith("megatron_lite_gemv_")
+    assert os.path.basename(seen["build_directory"]).startswith("megatron_lite_gemv_")
+    assert "--fmad=false" in seen["extra_cuda_cflags"]
