@@ -35,10 +35,12 @@ __device__ __forceinline__ float round_down_bf16(float v) {
 
 struct Bf16Bits { uint16_t x; };   // a bf16 tensor's element, as its bits
 
-// 8 consecutive values of the input as fp32 (exact upcasts)
-template <typename T> struct Io;
+// 8 consecutive values of the input as fp32 (exact upcasts) and back. IoWords<T>: 8 values
+// of T as kWords 16-byte words and back (pack, unpack); Io<T> adds the 16-byte loads
+// (streaming) and stores of 8 consecutive values built on them.
+template <typename T> struct IoWords;
 
-template <> struct Io<float> {
+template <> struct IoWords<float> {
   static constexpr int kWords = 2;   // 16-byte words per 8 values
   static __device__ __forceinline__ void unpack(const uint4 w[2], float v[8]) {
     const uint32_t u[8] = {w[0].x, w[0].y, w[0].z, w[0].w, w[1].x, w[1].y, w[1].z, w[1].w};
@@ -51,20 +53,9 @@ template <> struct Io<float> {
     w[1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]),
                       __float_as_uint(v[7]));
   }
-  static __device__ __forceinline__ void load(const float* p, float v[8]) {
-    uint4 w[2] = {__ldcs(reinterpret_cast<const uint4*>(p)),
-                  __ldcs(reinterpret_cast<const uint4*>(p) + 1)};
-    unpack(w, v);
-  }
-  static __device__ __forceinline__ void store(float* p, const float v[8]) {
-    uint4 w[2];
-    pack(v, w);
-    reinterpret_cast<uint4*>(p)[0] = w[0];
-    reinterpret_cast<uint4*>(p)[1] = w[1];
-  }
 };
 
-template <> struct Io<Bf16Bits> {   // bf16 as its bits
+template <> struct IoWords<Bf16Bits> {   // bf16 as its bits
   static constexpr int kWords = 1;
   static __device__ __forceinline__ void unpack(const uint4 w[1], float v[8]) {
     const uint32_t u[4] = {w[0].x, w[0].y, w[0].z, w[0].w};
@@ -98,18 +89,9 @@ template <> struct Io<Bf16Bits> {   // bf16 as its bits
     a.w = bf16_bits(v[6]) | (bf16_bits(v[7]) << 16);
     w[0] = a;
   }
-  static __device__ __forceinline__ void load(const Bf16Bits* p, float v[8]) {
-    uint4 w[1] = {__ldcs(reinterpret_cast<const uint4*>(p))};
-    unpack(w, v);
-  }
-  static __device__ __forceinline__ void store(Bf16Bits* p, const float v[8]) {
-    uint4 w[1];
-    pack(v, w);
-    *reinterpret_cast<uint4*>(p) = w[0];
-  }
 };
 
-template <> struct Io<__half> {
+template <> struct IoWords<__half> {
   static constexpr int kWords = 1;
   static __device__ __forceinline__ void unpack(const uint4 w[1], float v[8]) {
     const __half* h = reinterpret_cast<const __half*>(&w[0]);
@@ -121,14 +103,21 @@ template <> struct Io<__half> {
 #pragma unroll
     for (int i = 0; i < 8; ++i) h[i] = __float2half_rn(v[i]);
   }
-  static __device__ __forceinline__ void load(const __half* p, float v[8]) {
-    uint4 w[1] = {__ldcs(reinterpret_cast<const uint4*>(p))};
-    unpack(w, v);
+};
+
+template <typename T> struct Io : IoWords<T> {
+  using IoWords<T>::kWords;
+  static __device__ __forceinline__ void load(const T* p, float v[8]) {
+    uint4 w[kWords];
+#pragma unroll
+    for (int h = 0; h < kWords; ++h) w[h] = __ldcs(reinterpret_cast<const uint4*>(p) + h);
+    IoWords<T>::unpack(w, v);
   }
-  static __device__ __forceinline__ void store(__half* p, const float v[8]) {
-    uint4 w[1];
-    pack(v, w);
-    *reinterpret_cast<uint4*>(p) = w[0];
+  static __device__ __forceinline__ void store(T* p, const float v[8]) {
+    uint4 w[kWords];
+    IoWords<T>::pack(v, w);
+#pragma unroll
+    for (int h = 0; h < kWords; ++h) reinterpret_cast<uint4*>(p)[h] = w[h];
   }
 };
 
