@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -68,19 +67,10 @@ def layers(shape: str, tp: int) -> list:
 
 
 def _time(fn, calls: int, iters: int) -> float:
+    """Median µs per call of CUDA-graph replays (lab.bench_codec.time_fn on the GPU)."""
     import torch
-    from megatron_lite.lab.bench_comm import capture_graph
-    graph = capture_graph(fn, calls)
-    graph.replay()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(ts)
+    from megatron_lite.lab.bench_codec import time_fn
+    return time_fn(fn, torch.device("cuda"), iters, calls)
 
 
 def run(args) -> dict:
