@@ -64,10 +64,8 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
     n, k = weight.shape
     y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
-    err = ext.ml_gemv(x.data_ptr(), weight.data_ptr(), y.data_ptr(), n, k,
-                      codec_cuda._stream(x))
-    if err:
-        raise codec_cuda.CudaCodecError(f"CUDA GEMV kernel failed: cudaError {err}")
+    codec_cuda._check(ext.ml_gemv(x.data_ptr(), weight.data_ptr(), y.data_ptr(), n, k,
+                                  codec_cuda._stream(x)), "gemv")
     return y
 
 
