@@ -383,6 +383,7 @@ def main(argv=None) -> int:
     from megatron_lite.lab.benchmark import (Clock, apply_transport, measure_hbm_GBps,
                                              measure_matmul_TFLOPs, nccl_version,
                                              transport_label, write_json)
+    from megatron_lite.lab.gpu_clocks import ClockSampler, clocks_label
     apply_transport(args.transport)
     from megatron_lite.lab.random_init import streamed_weight_bytes, total_weight_bytes
     from megatron_lite.parallel_state import initialize_model_parallel
@@ -404,6 +405,8 @@ def main(argv=None) -> int:
 
     hbm = measure_hbm_GBps(device, args.hbm_gib, clock)
     tflops = measure_matmul_TFLOPs(device, dtype, clock)
+    with ClockSampler(device) as sampled:   # the rate under the power limit, for reference
+        sustained = measure_matmul_TFLOPs(device, dtype, clock, repeats=200) if graphs else None
     streamed = streamed_weight_bytes(model)
     result = dict(
         device=torch.cuda.get_device_name(device) if graphs else "cpu", tp=tp, shape=shape_name,
@@ -417,10 +420,13 @@ def main(argv=None) -> int:
         kv_layout=args.kv_layout,
         hbm_GBps=hbm, weight_bytes_per_gpu=total_weight_bytes(model),
         streamed_weight_bytes_per_gpu=streamed, tpot_floor_ms=streamed / (hbm * 1e9) * 1e3,
-        matmul_TFLOPs=tflops, checks={}, backends={}, skipped={}, rows=[])
+        matmul_TFLOPs=tflops, matmul_sustained_TFLOPs=sustained,
+        matmul_sustained_clocks=sampled.summary(), checks={}, backends={}, skipped={}, rows=[])
     say(f"{shape_name} TP{tp} on {result['device']}: {streamed / 1e9:.2f} GB streamed weights "
         f"per GPU, HBM copy {hbm:.0f} GB/s -> TPOT floor {result['tpot_floor_ms']:.3f} ms; "
-        f"{str(dtype).replace('torch.', '')} matmul {tflops:.3g} TFLOP/s")
+        f"{str(dtype).replace('torch.', '')} matmul {tflops:.3g} TFLOP/s"
+        + (f" ({sustained:.3g} sustained over 200 products: "
+           f"{clocks_label(result['matmul_sustained_clocks'])})" if sustained else ""))
 
     def save():
         if rank == 0 and args.json:
@@ -442,11 +448,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _clocks_note(clocks) -> str:
+    from megatron_lite.lab.gpu_clocks import clocks_label
+    return f"  [{clocks_label(clocks)}]" if clocks else ""
+
+
 def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, save):
     import torch
 
     from megatron_lite.lab.benchmark import (check_mode, graph_matches_eager, profile_prefill,
                                              time_decode, time_prefill)
+    from megatron_lite.lab.gpu_clocks import ClockSampler
     from tqdm import tqdm
     cfg, device, dtype, rank = engine.cfg, engine.device, engine.dtype, group.rank
     graphs, base = result["cuda_graphs"], group.communicator
@@ -490,7 +502,9 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
         longest = max(cases, key=lambda c: c[0] * c[1]) if cases else None
         for tokens, batch in cases:
             ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen).to(device)
-            ms = time_prefill(engine, ids, args.repeats, clock)
+            with ClockSampler(device) as sampled:
+                ms = time_prefill(engine, ids, args.repeats, clock)
+            clocks = sampled.summary()
             if args.profile and device.type == "cuda" and (tokens, batch) == longest \
                     and mode in (NATIVE, "auto"):
                 save()   # keep the rows so far if the profiler brings the process down
@@ -500,28 +514,34 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
             graphed = bool(graphs and engine.graph_prefill and engine._prefill_fits(tokens))
             floor = compute_floor(engine.model, tokens, batch, result)
             result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens, comm=mode,
-                                       ms=ms, graph=graphed, **floor))
+                                       ms=ms, graph=graphed, clocks=clocks, **floor))
             say(f"[{mode}] prefill {_case_label(tokens, batch):>6s}: {ms:9.3f} ms"
-                + (" (graphed)" if graphed else ""))
+                + (" (graphed)" if graphed else "") + _clocks_note(clocks))
             if args.eager_prefill and graphed and mode == NATIVE:
                 engine.graph_prefill = False
-                ms = time_prefill(engine, ids, args.repeats, clock)
+                with ClockSampler(device) as sampled:
+                    ms = time_prefill(engine, ids, args.repeats, clock)
                 engine.graph_prefill = True
+                clocks = sampled.summary()
                 result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens,
-                                           comm=mode, ms=ms, graph=False, extra=True, **floor))
-                say(f"[{mode}] prefill {_case_label(tokens, batch):>6s} eager: {ms:9.3f} ms")
+                                           comm=mode, ms=ms, graph=False, extra=True,
+                                           clocks=clocks, **floor))
+                say(f"[{mode}] prefill {_case_label(tokens, batch):>6s} eager: {ms:9.3f} ms"
+                    + _clocks_note(clocks))
         engine.cache = None
         for batch in batches:
             prof_this = (args.profile and graphs and batch == 1
                          and mode in (NATIVE, "auto"))
             if prof_this:
                 save()   # keep the rows so far if the profiler brings the process down
-            ms, prof = time_decode(engine, batch, args.context, args.decode_steps, clock,
-                                   graphs, profile=prof_this)
+            with ClockSampler(device) as sampled:
+                ms, prof = time_decode(engine, batch, args.context, args.decode_steps, clock,
+                                       graphs, profile=prof_this)
+            clocks = sampled.summary()
             result["rows"].append(dict(phase="decode", batch=batch, tokens=args.context,
-                                       comm=mode, ms=ms, graph=graphs,
+                                       comm=mode, ms=ms, graph=graphs, clocks=clocks,
                                        **kv_figures(engine.cache, args.context, result)))
-            say(f"[{mode}] decode  b{batch:<4d}: {ms:9.3f} ms/token")
+            say(f"[{mode}] decode  b{batch:<4d}: {ms:9.3f} ms/token" + _clocks_note(clocks))
             if prof is not None:
                 result.setdefault("decode_profile_b1", {})[mode] = prof
                 say(f"[{mode}] decode b1 kernels: {prof}")

@@ -78,15 +78,18 @@ def _median_ms(fn, clock: Clock, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def measure_matmul_TFLOPs(device, dtype, clock: Clock, n: int = 8192) -> float:
-    """Dense matmul throughput, TFLOP/s: median of 10 ``n x n @ n x n`` products of random
-    values in ``dtype`` (the prefill compute floor's denominator; 512 on a CPU)."""
+def measure_matmul_TFLOPs(device, dtype, clock: Clock, n: int = 8192,
+                          repeats: int = 10) -> float:
+    """Dense matmul throughput, TFLOP/s: median of ``repeats`` ``n x n @ n x n`` products
+    of random values in ``dtype`` (the prefill compute floor's denominator; 512 on a CPU).
+    Ten products take about 15 ms on an H100, too short for the board to reach its power
+    limit; ``repeats=200`` (0.3 s) is the rate a long prefill can sustain."""
     import torch
     n = n if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     # the untimed first call lets cuBLAS pick its kernel
-    return 2 * n ** 3 / (_median_ms(lambda: a @ b, clock) * 1e-3) / 1e12
+    return 2 * n ** 3 / (_median_ms(lambda: a @ b, clock, repeats) * 1e-3) / 1e12
 
 
 def _attended_pairs(tokens: int, window) -> int:
