@@ -53,11 +53,12 @@ def layers(shape: str, tp: int) -> list:
     of k inputs, as the model's TP layers hold them: KV heads replicated where TP exceeds
     them, the vocab padded to a multiple of 128 * tp), ``count`` of them per step."""
     from megatron_lite.lab.shapes import SHAPES
-    from megatron_lite.models.config import ModelConfig
+    from megatron_lite.models.config import ModelConfig, TPSizeError
     c = ModelConfig.from_hf(SHAPES[shape])
-    problem = c._tp_problem(tp)
-    if problem:
-        raise ValueError(f"--tp {tp} for {shape}: {problem}")
+    try:
+        c.validate_tp(tp)
+    except TPSizeError as e:
+        raise ValueError(f"--tp {tp} for {shape}: {e}") from None
     h, d = c.hidden_size, c.head_dim
     qkv = (c.local_heads(tp) + 2 * c.local_kv_heads(tp)) * d
     return [("qkv", qkv, h, c.num_layers), ("o", h, c.local_heads(tp) * d, c.num_layers),
