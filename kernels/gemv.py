@@ -15,8 +15,6 @@ the first call on a machine); where it cannot be built, ``F.linear`` runs, after
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
 import torch
@@ -59,59 +57,31 @@ def _kernel():
         return None
 
 
-# Share of the L2 cache that the next product's weight may fill ahead of its kernel.
-PREFETCH_L2_SHARE = float(os.environ.get("MEGATRON_LITE_GEMV_PREFETCH", "0.5"))
-
-
-@functools.lru_cache(maxsize=None)
-def _l2_bytes(device: torch.device) -> int:
-    return int(torch.cuda.get_device_properties(device).L2_cache_size)
-
-
-def prefetch_bytes(x: torch.Tensor, prefetch: Optional[torch.Tensor]) -> int:
-    """Bytes of ``prefetch`` (from its start) that the kernel computing ``x``'s product
-    brings into L2: ``PREFETCH_L2_SHARE`` of the cache at most, whole 16-byte words of a
-    16-byte aligned bf16 tensor on x's device; 0 otherwise (and off a GPU)."""
-    if (prefetch is None or not x.is_cuda or prefetch.device != x.device
-            or not prefetch.is_contiguous() or prefetch.data_ptr() % 16):
-        return 0
-    budget = int(PREFETCH_L2_SHARE * _l2_bytes(x.device))
-    return min(prefetch.numel() * prefetch.element_size(), budget) // 16 * 16
-
-
-def _gemv(x: torch.Tensor, weight: torch.Tensor,
-          prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     ext = _kernel()
     if ext is None or x.data_ptr() % 16 or weight.data_ptr() % 16:   # or a view at an odd offset
         return F.linear(x, weight)
     n, k = weight.shape
     y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
-    pf = prefetch_bytes(x, prefetch)
     codec_cuda._check(ext.ml_gemv(x.data_ptr(), weight.data_ptr(), y.data_ptr(), n, k,
-                                  prefetch.data_ptr() if pf else 0, pf,
                                   codec_cuda._stream(x)), "gemv")
     return y
 
 
 @torch.library.custom_op("megatron_lite::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor,
-             prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _gemv(x, weight, prefetch)
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _gemv(x, weight)
 
 
 @_gemv_op.register_fake
-def _(x, weight, prefetch=None):
+def _(x, weight):
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the GEMV kernel where it ``takes`` them;
-    that kernel also starts bringing (the head of) ``prefetch``, the weight of the next
-    product, into L2."""
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the GEMV kernel where it ``takes`` them."""
     if not takes(x, weight, bias):
         return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():
-        return _gemv_op(x, weight, prefetch)
-    return _gemv(x, weight, prefetch)
+    return _gemv_op(x, weight) if torch.compiler.is_compiling() else _gemv(x, weight)

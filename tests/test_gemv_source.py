@@ -16,7 +16,7 @@ from tests.test_codec_cuda_source import _build, shared_build_dir
 @pytest.fixture(scope="module")
 def host_gemv(tmp_path_factory):
     so = ctypes.CDLL(_build(shared_build_dir(tmp_path_factory)))
-    so.host_gemv.argtypes, so.host_gemv.restype = [ctypes.c_int64] * 8, ctypes.c_int
+    so.host_gemv.argtypes, so.host_gemv.restype = [ctypes.c_int64] * 6, ctypes.c_int
     return so.host_gemv
 
 
@@ -141,40 +141,3 @@ def test_gemv_extension_is_gemv_cu_alone(monkeypatch, tmp_path):
     assert seen["name"].startswith("megatron_lite_gemv_")
     assert os.path.basename(seen["build_directory"]).startswith("megatron_lite_gemv_")
     assert "--fmad=false" in seen["extra_cuda_cflags"]
-
-
-def test_gemv_prefetch_arguments(host_gemv):
-    """ml_gemv refuses a prefetch that is not whole 16-byte words at a 16-byte address
-    (cudaErrorInvalidValue = 1), and computes the same bits with one that is (a no-op in
-    the host build; its effect on the GPU is timed by tools/bench_generate.py)."""
-    w = (torch.randn(24, 64) * 0.05).to(torch.bfloat16)
-    x = torch.randn(1, 64).to(torch.bfloat16)
-    y0, y1 = torch.empty(1, 24, dtype=torch.bfloat16), torch.empty(1, 24, dtype=torch.bfloat16)
-    a = (x.data_ptr(), w.data_ptr())
-    assert host_gemv(*a, y0.data_ptr(), 24, 64, 0, 0, 0) == 0
-    assert host_gemv(*a, y1.data_ptr(), 24, 64, w.data_ptr(), w.nbytes, 0) == 0
-    assert torch.equal(y0.view(torch.int16), y1.view(torch.int16))
-    for pf, nbytes in ((w.data_ptr(), 24), (w.data_ptr() + 8, 32), (w.data_ptr(), -16)):
-        assert host_gemv(*a, y1.data_ptr(), 24, 64, pf, nbytes, 0) == 1
-
-
-def test_prefetch_bytes_off_the_gpu_and_the_model_chain():
-    """No prefetch off a GPU; a model's batch-1 products each name the next one that a
-    decode step runs (qkv, o, gate_up, down, ..., the LM head)."""
-    from megatron_lite.comm.communicator import DistCommunicator
-    from megatron_lite.kernels import gemv
-    from megatron_lite.models.config import ModelConfig
-    from megatron_lite.models.decoder import Transformer
-    from megatron_lite.parallel_state import TPGroup
-    from tests.tiny_configs import hf_config_dict
-    assert gemv.prefetch_bytes(torch.ones(1, 8), torch.ones(64)) == 0
-    model = Transformer(ModelConfig.from_hf(hf_config_dict("llama")),
-                        TPGroup(DistCommunicator(None)), device="meta")
-    order = [p for layer in model.layers for p in (
-        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-        layer.mlp.down_proj)] + [model.lm_head]
-    assert len(order) > 5
-    for a, b in zip(order, order[1:]):
-        assert a._next_weight() is b.weight
-    assert not hasattr(model.lm_head, "_next_weight")
-    assert all("_next" not in name for name, _ in model.named_modules())

@@ -39,7 +39,6 @@ int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
                               int64_t g, bool rot, int64_t h, double c2, double rscale,
                               bool with_error, int64_t spin, int64_t grid);
 // y [n] = x [k] W^T, W [n, k], bf16 (gemv.cu)
-int ml_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t pf,
-            int64_t pf_bytes, int64_t stream);
+int ml_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t stream);
 int ml_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t stream);
 int ml_release(int64_t handle);

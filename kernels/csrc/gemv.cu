@@ -28,35 +28,10 @@ namespace {
 
 constexpr int kGemvThreads = 256;   // 8 rows per block
 constexpr int kInFlight = 4;        // 16-byte words of W per lane per step
-constexpr int64_t kPiece = 16384;   // bytes per bulk prefetch instruction
-
-// The block's share of [pf, pf + bytes) into L2 (bytes: a multiple of 16, pf 16-byte
-// aligned): thread 0 issues it as bulk prefetches, which the copy engine (TMA) carries out
-// while the threads go on; nothing waits for them. The caller passes the weight of the
-// product that comes next in the decode step, so that it streams into L2 under this
-// kernel's own loads and under the kernels in between (attention, norms), which leave
-// HBM mostly idle; a no-op before sm_90 and in the host build.
-__device__ __forceinline__ void prefetch_share(const char* pf, int64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x != 0 || bytes <= 0) return;
-  const int64_t per = (bytes / 16 + gridDim.x - 1) / gridDim.x * 16;
-  const int64_t a0 = (int64_t)blockIdx.x * per;
-  const int64_t e = a0 + per < bytes ? a0 + per : bytes;
-  for (int64_t a = a0; a < e; a += kPiece) {
-    const uint32_t size = (uint32_t)(e - a < kPiece ? e - a : kPiece);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + a), "r"(size)
-                 : "memory");
-  }
-#else
-  (void)pf;
-  (void)bytes;
-#endif
-}
 
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(
     const uint4* __restrict__ x, const uint4* __restrict__ w, uint16_t* __restrict__ y,
-    int64_t n, int64_t words, const char* __restrict__ pf, int64_t pf_bytes) {
-  prefetch_share(pf, pf_bytes);
+    int64_t n, int64_t words) {
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= n) return;   // the whole warp: rows are warp-uniform
@@ -88,15 +63,12 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(
 
 }  // namespace
 
-int ml_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t pf,
-            int64_t pf_bytes, int64_t stream) {
-  if (n < 1 || k < 8 || k % 8 || pf_bytes < 0 || pf_bytes % 16 || (pf_bytes && pf % 16))
-    return (int)cudaErrorInvalidValue;
+int ml_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t stream) {
+  if (n < 1 || k < 8 || k % 8) return (int)cudaErrorInvalidValue;
   const int rows = kGemvThreads / 32;
   const int64_t grid = (n + rows - 1) / rows;
   if (grid > 0x7FFFFFFFll) return (int)cudaErrorInvalidConfiguration;
   return (int)launch(gemv_kernel, grid, kGemvThreads, reinterpret_cast<cudaStream_t>(stream),
                      reinterpret_cast<const uint4*>(x), reinterpret_cast<const uint4*>(w),
-                     reinterpret_cast<uint16_t*>(y), n, k / 8,
-                     reinterpret_cast<const char*>(pf), pf_bytes);
+                     reinterpret_cast<uint16_t*>(y), n, k / 8);
 }

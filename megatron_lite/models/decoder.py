@@ -351,12 +351,6 @@ class Transformer(nn.Module):
                                       dtype=dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # each batch-1 product starts fetching the next one's weight into L2 (kernels/gemv.py)
-        products = [p for layer in self.layers
-                    for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                              layer.mlp.gate_up_proj, layer.mlp.down_proj)] + [self.lm_head]
-        for a, b in zip(products, products[1:]):
-            a.prefetch_next(b)
         # Buffers are built on the CPU explicitly (even when the parameters are on "meta").
         for layer_type, rope in cfg.rope.items():
             self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(rope, cfg.head_dim),

@@ -27,29 +27,13 @@ from megatron_lite.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region, scatter_to_tensor_model_parallel_region)
 
 
-class _Prefetching:
-    """A linear layer whose batch-1 GEMV kernel also starts bringing the weight of the
-    product that runs after it into L2 (kernels/gemv.py): ``prefetch_next(layer)`` names
-    that layer once the model is built (its ``weight`` is read at each call, so a weight
-    replaced later, tied embeddings say, is the one fetched). Held in a tuple, not as a
-    submodule: the next layer is not part of this one."""
-
-    _next: tuple = ()
-
-    def prefetch_next(self, layer: Optional[nn.Module]) -> None:
-        self._next = (layer,) if layer is not None else ()
-
-    def _next_weight(self) -> Optional[torch.Tensor]:
-        return self._next[0].weight if self._next else None
-
-
 def _divide(a: int, b: int, what: str) -> int:
     if a % b:
         raise ValueError(f"{what} {a} is not divisible by TP size {b}")
     return a // b
 
 
-class ColumnParallelLinear(_Prefetching, nn.Module):
+class ColumnParallelLinear(nn.Module):
     """Y = X A with A split along its output (column) dimension.
 
     A is [input_size, output_size]; rank r holds A_r = A[:, cols of r], stored as the
@@ -79,7 +63,7 @@ class ColumnParallelLinear(_Prefetching, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_model_parallel_region(x, self.group)
-        y = linear(x, self.weight, self.bias, prefetch=self._next_weight())
+        y = linear(x, self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -88,7 +72,7 @@ class ColumnParallelLinear(_Prefetching, nn.Module):
                 f"gather_output={self.gather_output}, bias={self.bias is not None}")
 
 
-class RowParallelLinear(_Prefetching, nn.Module):
+class RowParallelLinear(nn.Module):
     """Y = X A with A split along its input (row) dimension; Y = sum_r X_r A_r.
 
     A is [input_size, output_size]; rank r holds A_r = A[rows of r, :], stored as the
@@ -123,7 +107,7 @@ class RowParallelLinear(_Prefetching, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.group)
-        partial = linear(x, self.weight, prefetch=self._next_weight())
+        partial = linear(x, self.weight)
         y = reduce_from_tensor_model_parallel_region(partial, self.group, self.site)
         # Every rank adds the same b to bitwise-identical sums: ranks stay identical.
         return y if self.bias is None else y + self.bias
@@ -137,8 +121,8 @@ class RowParallelLinear(_Prefetching, nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.group)
         return reduce_add_rmsnorm_from_tensor_model_parallel_region(
-            linear(x, self.weight, prefetch=self._next_weight()), residual, norm_weight, eps,
-            self.group, self.site, bias=self.bias, **norm)
+            linear(x, self.weight), residual, norm_weight, eps, self.group, self.site,
+            bias=self.bias, **norm)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, in_per_partition={self.input_size_per_partition}, "

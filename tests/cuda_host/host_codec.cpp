@@ -89,8 +89,7 @@ int host_launch(int64_t handle, int64_t x, int64_t out, int64_t err, int64_t str
   return ml_launch(handle, x, out, err, stream);
 }
 int host_release(int64_t handle) { return ml_release(handle); }
-int host_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t pf,
-              int64_t pf_bytes, int64_t stream) {
-  return ml_gemv(x, w, y, n, k, pf, pf_bytes, stream);
+int host_gemv(int64_t x, int64_t w, int64_t y, int64_t n, int64_t k, int64_t stream) {
+  return ml_gemv(x, w, y, n, k, stream);
 }
 }

@@ -51,9 +51,9 @@ def test_gemv_nan_graph_replay_and_compile():
     calls = []
     real = gemv._gemv
 
-    def counted(*args):
+    def counted(a, b):
         calls.append(1)
-        return real(*args)
+        return real(a, b)
     gemv._gemv = counted   # the custom op's body looks it up at run time
     try:
         compiled = torch.compile(lambda a, b: gemv.linear(a, b) * 2, fullgraph=True)
@@ -86,28 +86,3 @@ def test_layers_take_the_gemv_for_one_row():
             assert torch.equal(_bits(y.view(-1).cpu()), _bits(gemv_reference(x, layer.weight)))
         assert torch.equal(_bits(two), _bits(F.linear(torch.cat([x, x], dim=1), layer.weight,
                                                       layer.bias)))
-
-
-def test_prefetch_changes_no_bits():
-    """The next weight's L2 prefetch (whole, cut to the L2 budget, or too small to fetch)
-    leaves the product's bits as they are, eagerly, in a CUDA graph and compiled; a
-    model's products name each next one in the order a decode step runs them."""
-    from megatron_lite.kernels import gemv
-    g = torch.Generator().manual_seed(5)
-    w = (torch.randn(4096, 4096, generator=g) * 0.02).to(torch.bfloat16).cuda()
-    x = torch.randn(1, 4096, generator=g).to(torch.bfloat16).cuda()
-    want = _bits(gemv_reference(x, w))
-    big = torch.randn(64 << 20, device="cuda").to(torch.bfloat16)   # 128 MB: over budget
-    for nxt, fetched in ((w, w.nbytes), (big, None), (big[:7], 0), (None, 0)):
-        n = gemv.prefetch_bytes(x, nxt)
-        assert n == fetched if fetched is not None else 0 < n < big.nbytes and n % 16 == 0
-        assert torch.equal(_bits(gemv.linear(x, w, prefetch=nxt)[0].cpu()), want)
-    graph = torch.cuda.CUDAGraph()
-    gemv.linear(x, w, prefetch=big)
-    with torch.cuda.graph(graph):
-        out = gemv.linear(x, w, prefetch=big)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(_bits(out[0].cpu()), want)
-    compiled = torch.compile(lambda a, b, c: gemv.linear(a, b, prefetch=c), fullgraph=True)
-    assert torch.equal(_bits(compiled(x, w, big)[0].cpu()), want)
