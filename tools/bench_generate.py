@@ -502,8 +502,8 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
         longest = max(cases, key=lambda c: c[0] * c[1]) if cases else None
         for tokens, batch in cases:
             ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen).to(device)
-            with ClockSampler(device) as sampled:
-                ms = time_prefill(engine, ids, args.repeats, clock)
+            sampled = ClockSampler(device)
+            ms = time_prefill(engine, ids, args.repeats, clock, sampled)
             clocks = sampled.summary()
             if args.profile and device.type == "cuda" and (tokens, batch) == longest \
                     and mode in (NATIVE, "auto"):
@@ -519,8 +519,8 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
                 + (" (graphed)" if graphed else "") + _clocks_note(clocks))
             if args.eager_prefill and graphed and mode == NATIVE:
                 engine.graph_prefill = False
-                with ClockSampler(device) as sampled:
-                    ms = time_prefill(engine, ids, args.repeats, clock)
+                sampled = ClockSampler(device)
+                ms = time_prefill(engine, ids, args.repeats, clock, sampled)
                 engine.graph_prefill = True
                 clocks = sampled.summary()
                 result["rows"].append(dict(phase="prefill", batch=batch, tokens=tokens,
@@ -534,9 +534,9 @@ def _run_modes(args, engine, group, modes, cases, batches, result, clock, say, s
                          and mode in (NATIVE, "auto"))
             if prof_this:
                 save()   # keep the rows so far if the profiler brings the process down
-            with ClockSampler(device) as sampled:
-                ms, prof = time_decode(engine, batch, args.context, args.decode_steps, clock,
-                                       graphs, profile=prof_this)
+            sampled = ClockSampler(device)
+            ms, prof = time_decode(engine, batch, args.context, args.decode_steps, clock,
+                                   graphs, profile=prof_this, sampler=sampled)
             clocks = sampled.summary()
             result["rows"].append(dict(phase="decode", batch=batch, tokens=args.context,
                                        comm=mode, ms=ms, graph=graphs, clocks=clocks,

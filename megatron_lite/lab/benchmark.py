@@ -7,6 +7,7 @@ Every timer aligns the ranks with a barrier first and returns the slowest rank's
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -133,20 +134,24 @@ def max_over_ranks(value: float, device) -> float:
     return float(t.item())
 
 
-def time_prefill(engine, tokens, repeats: int, clock: Clock) -> float:
+def time_prefill(engine, tokens, repeats: int, clock: Clock, sampler=None) -> float:
+    """Median ms of a prefill of ``tokens`` after one untimed call (the cache, cuBLAS's
+    heuristics, a compile). ``sampler`` (lab/gpu_clocks.py's ClockSampler, say) is entered
+    around the timed calls alone."""
     import torch
     B, T = tokens.shape
     lengths = torch.full((B,), T, dtype=torch.long, device=engine.device)
     engine.prefill(tokens, lengths, T).argmax(-1)   # warm-up: cache, cuBLAS heuristics
     times = []
-    for _ in range(repeats):
-        engine.group.barrier()
-        clock.sync()
-        a = clock.stamp()
-        engine.prefill(tokens, lengths, T).argmax(-1)
-        b = clock.stamp()
-        clock.sync()
-        times.append(clock.ms(a, b))
+    with sampler or contextlib.nullcontext():
+        for _ in range(repeats):
+            engine.group.barrier()
+            clock.sync()
+            a = clock.stamp()
+            engine.prefill(tokens, lengths, T).argmax(-1)
+            b = clock.stamp()
+            clock.sync()
+            times.append(clock.ms(a, b))
     return max_over_ranks(statistics.median(times), engine.device)
 
 
@@ -222,10 +227,11 @@ def profile_prefill(engine, tokens, steps: int = 2) -> dict:
 
 
 def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
-                graph: bool, profile: bool = False):
+                graph: bool, profile: bool = False, sampler=None):
     """Median ms of one decode step (+ greedy pick) at ``context`` cached tokens, reading
     the slots ``generate`` would read there (``KVCache.read_len``), and the step's kernel
-    profile if asked (else None). ``engine.cache`` is the cache it ran on."""
+    profile if asked (else None). ``engine.cache`` is the cache it ran on; ``sampler`` is
+    entered around the timed steps alone (not the capture or a compile)."""
     import torch
     from megatron_lite.inference.cuda_graphs import CUDAGraphDecoder
     max_seq = -(-(context + 1) // 64) * 64
@@ -247,11 +253,12 @@ def time_decode(engine, batch: int, context: int, steps: int, clock: Clock,
         tok = step(tok, pos).argmax(-1)
     engine.group.barrier()
     clock.sync()
-    stamps = [clock.stamp()]
-    for _ in range(steps):
-        tok = step(tok, pos).argmax(-1)
-        stamps.append(clock.stamp())
-    clock.sync()
+    with sampler or contextlib.nullcontext():
+        stamps = [clock.stamp()]
+        for _ in range(steps):
+            tok = step(tok, pos).argmax(-1)
+            stamps.append(clock.stamp())
+        clock.sync()
     ms = statistics.median(clock.ms(a, b) for a, b in zip(stamps, stamps[1:]))
     prof = None
     if profile:
