@@ -225,12 +225,15 @@ def summarize(result: dict) -> str:
     if result.get("matmul_TFLOPs"):
         lines.append(f"compute floor of prefill: its FLOPs at {result['matmul_TFLOPs']:.3g} "
                      "TFLOP/s (a dense matmul)")
+        sustained = result.get("matmul_sustained_TFLOPs")
         for r in result["rows"]:
             if r["phase"] == "prefill" and r.get("floor_ms") and r["comm"] == NATIVE:
                 lines.append(f"  TTFT {_case_label(r['tokens'], r['batch'])} {r['comm']}"
                              f"{'' if r.get('graph', True) else ' eager'}: {r['ms']:.3f} ms = "
                              f"{r['ms'] / r['floor_ms']:.2f}x floor ({r['floor_ms']:.3f} ms, "
-                             f"{r['flops'] / 1e12:.3g} TFLOP)")
+                             f"{r['flops'] / 1e12:.3g} TFLOP)"
+                             + (f"; {r['ms'] / (r['flops'] / (sustained * 1e12) * 1e3):.2f}x at "
+                                f"the sustained {sustained:.3g} TFLOP/s" if sustained else ""))
     kv = {r["batch"]: r for r in rows if r["phase"] == "decode" and "kv_cache_bytes" in r}
     for b, r in kv.items():
         lines.append(f"KV cache b{b} ({result.get('kv_layout', 'full')}): "

@@ -10,7 +10,9 @@ difference is a number in the JSON rather than a guess.
 stamps each line with the host clock, and ``summary`` keeps the lines stamped inside the
 region. The timers synchronise the device before and after the region, so host time and
 device time cover the same work. Where there is no GPU or no ``nvidia-smi``, ``summary``
-returns None.
+returns None. ``power.draw`` is nvidia-smi's reading, averaged over about a second on
+Hopper (``nvidia-smi --help-query-gpu``), so a region shorter than that reads low; the
+clock and the power-cap flag are the instantaneous ones.
 """
 from __future__ import annotations
 
