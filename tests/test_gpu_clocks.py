@@ -23,3 +23,42 @@ def test_no_gpu_no_samples():
     with ClockSampler(torch.device("cpu")) as s:
         torch.ones(4).sum()
     assert s.summary() is None
+
+
+class _Window:
+    """A sampler that records which of the engine's calls ran inside it."""
+
+    def __init__(self, calls):
+        self.calls, self.inside, self.seen = calls, False, []
+
+    def __enter__(self):
+        self.inside, self.start = True, len(self.calls)
+        return self
+
+    def __exit__(self, *exc):
+        self.inside, self.seen = False, list(range(self.start, len(self.calls)))
+        return False
+
+
+def test_timers_sample_the_timed_calls_alone():
+    """time_prefill / time_decode enter the sampler around their timed calls only: a
+    compile or a graph capture in the warm-up must not count among the clock samples."""
+    from megatron_lite import Engine
+    from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.lab.benchmark import Clock, time_decode, time_prefill
+    from megatron_lite.lab.random_init import random_model, resolve_shape
+    from megatron_lite.parallel_state import TPGroup
+    model = random_model(resolve_shape("tiny"), TPGroup(DistCommunicator(None)), device="cpu",
+                         dtype=torch.float32)
+    engine, calls = Engine(model), []
+    prefill, step = engine.prefill, engine.decode_step
+    engine.prefill = lambda *a, **k: calls.append("prefill") or prefill(*a, **k)
+    engine.decode_step = lambda *a, **k: calls.append("step") or step(*a, **k)
+    clock = Clock(torch.device("cpu"))
+    w = _Window(calls)
+    time_prefill(engine, torch.randint(0, 100, (1, 12)), 3, clock, w)
+    assert calls == ["prefill"] * 4 and w.seen == [1, 2, 3]   # the warm-up call outside
+    calls.clear()
+    w = _Window(calls)
+    time_decode(engine, 1, 16, 5, clock, graph=False, sampler=w)
+    assert calls == ["step"] * 8 and w.seen == [3, 4, 5, 6, 7]   # 3 warm-up steps outside
