@@ -62,3 +62,25 @@ def test_timers_sample_the_timed_calls_alone():
     w = _Window(calls)
     time_decode(engine, 1, 16, 5, clock, graph=False, sampler=w)
     assert calls == ["step"] * 8 and w.seen == [3, 4, 5, 6, 7]   # 3 warm-up steps outside
+
+
+def test_sampler_reads_a_running_command_and_survives_a_missing_one():
+    """The reader thread stamps each line of the sampling command while it runs (here a
+    Python process printing nvidia-smi's line format every 10 ms), the region keeps what
+    arrived inside it, and a command that cannot start leaves no samples and no error."""
+    import sys
+    import time
+    s = ClockSampler(torch.device("cpu"))
+    s.cmd = [sys.executable, "-u", "-c",
+             "import time\nwhile True:\n"
+             "    print('1605, 650.5, Active, Not Active, 60', flush=True); time.sleep(0.01)"]
+    with s:
+        time.sleep(0.3)
+    got = s.summary()
+    assert got is not None and got["samples"] >= 5 and got["sm_MHz"] == 1605.0
+    assert got["power_cap_share"] == 1.0 and s._proc.poll() is not None   # stopped
+    s = ClockSampler(torch.device("cpu"))
+    s.cmd = ["/nonexistent/nvidia-smi"]
+    with s:
+        pass
+    assert s.summary() is None and ClockSampler(torch.device("cpu")).summary() is None

@@ -45,14 +45,13 @@ class ClockSampler:
     def __init__(self, device, period_ms: int = 20):
         self.cmd, self.lines = None, []
         self.t0 = self.t1 = None
-        gid = _gpu_id(device) if getattr(device, "type", "cpu") == "cuda" else None
-        exe = shutil.which("nvidia-smi")
-        if gid is None or exe is None:
-            return
-        self.cmd = [exe, "-i", gid, "--query-gpu=" + ",".join(f for f, _ in _FIELDS),
-                    "--format=csv,noheader,nounits", "-lms", str(period_ms)]
         self._proc = self._thread = None
         self._first = threading.Event()
+        gid = _gpu_id(device) if getattr(device, "type", "cpu") == "cuda" else None
+        exe = shutil.which("nvidia-smi")
+        if gid is not None and exe is not None:
+            self.cmd = [exe, "-i", gid, "--query-gpu=" + ",".join(f for f, _ in _FIELDS),
+                        "--format=csv,noheader,nounits", "-lms", str(period_ms)]
 
     def _read(self):
         for line in self._proc.stdout:
@@ -62,8 +61,12 @@ class ClockSampler:
 
     def __enter__(self):
         if self.cmd is not None:
-            self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL, text=True)
+            try:
+                self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
+                                              stderr=subprocess.DEVNULL, text=True)
+            except OSError:   # not runnable here: no samples, and the timing goes on
+                self._proc = None
+        if self._proc is not None:
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
             self._first.wait(timeout=10.0)   # nvidia-smi takes a moment to start
@@ -72,7 +75,7 @@ class ClockSampler:
 
     def __exit__(self, *exc):
         self.t1 = time.monotonic()
-        if self.cmd is not None:
+        if self._proc is not None:
             self._proc.terminate()
             try:
                 self._proc.wait(timeout=5.0)
@@ -82,6 +85,8 @@ class ClockSampler:
         return False
 
     def summary(self) -> dict | None:
+        if self.t0 is None or self.t1 is None:   # not run (yet)
+            return None
         return summarize(self.lines, self.t0, self.t1)
 
 
