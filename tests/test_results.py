@@ -94,7 +94,20 @@ def test_generate_floor_table_and_host_section(tmp_path, monkeypatch):
     page = mr.generate_page([{"title": "t", "file": "g.json"}])
     assert "| TTFT 512x1 | 1.600 | 2.000 (graphed) | 1.25x | 4.000 (2.50x) |" in page
     assert "| TPOT batch 1 | 2.500 | 3.000 (compiled + graphed) | 1.20x | - |" in page
-    assert "(625 TFLOP/s)" in page
+    assert "(625 TFLOP/s over 10 products)" in page and "sustained" not in page
+    # a run that sampled the clocks and timed the sustained matmul rate
+    rows[0]["clocks"] = dict(sm_MHz=1680.0, power_W=622.0, power_cap_share=1.0,
+                             hw_slowdown_share=0.0, max_temp_C=57.0, samples=86)
+    gen.update(matmul_sustained_TFLOPs=500.0,
+               matmul_sustained_clocks=dict(rows[0]["clocks"], sm_MHz=1590.0,
+                                            power_cap_share=0.69))
+    (tmp_path / "data" / "generate" / "g.json").write_text(json.dumps(gen))
+    page = mr.generate_page([{"title": "t", "file": "g.json"}])
+    # 1e12 FLOP at 500 TFLOP/s: 2 ms, so 2.0 ms is 1.00x of the sustained rate
+    assert ("| TTFT 512x1 | 1.600 | 2.000 (graphed) | 1.25x | 4.000 (2.50x) | 1.00x | "
+            "1680 MHz, cap 100% |") in page
+    assert "| TPOT batch 1 | 2.500 | 3.000 (compiled + graphed) | 1.20x | - | - | - |" in page
+    assert "500 TFLOP/s (1590 MHz, cap 69% of the samples)" in page
     host = dict(world=1, device="H200", torch="2.11", date="2026-12-05",
                 host_overhead_note="one rank: route",
                 host_overhead={"int4:128,path=fused": dict(dispatch_us=2.04, call_us=17.96,

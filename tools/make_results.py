@@ -297,16 +297,24 @@ def _profile_table(d: dict) -> str:
             + md_table(["step", "comm", "kernels", "busy ms", "gaps ms"] + list(_KINDS), rows))
 
 
+def _clock_cell(c) -> str:
+    return "-" if not c else f"{c['sm_MHz']:.0f} MHz, cap {100 * c['power_cap_share']:.0f}%"
+
+
 def _floor_table(d: dict) -> str:
     """``native`` against its floors, where the run measured them: TTFT against the
     compute floor (the prefill's FLOPs at the run's dense matmul rate), TPOT against the
-    weight-and-KV streaming floor; graphed or compiled and, where timed, eager."""
+    weight-and-KV streaming floor; graphed or compiled and, where timed, eager. Runs that
+    sampled the SM clock (lab/gpu_clocks.py) also give TTFT against the matmul rate the
+    board sustains over 200 products, and each row's median clock and power-cap share."""
     rows = [r for r in d["rows"] if r["comm"] == "native" and r.get("floor_ms")]
     if not rows:
         return ""
     main = {(r["phase"], r["batch"], r["tokens"]): r for r in rows if not r.get("extra")}
     eager = {(r["phase"], r["batch"], r["tokens"]): r for r in rows if r.get("extra")}
     mode = "compiled + graphed" if d.get("compiled_decode") else "graphed"
+    sustained = d.get("matmul_sustained_TFLOPs")
+    clocked = any("clocks" in r for r in rows)
     table = []
     for key, r in main.items():
         ph, b, t = key
@@ -314,17 +322,31 @@ def _floor_table(d: dict) -> str:
         if ph == "prefill" and d.get("compiled_prefill"):
             how = "compiled" + (" + graphed" if r.get("graph") else "")
         e = eager.get(key)
-        table.append([f"TTFT {t}x{b}" if ph == "prefill" else f"TPOT batch {b}",
-                      f"{r['floor_ms']:.3f}", f"{r['ms']:.3f} ({how})",
-                      f"{r['ms'] / r['floor_ms']:.2f}x",
-                      "-" if e is None else f"{e['ms']:.3f} ({e['ms'] / r['floor_ms']:.2f}x)"])
+        row = [f"TTFT {t}x{b}" if ph == "prefill" else f"TPOT batch {b}",
+               f"{r['floor_ms']:.3f}", f"{r['ms']:.3f} ({how})",
+               f"{r['ms'] / r['floor_ms']:.2f}x",
+               "-" if e is None else f"{e['ms']:.3f} ({e['ms'] / r['floor_ms']:.2f}x)"]
+        if sustained:
+            row.append(f"{r['ms'] / (r['flops'] / (sustained * 1e12) * 1e3):.2f}x"
+                       if ph == "prefill" else "-")
+        if clocked:
+            row.append(_clock_cell(r.get("clocks")))
+        table.append(row)
     ungraphed = "compiled, no graph" if d.get("compiled_prefill") else "eager"
     tf = d.get("matmul_TFLOPs")
-    return ("\n`native` against its floors: prefill's FLOPs at the dense matmul rate"
-            + (f" measured in the run ({tf:.3g} TFLOP/s)" if tf else "")
-            + "; decode's weight and KV-cache bytes at the run's HBM copy bandwidth.\n\n"
-            + md_table(["case", "floor ms", "ms", "x floor", f"{ungraphed} ms (x floor)"],
-                        table))
+    head = ["case", "floor ms", "ms", "x floor", f"{ungraphed} ms (x floor)"]
+    text = ("\n`native` against its floors: prefill's FLOPs at the dense matmul rate"
+            + (f" measured in the run ({tf:.3g} TFLOP/s over 10 products)" if tf else "")
+            + "; decode's weight and KV-cache bytes at the run's HBM copy bandwidth.")
+    if sustained:
+        head.append("x sustained rate")
+        c = d.get("matmul_sustained_clocks")
+        text += (f" The same matmul over 200 products back to back: {sustained:.3g} TFLOP/s"
+                 + (f" ({_clock_cell(c)} of the samples)" if c else "")
+                 + ", the rate the board sustains under its power limit.")
+    if clocked:
+        head.append("SM clock, power cap (timed calls)")
+    return text + "\n\n" + md_table(head, table)
 
 
 def build() -> dict:
