@@ -84,3 +84,24 @@ def test_sampler_reads_a_running_command_and_survives_a_missing_one():
     with s:
         pass
     assert s.summary() is None and ClockSampler(torch.device("cpu")).summary() is None
+
+
+def test_summary_names_how_each_prefill_ran():
+    """bench_generate's summary: a prefill row without a CUDA graph is 'compiled' when the
+    run compiled its prefill and 'eager' otherwise; a graphed row carries no label."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate_summary", path)
+    bg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bg)
+    row = dict(phase="prefill", batch=1, tokens=8192, comm="native", ms=207.2, graph=False,
+               floor_ms=167.7, flops=132e12)
+    result = dict(shape="llama3-8b", tp=1, device="gpu", context=1024, rows=[row],
+                  matmul_TFLOPs=787.0, matmul_sustained_TFLOPs=707.0)
+    line = lambda r: next(s for s in bg.summarize(r).splitlines() if s.startswith("  TTFT"))
+    assert "native compiled: 207.200 ms = 1.24x floor" in line({**result,
+                                                                 "compiled_prefill": True})
+    assert "native eager: 207.200 ms" in line(result)
+    assert "native: 207.200 ms" in line({**result, "rows": [{**row, "graph": True}]})
+    assert "1.11x at the sustained 707 TFLOP/s" in line(result)

@@ -191,6 +191,14 @@ def explain(comm, examples, hidden: int, dtype, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+def _prefill_how(result: dict, row: dict) -> str:
+    """How a prefill row ran, as the summary names it: '' for graphed, else ' compiled'
+    (``--compile-prefill``) or ' eager'."""
+    if row.get("graph", True):
+        return ""
+    return " compiled" if result.get("compiled_prefill") else " eager"
+
+
 def _case_label(tokens: int, batch: int) -> str:
     t = f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
     return t if batch == 1 else f"{batch}x{t}"
@@ -229,7 +237,7 @@ def summarize(result: dict) -> str:
         for r in result["rows"]:
             if r["phase"] == "prefill" and r.get("floor_ms") and r["comm"] == NATIVE:
                 lines.append(f"  TTFT {_case_label(r['tokens'], r['batch'])} {r['comm']}"
-                             f"{'' if r.get('graph', True) else ' eager'}: {r['ms']:.3f} ms = "
+                             f"{_prefill_how(result, r)}: {r['ms']:.3f} ms = "
                              f"{r['ms'] / r['floor_ms']:.2f}x floor ({r['floor_ms']:.3f} ms, "
                              f"{r['flops'] / 1e12:.3g} TFLOP)"
                              + (f"; {r['ms'] / (r['flops'] / (sustained * 1e12) * 1e3):.2f}x at "
