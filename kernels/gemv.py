@@ -1,10 +1,11 @@
 """``linear(x, weight, bias)``: ``F.linear``, except for one row of bf16 activations on a
 CUDA GPU, where csrc/gemv.cu's kernel streams the weight (a batch-1 decode step's linear
-layers and LM head). Measured on an H100 on the llama3-8b shapes (tools/bench_gemv.py):
-a step's 129 products 5.752 ms with cuBLAS, 5.274 ms here (less the time of the kernels
-that write their inputs); a compiled, graphed decode step 6.259 -> 5.937 ms
-(docs/results/generate.md). At 2 and 4 rows cuBLAS was as fast or
-faster, so more rows keep ``F.linear``.
+layers and LM head). Measured on H100s on the llama3-8b shapes (tools/bench_gemv.py): a
+step's 129 products 5.77 ms with cuBLAS, 5.14 ms here (less the time of the kernels that
+write their inputs, one run); a compiled, graphed decode step 6.259 -> 5.937 ms against
+cuBLAS (one H100), and 6.053 -> 5.923 ms when the kernel's loads were pipelined (another
+H100; docs/results/generate.md, docs/notebook/2026-12-06.md). At 2 and 4 rows cuBLAS was
+as fast or faster, so more rows keep ``F.linear``.
 
 The kernel sums each output in a fixed order (fp32, csrc/gemv.cu), so every rank and every
 call gives the same bits; they differ from cuBLAS's in the last bf16 bit now and then.
