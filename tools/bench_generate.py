@@ -205,6 +205,7 @@ def _case_label(tokens: int, batch: int) -> str:
 
 
 def summarize(result: dict) -> str:
+    from megatron_lite.lab.benchmark import compute_ms
     rows = [r for r in result["rows"] if not r.get("extra")]
     comms = list(dict.fromkeys(r["comm"] for r in rows))
     lines = [f"{result['shape']} TP{result['tp']} on {result['device']}  (ms; prefill = TTFT,"
@@ -240,7 +241,7 @@ def summarize(result: dict) -> str:
                              f"{_prefill_how(result, r)}: {r['ms']:.3f} ms = "
                              f"{r['ms'] / r['floor_ms']:.2f}x floor ({r['floor_ms']:.3f} ms, "
                              f"{r['flops'] / 1e12:.3g} TFLOP)"
-                             + (f"; {r['ms'] / (r['flops'] / (sustained * 1e12) * 1e3):.2f}x at "
+                             + (f"; {r['ms'] / compute_ms(r['flops'], sustained):.2f}x at "
                                 f"the sustained {sustained:.3g} TFLOP/s" if sustained else ""))
     kv = {r["batch"]: r for r in rows if r["phase"] == "decode" and "kv_cache_bytes" in r}
     for b, r in kv.items():
@@ -254,9 +255,9 @@ def summarize(result: dict) -> str:
 def compute_floor(model, tokens: int, batch: int, result: dict) -> dict:
     """A prefill row's compute floor (this GPU): the FLOPs it must do
     (``lab.benchmark.prefill_flops``) at the dense matmul rate measured in the same run."""
-    from megatron_lite.lab.benchmark import prefill_flops
+    from megatron_lite.lab.benchmark import compute_ms, prefill_flops
     flops = prefill_flops(model, tokens, batch)
-    return dict(flops=flops, floor_ms=flops / (result["matmul_TFLOPs"] * 1e12) * 1e3)
+    return dict(flops=flops, floor_ms=compute_ms(flops, result["matmul_TFLOPs"]))
 
 
 def kv_figures(cache, context: int, result: dict) -> dict:

@@ -307,6 +307,7 @@ def _floor_table(d: dict) -> str:
     weight-and-KV streaming floor; graphed or compiled and, where timed, eager. Runs that
     sampled the SM clock (lab/gpu_clocks.py) also give TTFT against the matmul rate the
     board sustains over 200 products, and each row's median clock and power-cap share."""
+    from megatron_lite.lab.benchmark import compute_ms
     rows = [r for r in d["rows"] if r["comm"] == "native" and r.get("floor_ms")]
     if not rows:
         return ""
@@ -327,7 +328,7 @@ def _floor_table(d: dict) -> str:
                f"{r['ms'] / r['floor_ms']:.2f}x",
                "-" if e is None else f"{e['ms']:.3f} ({e['ms'] / r['floor_ms']:.2f}x)"]
         if sustained:
-            row.append(f"{r['ms'] / (r['flops'] / (sustained * 1e12) * 1e3):.2f}x"
+            row.append(f"{r['ms'] / compute_ms(r['flops'], sustained):.2f}x"
                        if ph == "prefill" else "-")
         if clocked:
             row.append(_clock_cell(r.get("clocks")))

@@ -101,6 +101,12 @@ def _attended_pairs(tokens: int, window) -> int:
     return window * (window + 1) // 2 + (tokens - window) * window
 
 
+def compute_ms(flops: float, tflops: float) -> float:
+    """Milliseconds that ``flops`` take at ``tflops`` TFLOP/s: a prefill's compute floor at
+    the run's matmul rate (burst or sustained)."""
+    return flops / (tflops * 1e12) * 1e3
+
+
 def prefill_flops(model, tokens: int, batch: int) -> float:
     """FLOPs this rank must do to prefill ``batch`` prompts of ``tokens`` tokens: 2 per
     multiply-add of every weight matrix it holds per token (the input embedding is a
