@@ -2,7 +2,7 @@
 # One call on a 4-GPU device machine: environment, a smoke benchmark, the full all-reduce
 # benchmarks at world sizes 4 and 2, and the GPU tests. Logs and JSON land in $OUT.
 #   STAGES="env smoke sweep bench4 bench2 rec transports tests gen" bash tests/gpu/device_run.sh
-# One GPU: STAGES="env build codec host hostprof tests gen1 prefill1 kv1" bash tests/gpu/device_run.sh
+# One GPU: STAGES="env build codec host hostprof tests gen1 gemv1 prefill1 kv1" bash tests/gpu/device_run.sh
 # (build first: a stage's timeout must not fall inside the CUDA codec build, 1-3 minutes)
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -152,6 +152,18 @@ from megatron_lite.kernels import codec_cuda; codec_cuda.build()" > "$OUT/ab_bui
           --json "$OUT/generate_llama3-8b_tp1$tag.json" > "$OUT/gen1$tag.log" 2>&1
         grep -v "it/s" "$OUT/gen1$tag.log" | tail -22
       done
+      ;;
+    gemv1)
+      # one GPU (TP 1), llama3-8b: the batch-1 GEMV kernel against cuBLAS per layer, then
+      # the compiled, graphed decode that uses it at batches 1 and 16, with its profile
+      timeout ${T_GEMV:-150} python3 tools/bench_gemv.py --shape llama3-8b --tp 1 \
+        --json "$OUT/gemv_llama3-8b_tp1.json" > "$OUT/gemv1.log" 2>&1
+      grep -v "it/s" "$OUT/gemv1.log" | tail -14
+      timeout ${T_GEN:-200} torchrun --nproc_per_node=1 tools/bench_generate.py --compile \
+        --random-weights llama3-8b --comm native --no-lower-bound --prefill 512x1 \
+        --decode-batches 1,16 --decode-steps 100 --repeats 3 --profile \
+        --json "$OUT/generate_llama3-8b_tp1_gemv.json" > "$OUT/gemv1_gen.log" 2>&1
+      grep -v "it/s" "$OUT/gemv1_gen.log" | grep -v "kernels: {" | tail -16
       ;;
     prefill1)
       # one GPU (TP 1), llama3-8b: the 8k prefill as an eager model and compiled, then the
