@@ -114,6 +114,7 @@ struct Stage {
 
   // v (every lane of the warp, live or not) to the row `row` of n values: the live
   // groups. The kernel's last use of the words (no barrier after it).
+  template <bool CS = false>
   static __device__ __forceinline__ void store(T* row, int64_t n, const Tile<G>& t,
                                                const float v[kChunks][8]) {
     uint4* w = stage_words();
@@ -130,8 +131,10 @@ struct Stage {
 #pragma unroll
     for (int r = 0; r < ROUNDS; ++r) {
       const int s = r * 32 + lane;
-      if (b0 + (int64_t)(s / SG) * G < n)
-        *reinterpret_cast<uint4*>(row + b0 + s * (8 / W)) = w[at(s)];
+      if (b0 + (int64_t)(s / SG) * G >= n) continue;
+      uint4* dst = reinterpret_cast<uint4*>(row + b0 + s * (8 / W));
+      if constexpr (CS) __stcs(dst, w[at(s)]);
+      else *dst = w[at(s)];
     }
   }
 
@@ -190,6 +193,21 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(
   store_group<KIND, BITS, G>(c, t, buf, Where<BITS, G>(t.row, t.g0, n, nbytes_row));
 }
 
+// v (this lane's chunks of tile t) to the row `row` of n values: through Stage where
+// `stage` (every lane of the warp calls it, live or not), else the live lanes' direct
+// 16-byte stores; CS: streaming stores (st.global.cs).
+template <bool CS, typename T, int G>
+__device__ __forceinline__ void store_values(T* row, int64_t n, const Tile<G>& t,
+                                             const float v[kChunks][8], bool stage) {
+  if (stage) {
+    Stage<T, G>::template store<CS>(row, n, t, v);
+    return;
+  }
+  if (!t.live) return;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) Io<T>::template store<CS>(row + t.col(k), v[k]);
+}
+
 // out[o] = sum over r = 0 .. per-1 of decode(buf[o*so + r*sr]) (fp32, in r order), then,
 // with ROT, rotated back (not clamped again): kernels/quant.py's dequantize (so = per,
 // sr = 1), or, with so = 1 and sr = outs, the one-shot all-reduce's sum over the ranks of
@@ -212,13 +230,18 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
     }
   }
   if (ROT) fwht<G>(acc, t.sub, rscale);
-  if (G == 64 || (sizeof(T) == 4 && per == 1)) {   // see Stage
-    Stage<T, G>::store(out + t.row * n, n, t, acc);
-    return;
+  // A plain dequantize (per = 1) streams its values out (st.global.cs: evict first).
+  // Measured on an H100 at 64 MB, every value store streamed against none (one call,
+  // docs/notebook/2026-12-06.md): the dequantizes 2-12% faster (int8:128 2.52 -> 2.57
+  // TB/s, int4:128 2.58 -> 2.90, int4:64 2.53 -> 2.64, hadamard-int4:128 2.74 -> 2.80),
+  // the sums of 4 rows up to 2% slower (int4:64 2.45 -> 2.41), so the sums keep the
+  // plain stores.
+  const bool stage = G == 64 || (sizeof(T) == 4 && per == 1);   // see Stage
+  if (per == 1) {
+    store_values<true>(out + t.row * n, n, t, acc, stage);
+  } else {
+    store_values<false>(out + t.row * n, n, t, acc, stage);
   }
-  if (!t.live) return;
-#pragma unroll
-  for (int k = 0; k < kChunks; ++k) Io<T>::store(out + t.row * n + t.col(k), acc[k]);
 }
 
 // dequantize_kernel for int5 without the rotation or a sum (per = 1): out[r] =

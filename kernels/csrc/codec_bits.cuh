@@ -37,7 +37,7 @@ struct Bf16Bits { uint16_t x; };   // a bf16 tensor's element, as its bits
 
 // 8 consecutive values of the input as fp32 (exact upcasts) and back. IoWords<T>: 8 values
 // of T as kWords 16-byte words and back (pack, unpack); Io<T> adds the 16-byte loads
-// (streaming) and stores of 8 consecutive values built on them.
+// (streaming) and stores (streaming with CS) of 8 consecutive values built on them.
 template <typename T> struct IoWords;
 
 template <> struct IoWords<float> {
@@ -113,11 +113,15 @@ template <typename T> struct Io : IoWords<T> {
     for (int h = 0; h < kWords; ++h) w[h] = __ldcs(reinterpret_cast<const uint4*>(p) + h);
     IoWords<T>::unpack(w, v);
   }
+  template <bool CS = false>
   static __device__ __forceinline__ void store(T* p, const float v[8]) {
     uint4 w[kWords];
     IoWords<T>::pack(v, w);
 #pragma unroll
-    for (int h = 0; h < kWords; ++h) reinterpret_cast<uint4*>(p)[h] = w[h];
+    for (int h = 0; h < kWords; ++h) {
+      if constexpr (CS) __stcs(reinterpret_cast<uint4*>(p) + h, w[h]);
+      else reinterpret_cast<uint4*>(p)[h] = w[h];
+    }
   }
 };
 
