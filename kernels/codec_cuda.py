@@ -378,6 +378,20 @@ class _BoundLaunch:
         raise ValueError(f"{self._what}: no launch {'with' if with_error else 'without'} an "
                          "error part")
 
+    def fresh(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x, out)`` into a new ``out`` like ``x``, the eager call of the
+        communicator's kernel backends (comm/fused.py): the output is allocated
+        contiguous, and the caching allocator aligns it, so only ``x`` is checked."""
+        h = self._handles[0]
+        if h is None:
+            h = self._prepare_handle(False)
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+        out = torch.empty_like(x)
+        _check(self._launch(h.h, x.data_ptr(), out.data_ptr(), 0, _stream(x)), self._what)
+        return out
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor, err: Optional[torch.Tensor] = None):
         """Sum ``x`` (contiguous, of the bound length and dtype) into ``out`` (x's numel
         and dtype) and return ``out``; with ``err`` (fp32, x's numel) also write this rank's

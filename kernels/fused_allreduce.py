@@ -129,13 +129,6 @@ def one_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, out: torch.Tensor = 
 Launcher = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _fresh_output(launch) -> Launcher:
-    def run(x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        return launch(x, torch.empty_like(x))
-    return run
-
-
 def one_shot_launcher(ws: SymmWorkspace, x: torch.Tensor) -> Launcher:
     """``one_shot_all_reduce(ws, ·)`` for messages of ``x``'s length and dtype on the
     workspace's device, with what depends on those alone (block, grid, the bound CUDA
@@ -146,8 +139,8 @@ def one_shot_launcher(ws: SymmWorkspace, x: torch.Tensor) -> Launcher:
     _check_one_shot_size(ws, x)
     if not codec_cuda.takes_one_shot(x):
         return functools.partial(one_shot_all_reduce, ws)
-    return _fresh_output(codec_cuda.OneShotLaunch(ws, n, x.dtype, one_shot_block(n, x.device),
-                                                  one_shot_grid(ws, x.device), SPIN_LIMIT))
+    return codec_cuda.OneShotLaunch(ws, n, x.dtype, one_shot_block(n, x.device),
+                                    one_shot_grid(ws, x.device), SPIN_LIMIT).fresh
 
 
 # ----------------------------------------------------------------------------- two-shot
@@ -370,8 +363,8 @@ def two_shot_launcher(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan) -> L
     n = x.numel()
     if n == 0 or not codec_cuda.takes_two_shot(plan, x):
         return lambda y: two_shot_all_reduce(ws, y, plan)
-    return _fresh_output(codec_cuda.TwoShotLaunch(ws, plan, n, x.dtype,
-                                                  *_cuda_geometry(ws, x, plan), SPIN_LIMIT))
+    return codec_cuda.TwoShotLaunch(ws, plan, n, x.dtype, *_cuda_geometry(ws, x, plan),
+                                    SPIN_LIMIT).fresh
 
 
 # ------------------------------------------------------------------ one-shot, quantized

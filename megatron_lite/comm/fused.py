@@ -154,6 +154,9 @@ class OneShotBackend(Backend):
         """The prepared one-shot launch of messages like ``x`` (see ``Launchers``)."""
         return self.launchers.get(x, None, lambda: _fa().one_shot_launcher(self.state.ws, x))
 
+    def runner(self, x, scheme, comm):
+        return self.launcher(x)
+
     def all_reduce(self, x, scheme, comm):
         return self.launcher(x)(x)
 
@@ -180,6 +183,9 @@ class FusedTwoShotBackend(Backend):
         """The prepared two-shot launch of messages like ``x`` with ``scheme``."""
         return self.launchers.get(x, scheme, lambda: _fa().two_shot_launcher(
             self.state.ws, x, scheme.kernel_plan(x)))
+
+    def runner(self, x, scheme, comm):
+        return self.launcher(x, scheme)
 
     def all_reduce(self, x, scheme, comm):
         return self.launcher(x, scheme)(x)
@@ -267,11 +273,16 @@ class OneShotKernelsBackend(Backend):
             return f"dtype {x.dtype}"
         return no_kernel(scheme, x)
 
+    def runner(self, x, scheme, comm):
+        launch = self.launcher(x, scheme)
+        if launch is not None:
+            return launch.fresh
+        return super().runner(x, scheme, comm)
+
     def all_reduce(self, x, scheme, comm):
         launch = self.launcher(x, scheme)
         if launch is not None:   # the same bits in one launch (``chunk=`` has no use there)
-            x = x.contiguous()
-            return launch(x, torch.empty_like(x))
+            return launch.fresh(x)
         return one_shot_kernels_all_reduce(comm.base, x, scheme,
                                            chunk_bytes=comm.spec.chunk_bytes)
 
@@ -370,9 +381,12 @@ class AutoBackend(Backend):
         # the one-shot kernel's raw fp32 rank-order sum (full precision, as ``oneshot``)
         return self.state.all_reduce_add_rmsnorm(x, None, residual, norm_weight, eps, **norm)
 
-    def all_reduce(self, x, scheme, comm):
+    def runner(self, x, scheme, comm):
         # the choice depends on the message's size, dtype and the spec alone: made once
-        return self.launchers.get(x, scheme, lambda: self._launcher(x, scheme, comm))(x)
+        return self.launchers.get(x, scheme, lambda: self._launcher(x, scheme, comm))
+
+    def all_reduce(self, x, scheme, comm):
+        return self.runner(x, scheme, comm)(x)
 
     def _launcher(self, x, scheme, comm):
         which = self.choose(x, scheme, comm)

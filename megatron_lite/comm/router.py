@@ -29,7 +29,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,6 +47,9 @@ from megatron_lite.lru import LruDict
 # Plans kept per communicator (megatron_lite/lru.py): a model's sites times the message
 # shapes in use; one forgotten is planned again on its next call (tens of microseconds).
 PLAN_CACHE_SIZE = 4096
+# Runners (Backend.runner) kept per communicator: each may hold a prepared kernel launch,
+# so they are bounded like the kernel backends' own (comm/fused.py's LAUNCH_CACHE_SIZE).
+RUN_CACHE_SIZE = 1024
 
 
 class Backend:
@@ -68,6 +71,15 @@ class Backend:
     def all_reduce(self, x: torch.Tensor, scheme: Scheme,
                    comm: "QuantizedCommunicator") -> torch.Tensor:
         raise NotImplementedError
+
+    def runner(self, x: torch.Tensor, scheme: Scheme,
+               comm: "QuantizedCommunicator") -> Callable[[torch.Tensor], torch.Tensor]:
+        """The call of messages like ``x`` (shape, dtype, device) with ``scheme``, as one
+        callable: ``runner(x, scheme, comm)(y)`` is ``all_reduce(y, scheme, comm)``. The
+        router keeps one per kind of call, so that the kernel backends, whose runner is
+        their prepared launch (comm/fused.py), spend no lookup of their own on an eager
+        call."""
+        return lambda y: self.all_reduce(y, scheme, comm)
 
     def all_reduce_with_error(self, x, scheme, comm) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{self.name} does not return error parts")
@@ -191,6 +203,7 @@ class QuantizedCommunicator(WrappingCommunicator):
         if self.sites.calibration is not None:
             self.sites.calibration.check(tp=base.world_size, hf_config=hf_config)
         self._plans = LruDict(PLAN_CACHE_SIZE)   # plans and the other per-call answers
+        self._runs = LruDict(RUN_CACHE_SIZE)     # (site, shape, dtype, device) -> runner
         self._tables: Dict[torch.device, Table] = {}
         self.set_backends(list(backends) if backends else [PortableBackend()])
 
@@ -207,6 +220,7 @@ class QuantizedCommunicator(WrappingCommunicator):
         self.backends = list(backends)
         self.fuses_add_rmsnorm = any(b.fuses_add_rmsnorm for b in self.backends)
         self._plans.clear()
+        self._runs.clear()
 
     def plan(self, x: torch.Tensor, site: Optional[str] = None) -> Plan:
         """The cached plan of a call; raises CodecError when no backend takes it."""
@@ -276,10 +290,21 @@ class QuantizedCommunicator(WrappingCommunicator):
         """The planned call: ``all_reduce`` without its one-rank short cut (benchmarks
         time the launch path with it on one GPU; at one rank the sum is the codec's round
         trip)."""
+        key = (site, x.shape, x.dtype, x.device)
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs[key] = self._make_run(x, site)
+        return run(x)
+
+    def _make_run(self, x: torch.Tensor, site: Optional[str]
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The planned call of messages like ``x`` at ``site`` as one callable (``route``
+        keeps it, so that an eager call costs one lookup before the backend's launch)."""
         p = self.plan(x, site)
         if p.backend is None:
-            return self.base.all_reduce(x, site)
-        return p.backend.all_reduce(x, p.scheme, self)
+            base = self.base
+            return lambda y: base.all_reduce(y, site)
+        return p.backend.runner(x, p.scheme, self)
 
     # -- the sum with the residual add and RMSNorm -------------------------------------
     def add_rmsnorm_plan(self, x: torch.Tensor, site: Optional[str] = None

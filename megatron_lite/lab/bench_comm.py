@@ -284,8 +284,9 @@ class _GpuHold:
 def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
                   batch: int = 32) -> Dict[str, float]:
     """Host microseconds of an eager quantized all-reduce: ``dispatch`` from the call to
-    the backend's entry (the plan lookup: what runs before the first kernel launch), and
-    ``call``, the whole call's host time. Medians of ``calls`` calls after warm-up.
+    the entry of the backend's runner (the route's lookup: what runs before the backend's
+    own work, a kernel backend's prepared launch), and ``call``, the whole call's host
+    time. Medians of ``calls`` calls after warm-up.
 
     On a GPU the calls are timed in batches of ``batch`` behind a spin kernel
     (:class:`_GpuHold`), so that a launch never waits for the device: ``call`` is the
@@ -298,8 +299,8 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
     communicator's ``route`` (``all_reduce`` returns its input there): the same plan and
     backend launch as at W > 1, the sum a one-rank round trip.
 
-    The entry is timed by wrapping the chosen backend's ``all_reduce`` for the duration of
-    the measurement; the call itself runs the real path."""
+    The entry is timed by wrapping the chosen backend's runner (``Backend.runner``) for
+    the duration of the measurement; the call itself runs the real path."""
     import torch.distributed as dist
     plan = comm.plan(x, site)
     backend = plan.backend
@@ -312,12 +313,12 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
     rel, same = check(out, ref)
     if out.shape != x.shape or not math.isfinite(rel):
         raise ValueError(f"{backend.name}: output {tuple(out.shape)}, relative error {rel}")
-    inner = backend.all_reduce
+    inner = backend.runner(x, plan.scheme, comm)
     entries: List[float] = []
 
-    def timed(*a, **kw):
+    def timed(y):
         entries.append(time.perf_counter_ns())
-        return inner(*a, **kw)
+        return inner(y)
     for _ in range(20):
         call(x, site)
     extra = {}
@@ -326,7 +327,8 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
                                        iters=20, warmup=5, graph_max=1 << 62, graph_calls=10,
                                        device=x.device)
     hold = _GpuHold() if x.is_cuda else None
-    backend.all_reduce = timed
+    backend.runner = lambda *a: timed
+    comm.set_backends(comm.backends)   # planned again: the route now calls ``timed``
     dispatch, whole = [], []
     try:
         while len(whole) < calls:
@@ -350,7 +352,8 @@ def host_overhead(comm, x: torch.Tensor, site: str, calls: int = 2000,
             dispatch += d
             whole += w
     finally:
-        del backend.all_reduce        # the instance attribute: the class method again
+        del backend.runner            # the instance attribute: the class method again
+        comm.set_backends(comm.backends)
     if hold is not None:
         extra["uncovered_batches"] = hold.uncovered
     return {"dispatch_us": statistics.median(dispatch), "call_us": statistics.median(whole),

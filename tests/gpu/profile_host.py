@@ -61,6 +61,11 @@ def main():
     ws = comm.backends[0].state.ws
     out = torch.empty_like(x)
     y = torch.randn(1 << 16, device=dev)
+    bound = codec_cuda.OneShotLaunch(ws, x.numel(), x.dtype, fa.one_shot_block(x.numel(), dev),
+                                     fa.one_shot_grid(ws, dev), 1 << 22)
+    prepared = fa.one_shot_launcher(ws, x)
+    ext, handle = codec_cuda._ext(), bound._handles[0].h
+    xp, op, stream = x.data_ptr(), out.data_ptr(), torch._C._cuda_getCurrentRawStream(0)
     prims = {
         "torch.empty_like(x)": lambda: torch.empty_like(x),
         "x.contiguous()": lambda: x.contiguous(),
@@ -78,6 +83,13 @@ def main():
         "codec_cuda.one_shot_all_reduce (out given)":
             lambda: codec_cuda.one_shot_all_reduce(ws, x, out, fa.one_shot_block(x.numel(), dev),
                                                   fa.one_shot_grid(ws, dev), 1 << 22),
+        # the prepared path a backend's call takes, piece by piece: the bound launch
+        # (alignment checks, stream, extension call), then the extension call alone
+        "bound one-shot launch (out given)": lambda: bound(x, out),
+        "prepared one-shot launcher (allocates out)": lambda: prepared(x),
+        "ext.ml_launch (handle, pointers, stream)":
+            lambda: ext.ml_launch(handle, xp, op, 0, stream),
+        "comm.plan(x, SITE)": lambda: comm.plan(x, SITE),
     }
     print("\nsingle operations, mean host us")
     for name, fn in prims.items():
