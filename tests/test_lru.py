@@ -52,3 +52,44 @@ def test_router_plans_are_bounded(monkeypatch):
         qc.plan(torch.zeros(n), site)
     assert len(qc._plans) == 3
     assert qc.explain(torch.zeros(1000), site) == first
+
+
+def test_router_keeps_one_runner_per_kind_of_call(monkeypatch):
+    """``route`` asks the planned backend for its runner once per (site, shape, dtype,
+    device), at most RUN_CACHE_SIZE of them, and again after the chain changes; every call
+    runs through the runner and gives the backend's own result."""
+    from megatron_lite.comm import router
+    from megatron_lite.comm.build import build_communicator
+    from megatron_lite.comm.simulate import make_thread_communicators
+    monkeypatch.setattr(router, "RUN_CACHE_SIZE", 2)
+
+    class Counting(router.PortableBackend):
+        made, ran = [], []
+
+        def runner(self, x, scheme, comm):
+            self.made.append(tuple(x.shape))
+            inner = super().runner(x, scheme, comm)
+
+            def run(y):
+                self.ran.append(tuple(y.shape))
+                return inner(y)
+            return run
+
+    qc = build_communicator(make_thread_communicators(1)[0], "int4:128,min_bytes=1KiB")
+    qc.set_backends([Counting()])
+    site = "layers.0.mlp.down_proj"
+    x = torch.randn(4, 256)
+    want = router.PortableBackend().all_reduce(x, qc.sites.scheme_for(site), qc)
+    for _ in range(3):
+        assert torch.equal(qc.route(x, site), want)
+    assert Counting.made == [(4, 256)] and Counting.ran == [(4, 256)] * 3
+    qc.route(torch.randn(8, 256), site)
+    qc.route(torch.randn(16, 256), site)        # pushes (4, 256) out
+    qc.route(x, site)
+    assert Counting.made == [(4, 256), (8, 256), (16, 256), (4, 256)]
+    assert len(qc._runs) == 2
+    qc.set_backends(qc.backends)                # a new chain: planned again
+    qc.route(x, site)
+    assert Counting.made[-1] == (4, 256) and len(Counting.made) == 5
+    # a native site (the embedding's) runs the base communicator's sum, through a runner too
+    assert torch.equal(qc.route(x, "embed_tokens"), x)
