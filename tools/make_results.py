@@ -119,12 +119,13 @@ def _host_section(entries) -> str:
     if not entries:
         return ""
     parts = ["\n## Host cost of an eager call\n\n`tools/bench_allreduce.py --host-overhead`: "
-             "host µs from the call to the backend's entry (the plan lookup, before any kernel "
-             "launch) and of the whole call, medians of 2000 calls after the output was "
+             "host µs from the call to the backend's own work (the route's lookup, before any "
+             "kernel launch) and of the whole call, medians of 2000 calls after the output was "
              "checked; on a GPU the calls are timed behind a spin kernel, so no launch waits "
              "for the device, and the device µs per call (CUDA-graph replays where the path "
              "captures) is listed beside them: an eager caller waits for the larger of the two. Targets: 10 µs before "
-             "the first launch, 20 µs of host time for a whole fused all-reduce.\n"]
+             "the first launch, 20 µs of host time for a whole eager all-reduce and 15 µs "
+             "for a fused one.\n"]
     for e in entries:
         d = load("allreduce", e["file"])
         note = f" {d['host_overhead_note']}." if d.get("host_overhead_note") else ""
