@@ -386,10 +386,14 @@ class _BoundLaunch:
         if h is None:
             h = self._prepare_handle(False)
         x = x.contiguous()
-        if x.data_ptr() % 16:
+        xp = x.data_ptr()
+        if xp % 16:
             x = x.clone()
+            xp = x.data_ptr()
         out = torch.empty_like(x)
-        _check(self._launch(h.h, x.data_ptr(), out.data_ptr(), 0, _stream(x)), self._what)
+        err = self._launch(h.h, xp, out.data_ptr(), 0, _stream(x))
+        if err:
+            _check(err, self._what)
         return out
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, err: Optional[torch.Tensor] = None):

@@ -328,8 +328,14 @@ def _one_shot_body(rank, world, lib):
                 want_k = (xs[0] * k).float()
                 for r in range(1, world):
                     want_k = want_k + (xs[r] * k).float()
-                # the output given, then a new one (the backends' eager call)
-                got = launch(x * k, torch.empty_like(x)) if k == 2 else launch.fresh(x * k)
+                # the output given, then a new one (the backends' eager call) for an input
+                # that starts one element past a 16-byte boundary (copied first)
+                if k == 2:
+                    got = launch(x * k, torch.empty_like(x))
+                else:
+                    off = torch.empty(n + 1, dtype=dtype)[1:]
+                    off.copy_(x * k)
+                    got = launch.fresh(off)
                 res.append([f"{dtype} bound x{k}", n, bool(same_bits(got, want_k.to(dtype))),
                             float(torch.nan_to_num(got.float()).sum()), int(ws.status[0])])
     return res
