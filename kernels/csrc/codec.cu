@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
   const Tile<G> t = tile_of<G>(n, bpr);   // t.row: the output row o
   float acc[kChunks][8];
   if (t.live) {
-    decode_sum<KIND, BITS, G>(per, lim, [&](int64_t r, Packed<KIND, BITS, G>& p) {
+    decode_sum<KIND, BITS, G, BITS == 4 && G == 128>(per, lim, [&](int64_t r,
+                                                               Packed<KIND, BITS, G>& p) {
       p.template load<true>(buf, t, Where<BITS, G>(t.row * so + r * sr, t.g0, n, nbytes_row));
     }, acc);
   } else {

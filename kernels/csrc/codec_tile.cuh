@@ -342,10 +342,26 @@ __device__ __forceinline__ void decode_add(const Packed<KIND, BITS, G>& p, float
 // acc = the sum of the decoded rows 0 .. rows-1 (rows >= 1), in fp32 in row order, the
 // first row as is (0 + (-0) would be +0). load(r, p) loads row r's share of the group
 // into p. Row r + 1 is loaded before row r is decoded, so that a thread has two rows'
-// loads in flight, not one: these sums wait on memory, not on arithmetic.
-template <int KIND, int BITS, int G, typename Load>
+// loads in flight, not one: these sums wait on memory, not on arithmetic. ALL4: four
+// rows (TP 4) are all loaded before the first is decoded. Measured on an H100 with the
+// dequantize-and-sum of 4 rows (one call, docs/notebook/2026-12-06.md, seventh part): at
+// 4 bits and G = 128, whose share of a row is 6 registers, 2-14% faster at 4-64 MB
+// (int4:128 at 64 MB 2.45 -> 2.54 TB/s, hadamard-int4:128 2.29 -> 2.36); at 8 bits and
+// at G = 64 up to 8% slower from 8 MB (int8:128 at 16 MB 2.19 -> 2.03), so only codec.cu's
+// dequantize at 4 bits and G = 128 asks for it (the all-reduce kernels' sums, whose
+// loads cross NVLink, are not measured with it).
+template <int KIND, int BITS, int G, bool ALL4 = false, typename Load>
 __device__ __forceinline__ void decode_sum(int64_t rows, float lim, Load load,
                                            float acc[kChunks][8]) {
+  if (ALL4 && rows == 4) {
+    Packed<KIND, BITS, G> a[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) load(r, a[r]);
+    decode<KIND, BITS, G>(a[0], lim, acc);
+#pragma unroll
+    for (int r = 1; r < 4; ++r) decode_add<KIND, BITS, G>(a[r], lim, acc);
+    return;
+  }
   Packed<KIND, BITS, G> p, q;
   load(0, p);
   if (rows > 1) load(1, q);
