@@ -345,7 +345,7 @@ __device__ __forceinline__ void decode_add(const Packed<KIND, BITS, G>& p, float
 // loads in flight, not one: these sums wait on memory, not on arithmetic. ALL4: four
 // rows (TP 4) are all loaded before the first is decoded. Measured on an H100 with the
 // dequantize-and-sum of 4 rows (one call, docs/notebook/2026-12-06.md, seventh part): at
-// 4 bits and G = 128, whose share of a row is 6 registers, 2-14% faster at 4-64 MB
+// 4 bits and G = 128, whose share of a row is 6 registers, 3-15% faster at 4-64 MB
 // (int4:128 at 64 MB 2.45 -> 2.54 TB/s, hadamard-int4:128 2.29 -> 2.36); at 8 bits and
 // at G = 64 up to 8% slower from 8 MB (int8:128 at 16 MB 2.19 -> 2.03), so only codec.cu's
 // dequantize at 4 bits and G = 128 asks for it (the all-reduce kernels' sums, whose
