@@ -83,13 +83,16 @@ def test_router_keeps_one_runner_per_kind_of_call(monkeypatch):
     for _ in range(3):
         assert torch.equal(qc.route(x, site), want)
     assert Counting.made == [(4, 256)] and Counting.ran == [(4, 256)] * 3
+    qc.route(x.half(), site)                    # another dtype: another runner
+    assert Counting.made == [(4, 256)] * 2
+    Counting.made.clear()
     qc.route(torch.randn(8, 256), site)
-    qc.route(torch.randn(16, 256), site)        # pushes (4, 256) out
+    qc.route(torch.randn(16, 256), site)        # pushes both (4, 256) runners out
     qc.route(x, site)
-    assert Counting.made == [(4, 256), (8, 256), (16, 256), (4, 256)]
+    assert Counting.made == [(8, 256), (16, 256), (4, 256)]
     assert len(qc._runs) == 2
     qc.set_backends(qc.backends)                # a new chain: planned again
     qc.route(x, site)
-    assert Counting.made[-1] == (4, 256) and len(Counting.made) == 5
+    assert Counting.made[-1] == (4, 256) and len(Counting.made) == 4
     # a native site (the embedding's) runs the base communicator's sum, through a runner too
     assert torch.equal(qc.route(x, "embed_tokens"), x)

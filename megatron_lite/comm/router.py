@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -79,7 +80,10 @@ class Backend:
         router keeps one per kind of call, so that the kernel backends, whose runner is
         their prepared launch (comm/fused.py), spend no lookup of their own on an eager
         call."""
-        return lambda y: self.all_reduce(y, scheme, comm)
+        # the communicator by weak reference: it keeps this runner, and a cycle would leave
+        # it (and the workspace its backends hold) to the cycle collector
+        ref = weakref.ref(comm)
+        return lambda y: self.all_reduce(y, scheme, ref())
 
     def all_reduce_with_error(self, x, scheme, comm) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{self.name} does not return error parts")
