@@ -2,10 +2,11 @@
 
 The communication path caches its work per kind of message: the router's plans and runners
 and the fused backends' prepared launches (kernels/codec_cuda.py's handles too), keyed by
-shape, dtype and site; a runner may hold a launch its backend has already forgotten. Unbounded, a long-running process would keep one entry for every kind of
-message it ever saw: every prompt length of an eager prefill, times the sites of a
-``weighted-`` codec. The entries are stateless (a plan, or a launch with its arguments
-bound), so one that is forgotten is worked out again on its next call.
+shape, dtype and site; a runner may hold a launch its backend has already forgotten.
+Unbounded, a long-running process would keep one entry for every kind of message it ever
+saw: every prompt length of an eager prefill, times the sites of a ``weighted-`` codec.
+The entries are stateless (a plan, or a launch with its arguments bound), so one that is
+forgotten is worked out again on its next call.
 """
 from collections import OrderedDict
 from typing import Any, Hashable
