@@ -335,3 +335,13 @@ def test_the_converter_cli_lists_every_bundled_model():
     from megatron_lite.cli.convert import BUNDLED
     from megatron_lite.checkpoint.gguf import SOURCES
     assert tuple(BUNDLED) == tuple(SOURCES)
+
+
+@pytest.mark.parametrize("data, why", [(b'{"a": 1,', "Expecting"),
+                                       (b'{"a": "\xff"}', "'utf-8' codec can't decode byte 0xff")])
+def test_unreadable_json_is_one_checkpoint_error(tmp_path, data, why):
+    from megatron_lite.checkpoint.shards import read_json
+    path = tmp_path / "config.json"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"config.json is not valid JSON \\({why}"):
+        read_json(path)

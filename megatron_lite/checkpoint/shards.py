@@ -75,8 +75,10 @@ def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg})")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})")
 
 
 def write_json(path: Path, obj: dict) -> None:
