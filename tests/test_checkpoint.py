@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_lite.checkpoint.loader import load_rank_state
-from megatron_lite.checkpoint.shards import (MANIFEST_NAME, load_hf_state_dict, sha256_file,
-                                             shard_file_name, verify_shard_dir)
+from megatron_lite.checkpoint.shards import (MANIFEST_NAME, load_hf_state_dict, read_json,
+                                             sha256_file, shard_file_name, verify_shard_dir)
 from megatron_lite.errors import CheckpointError
 from tests.conftest import run_tool
 
@@ -340,7 +340,6 @@ def test_the_converter_cli_lists_every_bundled_model():
 @pytest.mark.parametrize("data, why", [(b'{"a": 1,', "Expecting"),
                                        (b'{"a": "\xff"}', "'utf-8' codec can't decode byte 0xff")])
 def test_unreadable_json_is_one_checkpoint_error(tmp_path, data, why):
-    from megatron_lite.checkpoint.shards import read_json
     path = tmp_path / "config.json"
     path.write_bytes(data)
     with pytest.raises(CheckpointError, match=f"config.json is not valid JSON \\({why}"):
