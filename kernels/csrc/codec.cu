@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(
   // TB/s, int4:128 2.58 -> 2.90, int4:64 2.53 -> 2.64, hadamard-int4:128 2.74 -> 2.80),
   // the sums of 4 rows up to 2% slower (int4:64 2.45 -> 2.41), so the sums keep the
   // plain stores. weighted-hadamard-int5:64 is the one dequantize streaming costs at 64 MB
-  // (2.62 -> 2.52 TB/s), and it gains 16-18% at 16 and 32 MB
+  // (2.62 -> 2.52 TB/s), and it gains 17-18% at 16 and 32 MB
   // (docs/notebook/logs/2026-12-07-dequantize-stores-ab-h100.txt), so it streams too.
   const bool stage = G == 64 || (sizeof(T) == 4 && per == 1);   // see Stage
   if (per == 1) {
