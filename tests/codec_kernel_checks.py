@@ -84,8 +84,9 @@ def check_bitwise(cc, spec, rot, dtype, device, sizes=None):
         got = cc.quantize(kc, xd, rot=r)
         assert enc_equal(codec, n, ref, got), (spec, n, "quantize", enc_diff(codec, n, ref, got))
         # weighted-: fl32(x) * s by flat index mod H (H = n and H = G: 8 consecutive
-        # values share a row of scales; H = 4: they wrap around it)
-        for h in (n, g, 4):
+        # values share a row of scales; H = 3G/2, where the message allows it: a group
+        # wraps around the scales once; H = 4: 8 values wrap around them)
+        for h in (h for h in (n, g, 3 * g // 2, 4) if x.numel() % h == 0):
             s = torch.exp(torch.randn(h, generator=torch.Generator().manual_seed(h)))
             xs = (x.float().reshape(-1, h) * s).reshape(x.shape)
             ref_s = codec.encode(fwht(xs, g) if rot else xs)
