@@ -86,7 +86,9 @@ def check_bitwise(cc, spec, rot, dtype, device, sizes=None):
         # weighted-: fl32(x) * s by flat index mod H (H = n and H = G: 8 consecutive
         # values share a row of scales; H = 3G/2, where the message allows it: a group
         # wraps around the scales once; H = 4: 8 values wrap around them)
-        for h in (h for h in (n, g, 3 * g // 2, 4) if x.numel() % h == 0):
+        for h in (n, g, 3 * g // 2, 4):
+            if x.numel() % h:
+                continue
             s = torch.exp(torch.randn(h, generator=torch.Generator().manual_seed(h)))
             xs = (x.float().reshape(-1, h) * s).reshape(x.shape)
             ref_s = codec.encode(fwht(xs, g) if rot else xs)
