@@ -423,9 +423,9 @@ __device__ __forceinline__ void scale_chunk(float v[8], const float* __restrict_
 // a group's channels wrap at most once, so chunk k's channel is one 32-bit compare and
 // select, straight-line: the next chunk's loads are issued before this chunk's products.
 // scale_chunk per chunk runs Channels::at's 64-bit loop, a branch between chunks that the
-// compiler does not hoist loads across (SASS, sm_90). Measured on one H100, 64 MB quantize:
-// weighted-hadamard-int4:128 43.3 -> 42.3 us, weighted-hadamard-int8:128 46.0 -> 42.5 us
-// (docs/notebook/2026-12-07.md).
+// compiler does not hoist loads across (SASS, sm_90). Measured on one H100, 64 MB quantize
+// (docs/notebook/2026-12-07.md): weighted-hadamard-int4:128 43.3 -> 42.3 us in one call;
+// the 8-bit weighted kernels within the drift between two tables.
 template <int G>
 __device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __restrict__ scale,
                                             int64_t h, const Channels<G>& ch) {
