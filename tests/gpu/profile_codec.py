@@ -9,8 +9,12 @@ dequantize-and-sum, and the weighted- quantize of hadamard-int4:128 and
 hadamard-int6-sym:128 (random channel scales of a 4096-wide model). SET ``decode``: the
 decode side of the plain and rotated codecs at G = 128 and 64 (dequantize to bf16 and
 fp32, dequantize-and-sum, error part), the kernels that run below the copy's speed in
-docs/results/codec_kernels.md.
+docs/results/codec_kernels.md. SET ``fused``: the two-shot all-reduce kernel at one rank
+(a one-rank NCCL group and workspace; nothing crosses a link), 4 blocks per SM, for
+int8:128, weighted-int8:128, hadamard-int8:128 and weighted-hadamard-int8:128 (scales of
+a 4096-wide model): what the weighted- maps cost inside it (docs/notebook/2026-12-07.md).
 """
+import os
 import sys
 
 import torch
@@ -42,8 +46,31 @@ def _decode_set(x: torch.Tensor) -> None:
         cc.error_part(kc, x, buf, rot=rot)
 
 
+def _fused_set(x: torch.Tensor) -> None:
+    import torch.distributed as dist
+    from megatron_lite.comm import fused as backends
+    from megatron_lite.comm.codecs import CodecSpec, get_scheme
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
+    from megatron_lite.kernels import fused_allreduce as fa
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"), ("RANK", "0"),
+                 ("WORLD_SIZE", "1")):
+        os.environ.setdefault(k, v)
+    dist.init_process_group("nccl")
+    state = backends.make_state(None, max_bytes=x.numel() * x.element_size())
+    assert state.ws is not None, state.why
+    x = x.view(-1, 4096)
+    scale = torch.rand(4096, generator=torch.Generator().manual_seed(3)) * 8 + 0.05
+    for codec in (get_scheme("int8:128"), WeightedScheme(CodecSpec("weighted-int8", 128), scale),
+                  get_scheme("hadamard-int8:128"),
+                  WeightedScheme(CodecSpec("weighted-hadamard-int8", 128), scale)):
+        fa.two_shot_all_reduce(state.ws, x, codec.kernel_plan(x), bpsm=4)
+    torch.cuda.synchronize()
+    assert int(state.ws.status[0]) == 0
+    dist.destroy_process_group()
+
+
 def main(which: str = "quantize") -> None:
-    sets = {"quantize": _quantize_set, "decode": _decode_set}
+    sets = {"quantize": _quantize_set, "decode": _decode_set, "fused": _fused_set}
     if which not in sets:
         raise SystemExit(f"profile_codec.py: unknown set {which!r} (one of {sorted(sets)})")
     x = torch.randn(4, 8 << 20, device="cuda").to(torch.bfloat16)
