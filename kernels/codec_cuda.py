@@ -353,6 +353,16 @@ def check_scale(scale: Optional[torch.Tensor], device: torch.device, n: int) -> 
         raise ValueError("scale must be 1-D fp32 on the message's device and divide its length")
 
 
+def check_scales(scale: Optional[torch.Tensor], inv: Optional[torch.Tensor],
+                 device: torch.device, n: int) -> None:
+    """``check_scale`` of the fused kernels' channel scales and of their reciprocals
+    (``KernelPlan.inv_scale``), which must come with them, of the same length."""
+    check_scale(scale, device, n)
+    check_scale(inv, device, n)
+    if (scale is None) != (inv is None) or (scale is not None and inv.numel() != scale.numel()):
+        raise ValueError("channel scales need their reciprocals, of the same length")
+
+
 def _writable(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` where the kernels can store 16-byte vectors into it (contiguous and aligned),
     else a temporary of ``like``'s shape."""
@@ -434,19 +444,20 @@ class TwoShotLaunch(_BoundLaunch):
 
     def __init__(self, ws, plan: KernelPlan, n: int, dtype: torch.dtype, tile: int,
                  chunk: int, tiles: int, grid: int, spin: int):
-        kc, rot, scale = plan.rs, plan.rot, plan.scale
+        kc, rot, scale, inv = plan.rs, plan.rot, plan.scale, plan.inv_scale
         tb = kc.nbytes(tile)
         if tiles * tb > ws.layout.slot:
             raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "
                              f"workspace has {ws.layout.slot} B")
-        check_scale(scale, ws.device, n)
+        check_scales(scale, inv, ws.device, n)
         lim = out_limit(dtype)
         lay = ws.layout
-        self._scale = scale                      # bound by address: it must outlive the launch
+        self._scale = (scale, inv)               # bound by address: they must outlive the launch
         self._bind(
             "ml_two_shot_prepare", "two-shot all-reduce",
             ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, tuple(ws.deltas),
             scale.data_ptr() if scale is not None else 0,
+            inv.data_ptr() if inv is not None else 0,
             n, chunk, tiles, tile, tb, lay.flag_off, lay.recv_off, lay.gather_off,
             lay.slot, ws.rank, ws.world, MAX_BLOCKS, kc.kind, kc.bits, kc.group,
             rot is not None, scale.numel() if scale is not None else 1, kc.c2,
@@ -508,7 +519,7 @@ class OneShotQLaunch(_BoundLaunch):
 
     def __init__(self, ws, plan: KernelPlan, n: int, tile: int, tiles: int, grid: int,
                  spin: int):
-        kc, rot, scale = plan.rs, plan.rot, plan.scale
+        kc, rot, scale, inv = plan.rs, plan.rot, plan.scale, plan.inv_scale
         if plan.ag != kc or not serves(kc):
             raise ValueError("the one-shot kernel takes a one-stage codec of codec.cu")
         if n % 8 or n < 1:
@@ -517,11 +528,12 @@ class OneShotQLaunch(_BoundLaunch):
         if tiles * tile < n or tiles * tb > ws.layout.slot:
             raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "
                              f"workspace has {ws.layout.slot} B")
-        check_scale(scale, ws.device, n)
+        check_scales(scale, inv, ws.device, n)
         lay = ws.layout
-        self._scale = scale                      # bound by address: it must outlive the launch
+        self._scale = (scale, inv)               # bound by address: they must outlive the launch
         self._args = (ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, tuple(ws.deltas),
-                      scale.data_ptr() if scale is not None else 0, n, tiles, tile, tb,
+                      scale.data_ptr() if scale is not None else 0,
+                      inv.data_ptr() if inv is not None else 0, n, tiles, tile, tb,
                       lay.flag_off, lay.recv_off, lay.slot, ws.rank, ws.world, MAX_BLOCKS,
                       kc.kind, kc.bits, kc.group, rot is not None,
                       scale.numel() if scale is not None else 1, kc.c2, _rot(kc, rot))

@@ -63,14 +63,19 @@ class KernelPlan:
     two stages (``rs`` reduce-scatter, ``ag`` all-gather; equal for one-stage codecs),
     and the maps folded around them (``rot``: a Hadamard rotation of that many values,
     the ``hadamard-`` codecs; ``scale``: fp32 channel scales on the message's device, the
-    ``weighted-`` codecs). kernels/maps.py applies the maps bit-exactly."""
+    ``weighted-`` codecs, with ``inv_scale`` their correctly rounded reciprocals fl32(1/s),
+    which the CUDA kernels multiply by in place of most of the restore's divisions:
+    csrc/codec_tile.cuh's ``Unscale``). kernels/maps.py applies the maps bit-exactly."""
 
     rs: KernelCodec
     ag: KernelCodec
     rot: Optional[int] = None
-    scale: Optional[object] = None    # torch.Tensor (not imported here: no torch needed)
+    scale: Optional[object] = None       # torch.Tensor (not imported here: no torch needed)
+    inv_scale: Optional[object] = None   # torch.Tensor, with scale
 
     def __post_init__(self):
+        if (self.scale is None) != (self.inv_scale is None):
+            raise ValueError("channel scales come with their reciprocals")
         groups = {k.group for k in (self.rs, self.ag) if k.kind != KIND_BF16}
         if len(groups) > 1:   # both stages are coded on the same tiles
             raise ValueError(f"the two stages use different group sizes {sorted(groups)}")

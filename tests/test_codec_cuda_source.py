@@ -33,9 +33,9 @@ _ARGS = {
 # stream, the 8 peer deltas spelled out
 _PREPARE_ARGS = {
     "one_shot": [ctypes.c_int64] * 22,
-    "two_shot": ([ctypes.c_int64] * 27 + [ctypes.c_bool, ctypes.c_int64]
+    "two_shot": ([ctypes.c_int64] * 28 + [ctypes.c_bool, ctypes.c_int64]
                  + [ctypes.c_double] * 5 + [ctypes.c_int64] * 2),
-    "one_shot_q": ([ctypes.c_int64] * 25 + [ctypes.c_bool, ctypes.c_int64, ctypes.c_double,
+    "one_shot_q": ([ctypes.c_int64] * 26 + [ctypes.c_bool, ctypes.c_int64, ctypes.c_double,
                                             ctypes.c_double, ctypes.c_bool]
                    + [ctypes.c_int64] * 2),
 }
@@ -151,6 +151,69 @@ def test_host_emulator_shuffles_syncs_and_reports_a_stuck_block(host_lib):
         in_warp = shuffled.view(-1, 32).roll(-1, dims=1).flatten()
         assert torch.equal(out[2 * n + b * block:2 * n + (b + 1) * block], in_warp.float())
     assert probe(out.data_ptr(), 1, 64, 1) != 0
+
+
+def _unscale_cases(h: int, scale: torch.Tensor) -> torch.Tensor:
+    """Values y of channels 0 .. h-1 (rows of h) whose quotients y / s fall on and within
+    8 units in the last place of bf16's ties, where a product by fl32(1/s) may round to
+    the other bf16 neighbour; then zeros, NaN, ±inf, the fp32 extremes, subnormals and
+    ordinary values."""
+    g = torch.Generator().manual_seed(11)
+    rows = []
+    # a tie: a random bf16 value's bits with the dropped 16 bits at 0x8000, moved by d
+    for d in range(-8, 9):
+        top = torch.randint(0x0080, 0x7F7F, (64, h), generator=g, dtype=torch.int32)
+        sign = torch.randint(0, 2, (64, h), generator=g, dtype=torch.int32) << 31
+        q = ((top << 16) + 0x8000 + d | sign).view(torch.float32)
+        # y = fl32(q * s): its quotient y / s is within an ulp of q, near the tie
+        rows.append((q.double() * scale.double()).float())
+    special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"),
+                            3.4028235e38, -3.4028235e38, 1.4e-45, -1e-40, 1.17549435e-38,
+                            3.3895314e38, 3.3961e38, 1.0, -2.5, 65504.0, 1e-30])
+    rows.append(special.repeat(h // 16 + 1)[:h].view(1, h))
+    rows.append(torch.randn(64, h, generator=g) * 40)
+    return torch.cat(rows).reshape(-1, h)
+
+
+def test_unscale_restores_the_quotients_bf16(host_lib):
+    """codec_tile.cuh's Unscale (the fused kernels' weighted- restore: a product by
+    fl32(1/s), a division where that product lies near a bf16 tie) gives bf16(clamp(y /
+    s)) of the reference bit for bit, on quotients at and around every kind of tie and on
+    NaN, ±inf, zeros and subnormals; and the product alone does not (so the cases reach
+    the division)."""
+    from megatron_lite.comm.codecs.base import saturate
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
+    from megatron_lite.comm.codecs import CodecSpec
+    so = ctypes.CDLL(host_lib)
+    probe = so.host_unscale_probe
+    probe.argtypes, probe.restype = [ctypes.c_int64] * 6, ctypes.c_int
+    h = 192
+    g = torch.Generator().manual_seed(3)
+    scale = torch.exp2(torch.empty(h).uniform_(-20, 20, generator=g))
+    scale[:4] = torch.tensor([2.0 ** -64, 2.0 ** 64, 1.0, 0.1])
+    ws = WeightedScheme(CodecSpec("weighted-int8", 128), scale)
+    y = _unscale_cases(h, ws.scale)
+    out = torch.empty_like(y)
+    assert probe(y.data_ptr(), ws.scale.data_ptr(), ws.inv_scale.data_ptr(), h,
+                 y.numel() // 8, out.data_ptr()) == 0
+
+    def bf16(v):   # the callers' saturation and rounding (the reference's saturate)
+        return saturate(v, torch.bfloat16).view(torch.int16)
+    want = bf16(y / ws.scale)
+    assert torch.equal(bf16(out), want)
+    product = bf16(y * ws.inv_scale)
+    assert (product != want).sum() > 100   # the cases do need the division
+
+
+def test_weighted_scales_out_of_range_are_refused():
+    """Scales whose reciprocals the kernels' restore could not use (outside [2^-64, 2^64])
+    are refused when the codec is built, with the range in the message."""
+    from megatron_lite.comm.codecs import CodecSpec
+    from megatron_lite.comm.codecs.base import CodecError
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
+    for bad in (2.0 ** -65, 2.0 ** 65):
+        with pytest.raises(CodecError, match=r"within \[2\^-64, 2\^64\]"):
+            WeightedScheme(CodecSpec("weighted-int8", 128), torch.tensor([1.0, bad]))
 
 
 @pytest.mark.parametrize("spec,rot,dtype", CASES)

@@ -448,21 +448,71 @@ __device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __
   }
 }
 
-// fn(k, f, s) for each chunk k of a lane's share of the tile at flat index f0 that lies in
-// the message (f = its first value's flat index < n), with s its weighted- scales (not set
-// without SCALE): where the tile kernels map a tile back and store it.
+// weighted-'s restore of 8 values y[i] of channels ch + i (mod h), as a bf16 output holds
+// it: on return bf16(clamp(y[i], L)) is bf16(clamp(fl32(y[i] / s), L)) of the reference
+// (comm/codecs/weighted.py) for any bf16 value L (every caller clamps to bf16's range and
+// rounds to bf16), with s = scale[ch + i] and inv = fl32(1 / s) (normal numbers both;
+// WeightedScheme checks the scales' range).
+//
+// Why not __fdiv_rn: the division is a subroutine of ~10 instructions, and an exact zero
+// dividend (frequent in decoded 4-bit sums) takes its slow path. Measured at one rank on
+// one H100, 64 MB (docs/notebook/2026-12-07.md): this restore makes the weighted fused
+// kernels 24-28% faster than __fdiv_rn (weighted-hadamard-int8 6%), the bare product
+// 27-32% (9%). The product alone is not the
+// reference's bits: q is within 3 units in the last place of fl32(y / s) (|y * inv - y /
+// s| < ulp(y / s) for a correctly rounded inv, plus the two roundings), so bf16(q) differs
+// from bf16(fl32(y / s)) only where the 16 bits that bf16 drops lie within 3 of the tie
+// 0x8000 (q's bits and the quotient's on either side of it). A chunk with a value within
+// 4 of it (about 1.4e-4 of values) divides those values exactly; everything else keeps q.
+// NaN stays NaN (its low bits 0xFFFF: not near) and +-inf saturates as the quotient
+// would. tests/test_codec_cuda_source.py checks the near cases bit for bit.
+constexpr uint32_t kNearTie = 4;
+__device__ __forceinline__ bool near_bf16_tie(float q) {
+  // the dropped 16 bits moved to the top, so that the wrap is the register's: one IMAD
+  // and one ISETP a value
+  return __float_as_uint(q) * 65536u + ((kNearTie - 0x8000u) << 16) <=
+         ((2 * kNearTie) << 16 | 0xFFFFu);
+}
+
+struct Unscale {
+  const float* __restrict__ scale;   // s
+  const float* __restrict__ inv;     // fl32(1 / s)
+  int64_t h, ch;
+  __device__ __forceinline__ void operator()(float y[8]) const {
+    float r[8], q[8];
+    chunk_scales(inv, h, ch, r);
+    bool near = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      q[i] = __fmul_rn(y[i], r[i]);
+      near |= near_bf16_tie(q[i]);
+    }
+    if (near) {   // rare (see above): the chunk's exact quotients
+      float s[8];
+      chunk_scales(scale, h, ch, s);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(y[i], s[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) y[i] = q[i];
+  }
+};
+
+// fn(k, f, unscale) for each chunk k of a lane's share of the tile at flat index f0 that
+// lies in the message (f = its first value's flat index < n), with unscale(y) the
+// weighted- restore of its 8 values (Unscale; not to be called without SCALE): where the
+// tile kernels map a tile back and store it.
 template <bool SCALE, int G, typename Fn>
 __device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, int64_t n,
                                                 const Channels<G>& ch,
-                                                const float* __restrict__ scale, int64_t h,
+                                                const float* __restrict__ scale,
+                                                const float* __restrict__ inv, int64_t h,
                                                 Fn fn) {
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
     const int64_t f = f0 + t.col(k);
     if (f >= n) continue;
-    float s[8];
-    if (SCALE) chunk_scales(scale, h, ch.at(k), s);
-    fn(k, f, s);
+    fn(k, f, Unscale{scale, inv, h, SCALE ? ch.at(k) : 0});
   }
 }
 

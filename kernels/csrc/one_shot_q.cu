@@ -23,7 +23,7 @@ namespace {
 //   1. encode (scale, rotate) each of my tiles into recv[me] of every rank; with `err`,
 //      this rank's error part of the tile too (Scheme.own_error, restored);  barrier 2
 //   2. decode recv[0..W-1] of my tiles, sum in fp32 in rank order, rotate back,
-//      saturate, unscale, saturate into the output;                           barrier 3
+//      saturate, unscale (Unscale), saturate into the output;                           barrier 3
 //
 // Barrier 3 keeps recv whole: no rank's next call (of this kernel or the two-shot one,
 // which writes recv first as well) writes it before every rank has read it. Groups fall
@@ -56,7 +56,7 @@ template <int KIND, int BITS, int G, bool ROT, bool SCALE, bool ERR>
 __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, float* __restrict__ err,
     uint8_t* ws, int* cnt, int* status, Peers peers, const float* __restrict__ scale,
-    OneShotQArgs a) {
+    const float* __restrict__ inv, OneShotQArgs a) {
   const int64_t tile = (int64_t)blockDim.x * kVals;
   const int b = blockIdx.x, nb = gridDim.x;
   const int epoch = cnt[b] + 1;
@@ -102,12 +102,16 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
         for (int i = 0; i < 8; ++i) v[k][i] = __fsub_rn(y[i], v[k][i]);
       }
       if (ROT) fwht<G>(v, t.sub, a.rscale);
-      each_live_chunk<SCALE>(t, f0, a.n, ch, scale, h, [&](int k, int64_t f, const float* s) {
+      each_live_chunk<SCALE>(t, f0, a.n, ch, scale, inv, h,
+                             [&](int k, int64_t f, const Unscale& unscale) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          float e = ((v[k][i] != v[k][i]) || fabsf(v[k][i]) > kFp32Max) ? 0.0f : v[k][i];
-          if (SCALE) e = bits_f(bf16_bits(clamp_keep_nan(__fdiv_rn(e, s[i]), kBf16Max)) << 16);
-          v[k][i] = e;
+        for (int i = 0; i < 8; ++i)
+          v[k][i] = ((v[k][i] != v[k][i]) || fabsf(v[k][i]) > kFp32Max) ? 0.0f : v[k][i];
+        if (SCALE) {
+          unscale(v[k]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            v[k][i] = bits_f(bf16_bits(clamp_keep_nan(v[k][i], kBf16Max)) << 16);
         }
         Io<float>::store(err + f, v[k]);
       });
@@ -127,13 +131,15 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
     const int64_t f0 = tt * tile;
     const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, h);
     // the scheme's finish (saturate to bf16's range; fp32 for weighted-, whose range is
-    // bf16's as well) and, for weighted-, restore's division and saturation
-    each_live_chunk<SCALE>(t, f0, a.n, ch, scale, h, [&](int k, int64_t f, const float* s) {
+    // bf16's as well) and, for weighted-, restore's division (Unscale) and saturation
+    each_live_chunk<SCALE>(t, f0, a.n, ch, scale, inv, h,
+                           [&](int k, int64_t f, const Unscale& unscale) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float y = clamp_keep_nan(acc[k][i], kBf16Max);
-        if (SCALE) y = clamp_keep_nan(__fdiv_rn(y, s[i]), kBf16Max);
-        acc[k][i] = y;
+      for (int i = 0; i < 8; ++i) acc[k][i] = clamp_keep_nan(acc[k][i], kBf16Max);
+      if (SCALE) {
+        unscale(acc[k]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[k][i] = clamp_keep_nan(acc[k][i], kBf16Max);
       }
       Io<Bf16Bits>::store(out + f, acc[k]);
     });
@@ -148,8 +154,8 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
 // handle of the prepared launch (>= 0; peers.cuh), or minus a cudaError_t code. With
 // `with_error` the launch takes the error part's buffer (ml_launch's err).
 int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
-                              std::vector<int64_t> deltas, int64_t scale, int64_t n,
-                              int64_t tiles, int64_t tile, int64_t tile_bytes,
+                              std::vector<int64_t> deltas, int64_t scale, int64_t inv,
+                              int64_t n, int64_t tiles, int64_t tile, int64_t tile_bytes,
                               int64_t flag_off, int64_t recv_off, int64_t slot, int64_t rank,
                               int64_t world, int64_t maxb, int64_t kind, int64_t bits,
                               int64_t g, bool rot, int64_t h, double c2, double rscale,
@@ -161,6 +167,8 @@ int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
   OneShotQArgs a{n, tiles, tile_bytes, flag_off, recv_off, slot, (int)rank, (int)world,
                  (int)maxb, h, spin, (float)c2, (float)rscale};
   const float* sp = reinterpret_cast<const float*>(scale);
+  const float* ip = reinterpret_cast<const float*>(inv);
+  if (!sp != !ip) return -(int64_t)cudaErrorInvalidValue;
   uint8_t* wp = reinterpret_cast<uint8_t*>(ws);
   int* cp = reinterpret_cast<int*>(cnt);
   int* stp = reinterpret_cast<int*>(status);
@@ -179,7 +187,7 @@ int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
       if ((x | out | err) % 16 || with_error != (err != 0)) return cudaErrorInvalidValue;
       return launch(kernel, gr, block, st, reinterpret_cast<const Bf16Bits*>(x),
                     reinterpret_cast<Bf16Bits*>(out), reinterpret_cast<float*>(err), wp, cp,
-                    stp, peers, sp, a);
+                    stp, peers, sp, ip, a);
     });
     return cudaSuccess;
   });

@@ -36,7 +36,8 @@ struct TwoShotArgs {
 template <int KIND, int BITS, int G, bool ROT, bool SCALE>
 __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, uint8_t* ws, int* cnt,
-    int* status, Peers peers, const float* __restrict__ scale, TwoShotArgs a) {
+    int* status, Peers peers, const float* __restrict__ scale, const float* __restrict__ inv,
+    TwoShotArgs a) {
   const int64_t tile = (int64_t)blockDim.x * kVals;
   const int b = blockIdx.x, nb = gridDim.x;
   const int epoch = cnt[b] + 1;
@@ -102,10 +103,12 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
       }
       const int64_t f0 = o * a.chunk + tt * tile;
       const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, SCALE ? a.h : 1);
-      each_live_chunk<SCALE>(t, f0, a.n, ch, scale, a.h, [&](int k, int64_t f, const float* s) {
-        if (SCALE) {
+      each_live_chunk<SCALE>(t, f0, a.n, ch, scale, inv, a.h,
+                             [&](int k, int64_t f, const Unscale& unscale) {
+        if (SCALE) {   // a.flim is bf16's range (Unscale's condition)
+          unscale(y[k]);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(__fdiv_rn(y[k][i], s[i]), a.flim);
+          for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(y[k][i], a.flim);
         }
         Io<Bf16Bits>::store(out + f, y[k]);
       });
@@ -246,8 +249,8 @@ int64_t ml_one_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
 }
 
 int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
-                            std::vector<int64_t> deltas, int64_t scale, int64_t n,
-                            int64_t chunk, int64_t tiles, int64_t tile, int64_t tile_bytes,
+                            std::vector<int64_t> deltas, int64_t scale, int64_t inv,
+                            int64_t n, int64_t chunk, int64_t tiles, int64_t tile, int64_t tile_bytes,
                             int64_t flag_off, int64_t recv_off, int64_t gather_off,
                             int64_t slot, int64_t rank, int64_t world, int64_t maxb,
                             int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
@@ -260,6 +263,8 @@ int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
                 (int)rank, (int)world, (int)maxb, h, spin, (float)c2, (float)rscale,
                 (float)out_lim, (float)lim_rot, (float)flim};
   const float* sp = reinterpret_cast<const float*>(scale);
+  const float* ip = reinterpret_cast<const float*>(inv);
+  if (!sp != !ip) return -(int64_t)cudaErrorInvalidValue;
   uint8_t* wp = reinterpret_cast<uint8_t*>(ws);
   int* cp = reinterpret_cast<int*>(cnt);
   int* stp = reinterpret_cast<int*>(status);
@@ -274,7 +279,7 @@ int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
     handle = ml_prepared::add([=](int64_t x, int64_t out, int64_t, cudaStream_t st) {
       if ((x | out) % 16) return cudaErrorInvalidValue;
       return launch(kernel, gr, block, st, reinterpret_cast<const Bf16Bits*>(x),
-                    reinterpret_cast<Bf16Bits*>(out), wp, cp, stp, peers, sp, a);
+                    reinterpret_cast<Bf16Bits*>(out), wp, cp, stp, peers, sp, ip, a);
     });
     return cudaSuccess;
   });

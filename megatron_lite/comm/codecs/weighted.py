@@ -53,6 +53,7 @@ from megatron_lite.comm.codecs.registry import (GROUP, BuildContext, Entry, entr
                                                 register)
 
 PREFIX = "weighted-"
+SCALE_RANGE = (2.0 ** -64, 2.0 ** 64)
 NAMES = tuple(PREFIX + n for n in WRAPPABLE + ROTATED)
 
 
@@ -70,6 +71,15 @@ class WeightedScheme(Scheme):
         if scale.dim() != 1 or not torch.isfinite(scale).all() or (scale <= 0).any():
             raise CodecError(f"{cs.name}: channel scales must be a finite positive 1-D tensor")
         self.scale = scale.float().contiguous()
+        # The CUDA kernels restore by the reciprocals (csrc/codec_tile.cuh's Unscale, exact
+        # only while s and 1/s are normal fp32 numbers); calibrated scales are near 1.
+        if (self.scale < SCALE_RANGE[0]).any() or (self.scale > SCALE_RANGE[1]).any():
+            raise CodecError(f"{cs.name}: channel scales must lie within [2^-64, 2^64], got "
+                             f"{self.scale.min().item():.3g} .. {self.scale.max().item():.3g}")
+        # fl32(1/s), correctly rounded: fp64's division rounded to fp32 is (double rounding
+        # is innocuous for a quotient when the wider format has 2p + 2 bits or more: 53 >=
+        # 2 * 24 + 2; S. Figueroa, "When is double rounding innocuous?", SIGNUM 1995)
+        self.inv_scale = (1.0 / self.scale.double()).float()
         self._dev = {}
 
     def _s(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +87,8 @@ class WeightedScheme(Scheme):
             raise CodecError(f"{self.name}: message has {x.shape[-1]} channels, the "
                              f"calibration {self.scale.numel()}")
         if x.device not in self._dev:
-            self._dev[x.device] = self.scale.to(x.device)
-        return self._dev[x.device]
+            self._dev[x.device] = (self.scale.to(x.device), self.inv_scale.to(x.device))
+        return self._dev[x.device][0]
 
     def chunk(self, x, world_size):
         s = self._s(x)
@@ -116,8 +126,10 @@ class WeightedScheme(Scheme):
     def kernel_plan(self, x):
         """The inner scheme's kernels (with its rotation, for ``weighted-hadamard-``)
         between the scaling and its inverse; ``scale`` on ``x``'s device, checked against
-        ``x``'s channels."""
-        return dataclasses.replace(self.inner.kernel_plan(x), scale=self._s(x))
+        ``x``'s channels, and their reciprocals (``KernelPlan.inv_scale``)."""
+        s = self._s(x)
+        return dataclasses.replace(self.inner.kernel_plan(x), scale=s,
+                                   inv_scale=self._dev[x.device][1])
 
     # Bounds in the scaled domain (the inner scheme's); the caller divides by s.
     def rs_error_bound(self, chunks, src):
