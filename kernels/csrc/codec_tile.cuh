@@ -457,19 +457,20 @@ __device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __
 // Why not __fdiv_rn: the division is a subroutine of ~10 instructions, and an exact zero
 // dividend (frequent in decoded 4-bit sums) takes its slow path. Measured at one rank on
 // one H100, 64 MB (docs/notebook/2026-12-07.md): this restore makes the weighted fused
-// kernels 24-28% faster than __fdiv_rn (weighted-hadamard-int8 6%), the bare product
-// 27-32% (9%). The product alone is not the
-// reference's bits: q is within 3 units in the last place of fl32(y / s) (|y * inv - y /
-// s| < ulp(y / s) for a correctly rounded inv, plus the two roundings), so bf16(q) differs
-// from bf16(fl32(y / s)) only where the 16 bits that bf16 drops lie within 3 of the tie
-// 0x8000 (q's bits and the quotient's on either side of it). A chunk with a value within
-// 4 of it (about 1.4e-4 of values) divides those values exactly; everything else keeps q.
-// NaN stays NaN (its low bits 0xFFFF: not near) and +-inf saturates as the quotient
-// would. tests/test_codec_cuda_source.py checks the near cases bit for bit.
+// kernels 24-28% faster than __fdiv_rn (weighted-hadamard-int8 6%); the bare product
+// would give 27-32% (9%), but it is not the reference's bits.
+//
+// Why it is exact: q = fl32(y * inv) lies within 3 units in the last place of fl32(y / s)
+// (|y * inv - y / s| < ulp(y / s) for a correctly rounded inv, plus the two roundings), so
+// bf16(q) differs from bf16(fl32(y / s)) only where the 16 bits that bf16 drops lie within
+// 3 of the tie 0x8000. A chunk with a value within kNearTie of it (about 1.4e-4 of values)
+// takes the exact quotients instead; everything else keeps q. NaN stays NaN on either path,
+// and +-inf saturates as the quotient would. tests/test_codec_cuda_source.py checks values
+// at and around the ties bit for bit.
 constexpr uint32_t kNearTie = 4;
 __device__ __forceinline__ bool near_bf16_tie(float q) {
-  // the dropped 16 bits moved to the top, so that the wrap is the register's: one IMAD
-  // and one ISETP a value
+  // the dropped 16 bits shifted to the top, so that the window's wrap is the register's:
+  // two instructions a value (LEA, and ISETP accumulating the chunk's predicate)
   return __float_as_uint(q) * 65536u + ((kNearTie - 0x8000u) << 16) <=
          ((2 * kNearTie) << 16 | 0xFFFFu);
 }
