@@ -65,7 +65,7 @@ class KernelPlan:
     the ``hadamard-`` codecs; ``scale``: fp32 channel scales on the message's device, the
     ``weighted-`` codecs, with ``inv_scale`` their correctly rounded reciprocals fl32(1/s),
     which the CUDA kernels multiply by in place of most of the restore's divisions:
-    csrc/codec_tile.cuh's ``Unscale``). kernels/maps.py applies the maps bit-exactly."""
+    csrc/codec_weighted.cuh's ``Unscale``). kernels/maps.py applies the maps bit-exactly."""
 
     rs: KernelCodec
     ag: KernelCodec

@@ -176,7 +176,7 @@ def _unscale_cases(h: int, scale: torch.Tensor) -> torch.Tensor:
 
 
 def test_unscale_restores_the_quotients_bf16(host_lib):
-    """codec_tile.cuh's Unscale (the fused kernels' weighted- restore: a product by
+    """codec_weighted.cuh's Unscale (the fused kernels' weighted- restore: a product by
     fl32(1/s), a division where that product lies near a bf16 tie) gives bf16(clamp(y /
     s)) of the reference bit for bit, on quotients at and around every kind of tie and on
     NaN, ±inf, zeros and subnormals; and the product alone does not (so the cases reach

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "codec_tile.cuh"
+#include "codec_weighted.cuh"
 #include "entry.h"
 
 namespace {

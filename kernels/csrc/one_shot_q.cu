@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "codec_tile.cuh"
+#include "codec_weighted.cuh"
 #include "entry.h"
 #include "peers.cuh"
 

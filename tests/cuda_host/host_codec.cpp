@@ -24,7 +24,7 @@ __global__ void emulator_probe(float* out, int stray) {
   out[2 * n + base + t] = words[(t & ~31) + ((t + 1) & 31)];
 }
 
-// codec_tile.cuh's Unscale on `chunks` chunks of 8 values, chunk c of channels 8c mod h
+// codec_weighted.cuh's Unscale on `chunks` chunks of 8 values, chunk c of channels 8c mod h
 // (tests/test_codec_cuda_source.py checks it on values near bf16's ties)
 __global__ void unscale_probe(const float* y, const float* scale, const float* inv, int64_t h,
                               int64_t chunks, float* out) {

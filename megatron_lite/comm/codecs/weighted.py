@@ -71,15 +71,17 @@ class WeightedScheme(Scheme):
         if scale.dim() != 1 or not torch.isfinite(scale).all() or (scale <= 0).any():
             raise CodecError(f"{cs.name}: channel scales must be a finite positive 1-D tensor")
         self.scale = scale.float().contiguous()
-        # The CUDA kernels restore by the reciprocals (csrc/codec_tile.cuh's Unscale, exact
+        # The CUDA kernels restore by the reciprocals (csrc/codec_weighted.cuh's Unscale, exact
         # only while s and 1/s are normal fp32 numbers); calibrated scales are near 1.
         if (self.scale < SCALE_RANGE[0]).any() or (self.scale > SCALE_RANGE[1]).any():
             raise CodecError(f"{cs.name}: channel scales must lie within [2^-64, 2^64], got "
                              f"{self.scale.min().item():.3g} .. {self.scale.max().item():.3g}")
         # fl32(1/s), correctly rounded: fp64's division rounded to fp32 is (double rounding
         # is innocuous for a quotient when the wider format has 2p + 2 bits or more: 53 >=
-        # 2 * 24 + 2; S. Figueroa, "When is double rounding innocuous?", SIGNUM 1995)
-        self.inv_scale = (1.0 / self.scale.double()).float()
+        # 2 * 24 + 2; S. Figueroa, "When is double rounding innocuous?", SIGNUM 1995). A
+        # tensor by tensor division: `1.0 / t` is a reciprocal times 1 (docs/codecs.md).
+        s64 = self.scale.double()
+        self.inv_scale = (torch.ones_like(s64) / s64).float()
         self._dev = {}
 
     def _s(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,157 @@
+// The weighted- codecs' channel scales in the tile kernels (codec.cu's quantize, the
+// fused all-reduces of two_shot.cu and one_shot_q.cu): which channel a lane's chunk holds,
+// the scaling before the encoder, and the restore after the decoder (Unscale). The same
+// arithmetic as comm/codecs/weighted.py's reference, bit for bit.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "codec_tile.cuh"
+
+namespace {
+
+// The channel (flat index mod h) of each chunk of a lane's share, from that of its chunk
+// 0: one modulo per thread, not one per chunk (a 32-bit one where both fit: the 64-bit
+// remainder is a long instruction sequence on sm_90). A share's chunks lie within G
+// values, so chunk k's channel wraps h at most G / h + 1 times.
+template <int G>
+struct Channels {
+  int64_t c0, h;
+  __device__ __forceinline__ Channels(int64_t f0, int64_t h_) : h(h_) {
+    c0 = f0 < 0xFFFFFFFFll && h < 0xFFFFFFFFll ? (int64_t)((uint32_t)f0 % (uint32_t)h)
+                                              : f0 % h;
+  }
+  __device__ __forceinline__ int64_t at(int k) const {
+    int64_t c = c0 + (int64_t)k * Tile<G>::STRIDE;
+    while (c >= h) c -= h;
+    return c;
+  }
+};
+
+// The weighted- scales of 8 consecutive values from channel ch: s[(ch + i) mod h]. Chunks
+// start at multiples of 8, so where 8 divides h (every model's hidden size) a chunk never
+// wraps and its scales are two 16-byte loads.
+__device__ __forceinline__ void chunk_scales(const float* __restrict__ scale, int64_t h,
+                                             int64_t ch, float s[8]) {
+  if ((h & 7) == 0 && (reinterpret_cast<uintptr_t>(scale) & 15) == 0) {
+    float4 a = __ldg(reinterpret_cast<const float4*>(scale + ch));
+    float4 b = __ldg(reinterpret_cast<const float4*>(scale + ch) + 1);
+    s[0] = a.x; s[1] = a.y; s[2] = a.z; s[3] = a.w;
+    s[4] = b.x; s[5] = b.y; s[6] = b.z; s[7] = b.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      s[i] = __ldg(scale + ch);
+      ch = ch + 1 == h ? 0 : ch + 1;
+    }
+  }
+}
+
+// weighted-: v = fl32(x) * s[ch + i], ch the chunk's channel (Channels).
+__device__ __forceinline__ void scale_chunk(float v[8], const float* __restrict__ scale,
+                                            int64_t h, int64_t ch) {
+  float s[8];
+  chunk_scales(scale, h, ch, s);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], s[i]);
+}
+
+// weighted- on a lane's whole share: v[k] *= s[ch.at(k) + i]. Where h >= G (every model)
+// a group's channels wrap at most once, so chunk k's channel is one 32-bit compare and
+// select, straight-line: the next chunk's loads are issued before this chunk's products.
+// scale_chunk per chunk runs Channels::at's 64-bit loop, a branch between chunks that the
+// compiler does not hoist loads across (SASS, sm_90). Measured on one H100, 64 MB quantize
+// (docs/notebook/2026-12-07.md): weighted-hadamard-int4:128 43.3 -> 42.3 us in one call;
+// the 8-bit weighted kernels within the drift between two tables.
+template <int G>
+__device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __restrict__ scale,
+                                            int64_t h, const Channels<G>& ch) {
+  if (h >= G && h < 0x7FFFFFFFll && (h & 7) == 0 &&
+      (reinterpret_cast<uintptr_t>(scale) & 15) == 0) {
+    const uint32_t c0 = (uint32_t)ch.c0, hh = (uint32_t)h;   // c < 2h < 2^32
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      uint32_t c = c0 + k * Tile<G>::STRIDE;
+      c = c >= hh ? c - hh : c;
+      const float4* p = reinterpret_cast<const float4*>(scale + c);
+      const float4 a = __ldg(p), b = __ldg(p + 1);
+      const float s[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[k][i] = __fmul_rn(v[k][i], s[i]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) scale_chunk(v[k], scale, h, ch.at(k));
+  }
+}
+
+// weighted-'s restore of 8 values y[i] of channels ch + i (mod h), as a bf16 output holds
+// it: on return bf16(clamp(y[i], L)) is bf16(clamp(fl32(y[i] / s), L)) of the reference
+// (comm/codecs/weighted.py) for any bf16 value L (every caller clamps to bf16's range and
+// rounds to bf16), with s = scale[ch + i] and inv = fl32(1 / s) (normal numbers both;
+// WeightedScheme checks the scales' range).
+//
+// Why not __fdiv_rn: the division is a subroutine of ~10 instructions, and an exact zero
+// dividend (frequent in decoded 4-bit sums) takes its slow path. Measured at one rank on
+// one H100, 64 MB (docs/notebook/2026-12-07.md): this restore makes the weighted fused
+// kernels 24-28% faster than __fdiv_rn (weighted-hadamard-int8 6%); the bare product
+// would give 27-32% (9%), but it is not the reference's bits.
+//
+// Why it is exact: q = fl32(y * inv) lies within 3 units in the last place of fl32(y / s)
+// (|y * inv - y / s| < ulp(y / s) for a correctly rounded inv, plus the two roundings), so
+// bf16(q) differs from bf16(fl32(y / s)) only where the 16 bits that bf16 drops lie within
+// 3 of the tie 0x8000. A chunk with a value within kNearTie of it (about 1.4e-4 of values)
+// takes the exact quotients instead; everything else keeps q. NaN stays NaN on either path,
+// and +-inf saturates as the quotient would. tests/test_codec_cuda_source.py checks values
+// at and around the ties bit for bit.
+constexpr uint32_t kNearTie = 4;
+__device__ __forceinline__ bool near_bf16_tie(float q) {
+  // the dropped 16 bits shifted to the top, so that the window's wrap is the register's:
+  // two instructions a value (LEA, and ISETP accumulating the chunk's predicate)
+  return __float_as_uint(q) * 65536u + ((kNearTie - 0x8000u) << 16) <=
+         ((2 * kNearTie) << 16 | 0xFFFFu);
+}
+
+struct Unscale {
+  const float* __restrict__ scale;   // s
+  const float* __restrict__ inv;     // fl32(1 / s)
+  int64_t h, ch;
+  __device__ __forceinline__ void operator()(float y[8]) const {
+    float r[8], q[8];
+    chunk_scales(inv, h, ch, r);
+    bool near = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      q[i] = __fmul_rn(y[i], r[i]);
+      near |= near_bf16_tie(q[i]);
+    }
+    if (near) {   // rare (see above): the chunk's exact quotients
+      float s[8];
+      chunk_scales(scale, h, ch, s);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(y[i], s[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) y[i] = q[i];
+  }
+};
+
+// fn(k, f, unscale) for each chunk k of a lane's share of the tile at flat index f0 that
+// lies in the message (f = its first value's flat index < n), with unscale(y) the
+// weighted- restore of its 8 values (Unscale; not to be called without SCALE): where the
+// tile kernels map a tile back and store it.
+template <bool SCALE, int G, typename Fn>
+__device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, int64_t n,
+                                                const Channels<G>& ch,
+                                                const float* __restrict__ scale,
+                                                const float* __restrict__ inv, int64_t h,
+                                                Fn fn) {
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t f = f0 + t.col(k);
+    if (f >= n) continue;
+    fn(k, f, Unscale{scale, inv, h, SCALE ? ch.at(k) : 0});
+  }
+}
+
+}  // namespace
