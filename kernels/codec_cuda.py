@@ -445,6 +445,8 @@ class TwoShotLaunch(_BoundLaunch):
     def __init__(self, ws, plan: KernelPlan, n: int, dtype: torch.dtype, tile: int,
                  chunk: int, tiles: int, grid: int, spin: int):
         kc, rot, scale, inv = plan.rs, plan.rot, plan.scale, plan.inv_scale
+        if dtype != torch.bfloat16:   # the kernel's loads, stores and restore are bf16's
+            raise ValueError(f"the two-shot kernel takes bf16 messages, not {dtype}")
         tb = kc.nbytes(tile)
         if tiles * tb > ws.layout.slot:
             raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "

@@ -335,6 +335,13 @@ def _two_shot_body(rank, world, lib):
             res.append([f"{scheme.spec} bound", n,
                         bool(same_bits(got, two_step_all_reduce(base, y, scheme))),
                         int(got.view(torch.int16).sum()), int(ws.status[0])])
+    # the kernel loads, restores and stores bf16 only: another dtype is refused
+    try:
+        codec_cuda.TwoShotLaunch(ws, plan, n, torch.float16, *geo, 1 << 22)
+        refused = False
+    except ValueError as e:
+        refused = "bf16" in str(e)
+    res.append(["float16 refused", n, refused, 0, 0])
     return res
 
 
@@ -345,7 +352,7 @@ def test_two_shot_source_matches_two_step_across_processes(host_lib, world):
     from tests._dist import run_distributed
     ranks = run_distributed(_two_shot_body, world, host_lib, timeout=600)
     for rows in ranks:
-        assert len(rows) == 60
+        assert len(rows) == 61
         bad = [r for r in rows if not r[2] or r[4]]
         assert not bad, bad
     sums = [[r[3] for r in rows] for rows in ranks]
