@@ -160,9 +160,11 @@ def _unscale_cases(h: int, scale: torch.Tensor) -> torch.Tensor:
     ordinary values."""
     g = torch.Generator().manual_seed(11)
     rows = []
-    # a tie: a random bf16 value's bits with the dropped 16 bits at 0x8000, moved by d
+    # a tie: a random bf16 value's bits with the dropped 16 bits at 0x8000, moved by d;
+    # the first rows' values normal, the last row's subnormal (top bits below 0x0080)
     for d in range(-8, 9):
-        top = torch.randint(0x0080, 0x7F7F, (64, h), generator=g, dtype=torch.int32)
+        top = torch.cat([torch.randint(0x0080, 0x7F7F, (56, h), generator=g, dtype=torch.int32),
+                         torch.randint(0, 0x0080, (8, h), generator=g, dtype=torch.int32)])
         sign = torch.randint(0, 2, (64, h), generator=g, dtype=torch.int32) << 31
         q = ((top << 16) + 0x8000 + d | sign).view(torch.float32)
         # y = fl32(q * s): its quotient y / s is within an ulp of q, near the tie
@@ -171,27 +173,31 @@ def _unscale_cases(h: int, scale: torch.Tensor) -> torch.Tensor:
                             3.4028235e38, -3.4028235e38, 1.4e-45, -1e-40, 1.17549435e-38,
                             3.3895314e38, 3.3961e38, 1.0, -2.5, 65504.0, 1e-30])
     rows.append(special.repeat(h // 16 + 1)[:h].view(1, h))
+    rows.append(special.flip(0).repeat(h // 16 + 1)[:h].view(1, h))
     rows.append(torch.randn(64, h, generator=g) * 40)
     return torch.cat(rows).reshape(-1, h)
 
 
-def test_unscale_restores_the_quotients_bf16(host_lib):
+@pytest.mark.parametrize("h", [192, 100])
+def test_unscale_restores_the_quotients_bf16(host_lib, h):
     """codec_weighted.cuh's Unscale (the fused kernels' weighted- restore: a product by
     fl32(1/s), a division where that product lies near a bf16 tie) gives bf16(clamp(y /
     s)) of the reference bit for bit, on quotients at and around every kind of tie and on
     NaN, ±inf, zeros and subnormals; and the product alone does not (so the cases reach
-    the division)."""
+    the division). h = 100 is not a multiple of 8: chunks wrap the channels and the
+    scales are loaded one by one."""
     from megatron_lite.comm.codecs.base import saturate
     from megatron_lite.comm.codecs.weighted import WeightedScheme
     from megatron_lite.comm.codecs import CodecSpec
     so = ctypes.CDLL(host_lib)
     probe = so.host_unscale_probe
     probe.argtypes, probe.restype = [ctypes.c_int64] * 6, ctypes.c_int
-    h = 192
     g = torch.Generator().manual_seed(3)
     scale = torch.exp2(torch.empty(h).uniform_(-20, 20, generator=g))
     scale[:4] = torch.tensor([2.0 ** -64, 2.0 ** 64, 1.0, 0.1])
     ws = WeightedScheme(CodecSpec("weighted-int8", 128), scale)
+    # the reciprocals are fl32(1/s), correctly rounded (an IEEE fp32 division here)
+    assert torch.equal(ws.inv_scale, torch.ones_like(ws.scale) / ws.scale)
     y = _unscale_cases(h, ws.scale)
     out = torch.empty_like(y)
     assert probe(y.data_ptr(), ws.scale.data_ptr(), ws.inv_scale.data_ptr(), h,

@@ -93,9 +93,9 @@ __device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __
 //
 // Why not __fdiv_rn: the division is a subroutine of ~10 instructions, and an exact zero
 // dividend (frequent in decoded 4-bit sums) takes its slow path. Measured at one rank on
-// one H100, 64 MB (docs/notebook/2026-12-07.md): this restore makes the weighted fused
-// kernels 24-28% faster than __fdiv_rn (weighted-hadamard-int8 6%); the bare product
-// would give 27-32% (9%), but it is not the reference's bits.
+// one H100, 64 MB (docs/notebook/2026-12-07.md): with this restore the weighted fused
+// kernels take 24-28% less time than with __fdiv_rn (weighted-hadamard-int8 6%); the
+// bare product would take 27-32% less (9%), but it is not the reference's bits.
 //
 // Why it is exact: q = fl32(y * inv) lies within 3 units in the last place of fl32(y / s)
 // (|y * inv - y / s| < ulp(y / s) for a correctly rounded inv, plus the two roundings), so

@@ -24,7 +24,7 @@ namespace {
 //   1. encode (scale, rotate) each of my tiles into recv[me] of every rank; with `err`,
 //      this rank's error part of the tile too (Scheme.own_error, restored);  barrier 2
 //   2. decode recv[0..W-1] of my tiles, sum in fp32 in rank order, rotate back,
-//      saturate, unscale (Unscale), saturate into the output;                           barrier 3
+//      saturate, unscale (Unscale), saturate into the output;                barrier 3
 //
 // Barrier 3 keeps recv whole: no rank's next call (of this kernel or the two-shot one,
 // which writes recv first as well) writes it before every rank has read it. Groups fall

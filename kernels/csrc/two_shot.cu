@@ -1,5 +1,5 @@
 // The quantized two-shot all-reduce in one launch, on the codec kernels' group code
-// (codec_tile.cuh), over the symmetric workspace of kernels/workspace.py: the protocol of
+// (codec_tile.cuh, codec_weighted.cuh), over the symmetric workspace of kernels/workspace.py: the protocol of
 // kernels/fused_allreduce.py's Triton kernel (same flags, epochs, slots and barriers),
 // for bf16 messages and the one-stage codecs codec.cu takes. kernels/codec_cuda.py says
 // when it runs. Block b of every rank owns tiles b, b + grid, ... of every chunk (chunk j:
