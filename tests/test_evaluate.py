@@ -112,6 +112,21 @@ def test_missing_files_and_bad_sizes(tok, tmp_path):
         D.load_text_windows(tok, str(p), 64, 100)
 
 
+def test_specs_differing_only_in_calibration_are_refused():
+    """A row is named by its spec without the calibration file, so two specs that differ
+    only there would share one row (and one calibration): refused, with both named; the
+    same spec twice is one row."""
+    from megatron_lite.lab.eval.study import _canonical_comms
+    names, _ = _canonical_comms(["weighted-int8:128,calibration=a.safetensors"] * 2, None)
+    assert names == ["bf16", "weighted-int8:128"]
+    with pytest.raises(D.EvalDataError, match="weighted-int8:128 with different calibration"):
+        _canonical_comms(["weighted-int8:128,calibration=a.safetensors",
+                          "weighted-int8:128,calibration=b.safetensors"], None)
+    with pytest.raises(D.EvalDataError, match="different calibration"):   # one via the flag
+        _canonical_comms(["weighted-int8:128", "weighted-int8:128,calibration=b.safetensors"],
+                         "a.safetensors")
+
+
 def test_batches_by_length_respects_budget_and_covers_all():
     seqs = [D.Sequence_([0] * n, 1, n) for n in (5, 9, 3, 9, 7, 2, 8)]
     batches = D.batches_by_length(seqs, max_batch_tokens=18)

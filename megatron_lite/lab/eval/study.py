@@ -81,7 +81,8 @@ def comm_bits(spec, num_layers: int) -> float:
 
 def _canonical_comms(specs: List[str], calibration: Optional[str]):
     """``(names, CommSpecs)`` with bf16 first (added if absent), duplicates removed;
-    a name is the spec without its calibration file."""
+    a name is the spec without its calibration file, so two specs that differ only in
+    their calibration files are refused (a row would silently stand for both)."""
     from megatron_lite.comm.spec import format_comm, parse_comm
     names, parsed = [], []
     for text in [REFERENCE] + list(specs):
@@ -93,6 +94,9 @@ def _canonical_comms(specs: List[str], calibration: Optional[str]):
         if name not in names:
             names.append(name)
             parsed.append(spec)
+        elif format_comm(spec) != format_comm(parsed[names.index(name)]):
+            raise EvalDataError(f"two --comm specs are {name} with different calibration "
+                                "files: evaluate each calibration in a run of its own")
     return names, parsed
 
 
