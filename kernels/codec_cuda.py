@@ -353,16 +353,6 @@ def check_scale(scale: Optional[torch.Tensor], device: torch.device, n: int) -> 
         raise ValueError("scale must be 1-D fp32 on the message's device and divide its length")
 
 
-def check_scales(scale: Optional[torch.Tensor], inv: Optional[torch.Tensor],
-                 device: torch.device, n: int) -> None:
-    """``check_scale`` of the fused kernels' channel scales and of their reciprocals
-    (``KernelPlan.inv_scale``), which must come with them, of the same length."""
-    check_scale(scale, device, n)
-    check_scale(inv, device, n)
-    if (scale is None) != (inv is None) or (scale is not None and inv.numel() != scale.numel()):
-        raise ValueError("channel scales need their reciprocals, of the same length")
-
-
 def _writable(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` where the kernels can store 16-byte vectors into it (contiguous and aligned),
     else a temporary of ``like``'s shape."""
@@ -451,7 +441,8 @@ class TwoShotLaunch(_BoundLaunch):
         if tiles * tb > ws.layout.slot:
             raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "
                              f"workspace has {ws.layout.slot} B")
-        check_scales(scale, inv, ws.device, n)
+        check_scale(scale, ws.device, n)   # KernelPlan pairs inv with it, same length
+        check_scale(inv, ws.device, n)
         lim = out_limit(dtype)
         lay = ws.layout
         self._scale = (scale, inv)               # bound by address: they must outlive the launch
@@ -530,7 +521,8 @@ class OneShotQLaunch(_BoundLaunch):
         if tiles * tile < n or tiles * tb > ws.layout.slot:
             raise ValueError(f"message of {n} values needs {tiles * tb} B per rank slot, "
                              f"workspace has {ws.layout.slot} B")
-        check_scales(scale, inv, ws.device, n)
+        check_scale(scale, ws.device, n)   # KernelPlan pairs inv with it, same length
+        check_scale(inv, ws.device, n)
         lay = ws.layout
         self._scale = (scale, inv)               # bound by address: they must outlive the launch
         self._args = (ws.buffer_ptr, ws.counter_ptrs[1], ws.status_ptr, tuple(ws.deltas),

@@ -74,8 +74,9 @@ class KernelPlan:
     inv_scale: Optional[object] = None   # torch.Tensor, with scale
 
     def __post_init__(self):
-        if (self.scale is None) != (self.inv_scale is None):
-            raise ValueError("channel scales come with their reciprocals")
+        if (self.scale is None) != (self.inv_scale is None) or (
+                self.scale is not None and self.inv_scale.numel() != self.scale.numel()):
+            raise ValueError("channel scales come with their reciprocals, of the same length")
         groups = {k.group for k in (self.rs, self.ag) if k.kind != KIND_BF16}
         if len(groups) > 1:   # both stages are coded on the same tiles
             raise ValueError(f"the two stages use different group sizes {sorted(groups)}")

@@ -1,10 +1,11 @@
 // The quantized two-shot all-reduce in one launch, on the codec kernels' group code
-// (codec_tile.cuh, codec_weighted.cuh), over the symmetric workspace of kernels/workspace.py: the protocol of
-// kernels/fused_allreduce.py's Triton kernel (same flags, epochs, slots and barriers),
-// for bf16 messages and the one-stage codecs codec.cu takes. kernels/codec_cuda.py says
-// when it runs. Block b of every rank owns tiles b, b + grid, ... of every chunk (chunk j:
-// values [j*chunk, (j+1)*chunk), reduced by rank j); a tile is blockDim.x * 32 values,
-// whole groups, stored as one row of the codec layout, zeros past the message:
+// (codec_tile.cuh, codec_weighted.cuh), over the symmetric workspace of
+// kernels/workspace.py: the protocol of kernels/fused_allreduce.py's Triton kernel (same
+// flags, epochs, slots and barriers), for bf16 messages and the one-stage codecs codec.cu
+// takes. kernels/codec_cuda.py says when it runs. Block b of every rank owns tiles b,
+// b + grid, ... of every chunk (chunk j: values [j*chunk, (j+1)*chunk), reduced by rank
+// j); a tile is blockDim.x * 32 values, whole groups, stored as one row of the codec
+// layout, zeros past the message:
 //
 //   1. encode (scale, rotate) each chunk j's tiles into rank j's recv[me];  barrier 2
 //   2. decode recv[0..W-1] of my tiles, sum in fp32 in rank order, encode the sum into
@@ -251,7 +252,8 @@ int64_t ml_one_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
 
 int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
                             std::vector<int64_t> deltas, int64_t scale, int64_t inv,
-                            int64_t n, int64_t chunk, int64_t tiles, int64_t tile, int64_t tile_bytes,
+                            int64_t n, int64_t chunk, int64_t tiles, int64_t tile,
+                            int64_t tile_bytes,
                             int64_t flag_off, int64_t recv_off, int64_t gather_off,
                             int64_t slot, int64_t rank, int64_t world, int64_t maxb,
                             int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,

@@ -84,16 +84,17 @@ class WeightedScheme(Scheme):
         self.inv_scale = (torch.ones_like(s64) / s64).float()
         self._dev = {}
 
-    def _s(self, x: torch.Tensor) -> torch.Tensor:
+    def _scales(self, x: torch.Tensor):
+        """(scale, inv_scale) on ``x``'s device, checked against its channels."""
         if x.shape[-1] != self.scale.numel():
             raise CodecError(f"{self.name}: message has {x.shape[-1]} channels, the "
                              f"calibration {self.scale.numel()}")
         if x.device not in self._dev:
             self._dev[x.device] = (self.scale.to(x.device), self.inv_scale.to(x.device))
-        return self._dev[x.device][0]
+        return self._dev[x.device]
 
     def chunk(self, x, world_size):
-        s = self._s(x)
+        s, _ = self._scales(x)
         chunks, restore = self.inner.chunk(x.float() * s, world_size)
         dtype = x.dtype
 
@@ -129,9 +130,8 @@ class WeightedScheme(Scheme):
         """The inner scheme's kernels (with its rotation, for ``weighted-hadamard-``)
         between the scaling and its inverse; ``scale`` on ``x``'s device, checked against
         ``x``'s channels, and their reciprocals (``KernelPlan.inv_scale``)."""
-        s = self._s(x)
-        return dataclasses.replace(self.inner.kernel_plan(x), scale=s,
-                                   inv_scale=self._dev[x.device][1])
+        s, inv = self._scales(x)
+        return dataclasses.replace(self.inner.kernel_plan(x), scale=s, inv_scale=inv)
 
     # Bounds in the scaled domain (the inner scheme's); the caller divides by s.
     def rs_error_bound(self, chunks, src):
