@@ -456,7 +456,7 @@ class TwoShotLaunch(_BoundLaunch):
             rot is not None, scale.numel() if scale is not None else 1, kc.c2,
             _rot(kc, rot),
             # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
-            BF16_MAX if plan.mapped else lim, BF16_MAX if scale is not None else lim, lim,
+            BF16_MAX if plan.mapped else lim, BF16_MAX if scale is not None else lim,
             spin, grid)
 
 

@@ -34,7 +34,7 @@ _ARGS = {
 _PREPARE_ARGS = {
     "one_shot": [ctypes.c_int64] * 22,
     "two_shot": ([ctypes.c_int64] * 28 + [ctypes.c_bool, ctypes.c_int64]
-                 + [ctypes.c_double] * 5 + [ctypes.c_int64] * 2),
+                 + [ctypes.c_double] * 4 + [ctypes.c_int64] * 2),
     "one_shot_q": ([ctypes.c_int64] * 26 + [ctypes.c_bool, ctypes.c_int64, ctypes.c_double,
                                             ctypes.c_double, ctypes.c_bool]
                    + [ctypes.c_int64] * 2),
@@ -181,10 +181,11 @@ def _unscale_cases(h: int, scale: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("h", [192, 100])
 def test_unscale_restores_the_quotients_bf16(host_lib, h):
     """codec_weighted.cuh's Unscale (the fused kernels' weighted- restore: a product by
-    fl32(1/s), a division where that product lies near a bf16 tie) gives bf16(clamp(y /
-    s)) of the reference bit for bit, on quotients at and around every kind of tie and on
-    NaN, ±inf, zeros and subnormals; and the product alone does not (so the cases reach
-    the division). h = 100 is not a multiple of 8: chunks wrap the channels and the
+    fl32(1/s), a division where that product lies near a bf16 tie, saturated to bf16's
+    range) gives bf16(clamp(y / s)) of the reference bit for bit, on quotients at and
+    around every kind of tie and on NaN, ±inf, zeros and subnormals, and values already
+    within bf16's range; and the product alone does not (so the cases reach the
+    division). h = 100 is not a multiple of 8: chunks wrap the channels and the
     scales are loaded one by one."""
     from megatron_lite.comm.codecs.base import saturate
     from megatron_lite.comm.codecs.weighted import WeightedScheme
@@ -207,6 +208,11 @@ def test_unscale_restores_the_quotients_bf16(host_lib, h):
         return saturate(v, torch.bfloat16).view(torch.int16)
     want = bf16(y / ws.scale)
     assert torch.equal(bf16(out), want)
+    # saturated by Unscale itself (the callers round without clamping), where some
+    # quotients do leave bf16's range
+    bf16_max = torch.finfo(torch.bfloat16).max
+    assert ((y / ws.scale).abs() > bf16_max).sum() > 10
+    assert (out.abs() <= bf16_max)[~out.isnan()].all()
     product = bf16(y * ws.inv_scale)
     assert (product != want).sum() > 100   # the cases do need the division
 

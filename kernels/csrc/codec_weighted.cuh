@@ -85,11 +85,11 @@ __device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __
   }
 }
 
-// weighted-'s restore of 8 values y[i] of channels ch + i (mod h), as a bf16 output holds
-// it: on return bf16(clamp(y[i], L)) is bf16(clamp(fl32(y[i] / s), L)) of the reference
-// (comm/codecs/weighted.py) for any bf16 value L (every caller clamps to bf16's range and
-// rounds to bf16), with s = scale[ch + i] and inv = fl32(1 / s) (normal numbers both;
-// WeightedScheme checks the scales' range).
+// weighted-'s restore of 8 values y[i] of channels ch + i (mod h), saturated to bf16's
+// range, as a bf16 output holds it: on return y[i] lies in [-kBf16Max, kBf16Max] (or is
+// NaN) and bf16(y[i]) is bf16(clamp(fl32(y[i] / s), kBf16Max)) of the reference
+// (comm/codecs/weighted.py; every caller rounds to bf16 next), with s = scale[ch + i] and
+// inv = fl32(1 / s) (normal numbers both; WeightedScheme checks the scales' range).
 //
 // Why not __fdiv_rn: the division is a subroutine of ~10 instructions, and an exact zero
 // dividend (frequent in decoded 4-bit sums) takes its slow path. Measured at one rank on
@@ -104,6 +104,11 @@ __device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __
 // takes the exact quotients instead; everything else keeps q. NaN stays NaN on either path,
 // and +-inf saturates as the quotient would. tests/test_codec_cuda_source.py checks values
 // at and around the ties bit for bit.
+//
+// The saturation is the identity wherever |q| <= kBf16Max, so a chunk is clamped only
+// where some |q| is larger (one compare a value, accumulated with the tie test's, in
+// place of two min/max a value); clamping q or the quotient gives the same bf16 value, as
+// the two differ only near a tie and kBf16Max is none.
 constexpr uint32_t kNearTie = 4;
 __device__ __forceinline__ bool near_bf16_tie(float q) {
   // the dropped 16 bits shifted to the top, so that the window's wrap is the register's:
@@ -119,17 +124,22 @@ struct Unscale {
   __device__ __forceinline__ void operator()(float y[8]) const {
     float r[8], q[8];
     chunk_scales(inv, h, ch, r);
-    bool near = false;
+    bool near = false, big = false;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       q[i] = __fmul_rn(y[i], r[i]);
       near |= near_bf16_tie(q[i]);
+      big |= fabsf(q[i]) > kBf16Max;   // false for NaN, which stays
     }
-    if (near) {   // rare (see above): the chunk's exact quotients
-      float s[8];
-      chunk_scales(scale, h, ch, s);
+    if (near | big) {   // rare (see above)
+      if (near) {       // the chunk's exact quotients
+        float s[8];
+        chunk_scales(scale, h, ch, s);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(y[i], s[i]);
+        for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(y[i], s[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[i] = clamp_keep_nan(q[i], kBf16Max);
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) y[i] = q[i];

@@ -31,7 +31,7 @@ int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
                             int64_t slot, int64_t rank, int64_t world, int64_t maxb,
                             int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
                             double c2, double rscale, double out_lim, double lim_rot,
-                            double flim, int64_t spin, int64_t grid);
+                            int64_t spin, int64_t grid);
 int64_t ml_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status,
                               std::vector<int64_t> deltas, int64_t scale, int64_t inv,
                               int64_t n, int64_t tiles, int64_t tile, int64_t tile_bytes,

@@ -109,10 +109,9 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
         for (int i = 0; i < 8; ++i)
           v[k][i] = ((v[k][i] != v[k][i]) || fabsf(v[k][i]) > kFp32Max) ? 0.0f : v[k][i];
         if (SCALE) {
-          unscale(v[k]);
+          unscale(v[k]);   // saturated to bf16's range as well
 #pragma unroll
-          for (int i = 0; i < 8; ++i)
-            v[k][i] = bits_f(bf16_bits(clamp_keep_nan(v[k][i], kBf16Max)) << 16);
+          for (int i = 0; i < 8; ++i) v[k][i] = bits_f(bf16_bits(v[k][i]) << 16);
         }
         Io<float>::store(err + f, v[k]);
       });
@@ -137,11 +136,7 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
                            [&](int k, int64_t f, const Unscale& unscale) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[k][i] = clamp_keep_nan(acc[k][i], kBf16Max);
-      if (SCALE) {
-        unscale(acc[k]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[k][i] = clamp_keep_nan(acc[k][i], kBf16Max);
-      }
+      if (SCALE) unscale(acc[k]);   // saturated to bf16's range as well
       Io<Bf16Bits>::store(out + f, acc[k]);
     });
   }

@@ -32,7 +32,7 @@ struct TwoShotArgs {
   int64_t flag_off, recv_off, gather_off, slot;  // workspace layout (bytes)
   int rank, world, maxb;
   int64_t h, spin;
-  float c2, rscale, out_lim, lim_rot, flim;      // codec; the step-3 saturations
+  float c2, rscale, out_lim, lim_rot;            // codec; the step-3 saturations
 };
 
 template <int KIND, int BITS, int G, bool ROT, bool SCALE>
@@ -107,11 +107,7 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
       const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, SCALE ? a.h : 1);
       each_live_chunk<SCALE>(t, f0, a.n, ch, scale, inv, a.h,
                              [&](int k, int64_t f, const Unscale& unscale) {
-        if (SCALE) {   // a.flim is bf16's range (Unscale's condition)
-          unscale(y[k]);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) y[k][i] = clamp_keep_nan(y[k][i], a.flim);
-        }
+        if (SCALE) unscale(y[k]);   // saturated to bf16's range as well
         Io<Bf16Bits>::store(out + f, y[k]);
       });
     }
@@ -258,13 +254,13 @@ int64_t ml_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status,
                             int64_t slot, int64_t rank, int64_t world, int64_t maxb,
                             int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
                             double c2, double rscale, double out_lim, double lim_rot,
-                            double flim, int64_t spin, int64_t grid) {
+                            int64_t spin, int64_t grid) {
   Peers peers;
   if (!make_peers(deltas, world, peers) || !tile_fits(tile) || grid < 1 || grid > maxb)
     return -(int64_t)cudaErrorInvalidValue;
   TwoShotArgs a{n, chunk, tiles, tile_bytes, flag_off, recv_off, gather_off, slot,
                 (int)rank, (int)world, (int)maxb, h, spin, (float)c2, (float)rscale,
-                (float)out_lim, (float)lim_rot, (float)flim};
+                (float)out_lim, (float)lim_rot};
   const float* sp = reinterpret_cast<const float*>(scale);
   const float* ip = reinterpret_cast<const float*>(inv);
   if (!sp != !ip) return -(int64_t)cudaErrorInvalidValue;

@@ -86,11 +86,11 @@ int64_t host_two_shot_prepare(int64_t ws, int64_t cnt, int64_t status, int64_t d
                               int64_t slot, int64_t rank, int64_t world, int64_t maxb,
                               int64_t kind, int64_t bits, int64_t g, bool rot, int64_t h,
                               double c2, double rscale, double out_lim, double lim_rot,
-                              double flim, int64_t spin, int64_t grid) {
+                              int64_t spin, int64_t grid) {
   return ml_two_shot_prepare(ws, cnt, status, {d0, d1, d2, d3, d4, d5, d6, d7}, scale, inv, n,
                              chunk, tiles, tile, tile_bytes, flag_off, recv_off, gather_off,
                              slot, rank, world, maxb, kind, bits, g, rot, h, c2, rscale,
-                             out_lim, lim_rot, flim, spin, grid);
+                             out_lim, lim_rot, spin, grid);
 }
 int64_t host_one_shot_q_prepare(int64_t ws, int64_t cnt, int64_t status, int64_t d0,
                                 int64_t d1, int64_t d2, int64_t d3, int64_t d4, int64_t d5,
