@@ -46,7 +46,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-MAX_BLOCKS = 512          # flags per (stage, source rank); the grid never exceeds it
+MAX_BLOCKS = 1024         # flags per (stage, source rank); the grid never exceeds it
 MAX_WORLD = 8             # kernels take up to 8 peer deltas as scalar arguments
 FLAG_ROWS = 6             # flag rows (module docstring): 2 one-shot, 2 two-shot, 2 norm
 NORM_FLAG_ROW = 4         # first of the all-reduce + add + RMSNorm kernel's two rows

@@ -56,7 +56,29 @@ __device__ __forceinline__ void scale_chunk(float v[8], const float* __restrict_
   for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], s[i]);
 }
 
-// weighted- on a lane's whole share: v[k] *= s[ch.at(k) + i]. Where h >= G (every model)
+// A lane's share of the tile at flat index f0 of the bf16 message x as fp32, zeros at and
+// past n (the host sends messages of whole 8-value chunks only), loaded before the
+// weighted- scaling (scale_share) touches any of them, rather than each chunk scaled
+// right after its own load: at one rank on one H100, 64 MB, 6 blocks per SM, the fused
+// weighted- kernels took 6-9% less time (docs/notebook/2026-12-07.md).
+template <int G>
+__device__ __forceinline__ void load_share(const Bf16Bits* __restrict__ x, int64_t n,
+                                           int64_t f0, const Tile<G>& t,
+                                           float v[kChunks][8]) {
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t f = f0 + t.col(k);
+    if (f < n) {
+      Io<Bf16Bits>::load(x + f, v[k]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
+    }
+  }
+}
+
+// weighted- on a lane's whole share: v[k] *= s[ch.at(k) + i] (zeros past the message stay
+// zeros: the scales are finite). Where h >= G (every model)
 // a group's channels wrap at most once, so chunk k's channel is one 32-bit compare and
 // select, straight-line: the next chunk's loads are issued before this chunk's products.
 // scale_chunk per chunk runs Channels::at's 64-bit loop, a branch between chunks that the

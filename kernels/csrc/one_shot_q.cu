@@ -38,23 +38,10 @@ struct OneShotQArgs {
   float c2, rscale;
 };
 
-// 8 values of x from flat index f as fp32, scaled by the weighted- channel scales; zeros
-// at and past n (the host sends messages of whole 8-value chunks only)
-template <bool SCALE>
-__device__ __forceinline__ void load_scaled(const Bf16Bits* __restrict__ x,
-                                            const float* __restrict__ scale, int64_t h,
-                                            int64_t n, int64_t f, int64_t ch, float v[8]) {
-  if (f < n) {
-    Io<Bf16Bits>::load(x + f, v);
-    if (SCALE) scale_chunk(v, scale, h, ch);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-  }
-}
-
+// (with the error part, 80 registers spill up to 136 bytes: those keep 4 blocks per SM)
 template <int KIND, int BITS, int G, bool ROT, bool SCALE, bool ERR>
-__global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
+__global__ void __launch_bounds__(kMaxTwoShotThreads, ERR ? 4 : kTileBlocksPerSM)
+one_shot_q_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, float* __restrict__ err,
     uint8_t* ws, int* cnt, int* status, Peers peers, const float* __restrict__ scale,
     const float* __restrict__ inv, OneShotQArgs a) {
@@ -70,9 +57,8 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
     const int64_t f0 = tt * tile;
     const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, h);
     float v[kChunks][8];
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k)
-      load_scaled<SCALE>(x, scale, h, a.n, f0 + t.col(k), SCALE ? ch.at(k) : 0, v[k]);
+    load_share(x, a.n, f0, t, v);
+    if (SCALE) scale_share<G>(v, scale, h, ch);
     if (ROT) fwht<G>(v, t.sub, a.rscale);
     const Coded c = encode_group<KIND, BITS, G>(v, a.c2);
     for (int j = 0; j < a.world; ++j)
@@ -83,9 +69,8 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) one_shot_q_kernel(
       // nan_to_num(rot(decode(code) - rot(xs))), and for weighted- bf16(saturate(. / s)).
       // The encoder changed v, so the values are loaded again (codec.cu's error_kernel,
       // which decodes the stored code: the metadata held here are those bf16 values).
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k)
-        load_scaled<SCALE>(x, scale, h, a.n, f0 + t.col(k), SCALE ? ch.at(k) : 0, v[k]);
+      load_share(x, a.n, f0, t, v);
+      if (SCALE) scale_share<G>(v, scale, h, ch);
       if (ROT) fwht<G>(v, t.sub, a.rscale);
       Packed<KIND, BITS, G> p;
 #pragma unroll

@@ -36,7 +36,7 @@ struct TwoShotArgs {
 };
 
 template <int KIND, int BITS, int G, bool ROT, bool SCALE>
-__global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
+__global__ void __launch_bounds__(kMaxTwoShotThreads, kTileBlocksPerSM) two_shot_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, uint8_t* ws, int* cnt,
     int* status, Peers peers, const float* __restrict__ scale, const float* __restrict__ inv,
     TwoShotArgs a) {
@@ -52,17 +52,8 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, 4) two_shot_kernel(
       const int64_t f0 = j * a.chunk + tt * tile;
       const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, SCALE ? a.h : 1);
       float v[kChunks][8];
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-        const int64_t f = f0 + t.col(k);
-        if (f < a.n) {   // the host sends messages of whole 8-value chunks only
-          Io<Bf16Bits>::load(x + f, v[k]);
-          if (SCALE) scale_chunk(v[k], scale, a.h, ch.at(k));
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
-        }
-      }
+      load_share(x, a.n, f0, t, v);
+      if (SCALE) scale_share<G>(v, scale, a.h, ch);
       if (ROT) fwht<G>(v, t.sub, a.rscale);
       const Coded c = encode_group<KIND, BITS, G>(v, a.c2);
       store_group<KIND, BITS, G>(c, t, ws + peers.delta[j] + a.recv_off + a.rank * a.slot +

@@ -4,7 +4,8 @@ BEST=<bpsm>.
     torchrun --nproc_per_node=4 tests/gpu/sweep_grid.py
 
 Times the fused kernel (CUDA-graph replays, median of 30) for a few codecs and sizes at
-1, 2 and 4 blocks per SM (the grid size is a host-side choice). Before timing, every
+1, 2, 4 and 6 blocks per SM (the grid size is a host-side choice; the CUDA kernels hold
+6 blocks per SM at once, csrc/peers.cuh's kTileBlocksPerSM). Before timing, every
 grid's output is checked bitwise against the first one's. SWEEP_CODECS, SWEEP_SIZES_MB
 and SWEEP_BPSM narrow the grid.
 """
@@ -30,7 +31,7 @@ def main():
     specs = os.environ.get("SWEEP_CODECS", "int4:128,int8:128,bf16").split(",")
     plans = {s: get_scheme(s).kernel_plan(torch.zeros(1)) for s in specs}
     sizes = [int(m) << 20 for m in os.environ.get("SWEEP_SIZES_MB", "8,64,128").split(",")]
-    bpsms = [int(b) for b in os.environ.get("SWEEP_BPSM", "1,2,4").split(",")]
+    bpsms = [int(b) for b in os.environ.get("SWEEP_BPSM", "1,2,4,6").split(",")]
     fa.prewarm(ws, list(plans.values()), [s // 2 for s in sizes], oneshot=False)
     res, same = {}, {}
     for spec, plan in plans.items():
