@@ -47,7 +47,7 @@ DEFAULT_CODECS = ("int8:128", "int4:128", "hadamard-int8:128", "hadamard-int4:12
                   "weighted-hadamard-int8:128", "weighted-hadamard-int4:128",
                   "weighted-hadamard-int5:128", "weighted-hadamard-int5:64", "int5:128",
                   "weighted-hadamard-int6-sym:128",
-                  "weighted-int8:128", "int4:64", "hadamard-int4:64")
+                  "weighted-int8:128", "weighted-int4:128", "int4:64", "hadamard-int4:64")
 OPS = ("quantize", "dequantize", "dequantize_sum", "error")
 
 
