@@ -31,7 +31,7 @@ from . import codec_cuda, maps, quant, sync
 from .calls import BF16_MAX, geometry, out_limit
 from .config import INTERPRET, KernelPlan, kernel_config
 from .thresholds import blocks_per_sm
-from .workspace import MAX_BLOCKS, SymmWorkspace
+from .workspace import MAX_BLOCKS, ONESHOT_BLOCK_ELEMS, ONESHOT_MAX_BLOCKS, SymmWorkspace
 
 # ~tens of seconds of polling on a GPU (a peer still compiling its first call must not
 # trip it); far fewer polls under the (slow) interpreter (config.py).
@@ -80,11 +80,11 @@ def _one_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
 
 
 def one_shot_block(n: int, device: torch.device) -> int:
-    """Elements per block: enough blocks to spread the copy over the SMs, at most
-    MAX_BLOCKS and at least 512 elements (1 KB bf16) per block."""
+    """Elements per block: enough blocks to spread the copy over the SMs, at least 512
+    elements (1 KB bf16) and at most ONESHOT_BLOCK_ELEMS per block."""
     sms = _num_sms(device)
     block = 512
-    while block < 8192 and -(-n // block) > sms:   # triton.cdiv costs µs on the host
+    while block < ONESHOT_BLOCK_ELEMS and -(-n // block) > sms:   # triton.cdiv: µs of host
         block *= 2
     return block
 
@@ -95,9 +95,11 @@ def one_shot_grid(ws: SymmWorkspace, device: torch.device) -> int:
     meet at the barrier. A fixed grid keeps every block's epoch, hence its parity, equal
     to the others': with a grid that grew from one call to the next, a new block starts
     at epoch 1 and may write the parity-1 slots a slow peer is still reading for the
-    previous call, at offsets that another block size put elsewhere."""
-    most = -(-(ws.layout.oneshot_max_bytes // 2) // 8192)   # bf16 at the largest block
-    return min(MAX_BLOCKS, max(_num_sms(device), most))
+    previous call, at offsets that another block size put elsewhere. At most
+    ONESHOT_MAX_BLOCKS blocks (resident at once: they wait at a barrier), which cover
+    every message the workspace takes (WorkspaceLayout.make checks its size)."""
+    most = -(-(ws.layout.oneshot_max_bytes // 2) // ONESHOT_BLOCK_ELEMS)   # bf16, largest block
+    return min(ONESHOT_MAX_BLOCKS, max(_num_sms(device), most))
 
 
 def _check_one_shot_size(ws: SymmWorkspace, x: torch.Tensor) -> None:

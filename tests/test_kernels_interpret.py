@@ -337,6 +337,31 @@ def test_fused_allreduce_over_shared_memory(check, world):
     assert kinds == {"two-shot", "one-shot", "auto", "one-shot-k"}
 
 
+def test_one_shot_grid_covers_the_largest_message_and_stays_resident():
+    """The one-shot bf16 kernel's blocks wait at a barrier, so its grid stays at most
+    ONESHOT_MAX_BLOCKS (what the GPUs hold at once) whatever MAX_BLOCKS allows the two-shot
+    grid; a workspace asking for larger one-shot messages than that grid covers is refused
+    with a one-line error instead of leaving their tail unwritten."""
+    _kernels()
+    from megatron_lite.kernels import fused_allreduce as fa
+    from megatron_lite.kernels import workspace as wsm
+    most = wsm.ONESHOT_MAX_BLOCKS * wsm.ONESHOT_BLOCK_ELEMS * 2
+    assert most == 8 << 20 and wsm.MAX_BLOCKS > wsm.ONESHOT_MAX_BLOCKS
+    with pytest.raises(ValueError, match="one-shot kernel takes at most 8388608 B"):
+        wsm.WorkspaceLayout.make(2, 64 << 20, most + 2)
+    cpu = torch.device("cpu")
+    for nbytes in (16, 1 << 20, most):
+        lay = wsm.WorkspaceLayout.make(2, 64 << 20, nbytes)
+        ws = types.SimpleNamespace(layout=lay)
+        grid = fa.one_shot_grid(ws, cpu)
+        assert grid <= wsm.ONESHOT_MAX_BLOCKS
+        n = nbytes // 2                                          # bf16 values
+        assert grid * fa.one_shot_block(n, cpu) >= n             # every value has a block
+    # the cap holds on its own too (a layout built around make's check)
+    huge = types.SimpleNamespace(layout=types.SimpleNamespace(oneshot_max_bytes=64 << 20))
+    assert fa.one_shot_grid(huge, cpu) == wsm.ONESHOT_MAX_BLOCKS
+
+
 def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
     # The two-shot grid's blocks per SM come from kernels/thresholds.py by message size
     # (4 from 8 MB up on 2 x H200, 1 elsewhere); MEGATRON_LITE_BLOCKS_PER_SM overrides.

@@ -38,7 +38,8 @@ struct OneShotQArgs {
   float c2, rscale;
 };
 
-// (with the error part, 80 registers spill up to 136 bytes: those keep 4 blocks per SM)
+// (at 80 registers the kernels with the error part spilled up to 140 bytes, the others
+// up to 28 (ptxas, nvcc 13.0, sm_90): the former keep 4 blocks per SM, 128 registers)
 template <int KIND, int BITS, int G, bool ROT, bool SCALE, bool ERR>
 __global__ void __launch_bounds__(kMaxTwoShotThreads, ERR ? 4 : kTileBlocksPerSM)
 one_shot_q_kernel(

@@ -117,11 +117,12 @@ __device__ __forceinline__ void block_barrier(uint8_t* ws, const Peers& peers, i
 // Threads per block of the tile kernels: a 4096-value tile (codec_cuda.TWO_SHOT_TILES)
 constexpr int kMaxTwoShotThreads = 128;
 // Blocks of the tile kernels an SM holds at once (their __launch_bounds__: at most 80
-// registers a thread, against 128 at 4 blocks). The kernels are latency-bound (Nsight
-// Compute: 4 warps per scheduler, 44-57% of issue slots busy). At one rank, 64 MB, 6
-// blocks per SM took 6-14% less time than 4 on one H200 and 5-14% on one H100, every
-// fused codec (docs/notebook/2026-12-07.md); a grid of 4 per SM on this build is not
-// slower than on the old one. workspace.MAX_BLOCKS leaves room for 6 on 132 SMs.
+// registers a thread, against 128 at 4 blocks; some two-shot instantiations spill up to
+// 36 bytes, timed ones among them). The kernels are latency-bound (Nsight Compute: 4
+// warps per scheduler, 44-57% of issue slots busy). At one rank, 64 MB, 6 blocks per SM
+// took 6-14% less time than 4 on one H200 and 5-14% on one H100, every fused codec
+// (docs/notebook/2026-12-07.md); a grid of 4 per SM on this build is not slower than on
+// the old one. workspace.MAX_BLOCKS leaves room for 6 on 132 SMs.
 constexpr int kTileBlocksPerSM = 6;
 
 // Whether the tile kernels take tiles of `tile` values: kVals values per thread, whole
