@@ -50,10 +50,11 @@ MAX_BLOCKS = 1024         # flags per (stage, source rank); the grid never excee
 # The one-shot bf16 kernel's grid (fused_allreduce.one_shot_grid): its blocks wait for
 # their peers at a barrier, so all must be resident at once, and the CUDA kernel refuses a
 # grid the device cannot hold (5 blocks of 256 threads per SM: 660 on 132 SMs). A block
-# owns at most ONESHOT_BLOCK_ELEMS values, so the one-shot slot holds at most
-# ONESHOT_MAX_BLOCKS * ONESHOT_BLOCK_ELEMS bf16 values (8 MiB).
+# owns at most ONESHOT_BLOCK_ELEMS values, so a one-shot message holds at most
+# ONESHOT_MAX_BLOCKS * ONESHOT_BLOCK_ELEMS bf16 values: ONESHOT_MAX_BYTES (8 MiB).
 ONESHOT_MAX_BLOCKS = 512
 ONESHOT_BLOCK_ELEMS = 8192
+ONESHOT_MAX_BYTES = ONESHOT_MAX_BLOCKS * ONESHOT_BLOCK_ELEMS * 2
 MAX_WORLD = 8             # kernels take up to 8 peer deltas as scalar arguments
 FLAG_ROWS = 6             # flag rows (module docstring): 2 one-shot, 2 two-shot, 2 norm
 NORM_FLAG_ROW = 4         # first of the all-reduce + add + RMSNorm kernel's two rows
@@ -91,10 +92,10 @@ class WorkspaceLayout:
     def make(world: int, max_bytes: int, oneshot_max_bytes: int) -> "WorkspaceLayout":
         if not 1 <= world <= MAX_WORLD:
             raise WorkspaceUnavailable(f"fused all-reduce supports 1..{MAX_WORLD} ranks, not {world}")
-        most = ONESHOT_MAX_BLOCKS * ONESHOT_BLOCK_ELEMS * 2
-        if oneshot_max_bytes > most:
+        if oneshot_max_bytes > ONESHOT_MAX_BYTES:
             raise ValueError(f"one-shot messages of up to {oneshot_max_bytes} B asked for: the "
-                             f"one-shot kernel takes at most {most} B ({most >> 20} MiB)")
+                             f"one-shot kernel takes at most {ONESHOT_MAX_BYTES} B "
+                             f"({ONESHOT_MAX_BYTES >> 20} MiB)")
         max_elems = max(max_bytes // 2, 1)          # sized for bf16/fp16 messages
         # A chunk is padded to whole tiles; its worst-case encoding is 2 bytes per value
         # (the bf16 pass-through codec); group codecs need less (checked at launch).

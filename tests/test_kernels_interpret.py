@@ -345,8 +345,9 @@ def test_one_shot_grid_covers_the_largest_message_and_stays_resident():
     _kernels()
     from megatron_lite.kernels import fused_allreduce as fa
     from megatron_lite.kernels import workspace as wsm
-    most = wsm.ONESHOT_MAX_BLOCKS * wsm.ONESHOT_BLOCK_ELEMS * 2
-    assert most == 8 << 20 and wsm.MAX_BLOCKS > wsm.ONESHOT_MAX_BLOCKS
+    most = wsm.ONESHOT_MAX_BYTES
+    assert most == wsm.ONESHOT_MAX_BLOCKS * wsm.ONESHOT_BLOCK_ELEMS * 2 == 8 << 20
+    assert wsm.MAX_BLOCKS > wsm.ONESHOT_MAX_BLOCKS
     with pytest.raises(ValueError, match="one-shot kernel takes at most 8388608 B"):
         wsm.WorkspaceLayout.make(2, 64 << 20, most + 2)
     cpu = torch.device("cpu")

@@ -110,11 +110,10 @@ def parse_args(argv=None):
         raise BenchError("--min-size must be >= 16 bytes and <= --max-size")
     if a.iters < 1 or a.warmup < 0 or a.graph_calls < 1:
         raise BenchError("--iters and --graph-calls must be >= 1, --warmup >= 0")
-    from megatron_lite.kernels.workspace import ONESHOT_BLOCK_ELEMS, ONESHOT_MAX_BLOCKS
-    most = ONESHOT_MAX_BLOCKS * ONESHOT_BLOCK_ELEMS * 2
-    if a.oneshot_max_b > most:
-        raise BenchError(f"--oneshot-max must be at most {most >> 20}MB (the one-shot kernel's "
-                         "largest message)")
+    from megatron_lite.kernels.workspace import ONESHOT_MAX_BYTES
+    if a.oneshot_max_b > ONESHOT_MAX_BYTES:
+        raise BenchError(f"--oneshot-max must be at most {ONESHOT_MAX_BYTES >> 20}MB (the "
+                         "one-shot kernel's largest message)")
     if a.channels < 1 or (a.min_b // 2) % a.channels:
         raise BenchError(f"--channels {a.channels} must divide the smallest message "
                          f"({a.min_b // 2} values)")

@@ -78,9 +78,9 @@ __device__ __forceinline__ void load_share(const Bf16Bits* __restrict__ x, int64
 }
 
 // weighted- on a lane's whole share: v[k] *= s[ch.at(k) + i] (zeros past the message stay
-// zeros: the scales are finite). Where h >= G (every model)
-// a group's channels wrap at most once, so chunk k's channel is one 32-bit compare and
-// select, straight-line: the next chunk's loads are issued before this chunk's products.
+// zeros: the scales are finite). Where h >= G (every model) a group's channels wrap at
+// most once, so chunk k's channel is one 32-bit compare and select, straight-line: the
+// next chunk's loads are issued before this chunk's products.
 // scale_chunk per chunk runs Channels::at's 64-bit loop, a branch between chunks that the
 // compiler does not hoist loads across (SASS, sm_90). Measured on one H100, 64 MB quantize
 // (docs/notebook/2026-12-07.md): weighted-hadamard-int4:128 43.3 -> 42.3 us in one call;
