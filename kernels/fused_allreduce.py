@@ -241,10 +241,9 @@ TWO_SHOT_TILES = (4096, 2048, 1024, 512)
 
 
 # Blocks per SM for the two-shot grid: the caller's override, else MEGATRON_LITE_BLOCKS_PER_SM
-# (config.py), else by message size from the measured table (thresholds.py). Blocks only ever
-# wait for the blocks of the same index on other ranks (dispatched in index order
-# everywhere), so a grid larger than what is resident at once cannot deadlock, and the
-# grid does not change the bytes (every tile is coded alike whichever block owns it;
+# (config.py), else by message size from the measured table (thresholds.py); the launch
+# caps it at the blocks resident at once (_resident_blocks, codec_cuda's kernels alike).
+# The grid does not change the bytes (every tile is coded alike whichever block owns it;
 # tests/gpu/sweep_grid.py checks 1 to 8 blocks per SM bitwise).
 @functools.lru_cache(maxsize=None)
 def _device_name(device: torch.device) -> str:
@@ -281,6 +280,49 @@ def _cuda_geometry(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
     n = x.numel()
     return two_shot_plan(n, ws.world, plan.group, x.device, n * x.element_size(), plan.mapped,
                          bpsm, codec_cuda.TWO_SHOT_TILES)
+
+
+# Blocks of _two_shot_kernel the device holds at once, per compiled variant: a block waits
+# for the blocks of its index on the other ranks, which only a resident grid guarantees
+# to have started (CUDA does not promise dispatch in index order: csrc/peers.cuh caps the
+# CUDA kernels' grids alike). The key is what Triton specialises a launch on (constexprs,
+# dtypes, an int's divisibility by 16 and equality to 1, a pointer's 16-byte alignment),
+# so one variant is queried once. The grid does not change the bytes (see above) and is
+# the same on every rank (same kernel, same device kind).
+_RESIDENT = {}
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, int) and not isinstance(a, bool):
+        return int, a % 16 == 0, a == 1
+    return a   # a constexpr's value
+
+
+def _resident_blocks(args: tuple, kw: dict) -> int:
+    key = (tuple((k, _spec(v)) for k, v in kw.items()), tuple(_spec(a) for a in args))
+    cap = _RESIDENT.get(key)
+    if cap is None:
+        kernel = _two_shot_kernel.warmup(*args, grid=(1,), **kw)
+        kernel._init_handles()
+        cap = _RESIDENT[key] = _num_sms(args[0].device) * _occupancy(
+            kernel.function, kernel.metadata.num_warps * 32, kernel.metadata.shared)
+    return cap
+
+
+def _occupancy(function: int, threads: int, smem: int) -> int:
+    """Blocks of a loaded kernel (``CUfunction``) resident per SM, from the driver's
+    occupancy calculator (``cuOccupancyMaxActiveBlocksPerMultiprocessor``)."""
+    import ctypes
+    per_sm = ctypes.c_int(0)
+    rc = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(per_sm), ctypes.c_void_p(function), ctypes.c_int(threads),
+        ctypes.c_size_t(smem))
+    if rc != 0 or per_sm.value < 1:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor: error {rc}, "
+                           f"{per_sm.value} blocks of {threads} threads per SM")
+    return per_sm.value
 
 
 def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
@@ -339,13 +381,9 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
     lim = out_limit(x.dtype)
     codec_cuda.check_scale(scale, x.device, n)
     log2g, rscale = geometry(rot)
-    opts = {} if INTERPRET else {"enable_fp_fusion": False}
-    launch = (_two_shot_kernel.warmup if _warmup_only else _two_shot_kernel[(grid,)])
-    if _warmup_only:
-        opts["grid"] = (grid,)
-    launch(
-        x, out, ws.buffer, ws.counter_rows[1], ws.status, *ws.kernel_deltas,
-        n, ws.rank, chunk, tiles, lay.flag_off, lay.recv_off, lay.gather_off, lay.slot,
+    args = (x, out, ws.buffer, ws.counter_rows[1], ws.status, *ws.kernel_deltas,
+            n, ws.rank, chunk, tiles, lay.flag_off, lay.recv_off, lay.gather_off, lay.slot)
+    kw = dict(
         W=ws.world, MAXB=MAX_BLOCKS, NG=tile // group, G=group,
         **rs.constexprs("R"), **ag.constexprs("A"),
         R_PAY=rs.nbytes(tile) - 2 * rs.n_meta * (tile // group), R_TB=rs.nbytes(tile),
@@ -356,7 +394,15 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
         H=scale.numel() if scale is not None else 1, RSCALE=rscale, ROT=rot is not None,
         LOG2G=log2g, HAS_S=scale is not None,
         LIM_ROT=BF16_MAX if scale is not None else lim, FLIM=lim,
-        num_warps=8 if tile >= 4096 else 4, **opts)
+        num_warps=8 if tile >= 4096 else 4)
+    if INTERPRET:   # blocks run one at a time, in index order: any grid is safe
+        _two_shot_kernel[(grid,)](*args, **kw)
+        return out
+    kw["enable_fp_fusion"] = False
+    if _warmup_only:
+        _two_shot_kernel.warmup(*args, grid=(grid,), **kw)
+        return out
+    _two_shot_kernel[(min(grid, _resident_blocks(args, kw)),)](*args, **kw)
     return out
 
 

@@ -115,6 +115,18 @@ def _two_shot_checks(rank, world, k=None, state=None, dev=None):
         res["dense"].append((codec.spec, 3000 * h, 4, grid, sms,
                              same_bits(out, reference_all_reduce(xs, codec))))
 
+    # 1g. a grid past what the device holds at once, on the Triton kernel (fp16 messages):
+    #     capped at the resident blocks of the compiled variant (its blocks wait for their
+    #     peers' blocks of the same index), same bits
+    codec, n = get_scheme("int8:128"), (4 << 20) + 5
+    xs = inputs(world, n, torch.float16, seed=990, specials=True)
+    plan = codec.kernel_plan(xs[rank])
+    fa._RESIDENT.clear()
+    out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), plan, bpsm=32)
+    res["resident"] = (fa.two_shot_plan(n, world, plan.group, dev, 2 * n, bpsm=32)[3],
+                       sorted(fa._RESIDENT.values()), sms,
+                       same_bits(out, reference_all_reduce(xs, codec)))
+
     # 1f. the one-launch one-shot quantized all-reduce (OneShotKernelsBackend's path for
     #     algo=one-shot) == the one-shot algorithm's bits, with each rank's error part
     #     (what error feedback carries), NaN/Inf included; then under CUDA-graph replay
@@ -316,6 +328,9 @@ def test_dense_grids_match_reference(world):
         assert not bad and len(r["dense"]) == 7, bad
         forced = [c for c in r["dense"] if c[2] is not None]
         assert all(c[3] > c[4] for c in forced), forced      # more blocks than SMs ran
+        planned, caps, sms, same = r["resident"]
+        # one compiled variant queried, of 256-thread blocks: 1 to 8 per SM (2048 threads)
+        assert same and len(caps) == 1 and sms <= caps[0] <= 8 * sms, r["resident"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
