@@ -44,8 +44,9 @@ template <int KIND, int BITS, int G, bool ROT, bool SCALE, bool ERR>
 __global__ void __launch_bounds__(kMaxTwoShotThreads, ERR ? 4 : kTileBlocksPerSM)
 one_shot_q_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, float* __restrict__ err,
-    uint8_t* ws, int* cnt, int* status, Peers peers, const float* __restrict__ scale,
-    const float* __restrict__ inv, OneShotQArgs a) {
+    uint8_t* ws, int* cnt, int* status, const __grid_constant__ Peers peers,
+    const float* __restrict__ scale, const float* __restrict__ inv,
+    const __grid_constant__ OneShotQArgs a) {
   const int64_t tile = (int64_t)blockDim.x * kVals;
   const int b = blockIdx.x, nb = gridDim.x;
   const int epoch = cnt[b] + 1;

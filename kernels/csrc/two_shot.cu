@@ -38,8 +38,8 @@ struct TwoShotArgs {
 template <int KIND, int BITS, int G, bool ROT, bool SCALE>
 __global__ void __launch_bounds__(kMaxTwoShotThreads, kTileBlocksPerSM) two_shot_kernel(
     const Bf16Bits* __restrict__ x, Bf16Bits* __restrict__ out, uint8_t* ws, int* cnt,
-    int* status, Peers peers, const float* __restrict__ scale, const float* __restrict__ inv,
-    TwoShotArgs a) {
+    int* status, const __grid_constant__ Peers peers, const float* __restrict__ scale,
+    const float* __restrict__ inv, const __grid_constant__ TwoShotArgs a) {
   const int64_t tile = (int64_t)blockDim.x * kVals;
   const int b = blockIdx.x, nb = gridDim.x;
   const int epoch = cnt[b] + 1;

@@ -21,6 +21,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__   // a kernel parameter read in place: a plain parameter here
 // a block's shared memory: one object for the block's fibers (blocks run one at a time)
 #define __shared__ static
 
