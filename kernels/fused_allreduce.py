@@ -285,28 +285,38 @@ def _cuda_geometry(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
 # Blocks of _two_shot_kernel the device holds at once, per compiled variant: a block waits
 # for the blocks of its index on the other ranks, which only a resident grid guarantees
 # to have started (CUDA does not promise dispatch in index order: csrc/peers.cuh caps the
-# CUDA kernels' grids alike). The key is what Triton specialises a launch on (constexprs,
-# dtypes, an int's divisibility by 16 and equality to 1, a pointer's 16-byte alignment),
-# so one variant is queried once. The grid does not change the bytes (see above) and is
-# the same on every rank (same kernel, same device kind).
+# CUDA kernels' grids alike). Keyed by what Triton compiles a variant for: the device, the
+# constexprs and options by value, and of the runtime arguments their dtypes, an int's
+# divisibility by 16 and equality to 1, a pointer's 16-byte alignment (``rank`` is not
+# specialised). The grid does not change the bytes (see above); it must be the same on
+# every rank, which it is: the ranks launch one variant (same constexprs, pointers aligned
+# by two_shot_all_reduce) on devices of one kind.
 _RESIDENT = {}
+
+
+_DELTA_ARGS = tuple(f"d{j}" for j in range(8))
 
 
 def _spec(a):
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, int) and not isinstance(a, bool):
-        return int, a % 16 == 0, a == 1
-    return a   # a constexpr's value
+    if isinstance(a, bool):
+        return a
+    if isinstance(a, int):
+        return a % 16 == 0, a == 1
+    return type(a)
 
 
-def _resident_blocks(args: tuple, kw: dict) -> int:
-    key = (tuple((k, _spec(v)) for k, v in kw.items()), tuple(_spec(a) for a in args))
+def _resident_blocks(device: torch.device, run: dict, const: dict) -> int:
+    key = (device.index, tuple(const.items()),
+           tuple((k, _spec(v)) for k, v in run.items() if k != "rank"))
     cap = _RESIDENT.get(key)
     if cap is None:
-        kernel = _two_shot_kernel.warmup(*args, grid=(1,), **kw)
+        kernel = _two_shot_kernel.warmup(grid=(1,), **run, **const)
+        if kernel is None:   # not compiled here (a cache hook): one block per SM is resident
+            return _num_sms(device)
         kernel._init_handles()
-        cap = _RESIDENT[key] = _num_sms(args[0].device) * _occupancy(
+        cap = _RESIDENT[key] = _num_sms(device) * _occupancy(
             kernel.function, kernel.metadata.num_warps * 32, kernel.metadata.shared)
     return cap
 
@@ -381,28 +391,37 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
     lim = out_limit(x.dtype)
     codec_cuda.check_scale(scale, x.device, n)
     log2g, rscale = geometry(rot)
-    args = (x, out, ws.buffer, ws.counter_rows[1], ws.status, *ws.kernel_deltas,
-            n, ws.rank, chunk, tiles, lay.flag_off, lay.recv_off, lay.gather_off, lay.slot)
-    kw = dict(
+    # pointers on 16-byte boundaries, whatever the caller's views: the variant Triton
+    # compiles, and with it the grid (_resident_blocks), must not differ between ranks
+    if x.data_ptr() % 16:
+        x = x.clone()
+    dst = out if out.data_ptr() % 16 == 0 else torch.empty_like(x)
+    run = dict(x_ptr=x, out_ptr=dst, ws_ptr=ws.buffer, cnt_ptr=ws.counter_rows[1],
+               status_ptr=ws.status, **dict(zip(_DELTA_ARGS, ws.kernel_deltas)),
+               N=n, rank=ws.rank, chunk=chunk, tiles=tiles, flag_off=lay.flag_off,
+               recv_off=lay.recv_off, gather_off=lay.gather_off, slot=lay.slot,
+               s_ptr=scale if scale is not None else ws.status,
+               H=scale.numel() if scale is not None else 1, RSCALE=rscale)
+    const = dict(
         W=ws.world, MAXB=MAX_BLOCKS, NG=tile // group, G=group,
         **rs.constexprs("R"), **ag.constexprs("A"),
         R_PAY=rs.nbytes(tile) - 2 * rs.n_meta * (tile // group), R_TB=rs.nbytes(tile),
         A_PAY=ag.nbytes(tile) - 2 * ag.n_meta * (tile // group), A_TB=ag.nbytes(tile),
         # mapped: decode as the fp32 reference does (bf16-range saturation), then the maps
-        OUT_LIM=BF16_MAX if mapped else lim, SPIN=SPIN_LIMIT,
-        s_ptr=scale if scale is not None else ws.status,
-        H=scale.numel() if scale is not None else 1, RSCALE=rscale, ROT=rot is not None,
+        OUT_LIM=BF16_MAX if mapped else lim, SPIN=SPIN_LIMIT, ROT=rot is not None,
         LOG2G=log2g, HAS_S=scale is not None,
         LIM_ROT=BF16_MAX if scale is not None else lim, FLIM=lim,
         num_warps=8 if tile >= 4096 else 4)
-    if INTERPRET:   # blocks run one at a time, in index order: any grid is safe
-        _two_shot_kernel[(grid,)](*args, **kw)
-        return out
-    kw["enable_fp_fusion"] = False
+    if not INTERPRET:
+        const["enable_fp_fusion"] = False
     if _warmup_only:
-        _two_shot_kernel.warmup(*args, grid=(grid,), **kw)
+        _two_shot_kernel.warmup(grid=(grid,), **run, **const)
         return out
-    _two_shot_kernel[(min(grid, _resident_blocks(args, kw)),)](*args, **kw)
+    if not INTERPRET:   # interpreted, blocks run one at a time in index order: any grid
+        grid = min(grid, _resident_blocks(x.device, run, const))
+    _two_shot_kernel[(grid,)](**run, **const)
+    if dst is not out:
+        out.copy_(dst)
     return out
 
 

@@ -147,6 +147,17 @@ def _dist_body(rank, world, specs, sizes):
             got = fa.two_shot_all_reduce(ws, x, codec.kernel_plan(x))
             want = two_step_all_reduce(base, x, codec)
             res.append(["two-shot", spec, n, _same(got, want), int(got.view(torch.int16).sum())])
+    # an input and an output off a 16-byte boundary: moved to aligned memory around the
+    # launch (the compiled variant, and with it the grid, must not differ between ranks)
+    codec = get_scheme("int8:64")
+    g = torch.Generator().manual_seed(4242 + rank)
+    x = (torch.randn(1001, generator=g) * (rank + 1)).to(torch.bfloat16)[1:]
+    out = torch.zeros(1001, dtype=torch.bfloat16)[1:]
+    assert x.data_ptr() % 16 and out.data_ptr() % 16
+    got = fa.two_shot_all_reduce(ws, x, codec.kernel_plan(x), out=out)
+    res.append(["two-shot", "int8:64, unaligned views", 1000,
+                got.data_ptr() == out.data_ptr() and _same(out, two_step_all_reduce(base, x, codec)),
+                int(out.view(torch.int16).sum())])
     # hadamard-/weighted- codecs: the plain codec's kernel with their maps folded in
     # (Scheme.kernel_plan, kernels/maps.py), against the two-step reference.
     from megatron_lite.comm.codecs import CodecSpec

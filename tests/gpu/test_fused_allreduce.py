@@ -115,17 +115,21 @@ def _two_shot_checks(rank, world, k=None, state=None, dev=None):
         res["dense"].append((codec.spec, 3000 * h, 4, grid, sms,
                              same_bits(out, reference_all_reduce(xs, codec))))
 
-    # 1g. a grid past what the device holds at once, on the Triton kernel (fp16 messages):
-    #     capped at the resident blocks of the compiled variant (its blocks wait for their
-    #     peers' blocks of the same index), same bits
-    codec, n = get_scheme("int8:128"), (4 << 20) + 5
-    xs = inputs(world, n, torch.float16, seed=990, specials=True)
-    plan = codec.kernel_plan(xs[rank])
+    # 1g. grids past what the device holds at once, on the Triton kernel (fp16 messages):
+    #     capped at the resident blocks of each compiled variant (its blocks wait for
+    #     their peers' blocks of the same index), same bits. Two variants that differ only
+    #     in their constexprs (tiles of 2048 and 4096 values: 4 and 8 warps) are queried
+    #     apart; the larger message asks for more blocks than its variant holds.
+    codec = get_scheme("hadamard-int4:128")
     fa._RESIDENT.clear()
-    out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), plan, bpsm=32)
-    res["resident"] = (fa.two_shot_plan(n, world, plan.group, dev, 2 * n, bpsm=32)[3],
-                       sorted(fa._RESIDENT.values()), sms,
-                       same_bits(out, reference_all_reduce(xs, codec)))
+    res["resident"] = []
+    for n in (400000 * world, (8 << 20) + 5):
+        xs = inputs(world, n, torch.float16, seed=990 + n % 7, specials=True)
+        plan = codec.kernel_plan(xs[rank])
+        out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), plan, bpsm=32)
+        tile, _, _, planned = fa.two_shot_plan(n, world, plan.group, dev, 2 * n, True, bpsm=32)
+        res["resident"].append((n, tile, planned, same_bits(out, reference_all_reduce(xs, codec))))
+    res["resident_caps"] = sorted(fa._RESIDENT.values())
 
     # 1f. the one-launch one-shot quantized all-reduce (OneShotKernelsBackend's path for
     #     algo=one-shot) == the one-shot algorithm's bits, with each rank's error part
@@ -328,9 +332,14 @@ def test_dense_grids_match_reference(world):
         assert not bad and len(r["dense"]) == 7, bad
         forced = [c for c in r["dense"] if c[2] is not None]
         assert all(c[3] > c[4] for c in forced), forced      # more blocks than SMs ran
-        planned, caps, sms, same = r["resident"]
-        # one compiled variant queried, of 256-thread blocks: 1 to 8 per SM (2048 threads)
-        assert same and len(caps) == 1 and sms <= caps[0] <= 8 * sms, r["resident"]
+        runs, caps = r["resident"], r["resident_caps"]
+        assert all(ok for *_, ok in runs), runs
+        assert [t for _, t, _, _ in runs] == [2048, 4096], runs
+        # one cap per variant, 1 to 16 blocks of 128 or 256 threads per SM (2048 threads),
+        # and the 4096-value tiles' variant holds fewer blocks than the message asks for
+        sms = r["dense"][0][4]
+        assert len(caps) == 2 and all(sms <= c <= 16 * sms for c in caps), caps
+        assert runs[1][2] > min(caps), (runs, caps)
 
 
 @pytest.mark.parametrize("world", [2, 4])
