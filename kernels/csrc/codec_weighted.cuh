@@ -107,6 +107,20 @@ __device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __
   }
 }
 
+// A lane's share of the tile at flat index f0 as the encoder takes it: loaded
+// (load_share), scaled by the weighted- channel scales (SCALE; h channels, ch from the
+// share's first value) and rotated (ROT): the first stage of the fused kernels.
+template <int G, bool ROT, bool SCALE>
+__device__ __forceinline__ void load_mapped_share(const Bf16Bits* __restrict__ x, int64_t n,
+                                                  int64_t f0, const Tile<G>& t,
+                                                  const float* __restrict__ scale, int64_t h,
+                                                  const Channels<G>& ch, float rscale,
+                                                  float v[kChunks][8]) {
+  load_share(x, n, f0, t, v);
+  if (SCALE) scale_share<G>(v, scale, h, ch);
+  if (ROT) fwht<G>(v, t.sub, rscale);
+}
+
 // weighted-'s restore of 8 values y[i] of channels ch + i (mod h), saturated to bf16's
 // range, as a bf16 output holds it: on return y[i] lies in [-kBf16Max, kBf16Max] (or is
 // NaN) and bf16(y[i]) is bf16(clamp(fl32(y[i] / s), kBf16Max)) of the reference

@@ -59,9 +59,7 @@ one_shot_q_kernel(
     const int64_t f0 = tt * tile;
     const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, h);
     float v[kChunks][8];
-    load_share(x, a.n, f0, t, v);
-    if (SCALE) scale_share<G>(v, scale, h, ch);
-    if (ROT) fwht<G>(v, t.sub, a.rscale);
+    load_mapped_share<G, ROT, SCALE>(x, a.n, f0, t, scale, h, ch, a.rscale, v);
     const Coded c = encode_group<KIND, BITS, G>(v, a.c2);
     for (int j = 0; j < a.world; ++j)
       store_group<KIND, BITS, G>(c, t, ws + peers.delta[j] + a.recv_off + a.rank * a.slot +
@@ -71,9 +69,7 @@ one_shot_q_kernel(
       // nan_to_num(rot(decode(code) - rot(xs))), and for weighted- bf16(saturate(. / s)).
       // The encoder changed v, so the values are loaded again (codec.cu's error_kernel,
       // which decodes the stored code: the metadata held here are those bf16 values).
-      load_share(x, a.n, f0, t, v);
-      if (SCALE) scale_share<G>(v, scale, h, ch);
-      if (ROT) fwht<G>(v, t.sub, a.rscale);
+      load_mapped_share<G, ROT, SCALE>(x, a.n, f0, t, scale, h, ch, a.rscale, v);
       Packed<KIND, BITS, G> p;
 #pragma unroll
       for (int k = 0; k < kChunks; ++k) {

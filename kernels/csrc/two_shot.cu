@@ -52,9 +52,7 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, kTileBlocksPerSM) two_shot
       const int64_t f0 = j * a.chunk + tt * tile;
       const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, SCALE ? a.h : 1);
       float v[kChunks][8];
-      load_share(x, a.n, f0, t, v);
-      if (SCALE) scale_share<G>(v, scale, a.h, ch);
-      if (ROT) fwht<G>(v, t.sub, a.rscale);
+      load_mapped_share<G, ROT, SCALE>(x, a.n, f0, t, scale, a.h, ch, a.rscale, v);
       const Coded c = encode_group<KIND, BITS, G>(v, a.c2);
       store_group<KIND, BITS, G>(c, t, ws + peers.delta[j] + a.recv_off + a.rank * a.slot +
                                            tt * a.tile_bytes, at);
