@@ -307,14 +307,16 @@ def _spec(a):
     return type(a)
 
 
-def _resident_blocks(device: torch.device, run: dict, const: dict) -> int:
+def _resident_blocks(device: torch.device, run: dict, const: dict) -> Optional[int]:
+    """The resident blocks of the variant that ``run`` and ``const`` launch, or None
+    where it was not compiled here (a cache hook)."""
     key = (device.index, tuple(const.items()),
            tuple((k, _spec(v)) for k, v in run.items() if k != "rank"))
     cap = _RESIDENT.get(key)
     if cap is None:
         kernel = _two_shot_kernel.warmup(grid=(1,), **run, **const)
-        if kernel is None:   # not compiled here (a cache hook): one block per SM is resident
-            return _num_sms(device)
+        if kernel is None:
+            return None
         kernel._init_handles()
         cap = _RESIDENT[key] = _num_sms(device) * _occupancy(
             kernel.function, kernel.metadata.num_warps * 32, kernel.metadata.shared)
@@ -418,7 +420,17 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
         _two_shot_kernel.warmup(grid=(grid,), **run, **const)
         return out
     if not INTERPRET:   # interpreted, blocks run one at a time in index order: any grid
-        grid = min(grid, _resident_blocks(x.device, run, const))
+        # on one workspace, with x and out aligned above, (plan, n, dtype) fix every
+        # constexpr and runtime specialisation of the launch, and so its variant
+        cap_key = (plan, n, x.dtype)
+        cap = ws.two_shot_caps.get(cap_key)
+        if cap is None:
+            cap = _resident_blocks(x.device, run, const)
+            if cap is None:   # not compiled here: one block per SM is resident
+                cap = _num_sms(x.device)
+            else:
+                ws.two_shot_caps[cap_key] = cap
+        grid = min(grid, cap)
     _two_shot_kernel[(grid,)](**run, **const)
     if dst is not out:
         out.copy_(dst)

@@ -122,6 +122,7 @@ def _two_shot_checks(rank, world, k=None, state=None, dev=None):
     #     apart; the larger message asks for more blocks than its variant holds.
     codec = get_scheme("hadamard-int4:128")
     fa._RESIDENT.clear()
+    ws.two_shot_caps.clear()
     res["resident"] = []
     for n in (400000 * world, (8 << 20) + 5):
         xs = inputs(world, n, torch.float16, seed=990 + n % 7, specials=True)
@@ -130,6 +131,7 @@ def _two_shot_checks(rank, world, k=None, state=None, dev=None):
         tile, _, _, planned = fa.two_shot_plan(n, world, plan.group, dev, 2 * n, True, bpsm=32)
         res["resident"].append((n, tile, planned, same_bits(out, reference_all_reduce(xs, codec))))
     res["resident_caps"] = sorted(fa._RESIDENT.values())
+    res["workspace_caps"] = sorted(ws.two_shot_caps.values())   # the per-call lookup's
 
     # 1f. the one-launch one-shot quantized all-reduce (OneShotKernelsBackend's path for
     #     algo=one-shot) == the one-shot algorithm's bits, with each rank's error part
@@ -340,6 +342,7 @@ def test_dense_grids_match_reference(world):
         sms = r["dense"][0][4]
         assert len(caps) == 2 and all(sms <= c <= 16 * sms for c in caps), caps
         assert runs[1][2] > min(caps), (runs, caps)
+        assert r["workspace_caps"] == caps, (r["workspace_caps"], caps)
 
 
 @pytest.mark.parametrize("world", [2, 4])
