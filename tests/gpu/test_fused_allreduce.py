@@ -194,17 +194,14 @@ def reference_one_shot_with_error(xs, scheme, rank):
     return run_simulated(body, len(xs), [x.cpu() for x in xs])[rank]
 
 
-def _checks(rank, world):
-    import torch.distributed as dist
-    k, state, dev = _setup(rank)
-    from megatron_lite.comm.codecs import get_scheme
-    from megatron_lite.comm.communicator import DistCommunicator
-    from megatron_lite.comm.router import QuantizedCommunicator
-    from megatron_lite.comm.spec import parse_comm
+def _one_rank_checks(rank, world, k=None, state=None, dev=None):
+    """The two-shot sections, then the one-shot kernel's (also meaningful at one rank:
+    the same launch, copy and sum, with one slot)."""
+    if k is None:
+        k, state, dev = _setup(rank)
     fa, ws = k.fused_allreduce, state.ws
     res = _two_shot_checks(rank, world, k, state, dev)
-    res.update(oneshot=[], specials=[], graph=[], chain=[])
-
+    res["oneshot"] = []
     # 2. one-shot == fp32 sum in rank order, rounded once
     for n in SIZES[:5] + [1 << 18]:    # 1 MB fp32: the one-shot buffer's size
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -214,6 +211,19 @@ def _checks(rank, world):
             for x in xs[1:]:
                 acc += x.float()
             res["oneshot"].append((n, str(dtype), same_bits(out, acc.to(dtype))))
+    return res
+
+
+def _checks(rank, world):
+    import torch.distributed as dist
+    k, state, dev = _setup(rank)
+    from megatron_lite.comm.codecs import get_scheme
+    from megatron_lite.comm.communicator import DistCommunicator
+    from megatron_lite.comm.router import QuantizedCommunicator
+    from megatron_lite.comm.spec import parse_comm
+    fa, ws = k.fused_allreduce, state.ws
+    res = _one_rank_checks(rank, world, k, state, dev)
+    res.update(specials=[], graph=[], chain=[])
 
     # 3. NaN / Inf on some ranks: same bits as the reference, no hang, ranks identical
     for spec in ("int4:128", "int8:128", "bf16", "fp8:128"):
@@ -315,8 +325,9 @@ def _checks(rank, world):
 
 
 def results(world):
-    # one rank: the two-shot sections alone (the chain short-cuts a one-rank sum)
-    return run_nccl_once(_two_shot_checks if world == 1 else _checks, world)
+    # one rank: the two-shot and one-shot sections alone (the chain short-cuts a one-rank
+    # sum)
+    return run_nccl_once(_one_rank_checks if world == 1 else _checks, world)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -345,7 +356,7 @@ def test_dense_grids_match_reference(world):
         assert r["workspace_caps"] == caps, (r["workspace_caps"], caps)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_one_shot_exact(world):
     for r in results(world):
         bad = [c for c in r["oneshot"] if not c[2]]
