@@ -13,6 +13,7 @@ docs/results/codec_kernels.md. SET ``fused``: the two-shot all-reduce kernel at 
 (a one-rank NCCL group and workspace; nothing crosses a link), 4 blocks per SM, for
 int8:128, weighted-int8:128, hadamard-int8:128 and weighted-hadamard-int8:128 (scales of
 a 4096-wide model): what the weighted- maps cost inside it (docs/notebook/2026-12-07.md).
+SET ``fused4``: the same at 4 bits and 6 blocks per SM.
 """
 import os
 import sys
@@ -46,7 +47,7 @@ def _decode_set(x: torch.Tensor) -> None:
         cc.error_part(kc, x, buf, rot=rot)
 
 
-def _fused_set(x: torch.Tensor) -> None:
+def _fused_set(x: torch.Tensor, bits: int = 8, bpsm: int = 4) -> None:
     import torch.distributed as dist
     from megatron_lite.comm import fused as backends
     from megatron_lite.comm.codecs import CodecSpec, get_scheme
@@ -60,17 +61,19 @@ def _fused_set(x: torch.Tensor) -> None:
     assert state.ws is not None, state.why
     x = x.view(-1, 4096)
     scale = torch.rand(4096, generator=torch.Generator().manual_seed(3)) * 8 + 0.05
-    for codec in (get_scheme("int8:128"), WeightedScheme(CodecSpec("weighted-int8", 128), scale),
-                  get_scheme("hadamard-int8:128"),
-                  WeightedScheme(CodecSpec("weighted-hadamard-int8", 128), scale)):
-        fa.two_shot_all_reduce(state.ws, x, codec.kernel_plan(x), bpsm=4)
+    for codec in (get_scheme(f"int{bits}:128"),
+                  WeightedScheme(CodecSpec(f"weighted-int{bits}", 128), scale),
+                  get_scheme(f"hadamard-int{bits}:128"),
+                  WeightedScheme(CodecSpec(f"weighted-hadamard-int{bits}", 128), scale)):
+        fa.two_shot_all_reduce(state.ws, x, codec.kernel_plan(x), bpsm=bpsm)
     torch.cuda.synchronize()
     assert int(state.ws.status[0]) == 0
     dist.destroy_process_group()
 
 
 def main(which: str = "quantize") -> None:
-    sets = {"quantize": _quantize_set, "decode": _decode_set, "fused": _fused_set}
+    sets = {"quantize": _quantize_set, "decode": _decode_set, "fused": _fused_set,
+            "fused4": lambda x: _fused_set(x, bits=4, bpsm=6)}
     if which not in sets:
         raise SystemExit(f"profile_codec.py: unknown set {which!r} (one of {sorted(sets)})")
     x = torch.randn(4, 8 << 20, device="cuda").to(torch.bfloat16)
