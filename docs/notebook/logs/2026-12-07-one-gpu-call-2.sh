@@ -9,12 +9,12 @@
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 S0=$(date +%s); W=/tmp/w2; rm -rf $W; mkdir -p $W
 pack() { tar czf "$OUT/all.tgz" -C $W . ; }
-left() { echo $(( ${1:-585} - ($(date +%s) - S0) )); }
+left() { echo $(( ${BUDGET:-585} - ($(date +%s) - S0) )); }
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv > $W/env.txt 2>&1
 case "$GPU" in *H200*) STAGES="gemv1 prefill1";; *) STAGES="";; esac
 for st in $STAGES; do
-  OUT=$W STAGES=$st timeout $(left 585) bash tests/gpu/device_run.sh > $W/stage_$st.log 2>&1
+  OUT=$W STAGES=$st timeout $(left) bash tests/gpu/device_run.sh > $W/stage_$st.log 2>&1
   tail -30 $W/stage_$st.log; echo "== $st done at $(( $(date +%s) - S0 )) s"; pack
 done
 if [ $(left) -gt 200 ]; then
