@@ -27,12 +27,4 @@ from megatron_lite.kernels import codec_cuda; codec_cuda.build()" > $W/build.log
     | tee $W/gpu_tests.log
   echo "== tests at $(( $(date +%s) - S0 )) s"; pack
 fi
-if [ -z "$STAGES" ] && [ $(left) -gt 60 ]; then
-  timeout $(left) ncu --clock-control none --section SpeedOfLight --section Occupancy \
-    --section WarpStateStats --section InstructionStats --section LaunchStats \
-    -k regex:two_shot_kernel python3 tests/gpu/profile_codec.py fused4 > $W/ncu_fused4.txt 2>&1
-  grep -E "two_shot_kernel<|Duration|Executed Instructions|Issue Slots Busy|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|DRAM Throughput" \
-    $W/ncu_fused4.txt | head -60
-  echo "== ncu at $(( $(date +%s) - S0 )) s"; pack
-fi
 echo "done at $(( $(date +%s) - S0 )) s"; pack
