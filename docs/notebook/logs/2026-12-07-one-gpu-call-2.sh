@@ -17,7 +17,7 @@ for st in $STAGES; do
   tail -30 $W/stage_$st.log; echo "== $st done at $(( $(date +%s) - S0 )) s"; pack
 done
 if [ -z "$STAGES" ]; then   # not an H200: the restore-prefetch A/B, GPU tests first
-  LIMIT=$(( ${BUDGET:-585} - 45 )) exec bash docs/notebook/logs/2026-12-07-restore-prefetch-ab.sh
+  LIMIT=$(( ${BUDGET:-585} - 130 )) TOTAL=${BUDGET:-585} exec bash docs/notebook/logs/2026-12-07-restore-prefetch-ab.sh
 fi
 if [ $(left) -gt 200 ]; then
   timeout $(left) python3 -c "
