@@ -157,9 +157,15 @@ struct Unscale {
   const float* __restrict__ scale;   // s
   const float* __restrict__ inv;     // fl32(1 / s)
   int64_t h, ch;
+  const float* pre = nullptr;        // the chunk's fl32(1 / s), loaded ahead, or null
   __device__ __forceinline__ void operator()(float y[8]) const {
     float r[8], q[8];
-    chunk_scales(inv, h, ch, r);
+    if (pre) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) r[i] = pre[i];
+    } else {
+      chunk_scales(inv, h, ch, r);
+    }
     bool near = false, big = false;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -186,12 +192,43 @@ struct Unscale {
 // lies in the message (f = its first value's flat index < n), with unscale(y) the
 // weighted- restore of its 8 values (Unscale; not to be called without SCALE): where the
 // tile kernels map a tile back and store it.
+//
+// Where h >= G, 8 | h and the reciprocals are 16-byte aligned (every model), the next
+// chunk's reciprocals are loaded before this chunk is restored and stored (a one-chunk
+// software pipeline; chunk k's channel by one 32-bit select, as in scale_share): loaded
+// inside Unscale, each chunk's two 16-byte loads sat behind the previous chunk's rare-path
+// branch, which the compiler does not hoist loads across (SASS, sm_90), so every chunk
+// waited out a load. Same products, so the same bits. Measured at one rank on one H100,
+// 64 MB, 6 blocks per SM, three alternating runs of each build (docs/notebook/2026-12-07.md):
+// weighted-hadamard-int8 -3.3%, weighted-hadamard-int4 -2.3%, its one-shot kernel -4.7%,
+// weighted-int8 -1.4%; the unweighted rows within 0.7%.
 template <bool SCALE, int G, typename Fn>
 __device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, int64_t n,
                                                 const Channels<G>& ch,
                                                 const float* __restrict__ scale,
                                                 const float* __restrict__ inv, int64_t h,
                                                 Fn fn) {
+  if (SCALE && h >= G && h < 0x7FFFFFFFll && (h & 7) == 0 &&
+      (reinterpret_cast<uintptr_t>(inv) & 15) == 0) {
+    const uint32_t c0 = (uint32_t)ch.c0, hh = (uint32_t)h;   // c < 2h < 2^32
+    auto chan = [&](int k) {
+      uint32_t c = c0 + k * Tile<G>::STRIDE;
+      return c >= hh ? c - hh : c;
+    };
+    float nxt[8];
+    chunk_scales(inv, h, chan(0), nxt);
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      float cur[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) cur[i] = nxt[i];
+      if (k + 1 < kChunks) chunk_scales(inv, h, chan(k + 1), nxt);
+      const int64_t f = f0 + t.col(k);
+      if (f >= n) continue;
+      fn(k, f, Unscale{scale, inv, h, (int64_t)chan(k), cur});
+    }
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
     const int64_t f = f0 + t.col(k);
