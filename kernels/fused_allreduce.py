@@ -429,6 +429,8 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
             if cap is None:   # not compiled here: one block per SM is resident
                 cap = _num_sms(x.device)
             else:
+                if len(ws.two_shot_caps) >= 4096:   # bounded, as two_shot_plan's cache
+                    ws.two_shot_caps.clear()
                 ws.two_shot_caps[cap_key] = cap
         grid = min(grid, cap)
     _two_shot_kernel[(grid,)](**run, **const)
