@@ -323,6 +323,18 @@ def _resident_blocks(device: torch.device, run: dict, const: dict) -> Optional[i
     return cap
 
 
+def _launch_key(plan: KernelPlan, n: int, dtype: torch.dtype, out_dtype: torch.dtype):
+    """What picks the variant of a Triton two-shot launch on one workspace, once x and
+    out lie on 16-byte boundaries: the codecs and the rotation (constexprs), the message
+    length (chunk and tile geometry), the dtypes, and of the channel scales only what
+    Triton specialises on (their count, their pointer's alignment). Plain values only: a
+    plan's tensors compare element-wise, which a dict lookup cannot take (dataclass
+    ``__eq__`` compares field by field from Python 3.13)."""
+    s = plan.scale
+    return (plan.rs, plan.ag, plan.rot,
+            None if s is None else (s.numel(), s.data_ptr() % 16 == 0), n, dtype, out_dtype)
+
+
 def _occupancy(function: int, threads: int, smem: int) -> int:
     """Blocks of a loaded kernel (``CUfunction``) resident per SM, from the driver's
     occupancy calculator (``cuOccupancyMaxActiveBlocksPerMultiprocessor``)."""
@@ -420,9 +432,7 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
         _two_shot_kernel.warmup(grid=(grid,), **run, **const)
         return out
     if not INTERPRET:   # interpreted, blocks run one at a time in index order: any grid
-        # on one workspace, with x and out aligned above, (plan, n, dtype) fix every
-        # constexpr and runtime specialisation of the launch, and so its variant
-        cap_key = (plan, n, x.dtype)
+        cap_key = _launch_key(plan, n, x.dtype, dst.dtype)
         cap = ws.two_shot_caps.get(cap_key)
         if cap is None:
             cap = _resident_blocks(x.device, run, const)

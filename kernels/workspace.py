@@ -137,10 +137,10 @@ class SymmWorkspace:
         self.counter_rows = tuple(self.counters.unbind(0))
         self.counter_ptrs = tuple(c.data_ptr() for c in self.counter_rows)
         self.buffer_ptr, self.status_ptr = buffer.data_ptr(), self.status.data_ptr()
-        # Grid caps of the Triton two-shot launches on this workspace, by (plan, length,
-        # dtype): with the workspace fixed, these pick the compiled variant
-        # (fused_allreduce._resident_blocks); a lookup here is ~1 µs, the variant's full
-        # key ~10 µs of host time per eager call.
+        # Grid caps of the Triton two-shot launches on this workspace, by what picks the
+        # compiled variant once the workspace is fixed (fused_allreduce._launch_key): a
+        # lookup here is ~1 µs, the variant's full key (_resident_blocks) ~10 µs of host
+        # time per eager call.
         self.two_shot_caps = {}
         self._keepalive = keepalive
 

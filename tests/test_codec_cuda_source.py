@@ -347,6 +347,22 @@ def _two_shot_body(rank, world, lib):
             res.append([f"{scheme.spec} bound", n,
                         bool(same_bits(got, two_step_all_reduce(base, y, scheme))),
                         int(got.view(torch.int16).sum()), int(ws.status[0])])
+    # 100 channels (fewer than a group, not a multiple of 8): the restore's general
+    # channel loop and scale loads, not the aligned fast path every model takes
+    s100 = torch.rand(100, generator=torch.Generator().manual_seed(6)) * 8 + 0.05
+    for scheme in (WeightedScheme(CodecSpec("weighted-int8", 128), s100),
+                   WeightedScheme(CodecSpec("weighted-hadamard-int4", 64), s100)):
+        for n in (200, 48 * 100):
+            g = torch.Generator().manual_seed(31 * n + rank)
+            x = (torch.randn(n, generator=g) * (rank + 1) * 3).to(torch.bfloat16).view(-1, 100)
+            plan = scheme.kernel_plan(x)
+            geo = fa.two_shot_plan(n, world, plan.group, x.device, 2 * n, plan.mapped,
+                                   tile_sizes=codec_cuda.TWO_SHOT_TILES)
+            got = codec_cuda.two_shot_all_reduce(ws, x, plan, torch.empty_like(x), *geo,
+                                                 1 << 22)
+            res.append([f"{scheme.spec} h=100", n,
+                        bool(same_bits(got, two_step_all_reduce(base, x, scheme))),
+                        int(got.view(torch.int16).sum()), int(ws.status[0])])
     # the kernel loads, restores and stores bf16 only: another dtype is refused
     try:
         codec_cuda.TwoShotLaunch(ws, plan, n, torch.float16, *geo, 1 << 22)
@@ -364,7 +380,7 @@ def test_two_shot_source_matches_two_step_across_processes(host_lib, world):
     from tests._dist import run_distributed
     ranks = run_distributed(_two_shot_body, world, host_lib, timeout=600)
     for rows in ranks:
-        assert len(rows) == 61
+        assert len(rows) == 65
         bad = [r for r in rows if not r[2] or r[4]]
         assert not bad, bad
     sums = [[r[3] for r in rows] for rows in ranks]

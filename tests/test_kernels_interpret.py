@@ -413,3 +413,38 @@ def test_two_shot_grid_density_follows_the_measured_table(monkeypatch):
         monkeypatch.delenv("MEGATRON_LITE_BLOCKS_PER_SM")
         kernel_config.cache_clear()
         fa.two_shot_plan.cache_clear()
+
+
+def test_two_shot_launch_key_holds_plain_values():
+    # The Triton two-shot launch caches its grid cap per workspace under _launch_key:
+    # equal for the plans a scheme builds call after call (new KernelPlan objects), equal
+    # where only the scale values differ (the same compiled variant), apart where the
+    # variant differs, and free of tensors (a plan's tensors compare element-wise, which a
+    # dict lookup cannot take).
+    _kernels()
+    from megatron_lite.comm.codecs import CodecSpec, get_scheme
+    from megatron_lite.comm.codecs.weighted import WeightedScheme
+    from megatron_lite.kernels import fused_allreduce as fa
+    x = torch.randn(4, 192).to(torch.bfloat16)
+    s = torch.rand(192, generator=torch.Generator().manual_seed(1)) + 0.5
+    w = WeightedScheme(CodecSpec("weighted-hadamard-int4", 128), s)
+    bf16, fp16 = torch.bfloat16, torch.float16
+    key = fa._launch_key(w.kernel_plan(x), x.numel(), bf16, bf16)
+    caps = {key: 264}
+    assert caps[fa._launch_key(w.kernel_plan(x), x.numel(), bf16, bf16)] == 264
+
+    def flat(k):
+        for v in k:
+            yield from flat(v) if isinstance(v, tuple) else (v,)
+    assert not any(isinstance(v, torch.Tensor) for v in flat(key))
+    other = WeightedScheme(CodecSpec("weighted-hadamard-int4", 128), s.flip(0))
+    assert fa._launch_key(other.kernel_plan(x), x.numel(), bf16, bf16) == key
+    x96 = x.view(-1, 96)
+    wide = WeightedScheme(CodecSpec("weighted-hadamard-int4", 128), s[:96])
+    apart = [fa._launch_key(wide.kernel_plan(x96), x.numel(), bf16, bf16),
+             fa._launch_key(get_scheme("hadamard-int4:128").kernel_plan(x), x.numel(), bf16,
+                            bf16),
+             fa._launch_key(w.kernel_plan(x), x.numel() + 8, bf16, bf16),
+             fa._launch_key(w.kernel_plan(x), x.numel(), fp16, fp16),
+             fa._launch_key(w.kernel_plan(x), x.numel(), bf16, fp16)]
+    assert len({key, *apart}) == 6

@@ -132,6 +132,20 @@ def _two_shot_checks(rank, world, k=None, state=None, dev=None):
         res["resident"].append((n, tile, planned, same_bits(out, reference_all_reduce(xs, codec))))
     res["resident_caps"] = sorted(fa._RESIDENT.values())
     res["workspace_caps"] = sorted(ws.two_shot_caps.values())   # the per-call lookup's
+    #     the same messages again (the workspace's lookup hits), and a weighted- codec
+    #     on fp16, twice (a new KernelPlan each call, holding the same scale tensors)
+    res["resident_again"] = []
+    for n in (400000 * world, (8 << 20) + 5):
+        xs = inputs(world, n, torch.float16, seed=991 + n % 7, specials=True)
+        out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), codec.kernel_plan(xs[rank]),
+                                     bpsm=32)
+        res["resident_again"].append(same_bits(out, reference_all_reduce(xs, codec)))
+    for rep in range(2):
+        xs = [x.view(-1, h) for x in inputs(world, 300 * h, torch.float16, seed=992 + rep)]
+        out = fa.two_shot_all_reduce(ws, xs[rank].to(dev), wrapped[4].kernel_plan(xs[rank]),
+                                     bpsm=32)
+        res["resident_again"].append(same_bits(out, reference_all_reduce(xs, wrapped[4])))
+    res["workspace_caps_after"] = len(ws.two_shot_caps)
 
     # 1f. the one-launch one-shot quantized all-reduce (OneShotKernelsBackend's path for
     #     algo=one-shot) == the one-shot algorithm's bits, with each rank's error part
@@ -354,6 +368,9 @@ def test_dense_grids_match_reference(world):
         assert len(caps) == 2 and all(sms <= c <= 16 * sms for c in caps), caps
         assert runs[1][2] > min(caps), (runs, caps)
         assert r["workspace_caps"] == caps, (r["workspace_caps"], caps)
+        # looked up again: same bits; the weighted- messages add one entry, not two
+        assert r["resident_again"] == [True] * 4, r["resident_again"]
+        assert r["workspace_caps_after"] == 3, r["workspace_caps_after"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
