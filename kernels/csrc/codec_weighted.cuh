@@ -26,6 +26,14 @@ struct Channels {
     while (c >= h) c -= h;
     return c;
   }
+  // Where h >= G (every model) a share's channels wrap h at most once, so chunk k's is one
+  // 32-bit compare and select (near): straight-line code, which lets the compiler issue
+  // the next chunk's loads early, where at's loop is a branch it does not hoist them
+  // across (SASS, sm_90).
+  __device__ __forceinline__ uint32_t near(int k) const {
+    const uint32_t c = (uint32_t)c0 + k * Tile<G>::STRIDE, hh = (uint32_t)h;  // c < 2h < 2^32
+    return c >= hh ? c - hh : c;
+  }
 };
 
 // The weighted- scales of 8 consecutive values from channel ch: s[(ch + i) mod h]. Chunks
@@ -78,24 +86,19 @@ __device__ __forceinline__ void load_share(const Bf16Bits* __restrict__ x, int64
 }
 
 // weighted- on a lane's whole share: v[k] *= s[ch.at(k) + i] (zeros past the message stay
-// zeros: the scales are finite). Where h >= G (every model) a group's channels wrap at
-// most once, so chunk k's channel is one 32-bit compare and select, straight-line: the
-// next chunk's loads are issued before this chunk's products.
-// scale_chunk per chunk runs Channels::at's 64-bit loop, a branch between chunks that the
-// compiler does not hoist loads across (SASS, sm_90). Measured on one H100, 64 MB quantize
-// (docs/notebook/2026-12-07.md): weighted-hadamard-int4:128 43.3 -> 42.3 us in one call;
-// the 8-bit weighted kernels within the drift between two tables.
+// zeros: the scales are finite), by Channels::near where it applies, so that the next
+// chunk's loads are issued before this chunk's products; Channels::at's loop otherwise.
+// Measured against the loop on one H100, 64 MB quantize (docs/notebook/2026-12-07.md):
+// weighted-hadamard-int4:128 43.3 -> 42.3 us in one call; the 8-bit weighted kernels
+// within the drift between two tables.
 template <int G>
 __device__ __forceinline__ void scale_share(float v[kChunks][8], const float* __restrict__ scale,
                                             int64_t h, const Channels<G>& ch) {
   if (h >= G && h < 0x7FFFFFFFll && (h & 7) == 0 &&
-      (reinterpret_cast<uintptr_t>(scale) & 15) == 0) {
-    const uint32_t c0 = (uint32_t)ch.c0, hh = (uint32_t)h;   // c < 2h < 2^32
+      (reinterpret_cast<uintptr_t>(scale) & 15) == 0) {   // Channels::near applies
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
-      uint32_t c = c0 + k * Tile<G>::STRIDE;
-      c = c >= hh ? c - hh : c;
-      const float4* p = reinterpret_cast<const float4*>(scale + c);
+      const float4* p = reinterpret_cast<const float4*>(scale + ch.near(k));
       const float4 a = __ldg(p), b = __ldg(p + 1);
       const float s[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
@@ -193,12 +196,11 @@ struct Unscale {
 // weighted- restore of its 8 values (Unscale; not to be called without SCALE): where the
 // tile kernels map a tile back and store it.
 //
-// Where h >= G, 8 | h and the reciprocals are 16-byte aligned (every model), the next
-// chunk's reciprocals are loaded before this chunk is restored and stored (a one-chunk
-// software pipeline; chunk k's channel by one 32-bit select, as in scale_share): loaded
-// inside Unscale, each chunk's two 16-byte loads sat behind the previous chunk's rare-path
-// branch, which the compiler does not hoist loads across (SASS, sm_90), so every chunk
-// waited out a load. Same products, so the same bits. Measured at one rank on one H100,
+// Where Channels::near applies to the reciprocals (every model), the next chunk's
+// reciprocals are loaded before this chunk is restored and stored (a one-chunk software
+// pipeline): loaded inside Unscale, each chunk's two 16-byte loads sat behind the previous
+// chunk's rare-path branch, which the compiler does not hoist loads across (SASS, sm_90),
+// so every chunk waited out a load. Same products, so the same bits. Measured at one rank on one H100,
 // 64 MB, 6 blocks per SM, three alternating runs of each build (docs/notebook/2026-12-07.md):
 // weighted-hadamard-int8 -3.3%, weighted-hadamard-int4 -2.3%, its one-shot kernel -4.7%,
 // weighted-int8 -1.4%; the unweighted rows within 0.7%.
@@ -209,23 +211,18 @@ __device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, in
                                                 const float* __restrict__ inv, int64_t h,
                                                 Fn fn) {
   if (SCALE && h >= G && h < 0x7FFFFFFFll && (h & 7) == 0 &&
-      (reinterpret_cast<uintptr_t>(inv) & 15) == 0) {
-    const uint32_t c0 = (uint32_t)ch.c0, hh = (uint32_t)h;   // c < 2h < 2^32
-    auto chan = [&](int k) {
-      uint32_t c = c0 + k * Tile<G>::STRIDE;
-      return c >= hh ? c - hh : c;
-    };
+      (reinterpret_cast<uintptr_t>(inv) & 15) == 0) {   // as in scale_share
     float nxt[8];
-    chunk_scales(inv, h, chan(0), nxt);
+    chunk_scales(inv, h, ch.near(0), nxt);
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       float cur[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) cur[i] = nxt[i];
-      if (k + 1 < kChunks) chunk_scales(inv, h, chan(k + 1), nxt);
+      if (k + 1 < kChunks) chunk_scales(inv, h, ch.near(k + 1), nxt);
       const int64_t f = f0 + t.col(k);
       if (f >= n) continue;
-      fn(k, f, Unscale{scale, inv, h, (int64_t)chan(k), cur});
+      fn(k, f, Unscale{scale, inv, h, (int64_t)ch.near(k), cur});
     }
     return;
   }

@@ -142,8 +142,8 @@ constexpr int kOneShotThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kOneShotThreads) one_shot_kernel(
     const T* __restrict__ x, T* __restrict__ out, uint8_t* ws, int* cnt, int* status,
-    const __grid_constant__ Peers peers, int64_t n, int64_t block_elems, int64_t flag_off, int64_t data_off,
-    int64_t slot_bytes, int rank, int world, int maxb, int64_t spin) {
+    const __grid_constant__ Peers peers, int64_t n, int64_t block_elems, int64_t flag_off,
+    int64_t data_off, int64_t slot_bytes, int rank, int world, int maxb, int64_t spin) {
   using U = typename Elt<T>::U;
   constexpr int V = 16 / sizeof(U);
   const int b = blockIdx.x;
