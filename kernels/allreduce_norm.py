@@ -64,7 +64,7 @@ import triton.language as tl
 
 from . import maps, quant, sync
 from .calls import BF16_MAX, geometry, out_limit
-from .config import INTERPRET, KIND_BF16, KernelPlan
+from .config import KIND_BF16, KernelPlan, launch_opts
 from .fused_allreduce import SPIN_LIMIT, _num_sms, get_tile, put_tile
 from .workspace import MAX_BLOCKS, NORM_FLAG_ROW, SymmWorkspace
 
@@ -281,7 +281,7 @@ def all_reduce_add_rmsnorm(ws: SymmWorkspace, x: torch.Tensor, residual: torch.T
     log2g, rscale = geometry(rot)
     lim = out_limit(x.dtype)
     dummy = res_out                      # never read where its flag is off
-    opts = {} if INTERPRET else {"enable_fp_fusion": False}
+    opts = launch_opts()
     _all_reduce_add_rmsnorm_kernel[(grid_size(x.device),)](
         x, residual, bias if bias is not None else dummy,
         post_norm_weight if post_norm_weight is not None else dummy,

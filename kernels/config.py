@@ -27,6 +27,13 @@ KIND_BF16, KIND_ASYM, KIND_SYM, KIND_FP8 = 0, 1, 2, 3
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def launch_opts() -> dict:
+    """Triton launch options of every kernel that must give the reference's bits: no FMA
+    contraction, since the reference rounds every product and sum separately (the
+    interpreter runs numpy, which never contracts, and takes no such option)."""
+    return {} if INTERPRET else {"enable_fp_fusion": False}
+
+
 @dataclass(frozen=True)
 class KernelCodec:
     """One wire codec as the kernels see it.

@@ -26,7 +26,7 @@ import triton.language as tl
 from . import maps
 from .calls import (BF16_MAX, check_rotation, dequantize_buffers, error_buffers, geometry,
                     out_limit, quantize_buffers)
-from .config import INTERPRET, KIND_BF16, KernelCodec  # noqa: F401  (KIND_* for callers)
+from .config import KIND_BF16, KernelCodec, launch_opts  # noqa: F401  (KIND_* for callers)
 _RND = 12582912.0  # 1.5 * 2^23
 
 
@@ -393,11 +393,6 @@ def _error_kernel(x_ptr, buf_ptr, out_ptr, n, nbytes_row, LIM: tl.constexpr,
     tl.store(out_ptr + offs, d, mask=gmask[:, None])
 
 
-def _launch_opts() -> dict:
-    # No FMA contraction: the reference rounds every product and sum separately.
-    return {} if INTERPRET else {"enable_fp_fusion": False}
-
-
 def _tile_groups(kc: KernelCodec, n: int) -> int:
     """Groups per program: a fixed 2048-value tile (a short row masks its tail), so the
     compiled variant depends on the codec only, not on the row length."""
@@ -423,7 +418,7 @@ def quantize(kc: KernelCodec, x: torch.Tensor, rot=None) -> torch.Tensor:
     g = kc.group if kc.kind else 1
     ng = _tile_groups(kc, n)
     grid = (rows * -(-n // (ng * g)),)
-    _quantize_kernel[grid](x, out, n, nb, NG=ng, G=g, **kc.constexprs(), **rk, **_launch_opts())
+    _quantize_kernel[grid](x, out, n, nb, NG=ng, G=g, **kc.constexprs(), **rk, **launch_opts())
     return out
 
 
@@ -441,7 +436,7 @@ def dequantize(kc: KernelCodec, buf: torch.Tensor, n: int, out_dtype=torch.float
     ng = _tile_groups(kc, n)
     grid = (outs * -(-n // (ng * g)),)
     _dequantize_kernel[grid](buf, out, n, nb, per, LIM=lim, NG=ng, G=g, KIND=kc.kind,
-                             BITS=kc.bits, QMAX=kc.qmax, SUM=sum_rows, **rk, **_launch_opts())
+                             BITS=kc.bits, QMAX=kc.qmax, SUM=sum_rows, **rk, **launch_opts())
     return out
 
 
@@ -457,5 +452,5 @@ def error_part(kc: KernelCodec, x: torch.Tensor, buf: torch.Tensor, rot=None) ->
     ng = _tile_groups(kc, n)
     grid = (rows * -(-n // (ng * g)),)
     _error_kernel[grid](x, buf, out, n, nb, LIM=BF16_MAX, NG=ng, G=g, KIND=kc.kind,
-                        BITS=kc.bits, QMAX=kc.qmax, **rk, **_launch_opts())
+                        BITS=kc.bits, QMAX=kc.qmax, **rk, **launch_opts())
     return out
