@@ -135,8 +135,8 @@ __device__ __forceinline__ void load_mapped_share(const Bf16Bits* __restrict__ x
 // restoring by a product than by __fdiv_rn, even with a test that sent chunks near a bf16
 // tie to the division (since removed with the division from the reference).
 //
-// The saturation is the identity wherever |q| <= kBf16Max, so a chunk is clamped only
-// where some |q| is larger (one compare a value, in place of two min/max a value).
+// The saturation is the identity wherever a product lies within kBf16Max, so a chunk is
+// clamped only where one is larger (one compare a value, in place of two min/max a value).
 struct Unscale {
   const float* __restrict__ inv;     // fl32(1 / s)
   int64_t h, ch;
