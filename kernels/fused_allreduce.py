@@ -378,8 +378,9 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
     ``rot`` values; step 3 rotates back, saturates, multiplies by the reciprocals
     ``plan.inv_scale`` and saturates again, exactly as comm/codecs/hadamard.py and
     weighted.py do around the two-step path (kernels/maps.py; the CUDA kernel alike:
-    csrc/codec_weighted.cuh's ``Unscale``). The sum in between runs in the mapped basis. ``bpsm`` overrides the grid's blocks per SM (sweeps
-    and tests; same bytes at any grid).
+    csrc/codec_weighted.cuh's ``Unscale``). The sum in between runs in the mapped basis.
+    ``bpsm`` overrides the grid's blocks per SM (sweeps and tests; same bytes at any
+    grid).
 
     Block b of every rank owns tiles b, b+grid, ... of every chunk (chunk j = values
     ``[j*chunk, (j+1)*chunk)``, reduced by rank j):

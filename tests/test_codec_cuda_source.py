@@ -191,7 +191,7 @@ def test_unscale_is_the_references_restore(host_lib, h):
     from megatron_lite.comm.codecs.weighted import WeightedScheme
     so = ctypes.CDLL(host_lib)
     probe = so.host_unscale_probe
-    probe.argtypes, probe.restype = [ctypes.c_int64] * 6, ctypes.c_int
+    probe.argtypes, probe.restype = [ctypes.c_int64] * 5, ctypes.c_int
     g = torch.Generator().manual_seed(3)
     scale = torch.exp2(torch.empty(h).uniform_(-20, 20, generator=g))
     scale[:4] = torch.tensor([2.0 ** -64, 2.0 ** 64, 1.0, 0.1])
@@ -200,8 +200,8 @@ def test_unscale_is_the_references_restore(host_lib, h):
     assert torch.equal(ws.inv_scale, torch.ones_like(ws.scale) / ws.scale)
     y = _unscale_cases(h, ws.scale)
     out = torch.empty_like(y)
-    assert probe(y.data_ptr(), ws.scale.data_ptr(), ws.inv_scale.data_ptr(), h,
-                 y.numel() // 8, out.data_ptr()) == 0
+    assert probe(y.data_ptr(), ws.inv_scale.data_ptr(), h, y.numel() // 8,
+                 out.data_ptr()) == 0
 
     # the reference's restore of decoded fp32 values y (the plain inner restore only
     # reshapes), for a bf16 message of y's shape
