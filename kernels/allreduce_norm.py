@@ -106,7 +106,7 @@ def _rms_norm(v, offs, mask, w_ptr, HF, eps, offset, DT: tl.constexpr,
 
 @triton.jit(do_not_specialize=["rank", "rows"])
 def _all_reduce_add_rmsnorm_kernel(
-        x_ptr, res_ptr, bias_ptr, pw_ptr, w_ptr, s_ptr, r_ptr, res_out_ptr, out_ptr,
+        x_ptr, res_ptr, bias_ptr, pw_ptr, w_ptr, s_ptr, res_out_ptr, out_ptr,
         ws_ptr, cnt_ptr, status_ptr, d0, d1, d2, d3, d4, d5, d6, d7,
         rows, H, HF, rank, flag_off, data_off, slot_bytes, row_bytes, eps, offset, RSCALE,
         W: tl.constexpr, MAXB: tl.constexpr, BLOCK: tl.constexpr, NG: tl.constexpr,
@@ -174,8 +174,8 @@ def _all_reduce_add_rmsnorm_kernel(
                 yc = tl.where(tl.abs(acc) == float("inf"), acc, yc)
             y = tl.reshape(yc, (BLOCK,))
             if HAS_S:
-                rc = tl.load(r_ptr + offs, mask=mask, other=1.0)   # fl32(1 / s)
-                y = maps.clamp(y * rc, OUT_LIM)
+                sc = tl.load(s_ptr + offs, mask=mask, other=1.0)
+                y = maps.clamp(tl.math.div_rn(y, sc), OUT_LIM)
             y = _round(y, elt)
         rbase = row * H
         if HAS_BIAS:
@@ -286,8 +286,7 @@ def all_reduce_add_rmsnorm(ws: SymmWorkspace, x: torch.Tensor, residual: torch.T
         x, residual, bias if bias is not None else dummy,
         post_norm_weight if post_norm_weight is not None else dummy,
         norm_weight if norm_weight is not None else dummy,
-        scale if scale is not None else ws.status,
-        plan.inv_scale if scale is not None else ws.status, res_out,
+        scale if scale is not None else ws.status, res_out,
         normed if normed is not None else dummy,
         ws.buffer, ws.counter_rows[2], ws.status, *ws.kernel_deltas,
         rows, h, float(h), ws.rank, lay.flag_off, lay.norm_off, lay.oneshot_slot,

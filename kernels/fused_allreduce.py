@@ -178,7 +178,7 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
                      AQMAX: tl.constexpr, AC2: tl.constexpr, R_PAY: tl.constexpr,
                      R_TB: tl.constexpr, A_PAY: tl.constexpr, A_TB: tl.constexpr,
                      OUT_LIM: tl.constexpr, SPIN: tl.constexpr,
-                     s_ptr, r_ptr, H, RSCALE, ROT: tl.constexpr, LOG2G: tl.constexpr,
+                     s_ptr, H, RSCALE, ROT: tl.constexpr, LOG2G: tl.constexpr,
                      HAS_S: tl.constexpr, LIM_ROT: tl.constexpr, FLIM: tl.constexpr):
     """Quantized two-shot all-reduce in one launch (see ``two_shot_all_reduce``)."""
     # Each stage's stored tiles (put_tile) take R_TB / A_TB bytes (from the host).
@@ -230,9 +230,9 @@ def _two_shot_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, status_ptr,
             offs = o * chunk + t * TILE + lane
             if ROT:                         # back from the rotated basis (whole groups)
                 y = maps.clamp(maps.fwht_tile(y, NG, G, LOG2G, RSCALE), LIM_ROT)
-            if HAS_S:                       # times fl32(1 / s), as the reference
-                r = tl.load(r_ptr + offs % H, mask=offs < N, other=1.0)
-                y = maps.clamp(y * r, FLIM)
+            if HAS_S:
+                s = tl.load(s_ptr + offs % H, mask=offs < N, other=1.0)
+                y = maps.clamp(tl.math.div_rn(y, s), FLIM)
             tl.store(out_ptr + offs, quant.cast_out(y, out_ptr.dtype.element_ty), mask=offs < N)
     tl.store(cnt_ptr + b, epoch)
 
@@ -326,14 +326,13 @@ def _resident_blocks(device: torch.device, run: dict, const: dict) -> Optional[i
 def _launch_key(plan: KernelPlan, n: int, dtype: torch.dtype, out_dtype: torch.dtype):
     """What picks the variant of a Triton two-shot launch on one workspace, once x and
     out lie on 16-byte boundaries: the codecs and the rotation (constexprs), the message
-    length (chunk and tile geometry), the dtypes, and of the channel scales and their
-    reciprocals only what Triton specialises on (their count, their pointers' alignment).
-    Plain values only: a plan's tensors compare element-wise, which a dict lookup cannot
-    take (dataclass ``__eq__`` compares field by field from Python 3.13)."""
-    s, r = plan.scale, plan.inv_scale
+    length (chunk and tile geometry), the dtypes, and of the channel scales only what
+    Triton specialises on (their count, their pointer's alignment). Plain values only: a
+    plan's tensors compare element-wise, which a dict lookup cannot take (dataclass
+    ``__eq__`` compares field by field from Python 3.13)."""
+    s = plan.scale
     return (plan.rs, plan.ag, plan.rot,
-            None if s is None else (s.numel(), s.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0),
-            n, dtype, out_dtype)
+            None if s is None else (s.numel(), s.data_ptr() % 16 == 0), n, dtype, out_dtype)
 
 
 def _grid_cap(ws: SymmWorkspace, key, run: dict, const: dict) -> int:
@@ -375,12 +374,12 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
     the two stages and the maps around them. ``plan.rot`` / ``plan.scale`` (the
     ``hadamard-`` / ``weighted-`` codecs): stage 1 scales the loaded fp32 tile by
     ``scale`` (on the last dim, ``scale.numel()`` channels) and rotates each group of
-    ``rot`` values; step 3 rotates back, saturates, multiplies by the reciprocals
-    ``plan.inv_scale`` and saturates again, exactly as comm/codecs/hadamard.py and
-    weighted.py do around the two-step path (kernels/maps.py; the CUDA kernel alike:
-    csrc/codec_weighted.cuh's ``Unscale``). The sum in between runs in the mapped basis.
-    ``bpsm`` overrides the grid's blocks per SM (sweeps and tests; same bytes at any
-    grid).
+    ``rot`` values; step 3 rotates back, saturates, divides by ``scale`` and saturates
+    again, exactly as comm/codecs/hadamard.py and weighted.py do around the two-step
+    path (kernels/maps.py; the CUDA kernel multiplies by ``plan.inv_scale`` where that
+    rounds to the same bf16 value: csrc/codec_weighted.cuh's ``Unscale``). The sum in
+    between runs in the mapped basis. ``bpsm`` overrides the grid's blocks per SM (sweeps
+    and tests; same bytes at any grid).
 
     Block b of every rank owns tiles b, b+grid, ... of every chunk (chunk j = values
     ``[j*chunk, (j+1)*chunk)``, reduced by rank j):
@@ -432,7 +431,6 @@ def two_shot_all_reduce(ws: SymmWorkspace, x: torch.Tensor, plan: KernelPlan,
                N=n, rank=ws.rank, chunk=chunk, tiles=tiles, flag_off=lay.flag_off,
                recv_off=lay.recv_off, gather_off=lay.gather_off, slot=lay.slot,
                s_ptr=scale if scale is not None else ws.status,
-               r_ptr=plan.inv_scale if scale is not None else ws.status,
                H=scale.numel() if scale is not None else 1, RSCALE=rscale)
     const = dict(
         W=ws.world, MAXB=MAX_BLOCKS, NG=tile // group, G=group,

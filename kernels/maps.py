@@ -5,9 +5,9 @@ comm/codecs/hadamard.py) and ``weighted-`` (static channel scales, comm/codecs/w
 The two-step sum is linear, so it runs in the mapped basis: stage 1 of the kernel maps
 each loaded tile, ``fwht(fl32(x) * s)`` (zeros past the message stay zeros, as the
 reference's padding), and step 3 maps each decoded tile back, with the reference's
-saturations (clamp to the finite range, NaN passes) around the product by the
-reciprocals ``fl32(1 / s)``. A tile holds whole groups, so the rotation never crosses a
-tile.
+saturations (clamp to the finite range, NaN passes) around the division by ``s``
+(``div_rn``: the plain ``/`` is approximate on the GPU). A tile holds whole groups, so
+the rotation never crosses a tile.
 
 The butterflies are exact IEEE adds and subtracts in the reference's order (stage
 h = 1, 2, 4, ...: ``(a + b, a - b)``), then one multiply by ``fl32(1/sqrt(G))``; the

@@ -155,9 +155,9 @@ def test_host_emulator_shuffles_syncs_and_reports_a_stuck_block(host_lib):
 
 def _unscale_cases(h: int, scale: torch.Tensor) -> torch.Tensor:
     """Values y of channels 0 .. h-1 (rows of h) whose quotients y / s fall on and within
-    8 units in the last place of bf16's ties, where the product by fl32(1/s) and the
-    quotient may round to different bf16 neighbours; then zeros, NaN, ±inf, the fp32
-    extremes, subnormals and ordinary values."""
+    8 units in the last place of bf16's ties, where a product by fl32(1/s) may round to
+    the other bf16 neighbour; then zeros, NaN, ±inf, the fp32 extremes, subnormals and
+    ordinary values."""
     g = torch.Generator().manual_seed(11)
     rows = []
     # a tie: a random bf16 value's bits with the dropped 16 bits at 0x8000, moved by d;
@@ -179,19 +179,20 @@ def _unscale_cases(h: int, scale: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("h", [192, 100])
-def test_unscale_is_the_references_restore(host_lib, h):
-    """codec_weighted.cuh's Unscale (the fused kernels' weighted- restore: the product by
-    fl32(1/s), saturated to bf16's range) gives the reference's restore
-    (WeightedScheme.chunk's, saturate(y * r) rounded to bf16) bit for bit, on values at
-    and around bf16's ties, where a division would round differently (checked: the cases
-    tell the two apart), on NaN, ±inf, zeros and subnormals, and on values within bf16's
-    range; its fp32 output is the clamped product itself. h = 100 is not a multiple of
-    8: chunks wrap the channels and the reciprocals are loaded one by one."""
-    from megatron_lite.comm.codecs import CodecSpec
+def test_unscale_restores_the_quotients_bf16(host_lib, h):
+    """codec_weighted.cuh's Unscale (the fused kernels' weighted- restore: a product by
+    fl32(1/s), a division where that product lies near a bf16 tie, saturated to bf16's
+    range) gives bf16(clamp(y / s)) of the reference bit for bit, on quotients at and
+    around every kind of tie and on NaN, ±inf, zeros and subnormals, and values already
+    within bf16's range; and the product alone does not (so the cases reach the
+    division). h = 100 is not a multiple of 8: chunks wrap the channels and the
+    scales are loaded one by one."""
+    from megatron_lite.comm.codecs.base import saturate
     from megatron_lite.comm.codecs.weighted import WeightedScheme
+    from megatron_lite.comm.codecs import CodecSpec
     so = ctypes.CDLL(host_lib)
     probe = so.host_unscale_probe
-    probe.argtypes, probe.restype = [ctypes.c_int64] * 5, ctypes.c_int
+    probe.argtypes, probe.restype = [ctypes.c_int64] * 6, ctypes.c_int
     g = torch.Generator().manual_seed(3)
     scale = torch.exp2(torch.empty(h).uniform_(-20, 20, generator=g))
     scale[:4] = torch.tensor([2.0 ** -64, 2.0 ** 64, 1.0, 0.1])
@@ -200,24 +201,20 @@ def test_unscale_is_the_references_restore(host_lib, h):
     assert torch.equal(ws.inv_scale, torch.ones_like(ws.scale) / ws.scale)
     y = _unscale_cases(h, ws.scale)
     out = torch.empty_like(y)
-    assert probe(y.data_ptr(), ws.inv_scale.data_ptr(), h, y.numel() // 8,
-                 out.data_ptr()) == 0
+    assert probe(y.data_ptr(), ws.scale.data_ptr(), ws.inv_scale.data_ptr(), h,
+                 y.numel() // 8, out.data_ptr()) == 0
 
-    # the reference's restore of decoded fp32 values y (the plain inner restore only
-    # reshapes), for a bf16 message of y's shape
-    _, restore = ws.chunk(torch.zeros(y.shape, dtype=torch.bfloat16), 1)
-    ref = restore(y.clone())
-
-    def bits(v):
-        return v.view(torch.int16)
-    assert torch.equal(bits(out.to(torch.bfloat16)), bits(ref))
-    # fp32: the product, clamped to bf16's range (NaN stays)
+    def bf16(v):   # the callers' saturation and rounding (the reference's saturate)
+        return saturate(v, torch.bfloat16).view(torch.int16)
+    want = bf16(y / ws.scale)
+    assert torch.equal(bf16(out), want)
+    # saturated by Unscale itself (the callers round without clamping), where some
+    # quotients do leave bf16's range
     bf16_max = torch.finfo(torch.bfloat16).max
-    prod = y * ws.inv_scale
-    assert torch.equal(out.nan_to_num(7.0), prod.clamp(-bf16_max, bf16_max).nan_to_num(7.0))
-    assert (prod.abs() > bf16_max).sum() > 10     # the saturation is reached
-    quot = (y / ws.scale).clamp(-bf16_max, bf16_max).to(torch.bfloat16)
-    assert (bits(quot) != bits(ref)).sum() > 100  # a division would not pass
+    assert ((y / ws.scale).abs() > bf16_max).sum() > 10
+    assert (out.abs() <= bf16_max)[~out.isnan()].all()
+    product = bf16(y * ws.inv_scale)
+    assert (product != want).sum() > 100   # the cases do need the division
 
 
 def test_weighted_scales_out_of_range_are_refused():

@@ -124,41 +124,70 @@ __device__ __forceinline__ void load_mapped_share(const Bf16Bits* __restrict__ x
   if (ROT) fwht<G>(v, t.sub, rscale);
 }
 
-// weighted-'s restore of 8 values y[i] of channels ch + i (mod h): y[i] * r[i], with r =
-// fl32(1 / s) (KernelPlan.inv_scale), saturated to bf16's range (NaN stays), as
-// comm/codecs/weighted.py's reference restores before every caller rounds to bf16.
+// weighted-'s restore of 8 values y[i] of channels ch + i (mod h), saturated to bf16's
+// range, as a bf16 output holds it: on return y[i] lies in [-kBf16Max, kBf16Max] (or is
+// NaN) and bf16(y[i]) is bf16(clamp(fl32(y[i] / s), kBf16Max)) of the reference
+// (comm/codecs/weighted.py; every caller rounds to bf16 next), with s = scale[ch + i] and
+// inv = fl32(1 / s) (normal numbers both; WeightedScheme checks the scales' range).
 //
-// The reference multiplies by the reciprocals rather than dividing by s, for these
-// kernels: __fdiv_rn is a subroutine of ~10 instructions, and an exact zero dividend
-// (frequent in decoded 4-bit sums) takes its slow path. Measured at one rank on one H100,
-// 64 MB (docs/notebook/2026-12-07.md): the weighted fused kernels took 24-28% less time
-// restoring by a product than by __fdiv_rn, even with a test that sent chunks near a bf16
-// tie to the division (since removed with the division from the reference).
+// Why not __fdiv_rn: the division is a subroutine of ~10 instructions, and an exact zero
+// dividend (frequent in decoded 4-bit sums) takes its slow path. Measured at one rank on
+// one H100, 64 MB (docs/notebook/2026-12-07.md): with this restore the weighted fused
+// kernels take 24-28% less time than with __fdiv_rn (weighted-hadamard-int8 6%); the
+// bare product would take 27-32% less (9%), but it is not the reference's bits.
 //
-// The saturation is the identity wherever a product lies within kBf16Max, so a chunk is
-// clamped only where one is larger (one compare a value, in place of two min/max a value).
+// Why it is exact: q = fl32(y * inv) lies within 3 units in the last place of fl32(y / s)
+// (|y * inv - y / s| < ulp(y / s) for a correctly rounded inv, plus the two roundings), so
+// bf16(q) differs from bf16(fl32(y / s)) only where the 16 bits that bf16 drops lie within
+// 3 of the tie 0x8000. A chunk with a value within kNearTie of it (about 1.4e-4 of values)
+// takes the exact quotients instead; everything else keeps q. NaN stays NaN on either path,
+// and +-inf saturates as the quotient would. tests/test_codec_cuda_source.py checks values
+// at and around the ties bit for bit.
+//
+// The saturation is the identity wherever |q| <= kBf16Max, so a chunk is clamped only
+// where some |q| is larger (one compare a value, accumulated with the tie test's, in
+// place of two min/max a value); clamping q or the quotient gives the same bf16 value, as
+// the two differ only near a tie and kBf16Max is none.
+constexpr uint32_t kNearTie = 4;
+__device__ __forceinline__ bool near_bf16_tie(float q) {
+  // the dropped 16 bits shifted to the top, so that the window's wrap is the register's:
+  // two instructions a value (LEA, and ISETP accumulating the chunk's predicate)
+  return __float_as_uint(q) * 65536u + ((kNearTie - 0x8000u) << 16) <=
+         ((2 * kNearTie) << 16 | 0xFFFFu);
+}
+
 struct Unscale {
+  const float* __restrict__ scale;   // s
   const float* __restrict__ inv;     // fl32(1 / s)
   int64_t h, ch;
   const float* pre = nullptr;        // the chunk's fl32(1 / s), loaded ahead, or null
   __device__ __forceinline__ void operator()(float y[8]) const {
-    float r[8];
+    float r[8], q[8];
     if (pre) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) r[i] = pre[i];
     } else {
       chunk_scales(inv, h, ch, r);
     }
-    bool big = false;
+    bool near = false, big = false;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      y[i] = __fmul_rn(y[i], r[i]);
-      big |= fabsf(y[i]) > kBf16Max;   // false for NaN, which stays
+      q[i] = __fmul_rn(y[i], r[i]);
+      near |= near_bf16_tie(q[i]);
+      big |= fabsf(q[i]) > kBf16Max;   // false for NaN, which stays
     }
-    if (big) {   // rare
+    if (near | big) {   // rare (see above)
+      if (near) {       // the chunk's exact quotients
+        float s[8];
+        chunk_scales(scale, h, ch, s);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) y[i] = clamp_keep_nan(y[i], kBf16Max);
+        for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(y[i], s[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[i] = clamp_keep_nan(q[i], kBf16Max);
     }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) y[i] = q[i];
   }
 };
 
@@ -171,14 +200,14 @@ struct Unscale {
 // reciprocals are loaded before this chunk is restored and stored (a one-chunk software
 // pipeline): loaded inside Unscale, each chunk's two 16-byte loads sat behind the previous
 // chunk's rare-path branch, which the compiler does not hoist loads across (SASS, sm_90),
-// so every chunk waited out a load. Same products, so the same bits. Measured at one rank
-// on one H100, 64 MB, 6 blocks per SM, three alternating runs of each build, with the
-// restore's tie test of the time (docs/notebook/2026-12-07.md): weighted-hadamard-int8
-// -3.3%, weighted-hadamard-int4 -2.3%, its one-shot kernel -4.7%, weighted-int8 -1.4%; the
-// unweighted rows within 0.7%.
+// so every chunk waited out a load. Same products, so the same bits. Measured at one rank on one H100,
+// 64 MB, 6 blocks per SM, three alternating runs of each build (docs/notebook/2026-12-07.md):
+// weighted-hadamard-int8 -3.3%, weighted-hadamard-int4 -2.3%, its one-shot kernel -4.7%,
+// weighted-int8 -1.4%; the unweighted rows within 0.7%.
 template <bool SCALE, int G, typename Fn>
 __device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, int64_t n,
                                                 const Channels<G>& ch,
+                                                const float* __restrict__ scale,
                                                 const float* __restrict__ inv, int64_t h,
                                                 Fn fn) {
   if (SCALE && h >= G && h < 0x7FFFFFFFll && (h & 7) == 0 &&
@@ -193,7 +222,7 @@ __device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, in
       if (k + 1 < kChunks) chunk_scales(inv, h, ch.near(k + 1), nxt);
       const int64_t f = f0 + t.col(k);
       if (f >= n) continue;
-      fn(k, f, Unscale{inv, h, (int64_t)ch.near(k), cur});
+      fn(k, f, Unscale{scale, inv, h, (int64_t)ch.near(k), cur});
     }
     return;
   }
@@ -201,7 +230,7 @@ __device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, in
   for (int k = 0; k < kChunks; ++k) {
     const int64_t f = f0 + t.col(k);
     if (f >= n) continue;
-    fn(k, f, Unscale{inv, h, SCALE ? ch.at(k) : 0});
+    fn(k, f, Unscale{scale, inv, h, SCALE ? ch.at(k) : 0});
   }
 }
 

@@ -66,7 +66,7 @@ one_shot_q_kernel(
                                            tt * a.tile_bytes, at);
     if (ERR) {
       // Scheme.own_error of the one-shot algorithm, then the scheme's restore:
-      // nan_to_num(rot(decode(code) - rot(xs))), and for weighted- bf16(saturate(. * r)).
+      // nan_to_num(rot(decode(code) - rot(xs))), and for weighted- bf16(saturate(. / s)).
       // The encoder changed v, so the values are loaded again (codec.cu's error_kernel,
       // which decodes the stored code: the metadata held here are those bf16 values).
       load_mapped_share<G, ROT, SCALE>(x, a.n, f0, t, scale, h, ch, a.rscale, v);
@@ -86,7 +86,7 @@ one_shot_q_kernel(
         for (int i = 0; i < 8; ++i) v[k][i] = __fsub_rn(y[i], v[k][i]);
       }
       if (ROT) fwht<G>(v, t.sub, a.rscale);
-      each_live_chunk<SCALE>(t, f0, a.n, ch, inv, h,
+      each_live_chunk<SCALE>(t, f0, a.n, ch, scale, inv, h,
                              [&](int k, int64_t f, const Unscale& unscale) {
 #pragma unroll
         for (int i = 0; i < 8; ++i)
@@ -114,8 +114,8 @@ one_shot_q_kernel(
     const int64_t f0 = tt * tile;
     const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, h);
     // the scheme's finish (saturate to bf16's range; fp32 for weighted-, whose range is
-    // bf16's as well) and, for weighted-, restore's product (Unscale) and saturation
-    each_live_chunk<SCALE>(t, f0, a.n, ch, inv, h,
+    // bf16's as well) and, for weighted-, restore's division (Unscale) and saturation
+    each_live_chunk<SCALE>(t, f0, a.n, ch, scale, inv, h,
                            [&](int k, int64_t f, const Unscale& unscale) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[k][i] = clamp_keep_nan(acc[k][i], kBf16Max);

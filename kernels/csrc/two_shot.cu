@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kMaxTwoShotThreads, kTileBlocksPerSM) two_shot
       }
       const int64_t f0 = o * a.chunk + tt * tile;
       const Channels<G> ch(SCALE ? f0 + t.col(0) : 0, SCALE ? a.h : 1);
-      each_live_chunk<SCALE>(t, f0, a.n, ch, inv, a.h,
+      each_live_chunk<SCALE>(t, f0, a.n, ch, scale, inv, a.h,
                              [&](int k, int64_t f, const Unscale& unscale) {
         if (SCALE) unscale(y[k]);   // saturated to bf16's range as well
         Io<Bf16Bits>::store(out + f, y[k]);

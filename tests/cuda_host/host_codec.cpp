@@ -25,24 +25,25 @@ __global__ void emulator_probe(float* out, int stray) {
 }
 
 // codec_weighted.cuh's Unscale on `chunks` chunks of 8 values, chunk c of channels 8c mod h
-// (tests/test_codec_cuda_source.py checks it against the reference's restore)
-__global__ void unscale_probe(const float* y, const float* inv, int64_t h, int64_t chunks,
-                              float* out) {
+// (tests/test_codec_cuda_source.py checks it on values near bf16's ties)
+__global__ void unscale_probe(const float* y, const float* scale, const float* inv, int64_t h,
+                              int64_t chunks, float* out) {
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= chunks) return;
   float v[8];
   for (int i = 0; i < 8; ++i) v[i] = y[8 * c + i];
-  Unscale{inv, h, (8 * c) % h}(v);
+  Unscale{scale, inv, h, (8 * c) % h}(v);
   for (int i = 0; i < 8; ++i) out[8 * c + i] = v[i];
 }
 }  // namespace
 
 extern "C" {
-int host_unscale_probe(int64_t y, int64_t inv, int64_t h, int64_t chunks, int64_t out) {
+int host_unscale_probe(int64_t y, int64_t scale, int64_t inv, int64_t h, int64_t chunks,
+                       int64_t out) {
   const int block = 128;
   return launch(unscale_probe, (chunks + block - 1) / block, block, nullptr,
-                reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(inv), h,
-                chunks, reinterpret_cast<float*>(out));
+                reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(scale),
+                reinterpret_cast<const float*>(inv), h, chunks, reinterpret_cast<float*>(out));
 }
 int host_emulator_probe(int64_t out, int64_t grid, int64_t block, int64_t stray) {
   return launch(emulator_probe, grid, (int)block, nullptr, reinterpret_cast<float*>(out),

@@ -32,16 +32,7 @@ Definition (bit-exact reference)::
 
     encode side  xs = fl32(x) * s          s: fp32 [H], broadcast on the last dim
                  the inner scheme (GroupScheme or HadamardScheme) runs on xs
-    decode side  y = saturate(inner_decode_fp32 * r, out_dtype)
-                                           r = fl32(1 / s), correctly rounded
-
-The restore multiplies by the stored reciprocals rather than dividing by ``s``: one
-rounded product, the same in torch, Triton and CUDA C++, where a division is a
-subroutine of about ten instructions on the GPU (and an exact zero dividend takes its
-slow path). ``fl32(y * r)`` lies within 3 units in the last place of ``fl32(y / s)``, so
-the two restores differ in the rounded output only where it lies that close to a
-rounding boundary: 3.1e-6 of the bf16 outputs of 8M Gaussian values over log-uniform
-scales in [1/4, 4], each by one unit.
+    decode side  y = saturate(inner_decode_fp32 / s, out_dtype)
 
 Non-finite inputs follow the inner codec (a non-finite value poisons its group, which
 decodes as NaN). Fused kernels run the inner plain codec between the scaling and the
@@ -80,8 +71,8 @@ class WeightedScheme(Scheme):
         if scale.dim() != 1 or not torch.isfinite(scale).all() or (scale <= 0).any():
             raise CodecError(f"{cs.name}: channel scales must be a finite positive 1-D tensor")
         self.scale = scale.float().contiguous()
-        # The restore multiplies by the reciprocals, which must be normal fp32 numbers, as
-        # s is; calibrated scales are near 1.
+        # The CUDA kernels restore by the reciprocals (csrc/codec_weighted.cuh's Unscale, exact
+        # only while s and 1/s are normal fp32 numbers); calibrated scales are near 1.
         if (self.scale < SCALE_RANGE[0]).any() or (self.scale > SCALE_RANGE[1]).any():
             raise CodecError(f"{cs.name}: channel scales must lie within [2^-64, 2^64], got "
                              f"{self.scale.min().item():.3g} .. {self.scale.max().item():.3g}")
@@ -103,12 +94,12 @@ class WeightedScheme(Scheme):
         return self._dev[x.device]
 
     def chunk(self, x, world_size):
-        s, r = self._scales(x)
+        s, _ = self._scales(x)
         chunks, restore = self.inner.chunk(x.float() * s, world_size)
         dtype = x.dtype
 
         def unscale(y: torch.Tensor) -> torch.Tensor:
-            return saturate(restore(y) * r, dtype)
+            return saturate(restore(y) / s, dtype)
         return chunks, unscale
 
     def rs_encode(self, chunks, src):
@@ -124,7 +115,7 @@ class WeightedScheme(Scheme):
         return self.inner.ag_encode(acc, chunk_id)
 
     def ag_decode(self, gathered, c, out_dtype):
-        # fp32 here; ``chunk``'s restore unscales and only then rounds to out_dtype.
+        # fp32 here; ``chunk``'s restore divides by s and only then rounds to out_dtype.
         return self.inner.ag_decode(gathered, c, torch.float32)
 
     def finish(self, acc, out_dtype):
