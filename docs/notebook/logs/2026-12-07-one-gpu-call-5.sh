@@ -6,7 +6,7 @@
 #    fused kernels' first-stage scaling, exact for unit scales only):
 #      div       the committed tree (the reference restores by division; the kernels by the
 #                reciprocals, with the tie test that keeps the quotient's bits);
-#      prod      with logs/2026-12-08-restore-product.patch: the reference and the kernels
+#      prod      with logs/2026-12-07-restore-product.patch: the reference and the kernels
 #                restore by one product, fl32(1/s), no tie test;
 #      noscale1  prod without the first stage's scaling: what folding power-of-two scales
 #                into the row-parallel weights would leave (one exact product in the restore).
@@ -14,7 +14,7 @@
 # 3. Alternating timing runs on unit scales (every build then gives the reference's bits
 #    and passes the benchmark's check), div prod noscale1 noscale1 prod div, then div on the
 #    usual log-uniform scales: one rank, 64 MB, 6 blocks per SM, CUDA-graph medians.
-#   BUDGET=570 bash docs/notebook/logs/2026-12-08-one-gpu-call-5.sh   (repository root)
+#   BUDGET=570 bash docs/notebook/logs/2026-12-07-one-gpu-call-5.sh   (repository root)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 O=/tmp/o5; rm -rf $O; mkdir -p $O; S0=$(date +%s); L=$PWD/docs/notebook/logs
 pack() { tar czf "$OUT/all.tgz" -C $O . ; }
@@ -26,7 +26,7 @@ for v in div prod noscale1; do
   (cd /tmp/$v && patch -p1 < $L/2026-12-07-weighted-cost-ab.patch > $O/patch_$v.log 2>&1) || { echo "patch failed"; cat $O/patch_$v.log; }
 done
 for v in prod noscale1; do
-  (cd /tmp/$v && patch -p1 < $L/2026-12-08-restore-product.patch >> $O/patch_$v.log 2>&1) \
+  (cd /tmp/$v && patch -p1 < $L/2026-12-07-restore-product.patch >> $O/patch_$v.log 2>&1) \
     || { echo "product patch failed"; cat $O/patch_$v.log; }
 done
 declare -A DEF=([div]="" [prod]="" [noscale1]="ML_AB_NOSCALE1")
