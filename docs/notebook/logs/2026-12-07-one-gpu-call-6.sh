@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# One call, one GPU. On an H200: the committed CUDA kernels built, their GPU tests
-# (tests/gpu/test_fused_allreduce.py, test_codec_cuda.py), then the codec kernel table
-# (tools/bench_codec_kernels.py, the JSON of docs/results/codec_kernels_h200.json). On any
-# other card: logs/2026-12-07-one-gpu-call-5.sh (the same tests, then the restore A/B).
-# Logs and JSON archived into $OUT/all.tgz as each step ends.
+# One call, one GPU. On an H200: the decode and prefill stages of tests/gpu/device_run.sh
+# (gemv1, prefill1: run on H100s only so far), then, if time is left, the committed CUDA
+# kernels built and their GPU tests. On any other card: logs/2026-12-07-one-gpu-call-5.sh
+# (the GPU tests, then the restore A/B). Logs and JSON archived into $OUT/all.tgz.
 #   BUDGET=570 bash docs/notebook/logs/2026-12-07-one-gpu-call-6.sh   (repository root)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
@@ -12,15 +11,16 @@ S0=$(date +%s); W=/tmp/w6; rm -rf $W; mkdir -p $W
 pack() { tar czf "$OUT/all.tgz" -C $W . ; }
 left() { echo $(( ${BUDGET:-570} - ($(date +%s) - S0) )); }
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv > $W/env.txt 2>&1
-timeout 330 python3 -c "
-import time; t = time.time()
-from megatron_lite.kernels import codec_cuda
-codec_cuda.build(); print(f'CUDA codec kernels built in {time.time() - t:.0f} s')" > $W/build.log 2>&1
-tail -2 $W/build.log; echo "== built at $(( $(date +%s) - S0 )) s"; pack
-timeout 170 python3 -m pytest -q -rf tests/gpu/test_fused_allreduce.py tests/gpu/test_codec_cuda.py \
-  2>&1 | tail -25 | tee $W/gpu_tests.log
-echo "== tests at $(( $(date +%s) - S0 )) s"; pack
-timeout $(( $(left) - 5 )) python3 tools/bench_codec_kernels.py --json $W/codec_kernels.json \
-  > $W/codec_bench.log 2>&1; echo "bench rc=$?"
-grep -v "it/s" $W/codec_bench.log | grep -A 40 "^64 MB" | head -40
+for st in gemv1 prefill1; do
+  [ $(left) -gt 60 ] || break
+  OUT=$W STAGES=$st timeout $(left) bash tests/gpu/device_run.sh > $W/stage_$st.log 2>&1
+  tail -30 $W/stage_$st.log; echo "== $st done at $(( $(date +%s) - S0 )) s"; pack
+done
+if [ $(left) -gt 250 ]; then
+  timeout $(( $(left) - 60 )) python3 -c "
+from megatron_lite.kernels import codec_cuda; codec_cuda.build()" > $W/build.log 2>&1
+  echo "== built at $(( $(date +%s) - S0 )) s"
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -rf tests/gpu/test_fused_allreduce.py \
+    tests/gpu/test_codec_cuda.py 2>&1 | tail -25 | tee $W/gpu_tests.log
+fi
 echo "done at $(( $(date +%s) - S0 )) s"; pack
