@@ -200,10 +200,10 @@ struct Unscale {
 // reciprocals are loaded before this chunk is restored and stored (a one-chunk software
 // pipeline): loaded inside Unscale, each chunk's two 16-byte loads sat behind the previous
 // chunk's rare-path branch, which the compiler does not hoist loads across (SASS, sm_90),
-// so every chunk waited out a load. Same products, so the same bits. Measured at one rank on one H100,
-// 64 MB, 6 blocks per SM, three alternating runs of each build (docs/notebook/2026-12-07.md):
-// weighted-hadamard-int8 -3.3%, weighted-hadamard-int4 -2.3%, its one-shot kernel -4.7%,
-// weighted-int8 -1.4%; the unweighted rows within 0.7%.
+// so every chunk waited out a load. Same products, so the same bits. Measured at one rank
+// on one H100, 64 MB, 6 blocks per SM, three alternating runs of each build
+// (docs/notebook/2026-12-07.md): weighted-hadamard-int8 -3.3%, weighted-hadamard-int4
+// -2.3%, its one-shot kernel -4.7%, weighted-int8 -1.4%; the unweighted rows within 0.7%.
 template <bool SCALE, int G, typename Fn>
 __device__ __forceinline__ void each_live_chunk(const Tile<G>& t, int64_t f0, int64_t n,
                                                 const Channels<G>& ch,
